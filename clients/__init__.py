@@ -1,0 +1,1 @@
+"""The agents: their models, the communication channel and the PPO update."""

@@ -1,0 +1,111 @@
+"""PPO for a team: clipped surrogate, GAE, value and entropy terms, one loss per agent.
+
+Each agent's loss depends on the vectors it received, so summing the agents' losses and
+backpropagating sends each receiver's policy gradient through the channel into the senders'
+encoders (DIAL). Value targets are normalised per agent with running statistics, since returns
+of different environments differ by orders of magnitude.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from fedcomm.clients.rollout import Rollout, replay
+from fedcomm.clients.team import Team, log_probs
+
+
+@dataclass
+class PPOConfig:
+    lr: float = 1e-3
+    epochs: int = 4
+    minibatches: int = 4
+    clip_coef: float = 0.2
+    gamma: float = 0.99
+    gae_lambda: float = 0.95
+    ent_coef: float = 0.01
+    vf_coef: float = 0.5
+    max_grad_norm: float = 0.5
+    graph_cost: float = 1e-3  # price per unit of route strength: unused routes get pruned
+
+
+class ValueNorm(nn.Module):
+    """Running mean and variance of each agent's returns."""
+
+    def __init__(self, n_agents: int) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(n_agents))
+        self.register_buffer("var", torch.ones(n_agents))
+        self.register_buffer("count", torch.tensor(1e-4))
+
+    def update(self, x: Tensor) -> None:
+        flat = x.reshape(-1, x.shape[-1])
+        n = flat.shape[0]
+        mean, var = flat.mean(0), flat.var(0, unbiased=False)
+        delta, total = mean - self.mean, self.count + n
+        self.mean += delta * n / total
+        self.var = (self.var * self.count + var * n + delta**2 * self.count * n / total) / total
+        self.count = total
+
+    def normalize(self, x: Tensor) -> Tensor:
+        return (x - self.mean) / self.var.clamp(min=1e-8).sqrt()
+
+    def denormalize(self, x: Tensor) -> Tensor:
+        return x * self.var.clamp(min=1e-8).sqrt() + self.mean
+
+
+def gae(rewards: Tensor, values: Tensor, gamma: float, lam: float) -> Tensor:
+    """Advantages for fixed-horizon episodes (``[T, B, N]``); nothing follows the last step."""
+    adv = torch.zeros_like(rewards)
+    last = torch.zeros_like(rewards[0])
+    for t in reversed(range(rewards.shape[0])):
+        next_value = values[t + 1] if t + 1 < rewards.shape[0] else torch.zeros_like(last)
+        delta = rewards[t] + gamma * next_value - values[t]
+        last = delta + gamma * lam * last
+        adv[t] = last
+    return adv
+
+
+def ppo_update(team: Team, optimizer: torch.optim.Optimizer, rollout: Rollout,
+               cfg: PPOConfig, value_norm: ValueNorm,
+               generator: torch.Generator | None = None) -> dict[str, float]:
+    values = value_norm.denormalize(rollout.values)
+    advantages = gae(rollout.rewards, values, cfg.gamma, cfg.gae_lambda)
+    returns = advantages + values
+    value_norm.update(returns)
+    targets = value_norm.normalize(returns)
+
+    b = rollout.num_envs
+    size = max(1, b // cfg.minibatches)
+    stats: dict[str, list[float]] = {"policy_loss": [], "value_loss": [], "entropy": [],
+                                     "approx_kl": [], "clip_frac": []}
+    for _ in range(cfg.epochs):
+        order = torch.randperm(b, generator=generator, device=rollout.rewards.device)
+        for start in range(0, b, size):
+            envs = order[start:start + size]
+            batch = rollout.select(envs)
+            out = replay(team, batch)
+            logp, entropy = log_probs(out.logits, batch.actions)
+            log_ratio = logp - batch.logprobs
+            ratio = log_ratio.exp()
+            adv = advantages[:, envs]
+            adv = (adv - adv.mean(dim=(0, 1))) / (adv.std(dim=(0, 1)) + 1e-8)
+            pg = torch.max(-adv * ratio,
+                           -adv * ratio.clamp(1 - cfg.clip_coef, 1 + cfg.clip_coef))
+            v_loss = 0.5 * (out.values - targets[:, envs]) ** 2
+            per_agent = (pg.mean(dim=(0, 1)) + cfg.vf_coef * v_loss.mean(dim=(0, 1))
+                         - cfg.ent_coef * entropy.mean(dim=(0, 1)))
+            loss = per_agent.sum() + cfg.graph_cost * team.comm.route_strength().sum()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(team.parameters(), cfg.max_grad_norm)
+            optimizer.step()
+            with torch.no_grad():
+                stats["policy_loss"].append(pg.mean().item())
+                stats["value_loss"].append(v_loss.mean().item())
+                stats["entropy"].append(entropy.mean().item())
+                stats["approx_kl"].append(((ratio - 1) - log_ratio).mean().item())
+                stats["clip_frac"].append(((ratio - 1).abs() > cfg.clip_coef).float().mean().item())
+    return {k: sum(v) / len(v) for k, v in stats.items()}

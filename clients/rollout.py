@@ -1,0 +1,87 @@
+"""Collect an episode batch and replay it with gradients.
+
+The channel noise drawn during the rollout is stored, so the replay in the update reproduces the
+exact vectors the receivers acted on (the first PPO epoch starts at ratio 1) while gradients flow
+from every receiver's loss back through those vectors into the senders' encoders.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from fedcomm.clients.team import Team, TeamOutput, log_probs, sample_actions
+from fedcomm.sim.base import VecEnv
+
+
+@dataclass
+class Rollout:
+    obs: list[Tensor]  # per type [T, B, count, obs_dim]
+    actions: list[Tensor]  # per type [T, B, count]
+    noise: Tensor  # [T, B, N, D] the channel noise each vector carried
+    logprobs: Tensor  # [T, B, N]
+    values: Tensor  # [T, B, N] the value head's raw outputs
+    rewards: Tensor  # [T, B, N]
+
+    @property
+    def num_envs(self) -> int:
+        return self.rewards.shape[1]
+
+    def episode_return(self) -> Tensor:
+        """``[B]`` each episode's return, averaged over agents."""
+        return self.rewards.sum(dim=0).mean(dim=1)
+
+    def select(self, envs: Tensor) -> Rollout:
+        """The same episodes' steps for a subset of the batch (a minibatch)."""
+        return Rollout(
+            [o[:, envs] for o in self.obs], [a[:, envs] for a in self.actions],
+            self.noise[:, envs], self.logprobs[:, envs], self.values[:, envs],
+            self.rewards[:, envs])
+
+
+@torch.no_grad()
+def collect(team: Team, env: VecEnv, seed: int | None = None,
+            generator: torch.Generator | None = None, greedy: bool = False) -> Rollout:
+    """Run one episode batch with the team sampling its actions."""
+    obs = env.reset(seed)
+    hidden = team.initial_hidden(env.num_envs)
+    steps: list[tuple] = []
+    done = False
+    while not done:
+        noise = team.sample_noise((env.num_envs, env.spec.n_agents, team.cfg.comm_dim),
+                                  generator)
+        out = team(obs, hidden, noise)
+        actions = sample_actions(out.logits, greedy, generator)
+        logp, _ = log_probs(out.logits, actions)
+        step = env.step(actions)
+        steps.append((obs, actions, noise, logp, out.values, step.reward))
+        obs, hidden, done = step.obs, out.hidden, step.done
+    obs_t, act_t, noise_t, logp_t, val_t, rew_t = zip(*steps)
+    n_types = len(env.spec.types)
+    return Rollout(
+        obs=[torch.stack([o[k] for o in obs_t]) for k in range(n_types)],
+        actions=[torch.stack([a[k] for a in act_t]) for k in range(n_types)],
+        noise=torch.stack(noise_t), logprobs=torch.stack(logp_t),
+        values=torch.stack(val_t), rewards=torch.stack(rew_t))
+
+
+def replay(team: Team, rollout: Rollout) -> TeamOutput:
+    """Recompute the team's outputs for a stored batch, with gradients, as ``[T, B, ...]``."""
+    t, b = rollout.rewards.shape[:2]
+    if not team.cfg.recurrent:  # steps are independent given the stored noise: one big batch
+        out = team([o.flatten(0, 1) for o in rollout.obs], None, rollout.noise.flatten(0, 1))
+        return TeamOutput([lg.unflatten(0, (t, b)) for lg in out.logits],
+                          out.values.unflatten(0, (t, b)), out.messages.unflatten(0, (t, b)),
+                          None)
+    hidden = team.initial_hidden(b)
+    outs = []
+    for i in range(t):
+        out = team([o[i] for o in rollout.obs], hidden, rollout.noise[i])
+        hidden = out.hidden
+        outs.append(out)
+    n_types = len(outs[0].logits)
+    return TeamOutput([torch.stack([o.logits[k] for o in outs]) for k in range(n_types)],
+                      torch.stack([o.values for o in outs]),
+                      torch.stack([o.messages for o in outs]), None)

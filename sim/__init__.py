@@ -1,0 +1,1 @@
+"""Joint environments: batched, seeded, with scripted references."""

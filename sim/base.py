@@ -1,0 +1,142 @@
+"""The interface every joint environment implements.
+
+Environments are batched: one object steps ``num_envs`` independent episodes as tensors with the
+batch dimension first. Episodes have a fixed horizon and start together, so a rollout is one
+``reset`` followed by ``episode_length`` calls to ``step`` (an "episode batch").
+
+Agents are grouped by type. Agents of one type share observation and action spaces and are
+numbered contiguously, so "agent index" order is type order: per-type tensors concatenated along
+the agent dimension give the global agent order.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from functools import cached_property
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class AgentType:
+    """A kind of agent: how many there are, what each observes, how many actions it has."""
+
+    name: str
+    count: int
+    obs_dim: int
+    n_actions: int
+
+
+@dataclass(frozen=True)
+class EnvSpec:
+    """Static description of a joint environment, enough to build the agents' models."""
+
+    name: str
+    types: tuple[AgentType, ...]
+    episode_length: int
+    # At most this many senders per environment and step get their vector delivered (None: all).
+    bandwidth: int | None = None
+
+    @property
+    def n_agents(self) -> int:
+        return sum(t.count for t in self.types)
+
+    @cached_property
+    def agent_ids(self) -> tuple[str, ...]:
+        return tuple(f"{t.name}_{i}" for t in self.types for i in range(t.count))
+
+    @cached_property
+    def type_of_agent(self) -> tuple[int, ...]:
+        """Type index of each agent, in agent order."""
+        return tuple(k for k, t in enumerate(self.types) for _ in range(t.count))
+
+    @cached_property
+    def type_slices(self) -> tuple[slice, ...]:
+        """Where each type's agents sit in agent order."""
+        out, start = [], 0
+        for t in self.types:
+            out.append(slice(start, start + t.count))
+            start += t.count
+        return tuple(out)
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "types": [vars(t) for t in self.types],
+            "episode_length": self.episode_length,
+            "bandwidth": self.bandwidth,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> EnvSpec:
+        return cls(
+            name=d["name"],
+            types=tuple(AgentType(**t) for t in d["types"]),
+            episode_length=int(d["episode_length"]),
+            bandwidth=d.get("bandwidth"),
+        )
+
+
+Obs = list[Tensor]
+"""Observations, one tensor per agent type, each ``[B, count, obs_dim]``."""
+
+Actions = list[Tensor]
+"""Actions, one integer tensor per agent type, each ``[B, count]``."""
+
+
+@dataclass
+class Step:
+    obs: Obs
+    reward: Tensor  # [B, n_agents]
+    done: bool  # the episode batch has reached its horizon
+
+
+class VecEnv(ABC):
+    """A batch of ``num_envs`` episodes of one joint environment."""
+
+    spec: EnvSpec
+    num_envs: int
+    device: torch.device
+
+    @abstractmethod
+    def reset(self, seed: int | None = None) -> Obs:
+        """Start a new episode batch; with a seed, the batch is reproducible."""
+
+    @abstractmethod
+    def step(self, actions: Actions) -> Step:
+        """Advance every episode by one step."""
+
+    @abstractmethod
+    def oracle_actions(self) -> Actions:
+        """A scripted team that sees the full state: the upper reference."""
+
+    @abstractmethod
+    def no_comm_actions(self, obs: Obs) -> Actions:
+        """A scripted team in which each agent acts on its own observation only."""
+
+    def random_actions(self, generator: torch.Generator | None = None) -> Actions:
+        return [
+            torch.randint(t.n_actions, (self.num_envs, t.count), generator=generator,
+                          device=self.device)
+            for t in self.spec.types
+        ]
+
+    def check_actions(self, actions: Actions) -> None:
+        """Fail loudly on actions of the wrong shape or range, before they corrupt the state."""
+        if len(actions) != len(self.spec.types):
+            raise ValueError(f"expected actions for {len(self.spec.types)} agent types, "
+                             f"got {len(actions)}")
+        for t, a in zip(self.spec.types, actions):
+            if a.shape != (self.num_envs, t.count):
+                raise ValueError(f"actions for {t.name!r}: expected shape "
+                                 f"{(self.num_envs, t.count)}, got {tuple(a.shape)}")
+            if a.numel() and (int(a.min()) < 0 or int(a.max()) >= t.n_actions):
+                raise ValueError(f"actions for {t.name!r} must lie in [0, {t.n_actions})")
+
+
+def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
+    g = torch.Generator(device=device)
+    g.manual_seed(seed if seed is not None else int(torch.randint(2**62, ()).item()))
+    return g

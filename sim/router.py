@@ -1,0 +1,48 @@
+"""Which knowledge vectors reach which agents.
+
+The router is the only place that decides delivery, in process and on the simulator server alike:
+a route from agent ``i`` to agent ``j`` carries a vector only if the communication graph keeps
+the route between their types, ``i != j``, and, under a bandwidth limit, ``i`` is among the
+``bandwidth`` senders of highest priority in that environment and step. A sender's priority is
+the first coordinate of its (already noised) vector, so ranking senders is post-processing of a
+private release and costs no privacy.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def priority(messages: Tensor) -> Tensor:
+    """``[..., N, D] -> [..., N]`` in (0, 1): how strongly each sender claims the channel."""
+    return torch.sigmoid(messages[..., 0])
+
+
+def delivery_mask(type_of_agent: Tensor, routes: Tensor, messages: Tensor | None = None,
+                  bandwidth: int | None = None) -> Tensor:
+    """``[B or 1, N_receivers, N_senders]`` bool: the vectors that are delivered.
+
+    Parameters
+    ----------
+    type_of_agent
+        ``[N]`` type index of each agent.
+    routes
+        ``[K, K]`` bool, ``routes[sender_type, receiver_type]``: the graph's kept routes.
+    messages
+        ``[B, N, D]`` the senders' vectors, needed only under a bandwidth limit.
+    bandwidth
+        At most this many senders per environment are delivered; ``None`` for no limit.
+    """
+    n = type_of_agent.numel()
+    allowed = routes[type_of_agent][:, type_of_agent].T  # [receiver, sender]
+    allowed = allowed & ~torch.eye(n, dtype=torch.bool, device=allowed.device)
+    mask = allowed[None]
+    if bandwidth is not None and bandwidth < n:
+        if messages is None:
+            raise ValueError("a bandwidth limit needs the messages to rank senders")
+        top = priority(messages).topk(bandwidth, dim=-1).indices  # [B, bandwidth]
+        selected = torch.zeros(messages.shape[:-1], dtype=torch.bool, device=messages.device)
+        selected.scatter_(-1, top, True)
+        mask = mask & selected[:, None, :]
+    return mask

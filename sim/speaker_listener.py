@@ -1,0 +1,124 @@
+"""Batched port of mpe2's ``simple_speaker_listener_v4`` (MPE cooperative communication).
+
+A speaker sees which of three landmarks is the goal but cannot move; a listener moves but does not
+see the goal. Both receive ``-|listener - goal|^2`` every step, for 25 steps. Observations, action
+semantics, dynamics (position integrates the old velocity, then damping, then the force) and
+rewards follow mpe2 1.1 step for step; ``tests/test_speaker_listener_port.py`` checks that.
+
+The environment's own discrete "say" action (delivered one step late through the listener's
+observation) is kept for fidelity; fedcomm's agents talk through their learned channel instead.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from fedcomm.sim.base import Actions, AgentType, EnvSpec, Obs, Step, VecEnv, make_generator
+
+N_LANDMARKS = 3
+DIM_C = 3
+DT = 0.1
+DAMPING = 0.25
+ACCEL = 5.0  # mpe2's default action sensitivity; the listener's mass is 1
+LANDMARK_COLORS = ((0.65, 0.15, 0.15), (0.15, 0.65, 0.15), (0.15, 0.15, 0.65))
+# Discrete movement action -> unit force direction: no-op, left, right, down, up.
+MOVES = ((0.0, 0.0), (-1.0, 0.0), (1.0, 0.0), (0.0, -1.0), (0.0, 1.0))
+
+SPEC = EnvSpec(
+    name="speaker_listener",
+    types=(
+        AgentType("speaker", count=1, obs_dim=3, n_actions=DIM_C),
+        AgentType("listener", count=1, obs_dim=2 + 2 * N_LANDMARKS + DIM_C, n_actions=len(MOVES)),
+    ),
+    episode_length=25,
+)
+
+
+class SpeakerListener(VecEnv):
+    def __init__(self, num_envs: int, device: str | torch.device = "cpu",
+                 episode_length: int = 25) -> None:
+        self.spec = SPEC if episode_length == 25 else EnvSpec(
+            SPEC.name, SPEC.types, episode_length)
+        self.num_envs = num_envs
+        self.device = torch.device(device)
+        self._colors = torch.tensor(LANDMARK_COLORS, device=self.device)
+        self._moves = torch.tensor(MOVES, device=self.device) * ACCEL
+        self._gen = make_generator(None, self.device)
+        self.t = 0
+
+    # -- state -----------------------------------------------------------------------------
+    def reset(self, seed: int | None = None) -> Obs:
+        if seed is not None:
+            self._gen = make_generator(seed, self.device)
+        b, g, dev = self.num_envs, self._gen, self.device
+
+        def uniform(*shape: int) -> Tensor:
+            return torch.rand(*shape, generator=g, device=dev) * 2 - 1
+
+        self.set_state(
+            goal=torch.randint(N_LANDMARKS, (b,), generator=g, device=dev),
+            speaker_pos=uniform(b, 2),
+            listener_pos=uniform(b, 2),
+            landmark_pos=uniform(b, N_LANDMARKS, 2),
+        )
+        return self.observe()
+
+    def set_state(self, goal: Tensor, speaker_pos: Tensor, listener_pos: Tensor,
+                  landmark_pos: Tensor, listener_vel: Tensor | None = None,
+                  comm: Tensor | None = None) -> None:
+        """Start the batch from an explicit state (how the port is checked against mpe2)."""
+        f32 = {"dtype": torch.float32, "device": self.device}
+        self.goal = goal.to(self.device, torch.long)
+        self.speaker_pos = speaker_pos.to(**f32)
+        self.listener_pos = listener_pos.to(**f32).clone()
+        self.landmark_pos = landmark_pos.to(**f32)
+        zeros = torch.zeros(self.num_envs, 2, **f32)
+        self.listener_vel = zeros if listener_vel is None else listener_vel.to(**f32).clone()
+        self.comm = (torch.zeros(self.num_envs, DIM_C, **f32) if comm is None
+                     else comm.to(**f32).clone())
+        self.t = 0
+
+    def goal_pos(self) -> Tensor:
+        return self.landmark_pos[torch.arange(self.num_envs, device=self.device), self.goal]
+
+    def observe(self) -> Obs:
+        speaker = self._colors[self.goal]
+        rel = (self.landmark_pos - self.listener_pos[:, None, :]).reshape(self.num_envs, -1)
+        listener = torch.cat([self.listener_vel, rel, self.comm], dim=1)
+        return [speaker[:, None, :], listener[:, None, :]]
+
+    # -- dynamics --------------------------------------------------------------------------
+    def step(self, actions: Actions) -> Step:
+        self.check_actions(actions)
+        say, move = actions[0][:, 0], actions[1][:, 0]
+        self.listener_pos = self.listener_pos + self.listener_vel * DT
+        self.listener_vel = self.listener_vel * (1 - DAMPING) + self._moves[move] * DT
+        self.comm = torch.nn.functional.one_hot(say, DIM_C).to(torch.float32)
+        self.t += 1
+        dist2 = ((self.listener_pos - self.goal_pos()) ** 2).sum(dim=1)
+        reward = (-dist2)[:, None].expand(self.num_envs, 2)
+        return Step(self.observe(), reward, self.t >= self.spec.episode_length)
+
+    # -- scripted references ---------------------------------------------------------------
+    def oracle_actions(self) -> Actions:
+        move = steer(self.goal_pos() - self.listener_pos, self.listener_vel, self._moves)
+        return [self.goal[:, None], move[:, None]]
+
+    def no_comm_actions(self, obs: Obs) -> Actions:
+        listener = obs[1][:, 0]
+        vel, rel = listener[:, :2], listener[:, 2:2 + 2 * N_LANDMARKS].reshape(-1, N_LANDMARKS, 2)
+        move = steer(rel.mean(dim=1), vel, self._moves)
+        say = torch.zeros(self.num_envs, 1, dtype=torch.long, device=self.device)
+        return [say, move[:, None]]
+
+
+def steer(target_rel: Tensor, vel: Tensor, forces: Tensor) -> Tensor:
+    """The move that brings the listener closest to a target two steps ahead.
+
+    A force changes the velocity now and the position one step later, so one step of lookahead
+    would not see the action's effect.
+    """
+    v1 = vel[:, None, :] * (1 - DAMPING) + forces[None] * DT  # [B, 5, 2]
+    offset = vel[:, None, :] * DT + v1 * DT
+    return ((offset - target_rel[:, None, :]) ** 2).sum(-1).argmin(dim=1)
