@@ -174,8 +174,8 @@ def measure(configs: list[Config], repeats: int, console: Console) -> None:
         for cfg in configs[k:] + configs[:k]:
             dt, steps = timed(cfg, cfg.episodes)
             cfg.samples.append(steps / dt)
-        console.log(f"round {r + 1}/{repeats}: "
-                    + ", ".join(f"{c.label} {c.samples[-1] / 1e3:,.0f}k" for c in configs))
+        load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+        console.log(f"round {r + 1}/{repeats} done (load avg {load})")
 
 
 def ratios(configs: list[Config]) -> list[dict[str, Any]]:

@@ -73,7 +73,8 @@ class CommModule(nn.Module):
         feats
             ``[B, Nr, H]`` the receivers' features.
         incoming
-            ``[B, Nr, Ns, D]`` the vectors each receiver sees (undelivered ones are ignored).
+            ``[B, Nr or 1, Ns, D]`` the vectors each receiver sees (undelivered ones are
+            ignored); a receiver dimension of 1 broadcasts the same senders to every receiver.
         weights
             ``[B or 1, Nr, Ns]`` the weight of each delivered vector, 0 where none was delivered.
         """

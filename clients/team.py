@@ -82,8 +82,8 @@ class Team(nn.Module):
             return feats, None
         if hidden is None:
             raise ValueError("a recurrent team needs its hidden state")
-        sl = self.spec.type_slices
-        feats = torch.cat([cell(feats[:, s], hidden[:, s]) for cell, s in zip(self.rnn, sl)], 1)
+        parts = zip(self.rnn, self.split(feats), self.split(hidden))
+        feats = torch.cat([cell(f, h) for cell, f, h in parts], dim=1)
         return feats, feats
 
     def speak(self, feats: Tensor) -> Tensor:
@@ -109,11 +109,15 @@ class Team(nn.Module):
         return weights
 
     def act(self, feats: Tensor, context: Tensor) -> tuple[list[Tensor], Tensor]:
-        joint = torch.cat([feats, context], dim=-1)
-        sl = self.spec.type_slices
-        logits = [net(joint[:, s]) for net, s in zip(self.policy, sl)]
-        values = torch.cat([net(joint[:, s]) for net, s in zip(self.value, sl)], 1)
+        joint = self.split(torch.cat([feats, context], dim=-1))
+        logits = [net(x) for net, x in zip(self.policy, joint)]
+        values = torch.cat([net(x) for net, x in zip(self.value, joint)], dim=1)
         return logits, values.squeeze(-1)
+
+    def split(self, x: Tensor) -> tuple[Tensor, ...]:
+        """Per-type views along the agent dimension (split, not slicing: its backward is a cat
+        rather than one zero-filled full-size gradient per slice)."""
+        return x.split([t.count for t in self.spec.types], dim=1)
 
     # -- a whole step, all agents in one graph -----------------------------------------------
     def forward(self, obs: Obs, hidden: Tensor | None = None, noise: Tensor | None = None
@@ -124,7 +128,7 @@ class Team(nn.Module):
             noise = self.sample_noise(tuple(clean.shape))
         messages = clean + noise
         weights = self.delivery_weights(messages)
-        incoming = messages[:, None].expand(-1, self.spec.n_agents, -1, -1)
+        incoming = messages[:, None]  # every receiver sees the same senders: broadcast
         context = self.comm.listen(feats, incoming, weights)
         logits, values = self.act(feats, context)
         return TeamOutput(logits, values, messages, hidden,

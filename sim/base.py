@@ -52,15 +52,6 @@ class EnvSpec:
         """Type index of each agent, in agent order."""
         return tuple(k for k, t in enumerate(self.types) for _ in range(t.count))
 
-    @cached_property
-    def type_slices(self) -> tuple[slice, ...]:
-        """Where each type's agents sit in agent order."""
-        out, start = [], 0
-        for t in self.types:
-            out.append(slice(start, start + t.count))
-            start += t.count
-        return tuple(out)
-
     def to_dict(self) -> dict:
         return {
             "name": self.name,

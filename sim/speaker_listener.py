@@ -78,22 +78,26 @@ class SpeakerListener(VecEnv):
         self.comm = (torch.zeros(self.num_envs, DIM_C, **f32) if comm is None
                      else comm.to(**f32).clone())
         self.t = 0
+        # Fixed for the episode. gather/index_select rather than advanced indexing: the latter
+        # opens a parallel region per call, which stalls for milliseconds on a busy machine.
+        self._goal_pos = self.landmark_pos.gather(
+            1, self.goal[:, None, None].expand(-1, 1, 2))[:, 0]
+        self._speaker_obs = self._colors.index_select(0, self.goal)[:, None, :]
 
     def goal_pos(self) -> Tensor:
-        return self.landmark_pos[torch.arange(self.num_envs, device=self.device), self.goal]
+        return self._goal_pos
 
     def observe(self) -> Obs:
-        speaker = self._colors[self.goal]
         rel = (self.landmark_pos - self.listener_pos[:, None, :]).reshape(self.num_envs, -1)
         listener = torch.cat([self.listener_vel, rel, self.comm], dim=1)
-        return [speaker[:, None, :], listener[:, None, :]]
+        return [self._speaker_obs, listener[:, None, :]]
 
     # -- dynamics --------------------------------------------------------------------------
     def step(self, actions: Actions) -> Step:
         self.check_actions(actions)
         say, move = actions[0][:, 0], actions[1][:, 0]
         self.listener_pos = self.listener_pos + self.listener_vel * DT
-        self.listener_vel = self.listener_vel * (1 - DAMPING) + self._moves[move] * DT
+        self.listener_vel = self.listener_vel * (1 - DAMPING) + self._moves.index_select(0, move) * DT
         self.comm = torch.nn.functional.one_hot(say, DIM_C).to(torch.float32)
         self.t += 1
         dist2 = ((self.listener_pos - self.goal_pos()) ** 2).sum(dim=1)

@@ -1,0 +1,92 @@
+"""Evaluation: a trained team or a scripted reference, on any environment with the same spec.
+
+An episode's return is the sum of its rewards averaged over agents. Trained teams act greedily
+and their vectors carry the channel noise they were trained with: the privacy mechanism is part of
+execution, not only of training.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import torch
+
+from fedcomm.clients.rollout import collect
+from fedcomm.clients.team import Team
+from fedcomm.sim.base import EnvSpec, VecEnv
+from fedcomm.sim.registry import make_env
+
+Scripted = Literal["random", "no_comm", "oracle"]
+SCRIPTED: tuple[Scripted, ...] = ("random", "no_comm", "oracle")
+
+
+@dataclass
+class EvalResult:
+    return_mean: float
+    return_se: float
+    episodes: int
+
+    @classmethod
+    def of(cls, returns: torch.Tensor) -> EvalResult:
+        n = returns.numel()
+        se = returns.std().item() / math.sqrt(n) if n > 1 else float("nan")
+        return cls(returns.mean().item(), se, n)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _batches(episodes: int, batch: int) -> list[int]:
+    return [min(batch, episodes - s) for s in range(0, episodes, batch)]
+
+
+def check_compatible(trained: EnvSpec, target: EnvSpec) -> None:
+    """A team runs on another environment only if agents, observations and actions line up."""
+    if trained.types != target.types:
+        raise ValueError(f"the team was trained on {trained.name} with agent types "
+                         f"{trained.types}, which do not match {target.name}'s {target.types}")
+
+
+def evaluate_team(team: Team, env_name: str, episodes: int, seed: int = 0,
+                  batch: int = 1000, env_kwargs: dict | None = None,
+                  greedy: bool = True) -> EvalResult:
+    returns = []
+    generator = torch.Generator().manual_seed(seed)
+    was_training = team.training
+    team.eval()
+    for i, n in enumerate(_batches(episodes, batch)):
+        env = make_env(env_name, n, **(env_kwargs or {}))
+        check_compatible(team.spec, env.spec)
+        returns.append(collect(team, env, seed=seed + i * batch, generator=generator,
+                               greedy=greedy).episode_return())
+    team.train(was_training)
+    return EvalResult.of(torch.cat(returns))
+
+
+@torch.no_grad()
+def run_scripted(env: VecEnv, policy: Scripted, seed: int) -> torch.Tensor:
+    """``[B]`` returns of one episode batch played by a scripted team."""
+    obs = env.reset(seed)
+    generator = torch.Generator(device=env.device).manual_seed(seed)
+    total = torch.zeros(env.num_envs, device=env.device)
+    done = False
+    while not done:
+        if policy == "oracle":
+            actions = env.oracle_actions()
+        elif policy == "no_comm":
+            actions = env.no_comm_actions(obs)
+        else:
+            actions = env.random_actions(generator)
+        step = env.step(actions)
+        total += step.reward.mean(dim=1)
+        obs, done = step.obs, step.done
+    return total
+
+
+def evaluate_scripted(env_name: str, policy: Scripted, episodes: int, seed: int = 0,
+                      batch: int = 1000, env_kwargs: dict | None = None) -> EvalResult:
+    returns = [run_scripted(make_env(env_name, n, **(env_kwargs or {})), policy, seed + i * batch)
+               for i, n in enumerate(_batches(episodes, batch))]
+    return EvalResult.of(torch.cat(returns))

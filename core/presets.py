@@ -1,0 +1,26 @@
+"""Training settings per environment that reach their published or measured targets here."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from fedcomm.clients.ppo import PPOConfig
+from fedcomm.clients.team import TeamConfig
+from fedcomm.train import TrainConfig
+
+PRESETS: dict[str, TrainConfig] = {
+    "speaker_listener": TrainConfig(
+        env="speaker_listener", num_envs=512, env_steps=15_000_000,
+        ppo=PPOConfig(lr=3e-3)),
+    "factory": TrainConfig(
+        env="factory", num_envs=512, env_steps=5_000_000, ppo=PPOConfig(lr=3e-3)),
+    "platoon": TrainConfig(
+        env="platoon", num_envs=512, env_steps=5_000_000, ppo=PPOConfig(lr=3e-3)),
+}
+
+
+def preset(env: str) -> TrainConfig:
+    """A fresh copy of the preset for ``env`` (a generic one for environments without)."""
+    base = PRESETS.get(env, TrainConfig(env=env))
+    return replace(base, env_kwargs=dict(base.env_kwargs), team=replace(base.team),
+                   ppo=replace(base.ppo))

@@ -1,0 +1,75 @@
+"""A run directory: what a run writes, and how a trained team is loaded back.
+
+Layout: ``config.json`` (everything needed to repeat the run), ``metrics.jsonl`` (one JSON object
+per iteration), ``summary.json`` (final figures and measured baselines), ``team.pt`` (the
+checkpoint) and plots.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fedcomm.clients.team import Team, TeamConfig
+from fedcomm.sim.base import EnvSpec
+
+CHECKPOINT = "team.pt"
+
+
+def _finite(x: Any) -> Any:
+    """JSON has no NaN or Infinity: write them as null."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_finite(v) for v in x]
+    return x
+
+
+def write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(_finite(obj), indent=2) + "\n")
+    os.replace(tmp, path)  # a reader never sees half a file
+
+
+class RunDir:
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+
+    def write_config(self, config: dict) -> None:
+        write_json(self.path / "config.json", config)
+
+    def append_metrics(self, row: dict) -> None:
+        with open(self.path / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(_finite(row)) + "\n")
+
+    def metrics(self) -> list[dict]:
+        path = self.path / "metrics.jsonl"
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+    def write_summary(self, summary: dict) -> None:
+        write_json(self.path / "summary.json", summary)
+
+    def summary(self) -> dict:
+        return json.loads((self.path / "summary.json").read_text())
+
+    def save_team(self, team: Team, extra: dict | None = None) -> None:
+        torch.save({**team.save_config(), "state_dict": team.state_dict(), **(extra or {})},
+                   self.path / CHECKPOINT)
+
+
+def load_team(run_dir: str | Path) -> Team:
+    path = Path(run_dir) / CHECKPOINT
+    if not path.exists():
+        raise FileNotFoundError(f"no checkpoint at {path}: is {run_dir} a fedcomm run directory?")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    team = Team(EnvSpec.from_dict(ckpt["spec"]), TeamConfig(**ckpt["team"]))
+    team.load_state_dict(ckpt["state_dict"])
+    return team

@@ -1,0 +1,128 @@
+"""The centralized reference trainer: every agent in one process and one autograd graph.
+
+Same models, environment and channel noise as the federated system; what it lacks is the
+separation into parties. It is the upper bound federation and privacy are measured against, and
+the fast loop for research.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from fedcomm.clients.importance import communication_importance
+from fedcomm.clients.ppo import PPOConfig, ValueNorm, ppo_update
+from fedcomm.clients.rollout import collect
+from fedcomm.clients.team import Team, TeamConfig
+from fedcomm.evaluate import SCRIPTED, EvalResult, evaluate_scripted, evaluate_team
+from fedcomm.plots import learning_curve
+from fedcomm.runs import RunDir
+from fedcomm.sim.registry import make_env
+
+EVAL_SEED = 1_000_000_000  # evaluation episodes never reuse a training seed
+
+
+@dataclass
+class TrainConfig:
+    env: str = "speaker_listener"
+    env_kwargs: dict = field(default_factory=dict)
+    num_envs: int = 512
+    env_steps: int = 10_000_000
+    time_budget: float | None = None  # seconds of training; stops early when reached
+    seed: int = 0
+    anneal_lr: bool = True
+    eval_every: int = 25  # iterations between greedy evaluations (0: only at the end)
+    eval_episodes: int = 1000
+    team: TeamConfig = field(default_factory=TeamConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        d = dict(d)
+        return cls(team=TeamConfig(**d.pop("team", {})), ppo=PPOConfig(**d.pop("ppo", {})), **d)
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    final: EvalResult
+    baselines: dict[str, EvalResult]
+    summary: dict
+
+
+def train(cfg: TrainConfig, out: str | Path, progress: bool = True) -> TrainResult:
+    run = RunDir(out)
+    run.write_config(asdict(cfg))
+    torch.manual_seed(cfg.seed)
+    env = make_env(cfg.env, cfg.num_envs, **cfg.env_kwargs)
+    team = Team(env.spec, cfg.team)
+    optimizer = torch.optim.Adam(team.parameters(), lr=cfg.ppo.lr, eps=1e-5)
+    value_norm = ValueNorm(env.spec.n_agents)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    per_iter = cfg.num_envs * env.spec.episode_length
+    iterations = max(1, cfg.env_steps // per_iter)
+
+    def evaluate() -> EvalResult:
+        return evaluate_team(team, cfg.env, cfg.eval_episodes, EVAL_SEED,
+                             env_kwargs=cfg.env_kwargs)
+
+    start, train_time, it = time.perf_counter(), 0.0, 0
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(),
+                  TextColumn("{task.fields[status]}"), TimeElapsedColumn(),
+                  disable=not progress, transient=False) as bar:
+        task = bar.add_task(f"train {cfg.env}", total=iterations, status="")
+        for it in range(1, iterations + 1):
+            t0 = time.perf_counter()
+            frac = max(it / iterations, train_time / cfg.time_budget if cfg.time_budget else 0)
+            lr = cfg.ppo.lr * (1 - frac + 1 / iterations) if cfg.anneal_lr else cfg.ppo.lr
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            rollout = collect(team, env, seed=cfg.seed * 1_000_000 + it, generator=generator)
+            stats = ppo_update(team, optimizer, rollout, cfg.ppo, value_norm, generator)
+            train_time += time.perf_counter() - t0
+            row = {"iteration": it, "env_steps": it * per_iter,
+                   "agent_steps": it * per_iter * env.spec.n_agents,
+                   "return_mean": rollout.episode_return().mean().item(),
+                   "train_time_s": train_time, "lr": lr, **stats}
+            if cfg.eval_every and it % cfg.eval_every == 0:
+                row["eval_return"] = evaluate().return_mean
+            run.append_metrics(row)
+            status = f"return {row['return_mean']:.2f}"
+            if "eval_return" in row:
+                status += f" | eval {row['eval_return']:.2f}"
+            bar.update(task, advance=1, status=status)
+            if cfg.time_budget and train_time >= cfg.time_budget:
+                break
+
+    final = evaluate()
+    baselines = {name: evaluate_scripted(cfg.env, name, cfg.eval_episodes, EVAL_SEED,
+                                         env_kwargs=cfg.env_kwargs) for name in SCRIPTED}
+    importance = communication_importance(
+        team, collect(team, make_env(cfg.env, 256, **cfg.env_kwargs), seed=EVAL_SEED,
+                      greedy=True))
+    gap = baselines["oracle"].return_mean - baselines["no_comm"].return_mean
+    summary = {
+        "env": cfg.env,
+        "final": final.to_dict(),
+        "baselines": {k: v.to_dict() for k, v in baselines.items()},
+        "gap_closed": (final.return_mean - baselines["no_comm"].return_mean) / gap,
+        "iterations": it,
+        "env_steps": it * per_iter,
+        "train_time_s": train_time,
+        "wall_time_s": time.perf_counter() - start,
+        "env_steps_per_s": it * per_iter / train_time,
+        "agent_steps_per_s": it * per_iter * env.spec.n_agents / train_time,
+        "agent_types": [t.name for t in env.spec.types],
+        "route_strength": team.comm.route_strength().tolist(),
+        "kept_routes": team.comm.kept_routes(cfg.team.prune_threshold).tolist(),
+        "importance": importance.tolist(),
+    }
+    run.write_summary(summary)
+    run.save_team(team, {"value_norm": value_norm.state_dict()})
+    learning_curve(run.metrics(), summary, run.path / "learning_curve.png",
+                   f"{cfg.env}: centralized, noise sigma={cfg.team.noise_multiplier}")
+    return TrainResult(run.path, final, baselines, summary)
