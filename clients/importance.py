@@ -27,7 +27,7 @@ def communication_importance(team: Team, rollout: Rollout) -> Tensor:
     for t in range(rollout.rewards.shape[0]):
         out = team([o[t] for o in rollout.obs], hidden, rollout.noise[t])
         hidden = out.hidden
-        feats, incoming = out.extras["feats"], out.extras["incoming"]
+        feats, incoming = out.extras["feats"], out.extras["senders"][:, None]
         b = feats.shape[0]
         weights = out.extras["weights"].expand(b, n, n)
         # Counterfactual c drops sender c's vector at every receiver: [B, c, Nr, Ns].

@@ -24,6 +24,9 @@ class Rollout:
     logprobs: Tensor  # [T, B, N]
     values: Tensor  # [T, B, N] the value head's raw outputs
     rewards: Tensor  # [T, B, N]
+    # A team without every agent also keeps what the router delivered from the others:
+    received: Tensor | None = None  # [T, B, N, D]
+    delivered: Tensor | None = None  # [T, B or 1, n_local, N] bool
 
     @property
     def num_envs(self) -> int:
@@ -35,10 +38,13 @@ class Rollout:
 
     def select(self, envs: Tensor) -> Rollout:
         """The same episodes' steps for a subset of the batch (a minibatch)."""
+        def rows(x: Tensor | None) -> Tensor | None:  # a broadcast batch dim of 1 stays
+            return x if x is None or x.shape[1] == 1 else x[:, envs]
+
         return Rollout(
             [o[:, envs] for o in self.obs], [a[:, envs] for a in self.actions],
             self.noise[:, envs], self.logprobs[:, envs], self.values[:, envs],
-            self.rewards[:, envs])
+            self.rewards[:, envs], rows(self.received), rows(self.delivered))
 
 
 @torch.no_grad()
@@ -70,15 +76,21 @@ def collect(team: Team, env: VecEnv, seed: int | None = None,
 def replay(team: Team, rollout: Rollout) -> TeamOutput:
     """Recompute the team's outputs for a stored batch, with gradients, as ``[T, B, ...]``."""
     t, b = rollout.rewards.shape[:2]
+    received, delivered = rollout.received, rollout.delivered
     if not team.cfg.recurrent:  # steps are independent given the stored noise: one big batch
-        out = team([o.flatten(0, 1) for o in rollout.obs], None, rollout.noise.flatten(0, 1))
+        if delivered is not None:
+            delivered = delivered.expand(t, b, *delivered.shape[2:]).flatten(0, 1)
+        out = team([o.flatten(0, 1) for o in rollout.obs], None, rollout.noise.flatten(0, 1),
+                   None if received is None else received.flatten(0, 1), delivered)
         return TeamOutput([lg.unflatten(0, (t, b)) for lg in out.logits],
                           out.values.unflatten(0, (t, b)), out.messages.unflatten(0, (t, b)),
                           None)
     hidden = team.initial_hidden(b)
     outs = []
     for i in range(t):
-        out = team([o[i] for o in rollout.obs], hidden, rollout.noise[i])
+        out = team([o[i] for o in rollout.obs], hidden, rollout.noise[i],
+                   None if received is None else received[i],
+                   None if delivered is None else delivered[i])
         hidden = out.hidden
         outs.append(out)
     n_types = len(outs[0].logits)

@@ -12,6 +12,7 @@ the router delivers to it, then policy logits and a value from features and cont
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -45,38 +46,74 @@ class TeamConfig:
 
 @dataclass
 class TeamOutput:
-    logits: list[Tensor]  # per type [B, count, n_actions]
-    values: Tensor  # [B, N]
-    messages: Tensor  # [B, N, D], as sent: clipped and noised
-    hidden: Tensor | None  # [B, N, H] recurrent state after this step
+    logits: list[Tensor]  # per local type [B, count, n_actions]
+    values: Tensor  # [B, n_local]
+    messages: Tensor  # [B, n_local, D] the local agents' vectors as sent: clipped and noised
+    hidden: Tensor | None  # [B, n_local, H] recurrent state after this step
     extras: dict[str, Tensor] = field(default_factory=dict)
 
 
 class Team(nn.Module):
-    def __init__(self, spec: EnvSpec, cfg: TeamConfig | None = None) -> None:
+    """The models of ``agents`` (default: all agents of ``spec``).
+
+    A team that holds every agent routes vectors itself; a team that holds some of them is given,
+    each step, the vectors the router delivered from the others (``received``, ``delivered``).
+    """
+
+    def __init__(self, spec: EnvSpec, cfg: TeamConfig | None = None,
+                 agents: Sequence[int] | None = None) -> None:
         super().__init__()
         self.spec, self.cfg = spec, cfg or TeamConfig()
+        n = spec.n_agents
+        self.agents = tuple(range(n)) if agents is None else tuple(sorted(set(agents)))
+        if not self.agents or not all(0 <= i < n for i in self.agents):
+            raise ValueError(f"a team holds between 1 and {n} of the agents 0..{n - 1}, "
+                             f"got {agents}")
+        local_types = [spec.type_of_agent[i] for i in self.agents]
+        self.types = tuple(k for k in range(len(spec.types)) if k in local_types)
+        self.counts = tuple(local_types.count(k) for k in self.types)
+        kinds = [spec.types[k] for k in self.types]
         h = self.cfg.hidden
-        self.features = nn.ModuleList(group_mlp(t.count, [t.obs_dim, h, h]) for t in spec.types)
-        self.rnn = (nn.ModuleList(GroupGRUCell(t.count, h, h) for t in spec.types)
+        self.features = nn.ModuleList(
+            group_mlp(c, [t.obs_dim, h, h]) for t, c in zip(kinds, self.counts))
+        self.rnn = (nn.ModuleList(GroupGRUCell(c, h, h) for c in self.counts)
                     if self.cfg.recurrent else None)
         self.comm = CommModule(len(spec.types), h, self.cfg.comm_dim, self.cfg.encoder,
                                self.cfg.n_superpositions, self.cfg.graph_init)
-        self.policy = nn.ModuleList(
-            group_mlp(t.count, [2 * h, h, t.n_actions], out_gain=0.01) for t in spec.types)
+        self.policy = nn.ModuleList(group_mlp(c, [2 * h, h, t.n_actions], out_gain=0.01)
+                                    for t, c in zip(kinds, self.counts))
         self.value = nn.ModuleList(
-            group_mlp(t.count, [2 * h, h, 1], out_gain=1.0) for t in spec.types)
+            group_mlp(c, [2 * h, h, 1], out_gain=1.0) for c in self.counts)
         self.register_buffer("type_of_agent", torch.tensor(spec.type_of_agent), persistent=False)
+        self.register_buffer("local_index", torch.tensor(self.agents), persistent=False)
+
+    @property
+    def n_local(self) -> int:
+        return len(self.agents)
+
+    @property
+    def whole(self) -> bool:
+        return self.n_local == self.spec.n_agents
 
     # -- the pieces of a step ---------------------------------------------------------------
     def initial_hidden(self, batch: int) -> Tensor | None:
         if not self.cfg.recurrent:
             return None
-        return torch.zeros(batch, self.spec.n_agents, self.cfg.hidden,
-                           device=self.type_of_agent.device)
+        return torch.zeros(batch, self.n_local, self.cfg.hidden, device=self.local_index.device)
 
     def encode_obs(self, obs: Obs, hidden: Tensor | None) -> tuple[Tensor, Tensor | None]:
-        """Private features ``[B, N, H]`` (and the new recurrent state)."""
+        """Private features ``[B, n_local, H]`` (and the new recurrent state).
+
+        ``obs`` holds one tensor per agent type present in the team, ``[B, count, obs_dim]``.
+        """
+        if len(obs) != len(self.types):
+            raise ValueError(f"expected observations for {len(self.types)} agent types, "
+                             f"got {len(obs)}")
+        for k, c, o in zip(self.types, self.counts, obs):
+            t = self.spec.types[k]
+            if o.dim() != 3 or o.shape[1:] != (c, t.obs_dim):
+                raise ValueError(f"observations for {t.name!r}: expected [B, {c}, {t.obs_dim}], "
+                                 f"got {list(o.shape)}")
         feats = torch.cat([net(o) for net, o in zip(self.features, obs)], dim=1)
         if self.rnn is None:
             return feats, None
@@ -93,19 +130,28 @@ class Team(nn.Module):
     def sample_noise(self, shape: tuple[int, ...], generator: torch.Generator | None = None
                      ) -> Tensor:
         std = self.cfg.noise_multiplier * self.cfg.clip
-        noise = torch.randn(*shape, generator=generator, device=self.type_of_agent.device)
+        noise = torch.randn(*shape, generator=generator, device=self.local_index.device)
         return noise * std
 
-    def delivery_weights(self, messages: Tensor) -> Tensor:
-        """``[B or 1, N, N]`` weight of the vector from sender ``i`` at receiver ``j``."""
+    def kept_routes(self) -> Tensor:
+        """``[K, K]`` the type-to-type routes this round's graph keeps (what the router uses)."""
+        return self.comm.kept_routes(self.cfg.prune_threshold)
+
+    def route(self, senders: Tensor) -> Tensor:
+        """``[B or 1, n_local, N]`` what the router delivers to the local agents."""
+        mask = delivery_mask(self.type_of_agent, self.kept_routes(), senders,
+                             self.spec.bandwidth)
+        return mask.index_select(1, self.local_index)
+
+    def delivery_weights(self, senders: Tensor, delivered: Tensor) -> Tensor:
+        """``[B or 1, n_local, N]`` weight of sender ``i``'s vector at each local receiver."""
         if not self.cfg.communicate:
-            return messages.new_zeros(1, self.spec.n_agents, self.spec.n_agents)
-        routes = self.comm.kept_routes(self.cfg.prune_threshold)
-        mask = delivery_mask(self.type_of_agent, routes, messages, self.spec.bandwidth)
+            return senders.new_zeros(1, self.n_local, self.spec.n_agents)
         t = self.type_of_agent
-        weights = self.comm.route_strength()[t][:, t].T[None] * mask
+        strength = self.comm.route_strength()[t][:, t.index_select(0, self.local_index)].T
+        weights = strength[None] * delivered
         if self.spec.bandwidth is not None:
-            weights = weights * priority(messages)[:, None, :]
+            weights = weights * priority(senders)[:, None, :]
         return weights
 
     def act(self, feats: Tensor, context: Tensor) -> tuple[list[Tensor], Tensor]:
@@ -117,25 +163,64 @@ class Team(nn.Module):
     def split(self, x: Tensor) -> tuple[Tensor, ...]:
         """Per-type views along the agent dimension (split, not slicing: its backward is a cat
         rather than one zero-filled full-size gradient per slice)."""
-        return x.split([t.count for t in self.spec.types], dim=1)
+        return x.split(self.counts, dim=1)
 
-    # -- a whole step, all agents in one graph -----------------------------------------------
-    def forward(self, obs: Obs, hidden: Tensor | None = None, noise: Tensor | None = None
-                ) -> TeamOutput:
+    # -- a whole step -------------------------------------------------------------------------
+    def forward(self, obs: Obs, hidden: Tensor | None = None, noise: Tensor | None = None,
+                received: Tensor | None = None, delivered: Tensor | None = None) -> TeamOutput:
+        """One step of the local agents.
+
+        Parameters
+        ----------
+        noise
+            ``[B, n_local, D]`` channel noise for the local vectors (drawn if ``None``).
+        received, delivered
+            For a team without every agent: ``[B, N, D]`` the vectors of all senders as
+            delivered by the router (entries of local agents are ignored) and ``[B or 1,
+            n_local, N]`` which of them reached each local agent.
+        """
         feats, hidden = self.encode_obs(obs, hidden)
         clean = self.speak(feats)
         if noise is None:
             noise = self.sample_noise(tuple(clean.shape))
         messages = clean + noise
-        weights = self.delivery_weights(messages)
-        incoming = messages[:, None]  # every receiver sees the same senders: broadcast
-        context = self.comm.listen(feats, incoming, weights)
+        if received is None:
+            if not self.whole:
+                raise ValueError("a team without every agent needs the vectors it received")
+            senders = messages
+            delivered = self.route(senders)
+        else:
+            if delivered is None:
+                raise ValueError("received vectors come with their delivery mask")
+            senders = received.index_copy(1, self.local_index, messages)
+        weights = self.delivery_weights(senders, delivered)
+        context = self.comm.listen(feats, senders[:, None], weights)
         logits, values = self.act(feats, context)
         return TeamOutput(logits, values, messages, hidden,
-                          {"feats": feats, "incoming": incoming, "weights": weights})
+                          {"feats": feats, "senders": senders, "weights": weights})
+
+    @torch.no_grad()
+    def subteam(self, agents: Sequence[int]) -> Team:
+        """A team of some of this team's agents, with their weights and the shared module."""
+        sub = Team(self.spec, self.cfg, agents)
+        if not set(sub.agents) <= set(self.agents):
+            raise ValueError(f"agents {agents} are not all in this team")
+        own = dict(self.named_parameters())
+        for name, param in sub.named_parameters():
+            head, _, rest = name.partition(".")
+            if head == "comm":
+                param.copy_(own[name])
+                continue
+            pos, _, rest = rest.partition(".")
+            k = sub.types[int(pos)]
+            members = [i for i in self.agents if self.spec.type_of_agent[i] == k]
+            rows = [members.index(i) for i in sub.agents if self.spec.type_of_agent[i] == k]
+            source = own[f"{head}.{self.types.index(k)}.{rest}"]
+            param.copy_(source[rows])
+        return sub
 
     def save_config(self) -> dict:
-        return {"spec": self.spec.to_dict(), "team": asdict(self.cfg)}
+        return {"spec": self.spec.to_dict(), "team": asdict(self.cfg), "agents": self.agents}
 
 
 def log_probs(logits: list[Tensor], actions: list[Tensor]) -> tuple[Tensor, Tensor]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import replace
 
 from fedcomm.clients.ppo import PPOConfig
-from fedcomm.clients.team import TeamConfig
 from fedcomm.train import TrainConfig
 
 PRESETS: dict[str, TrainConfig] = {

@@ -70,6 +70,6 @@ def load_team(run_dir: str | Path) -> Team:
     if not path.exists():
         raise FileNotFoundError(f"no checkpoint at {path}: is {run_dir} a fedcomm run directory?")
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    team = Team(EnvSpec.from_dict(ckpt["spec"]), TeamConfig(**ckpt["team"]))
+    team = Team(EnvSpec.from_dict(ckpt["spec"]), TeamConfig(**ckpt["team"]), ckpt["agents"])
     team.load_state_dict(ckpt["state_dict"])
     return team

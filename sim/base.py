@@ -52,6 +52,27 @@ class EnvSpec:
         """Type index of each agent, in agent order."""
         return tuple(k for k, t in enumerate(self.types) for _ in range(t.count))
 
+    def type_starts(self) -> tuple[int, ...]:
+        """Agent index of each type's first agent."""
+        starts, s = [], 0
+        for t in self.types:
+            starts.append(s)
+            s += t.count
+        return tuple(starts)
+
+    def select(self, per_type: list[Tensor], agents: tuple[int, ...]) -> list[Tensor]:
+        """Keep only ``agents``' entries of per-type tensors (agent dim 1), dropping empty types.
+
+        This is how each party gets its own observations and nothing else.
+        """
+        starts = self.type_starts()
+        out = []
+        for k, x in enumerate(per_type):
+            rows = [i - starts[k] for i in agents if self.type_of_agent[i] == k]
+            if rows:
+                out.append(x if len(rows) == x.shape[1] else x[:, rows])
+        return out
+
     def to_dict(self) -> dict:
         return {
             "name": self.name,

@@ -97,7 +97,8 @@ class SpeakerListener(VecEnv):
         self.check_actions(actions)
         say, move = actions[0][:, 0], actions[1][:, 0]
         self.listener_pos = self.listener_pos + self.listener_vel * DT
-        self.listener_vel = self.listener_vel * (1 - DAMPING) + self._moves.index_select(0, move) * DT
+        force = self._moves.index_select(0, move)
+        self.listener_vel = self.listener_vel * (1 - DAMPING) + force * DT
         self.comm = torch.nn.functional.one_hot(say, DIM_C).to(torch.float32)
         self.t += 1
         dist2 = ((self.listener_pos - self.goal_pos()) ** 2).sum(dim=1)

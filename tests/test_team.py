@@ -1,0 +1,179 @@
+"""The agents' models: differentiable channel, clipping, routing, vectorisation over agents."""
+
+import pytest
+import torch
+
+from fedcomm.clients.comm import clip_norm
+from fedcomm.clients.importance import communication_importance
+from fedcomm.clients.layers import GroupLinear
+from fedcomm.clients.rollout import collect, replay
+from fedcomm.clients.team import Team, TeamConfig, log_probs
+from fedcomm.sim.base import AgentType, EnvSpec
+from fedcomm.sim.factory import Factory, factory_spec
+from fedcomm.sim.router import delivery_mask
+from fedcomm.sim.speaker_listener import SPEC as SL_SPEC
+from fedcomm.sim.speaker_listener import SpeakerListener
+
+SPEAKER, LISTENER = 0, 1
+
+
+def speaker_private_grads(team: Team) -> list[torch.Tensor]:
+    return [p.grad if p.grad is not None else torch.zeros_like(p)
+            for p in team.features[SPEAKER].parameters()]
+
+
+@pytest.mark.parametrize("encoder", ["mlp", "superposition"])
+@pytest.mark.parametrize("recurrent", [False, True])
+def test_receiver_loss_reaches_sender_only_through_the_channel(encoder, recurrent):
+    torch.manual_seed(0)
+    team = Team(SL_SPEC, TeamConfig(encoder=encoder, recurrent=recurrent))
+    env = SpeakerListener(32)
+    obs = env.reset(seed=0)
+    noise = team.sample_noise((32, 2, team.cfg.comm_dim))
+    hidden = team.initial_hidden(32)
+
+    # The listener's loss trains the speaker's private feature net and the shared encoder.
+    out = team(obs, hidden, noise)
+    loss = out.logits[LISTENER].pow(2).sum() + out.values[:, LISTENER].sum()
+    loss.backward()
+    assert all(g.abs().sum() > 0 for g in speaker_private_grads(team))
+    assert any(p.grad.abs().sum() > 0 for p in team.comm.encoder.parameters())
+    through_wire = [g.clone() for g in speaker_private_grads(team)]
+
+    # The same gradient, assembled by hand from dL/d(vector): it all flows through the vector.
+    team.zero_grad()
+    out = team(obs, hidden, noise)
+    grad_m = torch.autograd.grad(out.logits[LISTENER].pow(2).sum()
+                                 + out.values[:, LISTENER].sum(), out.messages,
+                                 retain_graph=True)[0]
+    out.messages.backward(grad_m)
+    for a, b in zip(through_wire, speaker_private_grads(team)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+    # Cut the channel (deliver nothing): the speaker's private modules get no gradient at all.
+    team.zero_grad()
+    team.cfg.communicate = False
+    out = team(obs, hidden, noise)
+    (out.logits[LISTENER].pow(2).sum() + out.values[:, LISTENER].sum()).backward()
+    assert all(g.abs().sum() == 0 for g in speaker_private_grads(team))
+
+
+def test_detached_vectors_carry_no_gradient():
+    """The article's ``torch.no_grad()`` on messages would leave the speaker untrained."""
+    torch.manual_seed(0)
+    team = Team(SL_SPEC, TeamConfig())
+    obs = SpeakerListener(8).reset(seed=1)
+    feats, _ = team.encode_obs(obs, None)
+    messages = team.speak(feats).detach()
+    weights = team.delivery_weights(messages, team.route(messages))
+    context = team.comm.listen(feats, messages[:, None], weights)
+    logits, _ = team.act(feats, context)
+    logits[LISTENER].sum().backward()
+    assert all(g.abs().sum() == 0 for g in speaker_private_grads(team))
+
+
+def test_clip_bounds_every_vector_and_leaves_short_ones_alone():
+    x = torch.randn(1000, 16) * torch.rand(1000, 1) * 5
+    y = clip_norm(x, 1.5)
+    assert (y.norm(dim=-1) <= 1.5 + 1e-5).all()
+    short = x.norm(dim=-1) <= 1.5
+    torch.testing.assert_close(y[short], x[short])
+
+
+def test_channel_noise_has_the_declared_scale():
+    team = Team(SL_SPEC, TeamConfig(clip=2.0, noise_multiplier=0.75))
+    noise = team.sample_noise((200_000, 2, 16), torch.Generator().manual_seed(0))
+    assert abs(noise.std().item() - 1.5) < 0.01
+
+
+def test_router_skips_pruned_routes_self_routes_and_respects_bandwidth():
+    types = torch.tensor([0, 0, 1, 2])
+    routes = torch.tensor([[True, True, True], [False, False, True], [False, False, False]])
+    mask = delivery_mask(types, routes)[0]  # [receiver, sender]
+    expected = torch.tensor([
+        [False, True, False, False],
+        [True, False, False, False],
+        [True, True, False, False],
+        [True, True, True, False],
+    ])
+    assert torch.equal(mask, expected)
+
+    messages = torch.zeros(5, 4, 3)
+    messages[:, 2, 0] = 5.0  # sender 2 claims the channel most strongly
+    messages[:, 1, 0] = 1.0
+    limited = delivery_mask(types, torch.ones(3, 3, dtype=torch.bool), messages, bandwidth=2)
+    assert limited.shape == (5, 4, 4)
+    assert torch.equal(limited[:, 0].any(0), torch.tensor([False, True, True, False]))
+    with pytest.raises(ValueError, match="bandwidth"):
+        delivery_mask(types, routes, None, bandwidth=1)
+
+
+def test_group_linear_matches_separate_linears():
+    torch.manual_seed(0)
+    layer = GroupLinear(3, 5, 4)
+    x = torch.randn(7, 3, 5)
+    y = layer(x)
+    for g in range(3):
+        torch.testing.assert_close(y[:, g], x[:, g] @ layer.weight[g] + layer.bias[g])
+
+
+def test_agents_of_a_type_hold_separate_weights():
+    torch.manual_seed(0)
+    team = Team(factory_spec(), TeamConfig())
+    obs = Factory(4).reset(seed=0)
+    out = team(obs, None, torch.zeros(4, 7, team.cfg.comm_dim))
+    out.logits[2][:, 0].sum().backward()  # actuator 0's policy only
+    w = team.policy[2][0].weight.grad  # [3 actuators, in, out]
+    assert w[0].abs().sum() > 0 and w[1].abs().sum() == 0 and w[2].abs().sum() == 0
+
+
+def test_replay_reproduces_the_rollout_exactly():
+    torch.manual_seed(0)
+    for recurrent in (False, True):
+        team = Team(factory_spec(), TeamConfig(recurrent=recurrent))
+        rollout = collect(team, Factory(16), seed=3, generator=torch.Generator().manual_seed(0))
+        out = replay(team, rollout)
+        logp, _ = log_probs(out.logits, rollout.actions)
+        torch.testing.assert_close(logp, rollout.logprobs, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out.values, rollout.values, rtol=1e-5, atol=1e-5)
+
+
+def test_importance_is_zero_for_receivers_without_choices():
+    torch.manual_seed(0)
+    team = Team(factory_spec(), TeamConfig())
+    rollout = collect(team, Factory(8), seed=0)
+    imp = communication_importance(team, rollout)  # [sender type, receiver type]
+    assert imp.shape == (3, 3)
+    assert torch.all(imp[:, :2] == 0)  # sensors and processors have a single action
+    assert torch.all(imp[:, 2] > 0)  # actuators listen to everyone at initialisation
+
+
+def test_config_rejects_nonsense():
+    with pytest.raises(ValueError):
+        TeamConfig(clip=0)
+    with pytest.raises(ValueError):
+        TeamConfig(noise_multiplier=-1)
+    with pytest.raises(ValueError, match="encoder"):
+        Team(EnvSpec("x", (AgentType("a", 1, 2, 2),), 5), TeamConfig(encoder="quantum"))
+
+
+def test_a_party_with_the_delivered_vectors_acts_as_in_the_whole_team():
+    torch.manual_seed(0)
+    spec = factory_spec()
+    whole = Team(spec, TeamConfig(recurrent=True))
+    obs = Factory(6).reset(seed=2)
+    noise = whole.sample_noise((6, spec.n_agents, whole.cfg.comm_dim))
+    full = whole(obs, whole.initial_hidden(6), noise)
+    delivered = whole.route(full.messages)
+    for agents in ([0], [3, 5], [4, 5, 6]):
+        party = whole.subteam(agents)
+        idx = list(agents)
+        out = party(spec.select(obs, party.agents), party.initial_hidden(6), noise[:, idx],
+                    full.messages, delivered[:, idx])
+        torch.testing.assert_close(out.values, full.values[:, idx])
+        torch.testing.assert_close(out.messages, full.messages[:, idx])
+    sensor = whole.subteam([0])
+    with pytest.raises(ValueError, match="needs the vectors"):
+        sensor(spec.select(obs, (0,)), sensor.initial_hidden(6))
+    with pytest.raises(ValueError, match="observations for 'sensor'"):
+        sensor(obs[:1], sensor.initial_hidden(6))
