@@ -36,8 +36,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                        description="Train every agent in one process with PPO and gradients "
                        "through the channel; write a run directory with metrics, summary, "
                        "checkpoint and plots.")
-    p.add_argument("--env", default="speaker_listener",
-                   help="speaker_listener, factory, platoon (default: %(default)s)")
+    p.add_argument("--env", default="factory",
+                   help="factory, speaker_listener, platoon (default: %(default)s, 3 agent types)")
     p.add_argument("--env-opt", type=_key_value, action="append", default=[], metavar="K=V",
                    help="environment option, e.g. --env-opt n_actuators=4 (repeatable)")
     p.add_argument("--out", type=Path, help="run directory (default: runs/<env>-<time>)")
@@ -152,7 +152,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError) as e:
-        console.print(f"[red]error:[/] {e}")
+        console.print(f"[red]error:[/] {e}", soft_wrap=True, highlight=False)
         return 2
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]")

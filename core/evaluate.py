@@ -45,8 +45,12 @@ def _batches(episodes: int, batch: int) -> list[int]:
 def check_compatible(trained: EnvSpec, target: EnvSpec) -> None:
     """A team runs on another environment only if agents, observations and actions line up."""
     if trained.types != target.types:
-        raise ValueError(f"the team was trained on {trained.name} with agent types "
-                         f"{trained.types}, which do not match {target.name}'s {target.types}")
+        def show(spec: EnvSpec) -> str:
+            return ", ".join(f"{t.count} {t.name} (obs {t.obs_dim}, actions {t.n_actions})"
+                             for t in spec.types)
+
+        raise ValueError(f"the team was trained on {trained.name} [{show(trained)}], which does "
+                         f"not match {target.name} [{show(target)}]")
 
 
 def evaluate_team(team: Team, env_name: str, episodes: int, seed: int = 0,
