@@ -22,6 +22,7 @@ from rich.table import Table
 from fedcomm.clients.ppo import ValueNorm, ppo_update
 from fedcomm.clients.rollout import collect
 from fedcomm.clients.team import Team
+from fedcomm.clients.transport import LocalTransport
 from fedcomm.presets import preset
 from fedcomm.sim.registry import make_env
 
@@ -32,6 +33,7 @@ class Loop:
         torch.manual_seed(0)
         self.env = make_env(self.cfg.env, self.cfg.num_envs, **self.cfg.env_kwargs)
         self.team = Team(self.env.spec, self.cfg.team)
+        self.transport = LocalTransport(self.env)
         self.opt = torch.optim.Adam(self.team.parameters(), lr=self.cfg.ppo.lr, eps=1e-5)
         self.value_norm = ValueNorm(self.env.spec.n_agents)
         self.it = 0
@@ -39,7 +41,7 @@ class Loop:
     def iteration(self) -> tuple[float, float]:
         self.it += 1
         t0 = time.perf_counter()
-        rollout = collect(self.team, self.env, seed=self.it)
+        rollout = collect(self.team, self.transport, seed=self.it)
         t1 = time.perf_counter()
         ppo_update(self.team, self.opt, rollout, self.cfg.ppo, self.value_norm)
         return t1 - t0, time.perf_counter() - t1

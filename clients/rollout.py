@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from fedcomm.clients.team import Team, TeamOutput, log_probs, sample_actions
-from fedcomm.sim.base import VecEnv
+from fedcomm.clients.transport import Transport
 
 
 @dataclass
@@ -48,29 +48,37 @@ class Rollout:
 
 
 @torch.no_grad()
-def collect(team: Team, env: VecEnv, seed: int | None = None,
+def collect(team: Team, transport: Transport, seed: int | None = None,
             generator: torch.Generator | None = None, greedy: bool = False) -> Rollout:
-    """Run one episode batch with the team sampling its actions."""
-    obs = env.reset(seed)
-    hidden = team.initial_hidden(env.num_envs)
+    """Run one episode batch of the team's agents through ``transport``."""
+    if transport.agents != team.agents:
+        raise ValueError(f"the transport carries agents {transport.agents}, "
+                         f"the team holds {team.agents}")
+    b, d = transport.num_envs, team.cfg.comm_dim
+    obs = transport.reset(team.kept_routes(), seed)
+    hidden = team.initial_hidden(b)
     steps: list[tuple] = []
     done = False
     while not done:
-        noise = team.sample_noise((env.num_envs, env.spec.n_agents, team.cfg.comm_dim),
-                                  generator)
-        out = team(obs, hidden, noise)
-        actions = sample_actions(out.logits, greedy, generator)
-        logp, _ = log_probs(out.logits, actions)
-        step = env.step(actions)
-        steps.append((obs, actions, noise, logp, out.values, step.reward))
-        obs, hidden, done = step.obs, out.hidden, step.done
-    obs_t, act_t, noise_t, logp_t, val_t, rew_t = zip(*steps)
-    n_types = len(env.spec.types)
+        feats, hidden = team.encode_obs(obs, hidden)
+        noise = team.sample_noise((b, team.n_local, d), generator)
+        messages = team.speak(feats) + noise
+        received, delivered = transport.exchange(messages)
+        logits, values, _ = team.respond(feats, messages, received, delivered)
+        actions = sample_actions(logits, greedy, generator)
+        logp, _ = log_probs(logits, actions)
+        step = transport.step(actions)
+        steps.append((obs, actions, noise, logp, values, step.reward, received, delivered))
+        obs, done = step.obs, step.done
+    obs_t, act_t, noise_t, logp_t, val_t, rew_t, rec_t, del_t = zip(*steps)
+    n_types = len(team.types)
     return Rollout(
         obs=[torch.stack([o[k] for o in obs_t]) for k in range(n_types)],
         actions=[torch.stack([a[k] for a in act_t]) for k in range(n_types)],
         noise=torch.stack(noise_t), logprobs=torch.stack(logp_t),
-        values=torch.stack(val_t), rewards=torch.stack(rew_t))
+        values=torch.stack(val_t), rewards=torch.stack(rew_t),
+        received=None if team.whole else torch.stack(rec_t),
+        delivered=None if team.whole else torch.stack(del_t))
 
 
 def replay(team: Team, rollout: Rollout) -> TeamOutput:

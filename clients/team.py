@@ -134,8 +134,12 @@ class Team(nn.Module):
         return noise * std
 
     def kept_routes(self) -> Tensor:
-        """``[K, K]`` the type-to-type routes this round's graph keeps (what the router uses)."""
-        return self.comm.kept_routes(self.cfg.prune_threshold)
+        """``[K, K]`` the type-to-type routes this round's graph keeps (what the router uses).
+
+        A team that does not communicate keeps none, so nothing is sent at all.
+        """
+        routes = self.comm.kept_routes(self.cfg.prune_threshold)
+        return routes if self.cfg.communicate else torch.zeros_like(routes)
 
     def route(self, senders: Tensor) -> Tensor:
         """``[B or 1, n_local, N]`` what the router delivers to the local agents."""
@@ -165,6 +169,20 @@ class Team(nn.Module):
         rather than one zero-filled full-size gradient per slice)."""
         return x.split(self.counts, dim=1)
 
+    def respond(self, feats: Tensor, messages: Tensor, received: Tensor | None,
+                delivered: Tensor) -> tuple[list[Tensor], Tensor, dict[str, Tensor]]:
+        """Logits and values of the local agents, given what the router delivered.
+
+        ``received`` holds every sender's vector ``[B, N, D]`` (entries of local agents are
+        replaced by ``messages``); ``None`` when the team holds every agent.
+        """
+        senders = messages if received is None else received.index_copy(
+            1, self.local_index, messages)
+        weights = self.delivery_weights(senders, delivered)
+        context = self.comm.listen(feats, senders[:, None], weights)
+        logits, values = self.act(feats, context)
+        return logits, values, {"feats": feats, "senders": senders, "weights": weights}
+
     # -- a whole step -------------------------------------------------------------------------
     def forward(self, obs: Obs, hidden: Tensor | None = None, noise: Tensor | None = None,
                 received: Tensor | None = None, delivered: Tensor | None = None) -> TeamOutput:
@@ -184,20 +202,14 @@ class Team(nn.Module):
         if noise is None:
             noise = self.sample_noise(tuple(clean.shape))
         messages = clean + noise
-        if received is None:
-            if not self.whole:
-                raise ValueError("a team without every agent needs the vectors it received")
-            senders = messages
-            delivered = self.route(senders)
-        else:
-            if delivered is None:
+        if received is None and not self.whole:
+            raise ValueError("a team without every agent needs the vectors it received")
+        if delivered is None:
+            if received is not None:
                 raise ValueError("received vectors come with their delivery mask")
-            senders = received.index_copy(1, self.local_index, messages)
-        weights = self.delivery_weights(senders, delivered)
-        context = self.comm.listen(feats, senders[:, None], weights)
-        logits, values = self.act(feats, context)
-        return TeamOutput(logits, values, messages, hidden,
-                          {"feats": feats, "senders": senders, "weights": weights})
+            delivered = self.route(messages)
+        logits, values, extras = self.respond(feats, messages, received, delivered)
+        return TeamOutput(logits, values, messages, hidden, extras)
 
     @torch.no_grad()
     def subteam(self, agents: Sequence[int]) -> Team:

@@ -15,6 +15,7 @@ import torch
 
 from fedcomm.clients.rollout import collect
 from fedcomm.clients.team import Team
+from fedcomm.clients.transport import LocalTransport
 from fedcomm.sim.base import EnvSpec, VecEnv
 from fedcomm.sim.registry import make_env
 
@@ -63,8 +64,8 @@ def evaluate_team(team: Team, env_name: str, episodes: int, seed: int = 0,
     for i, n in enumerate(_batches(episodes, batch)):
         env = make_env(env_name, n, **(env_kwargs or {}))
         check_compatible(team.spec, env.spec)
-        returns.append(collect(team, env, seed=seed + i * batch, generator=generator,
-                               greedy=greedy).episode_return())
+        returns.append(collect(team, LocalTransport(env), seed=seed + i * batch,
+                               generator=generator, greedy=greedy).episode_return())
     team.train(was_training)
     return EvalResult.of(torch.cat(returns))
 

@@ -18,6 +18,7 @@ from fedcomm.clients.importance import communication_importance
 from fedcomm.clients.ppo import PPOConfig, ValueNorm, ppo_update
 from fedcomm.clients.rollout import collect
 from fedcomm.clients.team import Team, TeamConfig
+from fedcomm.clients.transport import LocalTransport
 from fedcomm.evaluate import SCRIPTED, EvalResult, evaluate_scripted, evaluate_team
 from fedcomm.plots import learning_curve
 from fedcomm.runs import RunDir
@@ -59,6 +60,7 @@ def train(cfg: TrainConfig, out: str | Path, progress: bool = True) -> TrainResu
     run.write_config(asdict(cfg))
     torch.manual_seed(cfg.seed)
     env = make_env(cfg.env, cfg.num_envs, **cfg.env_kwargs)
+    transport = LocalTransport(env)
     team = Team(env.spec, cfg.team)
     optimizer = torch.optim.Adam(team.parameters(), lr=cfg.ppo.lr, eps=1e-5)
     value_norm = ValueNorm(env.spec.n_agents)
@@ -81,7 +83,8 @@ def train(cfg: TrainConfig, out: str | Path, progress: bool = True) -> TrainResu
             lr = cfg.ppo.lr * (1 - frac + 1 / iterations) if cfg.anneal_lr else cfg.ppo.lr
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            rollout = collect(team, env, seed=cfg.seed * 1_000_000 + it, generator=generator)
+            rollout = collect(team, transport, seed=cfg.seed * 1_000_000 + it,
+                              generator=generator)
             stats = ppo_update(team, optimizer, rollout, cfg.ppo, value_norm, generator)
             train_time += time.perf_counter() - t0
             row = {"iteration": it, "env_steps": it * per_iter,
@@ -102,8 +105,8 @@ def train(cfg: TrainConfig, out: str | Path, progress: bool = True) -> TrainResu
     baselines = {name: evaluate_scripted(cfg.env, name, cfg.eval_episodes, EVAL_SEED,
                                          env_kwargs=cfg.env_kwargs) for name in SCRIPTED}
     importance = communication_importance(
-        team, collect(team, make_env(cfg.env, 256, **cfg.env_kwargs), seed=EVAL_SEED,
-                      greedy=True))
+        team, collect(team, LocalTransport(make_env(cfg.env, 256, **cfg.env_kwargs)),
+                      seed=EVAL_SEED, greedy=True))
     gap = baselines["oracle"].return_mean - baselines["no_comm"].return_mean
     summary = {
         "env": cfg.env,

@@ -8,6 +8,7 @@ from fedcomm.clients.importance import communication_importance
 from fedcomm.clients.layers import GroupLinear
 from fedcomm.clients.rollout import collect, replay
 from fedcomm.clients.team import Team, TeamConfig, log_probs
+from fedcomm.clients.transport import LocalTransport
 from fedcomm.sim.base import AgentType, EnvSpec
 from fedcomm.sim.factory import Factory, factory_spec
 from fedcomm.sim.router import delivery_mask
@@ -131,7 +132,8 @@ def test_replay_reproduces_the_rollout_exactly():
     torch.manual_seed(0)
     for recurrent in (False, True):
         team = Team(factory_spec(), TeamConfig(recurrent=recurrent))
-        rollout = collect(team, Factory(16), seed=3, generator=torch.Generator().manual_seed(0))
+        rollout = collect(team, LocalTransport(Factory(16)), seed=3,
+                          generator=torch.Generator().manual_seed(0))
         out = replay(team, rollout)
         logp, _ = log_probs(out.logits, rollout.actions)
         torch.testing.assert_close(logp, rollout.logprobs, rtol=1e-5, atol=1e-5)
@@ -141,7 +143,7 @@ def test_replay_reproduces_the_rollout_exactly():
 def test_importance_is_zero_for_receivers_without_choices():
     torch.manual_seed(0)
     team = Team(factory_spec(), TeamConfig())
-    rollout = collect(team, Factory(8), seed=0)
+    rollout = collect(team, LocalTransport(Factory(8)), seed=0)
     imp = communication_importance(team, rollout)  # [sender type, receiver type]
     assert imp.shape == (3, 3)
     assert torch.all(imp[:, :2] == 0)  # sensors and processors have a single action

@@ -1,0 +1,1 @@
+"""Generated stubs of the fedcomm.v1 wire protocol (see ``joint_env.proto``)."""
