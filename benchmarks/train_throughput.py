@@ -19,7 +19,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from fedcomm.clients.ppo import ValueNorm, ppo_update
+from fedcomm.clients.ppo import ValueNorm, compute_targets, ppo_update
 from fedcomm.clients.rollout import collect
 from fedcomm.clients.team import Team
 from fedcomm.clients.transport import LocalTransport
@@ -43,7 +43,8 @@ class Loop:
         t0 = time.perf_counter()
         rollout = collect(self.team, self.transport, seed=self.it)
         t1 = time.perf_counter()
-        ppo_update(self.team, self.opt, rollout, self.cfg.ppo, self.value_norm)
+        targets = compute_targets(rollout, self.cfg.ppo, self.value_norm)
+        ppo_update(self.team, self.opt, rollout, self.cfg.ppo, targets)
         return t1 - t0, time.perf_counter() - t1
 
     @property

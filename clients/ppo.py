@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from fedcomm.clients.rollout import Rollout, replay
-from fedcomm.clients.team import Team, log_probs
+from fedcomm.clients.team import Team, TeamOutput, log_probs
 
 
 @dataclass
@@ -68,44 +68,69 @@ def gae(rewards: Tensor, values: Tensor, gamma: float, lam: float) -> Tensor:
     return adv
 
 
-def ppo_update(team: Team, optimizer: torch.optim.Optimizer, rollout: Rollout,
-               cfg: PPOConfig, value_norm: ValueNorm,
-               generator: torch.Generator | None = None) -> dict[str, float]:
+@dataclass
+class Targets:
+    """What the update regresses on, fixed for the whole update of one episode batch."""
+
+    advantages: Tensor  # [T, B, n_local]
+    returns: Tensor  # [T, B, n_local], normalised by the value norm
+
+
+def compute_targets(rollout: Rollout, cfg: PPOConfig, value_norm: ValueNorm) -> Targets:
+    """GAE advantages and normalised returns; updates the value norm's statistics once."""
     values = value_norm.denormalize(rollout.values)
     advantages = gae(rollout.rewards, values, cfg.gamma, cfg.gae_lambda)
     returns = advantages + values
     value_norm.update(returns)
-    targets = value_norm.normalize(returns)
+    return Targets(advantages, value_norm.normalize(returns))
 
+
+def ppo_loss(team: Team, batch: Rollout, targets: Targets, cfg: PPOConfig
+             ) -> tuple[Tensor, TeamOutput, dict[str, Tensor]]:
+    """The local agents' summed PPO loss on a batch (each agent's terms averaged over steps)."""
+    out = replay(team, batch)
+    logp, entropy = log_probs(out.logits, batch.actions)
+    log_ratio = logp - batch.logprobs
+    ratio = log_ratio.exp()
+    adv = targets.advantages
+    adv = (adv - adv.mean(dim=(0, 1))) / (adv.std(dim=(0, 1)) + 1e-8)
+    pg = torch.max(-adv * ratio, -adv * ratio.clamp(1 - cfg.clip_coef, 1 + cfg.clip_coef))
+    v_loss = 0.5 * (out.values - targets.returns) ** 2
+    per_agent = (pg.mean(dim=(0, 1)) + cfg.vf_coef * v_loss.mean(dim=(0, 1))
+                 - cfg.ent_coef * entropy.mean(dim=(0, 1)))
+    loss = per_agent.sum() + cfg.graph_cost * team.comm.route_strength().sum()
+    with torch.no_grad():
+        stats = {"policy_loss": pg.mean(), "value_loss": v_loss.mean(),
+                 "entropy": entropy.mean(), "approx_kl": ((ratio - 1) - log_ratio).mean(),
+                 "clip_frac": ((ratio - 1).abs() > cfg.clip_coef).float().mean()}
+    return loss, out, stats
+
+
+def ppo_update(team: Team, optimizer: torch.optim.Optimizer, rollout: Rollout,
+               cfg: PPOConfig, targets: Targets, generator: torch.Generator | None = None,
+               feedback: Tensor | None = None) -> dict[str, float]:
+    """Epochs of minibatch PPO over the batch's environments.
+
+    ``feedback`` (``[T, B, n_local, D]``, per-episode gradients of the receivers' losses with
+    respect to the local agents' vectors, as returned by the feedback exchange) adds the
+    receivers' share to the senders' gradient: ``sum(m * g) / b`` over a minibatch of ``b``
+    episodes is the surrogate whose gradient is the receivers' mean-loss gradient.
+    """
     b = rollout.num_envs
     size = max(1, b // cfg.minibatches)
-    stats: dict[str, list[float]] = {"policy_loss": [], "value_loss": [], "entropy": [],
-                                     "approx_kl": [], "clip_frac": []}
+    stats: dict[str, list[float]] = {}
     for _ in range(cfg.epochs):
         order = torch.randperm(b, generator=generator, device=rollout.rewards.device)
         for start in range(0, b, size):
             envs = order[start:start + size]
-            batch = rollout.select(envs)
-            out = replay(team, batch)
-            logp, entropy = log_probs(out.logits, batch.actions)
-            log_ratio = logp - batch.logprobs
-            ratio = log_ratio.exp()
-            adv = advantages[:, envs]
-            adv = (adv - adv.mean(dim=(0, 1))) / (adv.std(dim=(0, 1)) + 1e-8)
-            pg = torch.max(-adv * ratio,
-                           -adv * ratio.clamp(1 - cfg.clip_coef, 1 + cfg.clip_coef))
-            v_loss = 0.5 * (out.values - targets[:, envs]) ** 2
-            per_agent = (pg.mean(dim=(0, 1)) + cfg.vf_coef * v_loss.mean(dim=(0, 1))
-                         - cfg.ent_coef * entropy.mean(dim=(0, 1)))
-            loss = per_agent.sum() + cfg.graph_cost * team.comm.route_strength().sum()
+            part = Targets(targets.advantages[:, envs], targets.returns[:, envs])
+            loss, out, batch_stats = ppo_loss(team, rollout.select(envs), part, cfg)
+            if feedback is not None:
+                loss = loss + (out.messages * feedback[:, envs]).sum() / len(envs)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             nn.utils.clip_grad_norm_(team.parameters(), cfg.max_grad_norm)
             optimizer.step()
-            with torch.no_grad():
-                stats["policy_loss"].append(pg.mean().item())
-                stats["value_loss"].append(v_loss.mean().item())
-                stats["entropy"].append(entropy.mean().item())
-                stats["approx_kl"].append(((ratio - 1) - log_ratio).mean().item())
-                stats["clip_frac"].append(((ratio - 1).abs() > cfg.clip_coef).float().mean().item())
+            for k, v in batch_stats.items():
+                stats.setdefault(k, []).append(v.item())
     return {k: sum(v) / len(v) for k, v in stats.items()}

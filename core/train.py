@@ -15,7 +15,7 @@ import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from fedcomm.clients.importance import communication_importance
-from fedcomm.clients.ppo import PPOConfig, ValueNorm, ppo_update
+from fedcomm.clients.ppo import PPOConfig, ValueNorm, compute_targets, ppo_update
 from fedcomm.clients.rollout import collect
 from fedcomm.clients.team import Team, TeamConfig
 from fedcomm.clients.transport import LocalTransport
@@ -85,7 +85,8 @@ def train(cfg: TrainConfig, out: str | Path, progress: bool = True) -> TrainResu
                 group["lr"] = lr
             rollout = collect(team, transport, seed=cfg.seed * 1_000_000 + it,
                               generator=generator)
-            stats = ppo_update(team, optimizer, rollout, cfg.ppo, value_norm, generator)
+            targets = compute_targets(rollout, cfg.ppo, value_norm)
+            stats = ppo_update(team, optimizer, rollout, cfg.ppo, targets, generator)
             train_time += time.perf_counter() - t0
             row = {"iteration": it, "env_steps": it * per_iter,
                    "agent_steps": it * per_iter * env.spec.n_agents,

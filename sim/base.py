@@ -60,17 +60,18 @@ class EnvSpec:
             s += t.count
         return tuple(starts)
 
-    def select(self, per_type: list[Tensor], agents: tuple[int, ...]) -> list[Tensor]:
-        """Keep only ``agents``' entries of per-type tensors (agent dim 1), dropping empty types.
-
-        This is how each party gets its own observations and nothing else.
+    def select(self, per_type: list[Tensor], agents: tuple[int, ...], dim: int = 1
+               ) -> list[Tensor]:
+        """Keep only ``agents``' entries of per-type tensors (agent axis ``dim``), dropping the
+        types none of them has. This is how each party gets its own observations, nothing else.
         """
         starts = self.type_starts()
         out = []
         for k, x in enumerate(per_type):
             rows = [i - starts[k] for i in agents if self.type_of_agent[i] == k]
             if rows:
-                out.append(x if len(rows) == x.shape[1] else x[:, rows])
+                index = torch.tensor(rows, device=x.device)
+                out.append(x if len(rows) == x.shape[dim] else x.index_select(dim, index))
         return out
 
     def to_dict(self) -> dict:
