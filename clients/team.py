@@ -33,13 +33,19 @@ class TeamConfig:
     recurrent: bool = False
     clip: float = 1.0  # C: every knowledge vector is clipped to this L2 norm
     noise_multiplier: float = 0.5  # sigma: channel noise std is sigma * C per coordinate
+    # Feedback gradients a receiver releases in federated training: clipped per episode to this
+    # norm, noised with this multiplier.
+    feedback_clip: float = 1.0
+    feedback_noise_multiplier: float = 0.5
     communicate: bool = True  # False delivers nothing: the no-communication ablation
     prune_threshold: float = 0.3  # routes whose strength falls below this are not sent
     graph_init: float = 1.0  # initial route logit (strength sigmoid(1) = 0.73)
 
     def __post_init__(self) -> None:
-        if self.clip <= 0 or self.noise_multiplier < 0:
-            raise ValueError("clip must be positive and noise_multiplier non-negative")
+        if min(self.clip, self.feedback_clip) <= 0:
+            raise ValueError("clip norms must be positive")
+        if min(self.noise_multiplier, self.feedback_noise_multiplier) < 0:
+            raise ValueError("noise multipliers must be non-negative")
         if self.hidden < 1 or self.comm_dim < 1:
             raise ValueError("hidden and comm_dim must be positive")
 

@@ -137,6 +137,152 @@ def _run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- fedcomm sim serve / sim tokens ----------------------------------------------------------
+def _add_env_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--env", default="factory", help="environment (default: %(default)s)")
+    p.add_argument("--env-opt", type=_key_value, action="append", default=[], metavar="K=V",
+                   help="environment option (repeatable)")
+
+
+def _add_sim(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("sim", help="the simulator: the joint environment and the router")
+    sim = p.add_subparsers(dest="sim_command", required=True)
+    s = sim.add_parser("serve", help="serve the joint environment over gRPC",
+                       description="Host the fedcomm.v1 JointEnvironment service: agents join "
+                       "episode batches, step them over a stream, and exchange DIAL feedback.")
+    _add_env_args(s)
+    s.add_argument("--num-envs", type=int, default=256, help="parallel environments per batch")
+    s.add_argument("--seed", type=int, default=0, help="round r resets with seed + r")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=50051, help="0 picks a free port")
+    s.add_argument("--port-file", type=Path, help="write the bound port here once serving")
+    s.add_argument("--tokens", type=Path, required=True,
+                   help="JSON {agent_id: token} (see `fedcomm sim tokens`)")
+    s.add_argument("--run-id", default="fedcomm")
+    s.add_argument("--tls-cert", type=Path, help="server certificate (PEM): enables TLS")
+    s.add_argument("--tls-key", type=Path, help="server private key (PEM)")
+    s.add_argument("--tls-client-ca", type=Path, help="require client certificates from this CA")
+    s.add_argument("--join-timeout", type=float, default=60.0)
+    s.add_argument("--step-timeout", type=float, default=30.0)
+    s.add_argument("--feedback-timeout", type=float, default=60.0)
+    s.add_argument("--max-message-mb", type=float, default=64.0)
+    s.set_defaults(func=_run_sim_serve)
+    t = sim.add_parser("tokens", help="write a fresh token per agent of an environment")
+    _add_env_args(t)
+    t.add_argument("--out", type=Path, required=True)
+    t.set_defaults(func=_run_sim_tokens)
+
+
+def _env_spec(args: argparse.Namespace):
+    from fedcomm.sim.registry import make_env
+
+    return make_env(args.env, 1, **dict(args.env_opt)).spec
+
+
+def _run_sim_tokens(args: argparse.Namespace) -> int:
+    from fedcomm.protocol.auth import generate_tokens, write_tokens
+
+    spec = _env_spec(args)
+    write_tokens(args.out, generate_tokens(spec.agent_ids))
+    console.print(f"wrote tokens for {', '.join(spec.agent_ids)} to {args.out}")
+    return 0
+
+
+def _run_sim_serve(args: argparse.Namespace) -> int:
+    import logging
+
+    from rich.logging import RichHandler
+
+    from fedcomm.protocol.auth import read_tokens
+    from fedcomm.sim.serve import ServerTls, serve_forever
+    from fedcomm.sim.service import SimConfig
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s",
+                        handlers=[RichHandler(console=console, show_path=False)])
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise ValueError("TLS needs both --tls-cert and --tls-key")
+    if args.tls_client_ca and not args.tls_cert:
+        raise ValueError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
+    tls = ServerTls(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None
+    cfg = SimConfig(env=args.env, env_kwargs=dict(args.env_opt), num_envs=args.num_envs,
+                    seed=args.seed, run_id=args.run_id, tokens=read_tokens(args.tokens),
+                    join_timeout=args.join_timeout, step_timeout=args.step_timeout,
+                    feedback_timeout=args.feedback_timeout,
+                    max_message_bytes=int(args.max_message_mb * 2**20))
+
+    def announce(port: int) -> None:
+        if args.port_file:
+            args.port_file.write_text(str(port))
+        console.print(f"[bold]fedcomm sim[/] serving {cfg.env} x {cfg.num_envs} on "
+                      f"{args.host}:{port} ({'TLS' if tls else 'insecure'}"
+                      f"{', mutual' if args.tls_client_ca else ''})")
+
+    serve_forever(cfg, args.host, args.port, tls, on_start=announce)
+    return 0
+
+
+# -- fedcomm agent ----------------------------------------------------------------------------
+def _add_agent(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("agent", help="run one agent against a simulator over gRPC",
+                       description="Load an agent's model, then per round: join the episode "
+                       "batch, step it, exchange DIAL feedback, update locally.")
+    p.add_argument("--sim", required=True, help="simulator address HOST:PORT")
+    p.add_argument("--agent-id", required=True)
+    auth = p.add_mutually_exclusive_group(required=True)
+    auth.add_argument("--token", help="this agent's token")
+    auth.add_argument("--tokens", type=Path, help="token file; the agent's entry is used")
+    p.add_argument("--checkpoint", type=Path, required=True,
+                   help="team.pt (or a run directory) holding this agent's model")
+    p.add_argument("--rounds", type=int, default=1)
+    p.add_argument("--no-update", action="store_true", help="roll out and exchange only")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tls-ca", type=Path, help="CA of the simulator's certificate: enables TLS")
+    p.add_argument("--tls-cert", type=Path, help="client certificate (mutual TLS)")
+    p.add_argument("--tls-key", type=Path, help="client private key (mutual TLS)")
+    p.add_argument("--dump", type=Path, help="write each round's data here (for audits, tests)")
+    p.add_argument("--save", type=Path, help="write the updated model here")
+    p.set_defaults(func=_run_agent)
+
+
+def _run_agent(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    import torch
+
+    from fedcomm.clients.grpc_transport import ClientTls, GrpcTransport
+    from fedcomm.clients.party import Party
+    from fedcomm.protocol.auth import read_tokens
+    from fedcomm.runs import load_team, save_team
+
+    team = load_team(args.checkpoint)
+    if args.agent_id not in team.spec.agent_ids:
+        raise ValueError(f"the checkpoint's {team.spec.name} has no agent {args.agent_id!r}")
+    index = team.spec.agent_ids.index(args.agent_id)
+    party_team = team.subteam([index]) if team.agents != (index,) else team
+    token = args.token or read_tokens(args.tokens).get(args.agent_id)
+    if not token:
+        raise ValueError(f"no token for {args.agent_id} in {args.tokens}")
+    tls = ClientTls(args.tls_ca, args.tls_cert, args.tls_key) if args.tls_ca else None
+    transport = GrpcTransport(args.sim, team.spec, args.agent_id, token, team.cfg, tls)
+    party = Party(party_team, transport, seed=args.seed)
+    try:
+        for r in range(args.rounds):
+            record = party.run_round(update=not args.no_update)
+            console.print(f"{args.agent_id} round {transport.round}: return "
+                          f"{record.stats['return_mean']:.3f}")
+            if args.dump:
+                args.dump.mkdir(parents=True, exist_ok=True)
+                torch.save({"rollout": asdict(record.rollout), "sent": record.sent,
+                            "senders": record.senders, "received": record.received,
+                            "round": transport.round, "index": r},
+                           args.dump / f"{args.agent_id}-{r}.pt")
+    finally:
+        transport.close()
+    if args.save:
+        save_team(party_team, args.save)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedcomm", description=__doc__)
     parser.add_argument("--version", action="version",
@@ -144,6 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_train(sub)
     _add_eval(sub)
+    _add_sim(sub)
+    _add_agent(sub)
     return parser
 
 
@@ -151,7 +299,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, OSError) as e:
         console.print(f"[red]error:[/] {e}", soft_wrap=True, highlight=False)
         return 2
     except KeyboardInterrupt:

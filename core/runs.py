@@ -61,14 +61,20 @@ class RunDir:
         return json.loads((self.path / "summary.json").read_text())
 
     def save_team(self, team: Team, extra: dict | None = None) -> None:
-        torch.save({**team.save_config(), "state_dict": team.state_dict(), **(extra or {})},
-                   self.path / CHECKPOINT)
+        save_team(team, self.path / CHECKPOINT, extra)
 
 
-def load_team(run_dir: str | Path) -> Team:
-    path = Path(run_dir) / CHECKPOINT
+def save_team(team: Team, path: str | Path, extra: dict | None = None) -> None:
+    torch.save({**team.save_config(), "state_dict": team.state_dict(), **(extra or {})}, path)
+
+
+def load_team(source: str | Path) -> Team:
+    """A team from a checkpoint file or a run directory holding one."""
+    path = Path(source)
+    if path.is_dir() or not path.suffix:
+        path = path / CHECKPOINT
     if not path.exists():
-        raise FileNotFoundError(f"no checkpoint at {path}: is {run_dir} a fedcomm run directory?")
+        raise FileNotFoundError(f"no checkpoint at {path}: is {source} a fedcomm run directory?")
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     team = Team(EnvSpec.from_dict(ckpt["spec"]), TeamConfig(**ckpt["team"]), ckpt["agents"])
     team.load_state_dict(ckpt["state_dict"])
