@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import queue
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,9 +49,11 @@ class ClientTls:
 
 
 class GrpcTransport(Transport):
+    """``timeout`` bounds every call in seconds, an episode batch's whole step stream included."""
+
     def __init__(self, target: str, spec: EnvSpec, agent_id: str, token: str,
                  team_cfg: TeamConfig, tls: ClientTls | None = None, run_id: str | None = None,
-                 timeout: float = 120.0, max_message_bytes: int = 64 * 2**20) -> None:
+                 timeout: float = 600.0, max_message_bytes: int = 64 * 2**20) -> None:
         if agent_id not in spec.agent_ids:
             raise ValueError(f"no agent {agent_id!r} in {spec.name}")
         options = message_options(max_message_bytes)
@@ -67,6 +70,7 @@ class GrpcTransport(Transport):
                                      noise_multiplier=team_cfg.noise_multiplier)
         self.feedback_dp = pb.DpParams(clip_norm=team_cfg.feedback_clip,
                                        noise_multiplier=team_cfg.feedback_noise_multiplier)
+        self.wire_bytes: Counter[str] = Counter()  # protobuf bytes per direction and kind
         info = self._call(self.stub.Describe, pb.DescribeRequest())
         self._check_describes(info)
         self.run_id = run_id or info.run_id
@@ -75,6 +79,7 @@ class GrpcTransport(Transport):
         self._requests: queue.Queue | None = None
         self._responses = None
         self._last_obs: Obs = []
+        self._speaks = True
 
     def _check_describes(self, info: pb.SimInfo) -> None:
         served = [a.agent_id for a in info.agents]
@@ -85,10 +90,14 @@ class GrpcTransport(Transport):
 
     # -- plumbing --------------------------------------------------------------------------
     def _call(self, method, request, timeout: float | None = None):
+        name = type(request).__name__
+        self.wire_bytes[f"sent {name}"] += request.ByteSize()
         try:
-            return method(request, metadata=self.metadata, timeout=timeout or self.timeout)
+            reply = method(request, metadata=self.metadata, timeout=timeout or self.timeout)
         except grpc.RpcError as e:
             raise TransportError.of(e) from None
+        self.wire_bytes[f"received {type(reply).__name__}"] += reply.ByteSize()
+        return reply
 
     def _header(self, step: int) -> pb.Header:
         self.seq += 1
@@ -97,6 +106,7 @@ class GrpcTransport(Transport):
 
     def _send(self, frame: pb.AgentFrame) -> None:
         assert self._requests is not None, "reset the transport first"
+        self.wire_bytes[f"sent {frame.WhichOneof('body')}"] += frame.ByteSize()
         self._requests.put(frame)
 
     def _receive(self, expected: str) -> pb.SimFrame:
@@ -107,6 +117,7 @@ class GrpcTransport(Transport):
         except StopIteration:
             raise BatchTruncated("the simulator closed the step stream") from None
         body = frame.WhichOneof("body")
+        self.wire_bytes[f"received {body}"] += frame.ByteSize()
         if body == "end" and frame.end.truncated:
             self._close_stream()
             raise BatchTruncated(frame.end.reason)
@@ -132,19 +143,22 @@ class GrpcTransport(Transport):
         self._close_stream()
         info = self._call(self.stub.Describe, pb.DescribeRequest())
         self.round, self.t, self.seq = info.round, 0, 0
+        self._speaks = bool(routes[self.spec.type_of_agent[self.index]].any())
         join = pb.JoinRequest(
             header=self._header(0), agent_type=self.kind.name, obs_dim=self.kind.obs_dim,
             n_actions=self.kind.n_actions, comm_dim=self.comm_dim, vector_dp=self.vector_dp,
             feedback_dp=self.feedback_dp, routes=encode(routes.to(torch.bool).contiguous()))
         self._call(self.stub.Join, join)
         self._requests = queue.Queue()
-        self._responses = self.stub.Step(iter(self._requests.get, None), metadata=self.metadata)
+        self._responses = self.stub.Step(iter(self._requests.get, None), metadata=self.metadata,
+                                         timeout=self.timeout)
         self._last_obs = self._obs(self._receive("observation").observation)
         return self._last_obs
 
     def exchange(self, vectors: Tensor) -> tuple[Tensor | None, Tensor]:
-        msg = pb.KnowledgeVector(header=self._header(self.t), dp=self.vector_dp,
-                                 vector=encode(vectors[:, 0].contiguous()))
+        msg = pb.KnowledgeVector(header=self._header(self.t), dp=self.vector_dp)
+        if self._speaks:  # an agent whose every route is pruned releases nothing
+            msg.vector.CopyFrom(encode(vectors[:, 0].contiguous()))
         self._send(pb.AgentFrame(vector=msg))
         routed = self._receive("routed").routed
         senders = torch.tensor(list(routed.senders), dtype=torch.long)

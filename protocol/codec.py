@@ -44,7 +44,8 @@ def encode(t: Tensor) -> pb.Tensor:
 def decode(msg: pb.Tensor, what: str, dtype: int, shape: tuple[int | None, ...]) -> Tensor:
     """Check and decode a tensor; ``None`` in ``shape`` accepts any size along that axis."""
     if msg.dtype != dtype:
-        raise invalid(f"{what}: dtype {pb.DType.Name(msg.dtype)}, expected {pb.DType.Name(dtype)}")
+        got = pb.DType.Name(msg.dtype) if msg.dtype in pb.DType.values() else msg.dtype
+        raise invalid(f"{what}: dtype {got}, expected {pb.DType.Name(dtype)}")
     got = tuple(msg.shape)
     if len(got) != len(shape) or any(e is not None and g != e for g, e in zip(got, shape)):
         want = ", ".join("*" if e is None else str(e) for e in shape)

@@ -41,7 +41,9 @@ def delivery_mask(type_of_agent: Tensor, routes: Tensor, messages: Tensor | None
     if bandwidth is not None and bandwidth < n:
         if messages is None:
             raise ValueError("a bandwidth limit needs the messages to rank senders")
-        top = priority(messages).topk(bandwidth, dim=-1).indices  # [B, bandwidth]
+        # Rank only senders some kept route leaves from: the others would waste a slot.
+        scores = priority(messages).masked_fill(~allowed.any(dim=0), -1.0)
+        top = scores.topk(bandwidth, dim=-1).indices  # [B, bandwidth]
         selected = torch.zeros(messages.shape[:-1], dtype=torch.bool, device=messages.device)
         selected.scatter_(-1, top, True)
         mask = mask & selected[:, None, :]

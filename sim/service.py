@@ -24,6 +24,7 @@ from enum import Enum
 
 import grpc
 import torch
+from google.protobuf.message import DecodeError
 from torch import Tensor
 
 from fedcomm.protocol.auth import claimed_identity, token_matches
@@ -203,7 +204,7 @@ class JointEnvironmentService(pb_grpc.JointEnvironmentServicer):
             await context.abort(e.code, e.message)
         try:
             await asyncio.wait_for(rnd.joined.wait(), self.cfg.join_timeout)
-        except TimeoutError:
+        except asyncio.TimeoutError:  # not yet TimeoutError on Python 3.10
             missing = [self.spec.agent_ids[i] for i in range(self.spec.n_agents)
                        if i not in rnd.slots]
             rnd.fail(f"round {rnd.number}: join barrier timed out after "
@@ -212,6 +213,8 @@ class JointEnvironmentService(pb_grpc.JointEnvironmentServicer):
         except asyncio.CancelledError:
             if rnd.phase is Phase.JOINING:
                 rnd.slots.pop(index, None)  # the caller left; it may join again
+                if not rnd.slots:  # and nobody is left who agreed to the round's terms
+                    rnd.routes = None
             raise
         if rnd.failure is not None:
             await context.abort(rnd.failure_code, rnd.failure)
@@ -246,6 +249,8 @@ class JointEnvironmentService(pb_grpc.JointEnvironmentServicer):
         if number <= self.started:
             raise ProtocolError(FAILED, f"round {number} already ran; the next round is "
                                         f"{self.started + 1} or later")
+        if number >= 2**32 - 1:  # rounds are uint32 on the wire: the next one needs a number
+            raise invalid(f"round {number} leaves no number for the round after it")
         if cur is not None and cur.phase is Phase.FEEDBACK:
             cur.fail(f"round {number} began before round {cur.number}'s feedback completed")
         self.round = Round(number, self.spec.n_agents)
@@ -309,7 +314,9 @@ class JointEnvironmentService(pb_grpc.JointEnvironmentServicer):
             await slot.inbox.put(_Left("it closed its step stream"))
         except asyncio.CancelledError:
             raise
-        except Exception as e:  # a broken or oversized frame ends the stream
+        except DecodeError as e:  # the sender broke the protocol: its call gets the status
+            await slot.inbox.put(invalid(f"cannot parse the frame: {e}"))
+        except Exception as e:  # any other failure ends the stream
             await slot.inbox.put(_Left(f"its stream failed: {e}"))
 
     # -- the driver: one episode batch ----------------------------------------------------
@@ -345,7 +352,7 @@ class JointEnvironmentService(pb_grpc.JointEnvironmentServicer):
         waits = [s.streaming.wait() for s in rnd.slots.values()]
         try:
             await asyncio.wait_for(asyncio.gather(*waits), self.cfg.join_timeout)
-        except TimeoutError:
+        except asyncio.TimeoutError:
             missing = [s.agent_id for s in rnd.slots.values() if not s.streaming.is_set()]
             raise Truncate(f"{', '.join(missing)} never opened a step stream") from None
 
@@ -368,12 +375,14 @@ class JointEnvironmentService(pb_grpc.JointEnvironmentServicer):
             try:
                 item = await asyncio.wait_for(slot.inbox.get(),
                                               max(0.0, deadline - time.monotonic()))
-            except TimeoutError:
+            except asyncio.TimeoutError:
                 raise Truncate(f"{slot.agent_id} did not answer within "
                                f"{self.cfg.step_timeout:g} s at step {t}") from None
             if isinstance(item, _Left):
                 raise Truncate(f"{slot.agent_id} left at step {t}: {item.why}")
             try:
+                if isinstance(item, ProtocolError):  # the frame did not parse
+                    raise item
                 out[slot.index] = self._check_frame(rnd, slot, t, kind, item)
             except ProtocolError as e:
                 raise Truncate(f"{slot.agent_id} sent an invalid message at step {t}: "
@@ -391,6 +400,12 @@ class JointEnvironmentService(pb_grpc.JointEnvironmentServicer):
         b = self.cfg.num_envs
         if kind == "vector":
             self._same_dp(msg.dp, rnd.vector_dp, "the vector")
+            speaks = bool(rnd.routes[self.spec.type_of_agent[slot.index]].any())
+            if msg.HasField("vector") != speaks:
+                raise invalid("every route from this agent's type is pruned: send no vector"
+                              if not speaks else "the knowledge vector is missing")
+            if not speaks:  # nothing released, nothing routed
+                return torch.zeros(b, rnd.comm_dim)
             vector = decode(msg.vector, "vector", pb.FLOAT32, (b, rnd.comm_dim))
             check_norms(vector, "vector", msg.dp, row_dims=1)
             return vector
@@ -448,7 +463,7 @@ class JointEnvironmentService(pb_grpc.JointEnvironmentServicer):
             await context.abort(e.code, e.message)
         try:
             await asyncio.wait_for(rnd.feedback_done.wait(), self.cfg.feedback_timeout)
-        except TimeoutError:
+        except asyncio.TimeoutError:
             missing = [self.spec.agent_ids[i] for i in rnd.slots if i not in rnd.feedback]
             rnd.fail(f"round {rnd.number}: feedback timed out, missing {', '.join(missing)}",
                      grpc.StatusCode.DEADLINE_EXCEEDED)

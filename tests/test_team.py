@@ -108,6 +108,12 @@ def test_router_skips_pruned_routes_self_routes_and_respects_bandwidth():
     with pytest.raises(ValueError, match="bandwidth"):
         delivery_mask(types, routes, None, bandwidth=1)
 
+    # A sender with no kept route takes no slot, however loudly it claims the channel.
+    mute = torch.ones(3, 3, dtype=torch.bool)
+    mute[1] = False  # the loudest sender, agent 2, is of type 1
+    one = delivery_mask(types, mute, messages, bandwidth=1)
+    assert torch.equal(one[:, 0].any(0), torch.tensor([False, True, False, False]))
+
 
 def test_group_linear_matches_separate_linears():
     torch.manual_seed(0)
