@@ -197,9 +197,9 @@ class JointEnvironmentService(pb_grpc.JointEnvironmentServicer):
             self._check_header(request.header, index)
             if request.header.seq != 1:
                 raise invalid(f"a join carries sequence number 1, got {request.header.seq}")
-            self._check_join(request, index)
+            routes = self._check_join(request, index)
             rnd = self._round_for(request.header.round)
-            self._admit(rnd, index, request)
+            self._admit(rnd, index, request, routes)
         except ProtocolError as e:
             await context.abort(e.code, e.message)
         try:
@@ -223,7 +223,8 @@ class JointEnvironmentService(pb_grpc.JointEnvironmentServicer):
                             episode_length=self.spec.episode_length,
                             bandwidth=self.spec.bandwidth or 0)
 
-    def _check_join(self, request: pb.JoinRequest, index: int) -> None:
+    def _check_join(self, request: pb.JoinRequest, index: int) -> Tensor:
+        """The join's declarations match the agent; returns the routes it declares."""
         kind = self.spec.types[self.spec.type_of_agent[index]]
         declared = (request.agent_type, request.obs_dim, request.n_actions)
         if declared != (kind.name, kind.obs_dim, kind.n_actions):
@@ -235,7 +236,7 @@ class JointEnvironmentService(pb_grpc.JointEnvironmentServicer):
         self._check_dp(request.vector_dp, "vector_dp")
         self._check_dp(request.feedback_dp, "feedback_dp")
         k = len(self.spec.types)
-        decode(request.routes, "routes", pb.BOOL, (k, k))
+        return decode(request.routes, "routes", pb.BOOL, (k, k))
 
     def _round_for(self, number: int) -> Round:
         cur = self.round
@@ -256,12 +257,10 @@ class JointEnvironmentService(pb_grpc.JointEnvironmentServicer):
         self.round = Round(number, self.spec.n_agents)
         return self.round
 
-    def _admit(self, rnd: Round, index: int, request: pb.JoinRequest) -> None:
+    def _admit(self, rnd: Round, index: int, request: pb.JoinRequest, routes: Tensor) -> None:
         if index in rnd.slots:
             raise ProtocolError(grpc.StatusCode.ALREADY_EXISTS,
                                 f"{self.spec.agent_ids[index]} already joined round {rnd.number}")
-        k = len(self.spec.types)
-        routes = decode(request.routes, "routes", pb.BOOL, (k, k))
         if rnd.routes is None:  # the first agent sets the round's terms; the others must agree
             rnd.routes, rnd.comm_dim = routes, request.comm_dim
             rnd.vector_dp, rnd.feedback_dp = request.vector_dp, request.feedback_dp
