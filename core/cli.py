@@ -9,9 +9,13 @@ import time
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.table import Table
+
+if TYPE_CHECKING:
+    from fedcomm.train import TrainConfig
 
 console = Console(stderr=True)
 
@@ -30,16 +34,20 @@ def _default_out(env: str) -> Path:
     return Path("runs") / f"{env.replace(':', '-')}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
+def _add_env_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--env", default="factory",
+                   help="factory, speaker_listener, platoon, mpe2:<name> (default: %(default)s)")
+    p.add_argument("--env-opt", type=_key_value, action="append", default=[], metavar="K=V",
+                   help="environment option, e.g. --env-opt n_actuators=4 (repeatable)")
+
+
 # -- fedcomm train ----------------------------------------------------------------------------
 def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="centralized reference trainer (all agents, one graph)",
                        description="Train every agent in one process with PPO and gradients "
                        "through the channel; write a run directory with metrics, summary, "
                        "checkpoint and plots.")
-    p.add_argument("--env", default="factory",
-                   help="factory, speaker_listener, platoon (default: %(default)s, 3 agent types)")
-    p.add_argument("--env-opt", type=_key_value, action="append", default=[], metavar="K=V",
-                   help="environment option, e.g. --env-opt n_actuators=4 (repeatable)")
+    _add_env_args(p)
     p.add_argument("--out", type=Path, help="run directory (default: runs/<env>-<time>)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-envs", type=int, help="parallel environments per iteration")
@@ -60,7 +68,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run_train)
 
 
-def train_config_from_args(args: argparse.Namespace):
+def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
     from fedcomm.presets import preset
 
     cfg = preset(args.env)
@@ -138,12 +146,6 @@ def _run_eval(args: argparse.Namespace) -> int:
 
 
 # -- fedcomm sim serve / sim tokens ----------------------------------------------------------
-def _add_env_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--env", default="factory", help="environment (default: %(default)s)")
-    p.add_argument("--env-opt", type=_key_value, action="append", default=[], metavar="K=V",
-                   help="environment option (repeatable)")
-
-
 def _add_sim(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("sim", help="the simulator: the joint environment and the router")
     sim = p.add_subparsers(dest="sim_command", required=True)

@@ -78,13 +78,7 @@ def run_scripted(env: VecEnv, policy: Scripted, seed: int) -> torch.Tensor:
     total = torch.zeros(env.num_envs, device=env.device)
     done = False
     while not done:
-        if policy == "oracle":
-            actions = env.oracle_actions()
-        elif policy == "no_comm":
-            actions = env.no_comm_actions(obs)
-        else:
-            actions = env.random_actions(generator)
-        step = env.step(actions)
+        step = env.step(env.scripted_actions(policy, obs, generator))
         total += step.reward.mean(dim=1)
         obs, done = step.obs, step.done
     return total

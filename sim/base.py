@@ -129,6 +129,17 @@ class VecEnv(ABC):
     def no_comm_actions(self, obs: Obs) -> Actions:
         """A scripted team in which each agent acts on its own observation only."""
 
+    def scripted_actions(self, policy: str, obs: Obs,
+                         generator: torch.Generator | None = None) -> Actions:
+        """A scripted reference team's actions: ``oracle``, ``no_comm`` or ``random``."""
+        if policy == "oracle":
+            return self.oracle_actions()
+        if policy == "no_comm":
+            return self.no_comm_actions(obs)
+        if policy == "random":
+            return self.random_actions(generator)
+        raise ValueError(f"no scripted team {policy!r}: use oracle, no_comm or random")
+
     def random_actions(self, generator: torch.Generator | None = None) -> Actions:
         return [
             torch.randint(t.n_actions, (self.num_envs, t.count), generator=generator,

@@ -14,13 +14,7 @@ def rollout(env: VecEnv, seed: int, policy: str) -> tuple[list, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed + 1)
     seen, rewards, done = [obs], [], False
     while not done:
-        if policy == "oracle":
-            actions = env.oracle_actions()
-        elif policy == "no_comm":
-            actions = env.no_comm_actions(obs)
-        else:
-            actions = env.random_actions(gen)
-        step = env.step(actions)
+        step = env.step(env.scripted_actions(policy, obs, gen))
         obs, done = step.obs, step.done
         seen.append(obs)
         rewards.append(step.reward)
