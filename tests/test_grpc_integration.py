@@ -26,7 +26,7 @@ def test_three_agent_processes_match_the_in_process_trainer(tmp_path, sim_proces
     save_team(whole, tmp_path / "team.pt")
     tokens = tmp_path / "tokens.json"
     env_opts = [a for opt in FACTORY for a in ("--env-opt", opt)]
-    finish([fedcomm("sim", "tokens", "--env", "factory", *env_opts, "--out", str(tokens))])
+    list(finish([fedcomm("sim", "tokens", "--env", "factory", *env_opts, "--out", str(tokens))]))
     address = sim_process("--env", "factory", *env_opts, "--num-envs", str(NUM_ENVS),
                           "--tokens", str(tokens), "--seed", "7")
 
