@@ -1,0 +1,278 @@
+"""Independent re-verification of a privacy report.
+
+:func:`audit` trusts nothing in the report that it can recompute. It checks
+
+1. the report's schema and that ``run.config_hash`` is the hash of ``run.config``;
+2. each ledger (found relative to the report's folder): its hash chain, and that its entry
+   count and final hash are the ones the report states;
+3. every ledger entry against the run: agent, config hash, unit, that its mechanism is
+   declared and its parameters and relation are the declared ones, that its parameters are
+   valid and that its sensitivity is at least what its relation requires of the clip norm;
+4. every epsilon, recomputed *from the raw ledger entries* with an independent accountant:
+   dp-accounting's ``PLDAccountant`` fed with ``DpEvent``\\ s built here from
+   ``std = noise_multiplier * clip`` and the entry's sensitivity (``ADD_OR_REMOVE_ONE`` with
+   ``z = std / sensitivity``; ``REPLACE_ONE`` with ``z = std / (sensitivity / 2)`` when a
+   replace-one composition holds Poisson-sampled releases). A reported epsilon below that
+   value by more than the tolerance (``rel_tol * value + abs_tol``) is an under-claim and
+   fails;
+5. every number of each agent's section, recomputed with the report's own accountant: a
+   difference above ``2e-6`` (the rounding) fails and names the field;
+6. that no agent exceeds its budget and that the verdict follows from the agents.
+
+Each failure names where it is: ``file:line:field`` for a ledger, ``file:dotted.path`` for
+the report.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import dp_accounting
+from dp_accounting.pld import pld_privacy_accountant
+
+from .events import RELATION_FACTOR
+from .ledger import LedgerError, config_hash, read_ledger, release_from_entry, verify_chain
+from .report import REPORT_NAME, SCHEMA, agent_section, run_info_from_report, verdict
+
+REL_TOL = 1e-2
+ABS_TOL = 1e-3
+AGREEMENT_TOL = 2e-6
+PARAMETERS = ("noise_multiplier", "clip", "sensitivity", "sample_rate")
+
+
+@dataclass(frozen=True)
+class AuditFailure:
+    """One failed check and where it is (``file:line:field`` or ``file:dotted.path``)."""
+
+    where: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.where}: {self.message}"
+
+
+@dataclass
+class AuditResult:
+    """Outcome of :func:`audit`; ``ok`` is true when there are no failures.
+
+    ``independent`` holds the recomputed PLD epsilons, by agent, of each mechanism and of the
+    composition (key ``"composed"``).
+    """
+
+    failures: list[AuditFailure] = field(default_factory=list)
+    independent: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+    def fail(self, where: str, message: str) -> None:
+        self.failures.append(AuditFailure(where, message))
+
+
+def independent_epsilon(entries: Sequence[Mapping[str, Any]], relation: str, delta: float,
+                        value_discretization_interval: float = 1e-3) -> float:
+    """Epsilon of the composition of raw ledger ``entries`` under ``relation`` by dp-accounting.
+
+    Entries recorded under another relation are rescaled to ``relation`` (their sensitivity
+    times 2 from add/remove to replace-one, times 1/2 the other way).
+    """
+    groups: dict[tuple[float, float], int] = {}
+    for e in entries:
+        std = e["noise_multiplier"] * e["clip"]
+        if std == 0:
+            return math.inf
+        sensitivity = e["sensitivity"] * RELATION_FACTOR[relation] / RELATION_FACTOR[e["relation"]]
+        key = (std / sensitivity, e["sample_rate"])
+        groups[key] = groups.get(key, 0) + e["count"]
+    if not groups:
+        return 0.0
+    return _pld_epsilon(tuple(sorted(groups.items())), relation, delta,
+                        value_discretization_interval)
+
+
+@functools.lru_cache(maxsize=1024)
+def _pld_epsilon(groups: tuple[tuple[tuple[float, float], int], ...], relation: str,
+                 delta: float, interval: float) -> float:
+    NR = dp_accounting.NeighboringRelation
+    replace = relation == "replace_one" and any(q < 1 for (_, q), _ in groups)
+    accountant = pld_privacy_accountant.PLDAccountant(
+        NR.REPLACE_ONE if replace else NR.ADD_OR_REMOVE_ONE,
+        value_discretization_interval=interval)
+    for (z, q), count in groups:
+        # Under REPLACE_ONE dp-accounting's noise multiplier is std / (sensitivity / 2).
+        event = dp_accounting.GaussianDpEvent(2 * z if replace else z)
+        if q < 1:
+            event = dp_accounting.PoissonSampledDpEvent(q, event)
+        accountant.compose(event, count)
+    return accountant.get_epsilon(delta)
+
+
+def _load(path: Path | str) -> tuple[Path, dict[str, Any] | None, AuditResult]:
+    path = Path(path)
+    if path.is_dir():
+        path = path / REPORT_NAME
+    result = AuditResult()
+    try:
+        report = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        result.fail(path.name, f"cannot read the report: {exc}")
+        return path, None, result
+    if not isinstance(report, dict) or report.get("schema") != SCHEMA:
+        result.fail(f"{path.name}:schema", f"expected schema {SCHEMA!r}")
+        return path, None, result
+    return path, report, result
+
+
+def audit(report_path: Path | str, *, rel_tol: float = REL_TOL,
+          abs_tol: float = ABS_TOL) -> AuditResult:
+    """Re-verify the report at ``report_path`` (the file, or the run folder holding it)."""
+    path, report, result = _load(report_path)
+    if report is None:
+        return result
+    name = path.name
+    try:
+        run = report["run"]
+        info = run_info_from_report(report)
+        agents = report["agents"]
+    except (KeyError, TypeError, ValueError) as exc:
+        result.fail(f"{name}:run", f"malformed report: {exc!r}")
+        return result
+    if config_hash(run["config"]) != run["config_hash"]:
+        result.fail(f"{name}:run.config_hash", "is not the hash of run.config")
+    for agent, section in agents.items():
+        _audit_agent(result, path, agent, section, report, info, rel_tol, abs_tol)
+    expected = verdict(agents)
+    if report.get("verdict") != expected:
+        result.fail(f"{name}:verdict",
+                    f"is {report.get('verdict')!r}, the agents give {expected!r}")
+    return result
+
+
+def _audit_agent(result: AuditResult, path: Path, agent: str, section: Mapping[str, Any],
+                 report: Mapping[str, Any], info: Any, rel_tol: float, abs_tol: float) -> None:
+    name, run = path.name, report["run"]
+    here = f"{name}:agents.{agent}"
+    ledger_rel = section["ledger"]["path"]
+    try:
+        entries = read_ledger(path.parent / ledger_rel)
+    except (OSError, LedgerError) as exc:
+        result.fail(ledger_rel, f"cannot read the ledger: {exc}")
+        return
+    for problem in verify_chain(entries):
+        line, _, message = problem.partition(": ")
+        result.fail(f"{ledger_rel}:{line.removeprefix('line ')}", message)
+    final = entries[-1]["hash"] if entries else None
+    if section["ledger"]["entries"] != len(entries):
+        result.fail(f"{here}.ledger.entries",
+                    f"report says {section['ledger']['entries']}, the ledger has {len(entries)}")
+    if section["ledger"]["final_hash"] != final:
+        result.fail(f"{here}.ledger.final_hash", "is not the hash of the ledger's last entry")
+    valid = all([_check_entry(result, ledger_rel, n, e, agent, run)
+                 for n, e in enumerate(entries, 1)])
+    if not valid:
+        return
+    _check_independent(result, here, agent, entries, section, run, rel_tol, abs_tol)
+    budget = section["budget"]["epsilon"]
+    rebuilt = agent_section(entries, info, budget, run.get("curve_points", 50))
+    for where, message in _diff(section, {**rebuilt, "ledger": section["ledger"]}, here):
+        result.fail(where, message)
+    if rebuilt["composed"]["epsilon"] > budget:
+        result.fail(f"{here}.composed.epsilon",
+                    f"{rebuilt['composed']['epsilon']} exceeds the budget {budget}")
+
+
+def _check_entry(result: AuditResult, ledger: str, number: int, e: Mapping[str, Any],
+                 agent: str, run: Mapping[str, Any]) -> bool:
+    at = f"{ledger}:{number}"
+    before = len(result.failures)
+    try:
+        release = release_from_entry(e)
+    except (KeyError, TypeError, ValueError) as exc:
+        result.fail(at, f"invalid release: {exc}")
+        return False
+    expected = {"agent": agent, "config_hash": run["config_hash"], "unit": run["unit"]}
+    for key, value in expected.items():
+        if e.get(key) != value:
+            result.fail(f"{at}:{key}", f"is {e.get(key)!r}, the run says {value!r}")
+    declared = run["mechanisms"].get(e["mechanism"])
+    if declared is None:
+        result.fail(f"{at}:mechanism", f"{e['mechanism']!r} is not declared in the run")
+        return False
+    relation = declared.get("relation", run["relation"])
+    if e["relation"] != relation:
+        result.fail(f"{at}:relation", f"is {e['relation']!r}, declared {relation!r}")
+    for key in PARAMETERS:
+        if key in declared:
+            allowed = declared[key] if isinstance(declared[key], list) else [declared[key]]
+            if not any(math.isclose(e[key], a, rel_tol=1e-12) for a in allowed):
+                result.fail(f"{at}:{key}", f"is {e[key]!r}, declared {declared[key]!r}")
+    minimum = RELATION_FACTOR[release.relation] * release.clip
+    if release.sensitivity < minimum * (1 - 1e-12):
+        result.fail(f"{at}:sensitivity", f"{release.sensitivity!r} is below "
+                    f"{minimum!r}, the least a {release.relation} release can have")
+    return len(result.failures) == before
+
+
+def _check_independent(result: AuditResult, here: str, agent: str,
+                       entries: Sequence[Mapping[str, Any]], section: Mapping[str, Any],
+                       run: Mapping[str, Any], rel_tol: float, abs_tol: float) -> None:
+    def worst(selected: list[Mapping[str, Any]], relation: str) -> float:
+        groups: dict[Any, list[Mapping[str, Any]]] = {}
+        for e in selected:
+            groups.setdefault(e["batch"] if run["unit"] == "episode" else None, []).append(e)
+        return max((independent_epsilon(g, relation, run["delta"]) for g in groups.values()),
+                   default=0.0)
+
+    values = result.independent.setdefault(agent, {})
+    claims = [("composed", entries, run["relation"], section["composed"])]
+    for mech, reported in section["mechanisms"].items():
+        mine = [e for e in entries if e["mechanism"] == mech]
+        claims.append((mech, mine, reported["relation"], reported))
+    for key, selected, relation, reported in claims:
+        value = worst(list(selected), relation)
+        values[key] = value
+        field_path = f"{here}.composed" if key == "composed" else f"{here}.mechanisms.{key}"
+        claimed = reported.get("epsilon")
+        if not isinstance(claimed, (int, float)) or claimed < value - (rel_tol * value + abs_tol):
+            result.fail(f"{field_path}.epsilon",
+                        f"under-claim: reported {claimed!r}, independent PLD gives {value:.6f}")
+
+
+def _diff(reported: Any, expected: Any, where: str) -> list[tuple[str, str]]:
+    """Differences between a reported and a recomputed JSON value, by dotted path."""
+    if isinstance(expected, Mapping):
+        if not isinstance(reported, Mapping):
+            return [(where, "is not an object")]
+        out = [(f"{where}.{k}", "missing") for k in expected if k not in reported]
+        out += [(f"{where}.{k}", "unexpected field") for k in reported if k not in expected]
+        for k in expected:
+            if k in reported:
+                out += _diff(reported[k], expected[k], f"{where}.{k}")
+        return out
+    if isinstance(expected, list):
+        if not isinstance(reported, list) or len(reported) != len(expected):
+            return [(where, f"has {_len(reported)} items, recomputed {len(expected)}")]
+        out = []
+        for i, (r, x) in enumerate(zip(reported, expected)):
+            out += _diff(r, x, f"{where}[{i}]")
+        return out
+    numbers = (int, float)
+    if (isinstance(expected, numbers) and not isinstance(expected, bool)
+            and isinstance(reported, numbers) and not isinstance(reported, bool)):
+        if abs(reported - expected) <= AGREEMENT_TOL:
+            return []
+    elif reported == expected:
+        return []
+    return [(where, f"reported {reported!r}, recomputed {expected!r}")]
+
+
+def _len(value: Any) -> str:
+    return str(len(value)) if isinstance(value, list) else "no"
+

@@ -1,0 +1,46 @@
+"""Calibration round trip: the returned noise meets the target, 1% less does not."""
+
+import pytest
+
+from fedcomm.privacy.accountants import make_accountant
+from fedcomm.privacy.calibrate import noise_for_epsilon
+from fedcomm.privacy.events import RELATION_FACTOR, GaussianRelease
+
+SETTINGS = [
+    # (target, delta, sample_rate, count, relation, accountant)
+    (1.0, 1e-5, 1.0, 40, "replace_one", "exact"),
+    (8.0, 1e-5, 1.0, 1, "replace_one", "rdp"),
+    (3.0, 1e-5, 0.01, 1000, "add_remove", "rdp"),
+    (2.0, 1e-6, 1.0, 10, "add_remove", "pld"),
+    (4.0, 1e-5, 0.05, 200, "replace_one", "pld"),
+]
+
+
+@pytest.mark.parametrize(("target", "delta", "q", "count", "relation", "name"), SETTINGS)
+def test_round_trip(target, delta, q, count, relation, name):
+    sigma = noise_for_epsilon(target, delta, sample_rate=q, count=count, relation=relation,
+                              accountant=name)
+    accountant = make_accountant(name)
+
+    def epsilon(s):
+        release = GaussianRelease("m", s, 1.0, RELATION_FACTOR[relation], q, count, relation)
+        return accountant.epsilon([release], delta)
+
+    assert epsilon(sigma) <= target
+    assert epsilon(0.99 * sigma) > target
+    assert sigma == round(sigma, 6)
+
+
+def test_sensitivity_factor_scales_the_noise():
+    base = noise_for_epsilon(2.0, 1e-5, count=5, accountant="exact", relation="add_remove")
+    doubled = noise_for_epsilon(2.0, 1e-5, count=5, accountant="exact", sensitivity_factor=2.0,
+                                relation="add_remove")
+    replace_one = noise_for_epsilon(2.0, 1e-5, count=5, accountant="exact")
+    assert doubled == pytest.approx(2 * base, rel=1e-4)
+    assert replace_one == doubled
+
+
+def test_invalid_target():
+    with pytest.raises(ValueError, match="target_eps"):
+        noise_for_epsilon(0.0, 1e-5)
+    assert noise_for_epsilon(float("inf"), 1e-5) == 0.0
