@@ -147,7 +147,8 @@ class GrpcTransport(Transport):
         join = pb.JoinRequest(
             header=self._header(0), agent_type=self.kind.name, obs_dim=self.kind.obs_dim,
             n_actions=self.kind.n_actions, comm_dim=self.comm_dim, vector_dp=self.vector_dp,
-            feedback_dp=self.feedback_dp, routes=encode(routes.to(torch.bool).contiguous()))
+            feedback_dp=self.feedback_dp, routes=encode(routes.to(torch.bool).contiguous()),
+            seed=seed)
         self._call(self.stub.Join, join)
         self._requests = queue.Queue()
         self._responses = self.stub.Step(iter(self._requests.get, None), metadata=self.metadata,

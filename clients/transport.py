@@ -39,8 +39,9 @@ class Transport(ABC):
     def reset(self, routes: Tensor, seed: int | None = None) -> Obs:
         """Join the next episode batch with this round's kept routes ``[K, K]``.
 
-        Returns the local agents' first observations. ``seed`` applies where the environment
-        is local; a remote simulator seeds its own batches.
+        Returns the local agents' first observations. ``seed`` seeds the batch: a local
+        environment directly, a remote simulator through the join (every agent of the batch
+        declares the same seed; without one the simulator picks).
         """
 
     @abstractmethod

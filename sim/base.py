@@ -11,6 +11,7 @@ the agent dimension give the global agent order.
 
 from __future__ import annotations
 
+import secrets
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from functools import cached_property
@@ -161,6 +162,8 @@ class VecEnv(ABC):
 
 
 def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
+    """An environment's own random stream; unseeded, it draws no number from torch's global
+    generator, which the process's model initialisation may be relying on."""
     g = torch.Generator(device=device)
-    g.manual_seed(seed if seed is not None else int(torch.randint(2**62, ()).item()))
+    g.manual_seed(seed if seed is not None else secrets.randbits(62))
     return g

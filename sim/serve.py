@@ -35,10 +35,13 @@ def message_options(max_bytes: int) -> list[tuple[str, int]]:
 
 
 async def start(cfg: SimConfig, host: str = "127.0.0.1", port: int = 0,
-                tls: ServerTls | None = None) -> tuple[grpc.aio.Server, int]:
-    """Start serving; returns the server and the bound port (``port=0`` picks a free one)."""
+                tls: ServerTls | None = None, service: JointEnvironmentService | None = None
+                ) -> tuple[grpc.aio.Server, int]:
+    """Start serving ``service`` (default: one for ``cfg``); returns the server and the bound
+    port (``port=0`` picks a free one)."""
     server = grpc.aio.server(options=message_options(cfg.max_message_bytes))
-    pb_grpc.add_JointEnvironmentServicer_to_server(JointEnvironmentService(cfg), server)
+    pb_grpc.add_JointEnvironmentServicer_to_server(service or JointEnvironmentService(cfg),
+                                                   server)
     address = f"{host}:{port}"
     bound = (server.add_secure_port(address, tls.credentials()) if tls
              else server.add_insecure_port(address))
@@ -63,13 +66,15 @@ class SimServer:
     """The service on a background thread with its own event loop."""
 
     def __init__(self, cfg: SimConfig, host: str = "127.0.0.1", port: int = 0,
-                 tls: ServerTls | None = None) -> None:
+                 tls: ServerTls | None = None,
+                 service: JointEnvironmentService | None = None) -> None:
         self.cfg, self.host = cfg, host
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True,
                                         name="fedcomm-sim")
         self._thread.start()
-        future = asyncio.run_coroutine_threadsafe(start(cfg, host, port, tls), self._loop)
+        future = asyncio.run_coroutine_threadsafe(start(cfg, host, port, tls, service),
+                                                  self._loop)
         self._server, self.port = future.result(timeout=30)
 
     @property

@@ -102,6 +102,7 @@ class Round:
     phase: Phase = Phase.JOINING
     slots: dict[int, Slot] = field(default_factory=dict)
     routes: Tensor | None = None
+    seed: int | None = None  # declared by the joiners; None: the simulator's seed + round
     comm_dim: int = 0
     vector_dp: pb.DpParams | None = None
     feedback_dp: pb.DpParams | None = None
@@ -261,12 +262,19 @@ class JointEnvironmentService(pb_grpc.JointEnvironmentServicer):
         if index in rnd.slots:
             raise ProtocolError(grpc.StatusCode.ALREADY_EXISTS,
                                 f"{self.spec.agent_ids[index]} already joined round {rnd.number}")
+        seed = request.seed if request.HasField("seed") else None
         if rnd.routes is None:  # the first agent sets the round's terms; the others must agree
-            rnd.routes, rnd.comm_dim = routes, request.comm_dim
+            rnd.routes, rnd.comm_dim, rnd.seed = routes, request.comm_dim, seed
             rnd.vector_dp, rnd.feedback_dp = request.vector_dp, request.feedback_dp
         else:
             if not torch.equal(routes, rnd.routes):
                 raise invalid("routes differ from those the round's first agent declared")
+            if seed != rnd.seed:
+                def show(x: int | None) -> str:
+                    return "no seed" if x is None else f"seed {x}"
+
+                raise invalid(f"{show(seed)} declared; the round's first agent declared "
+                              f"{show(rnd.seed)}")
             if request.comm_dim != rnd.comm_dim:
                 raise invalid(f"comm_dim {request.comm_dim}, the round uses {rnd.comm_dim}")
             self._same_dp(request.vector_dp, rnd.vector_dp, "vector_dp")
@@ -323,7 +331,7 @@ class JointEnvironmentService(pb_grpc.JointEnvironmentServicer):
         t = 0
         try:
             await self._await_streams(rnd)
-            obs = self.env.reset(self.cfg.seed + rnd.number)
+            obs = self.env.reset(self.cfg.seed + rnd.number if rnd.seed is None else rnd.seed)
             reward: Tensor | None = None
             rnd.delivered = torch.zeros(self.spec.n_agents, self.spec.n_agents, dtype=torch.bool)
             for t in range(self.spec.episode_length):

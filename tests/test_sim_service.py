@@ -302,7 +302,7 @@ def run_parties(target: str, tls: ClientTls | None = None) -> None:
     pool = ThreadPoolExecutor(len(transports))
     try:
         parties = [Party(team.subteam([i]), t, seed=i) for i, t in enumerate(transports)]
-        futures = [pool.submit(p.run_round, update=False) for p in parties]
+        futures = [pool.submit(p.run_batch, update=False) for p in parties]
         records = [f.result(timeout=3 * TIMEOUT) for f in futures]  # its Step stream has none
     finally:
         for transport in transports:  # cancels whatever is in flight: no thread hangs on
@@ -444,6 +444,7 @@ ROUND_TERMS = {
                   "vector_dp declares clip 1, noise multiplier 0.3; the round agreed on 1, 0.5"),
     "feedback_dp": ({"feedback_dp": pb.DpParams(clip_norm=3.0, noise_multiplier=0.25)},
                     "feedback_dp declares clip 3"),
+    "seed": ({"seed": 7}, "seed 7 declared; the round's first agent declared no seed"),
 }
 
 
