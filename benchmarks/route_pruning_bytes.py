@@ -55,7 +55,7 @@ def one_round(team: Team, env_kwargs: dict, num_envs: int) -> Counter:
             agent = spec.agent_ids[i]
             try:
                 transport = GrpcTransport(server.address, spec, agent, tokens[agent], team.cfg)
-                Party(team.subteam([i]), transport, seed=i).run_round(update=False)
+                Party(team.subteam([i]), transport, seed=i).run_batch(update=False)
                 transport.close()
                 totals.update(transport.wire_bytes)
             except BaseException as e:  # reported after the round

@@ -1,14 +1,15 @@
-"""One party's training round over any transport: rollout, DIAL feedback exchange, local PPO.
+"""One party's training over any transport, one episode batch at a time.
 
-The party holds some of the agents (one, in deployment). Its round: collect an episode batch
+The party holds some of the agents (one, in deployment). Per batch: collect the episode batch
 through the transport; differentiate its agents' loss with respect to every vector they received,
 clip and noise that per episode, and exchange it through the router; then PPO on its own
 trajectories, with the feedback its vectors earned added to its encoder's gradient. One feedback
-exchange per round: each exchange is a private release, and the update reuses it across epochs.
+exchange per batch: each exchange is a private release, and the update reuses it across epochs.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -22,15 +23,21 @@ from fedcomm.clients.transport import Transport
 
 
 @dataclass
-class RoundRecord:
+class BatchRecord:
     rollout: Rollout
     sent: Tensor  # [T, B, N, D] the feedback this party released (after clipping and noise)
     senders: Tensor  # [N] bool: whose vectors reached this party
     received: Tensor  # [T, B, n_local, D] the summed feedback for this party's vectors
-    stats: dict[str, float]
+    stats: dict[str, float]  # return, PPO statistics, and seconds spent in each phase
 
 
 class Party:
+    """A party's agents, their optimizer, value normaliser and random stream.
+
+    The three are the party's private training state besides the networks: a federated agent
+    keeps them across rounds (``clients/state.py``).
+    """
+
     def __init__(self, team: Team, transport: Transport, cfg: PPOConfig | None = None,
                  seed: int = 0) -> None:
         if team.whole:
@@ -44,8 +51,17 @@ class Party:
         self.value_norm = ValueNorm(team.n_local)
         self.generator = torch.Generator().manual_seed(seed)
 
-    def run_round(self, update: bool = True) -> RoundRecord:
-        rollout = collect(self.team, self.transport, generator=self.generator)
+    def run_batch(self, *, seed: int | None = None, routes: Tensor | None = None,
+                  lr: float | None = None, update: bool = True) -> BatchRecord:
+        """Roll out, exchange feedback and (``update``) train on one episode batch.
+
+        ``routes`` fixes the graph's kept routes for the batch (default: the team's own graph);
+        ``lr`` sets the learning rate of this batch's update.
+        """
+        t0 = time.perf_counter()
+        rollout = collect(self.team, self.transport, seed=seed, generator=self.generator,
+                          routes=routes)
+        t1 = time.perf_counter()
         targets = compute_targets(rollout, self.cfg, self.value_norm)
         grads = receiver_feedback(self.team, rollout, targets, self.cfg)
         senders = rollout.delivered.flatten(0, 2).any(dim=0)  # [N]
@@ -54,8 +70,14 @@ class Party:
                          self.team.cfg.feedback_noise_multiplier, self.generator)
         sent[:, :, ~senders] = 0
         received = self.transport.feedback(sent, senders)
+        t2 = time.perf_counter()
         stats = {"return_mean": rollout.episode_return().mean().item()}
         if update:
+            if lr is not None:
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
             stats |= ppo_update(self.team, self.optimizer, rollout, self.cfg, targets,
                                 self.generator, feedback=received)
-        return RoundRecord(rollout, sent, senders, received, stats)
+        stats |= {"rollout_s": t1 - t0, "feedback_s": t2 - t1,
+                  "update_s": time.perf_counter() - t2}
+        return BatchRecord(rollout, sent, senders, received, stats)

@@ -56,6 +56,13 @@ class ValueNorm(nn.Module):
         return x * self.var.clamp(min=1e-8).sqrt() + self.mean
 
 
+def annealed_lr(lr: float, iteration: int, iterations: int, time_frac: float = 0.0) -> float:
+    """Linear decay from ``lr`` to ``lr / iterations`` over training, by iterations done or, when
+    a time budget is set, by the fraction of it used, whichever is further along."""
+    frac = max(iteration / iterations, time_frac)
+    return lr * max(1 - frac + 1 / iterations, 1 / iterations)
+
+
 def gae(rewards: Tensor, values: Tensor, gamma: float, lam: float) -> Tensor:
     """Advantages for fixed-horizon episodes (``[T, B, N]``); nothing follows the last step."""
     adv = torch.zeros_like(rewards)
@@ -98,7 +105,7 @@ def ppo_loss(team: Team, batch: Rollout, targets: Targets, cfg: PPOConfig
     v_loss = 0.5 * (out.values - targets.returns) ** 2
     per_agent = (pg.mean(dim=(0, 1)) + cfg.vf_coef * v_loss.mean(dim=(0, 1))
                  - cfg.ent_coef * entropy.mean(dim=(0, 1)))
-    loss = per_agent.sum() + cfg.graph_cost * team.comm.route_strength().sum()
+    loss = per_agent.sum() + cfg.graph_cost * team.route_cost()
     with torch.no_grad():
         stats = {"policy_loss": pg.mean(), "value_loss": v_loss.mean(),
                  "entropy": entropy.mean(), "approx_kl": ((ratio - 1) - log_ratio).mean(),

@@ -49,13 +49,19 @@ class Rollout:
 
 @torch.no_grad()
 def collect(team: Team, transport: Transport, seed: int | None = None,
-            generator: torch.Generator | None = None, greedy: bool = False) -> Rollout:
-    """Run one episode batch of the team's agents through ``transport``."""
+            generator: torch.Generator | None = None, greedy: bool = False,
+            routes: Tensor | None = None) -> Rollout:
+    """Run one episode batch of the team's agents through ``transport``.
+
+    ``routes`` (``[K, K]`` bool) are the kept routes the router uses for the batch; by default
+    those of the team's own graph. Parties of a federated round pass the global graph's, so
+    that every party declares the same routes.
+    """
     if transport.agents != team.agents:
         raise ValueError(f"the transport carries agents {transport.agents}, "
                          f"the team holds {team.agents}")
     b, d = transport.num_envs, team.cfg.comm_dim
-    obs = transport.reset(team.kept_routes(), seed)
+    obs = transport.reset(team.kept_routes() if routes is None else routes, seed)
     hidden = team.initial_hidden(b)
     steps: list[tuple] = []
     done = False

@@ -12,6 +12,7 @@ the router delivers to it, then policy logits and a value from features and cont
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -34,7 +35,7 @@ class TeamConfig:
     clip: float = 1.0  # C: every knowledge vector is clipped to this L2 norm
     noise_multiplier: float = 0.5  # sigma: channel noise std is sigma * C per coordinate
     # Feedback gradients a receiver releases in federated training: clipped per episode to this
-    # norm, noised with this multiplier.
+    # norm (infinite: unclipped, written as null in JSON), noised with this multiplier.
     feedback_clip: float = 1.0
     feedback_noise_multiplier: float = 0.5
     communicate: bool = True  # False delivers nothing: the no-communication ablation
@@ -42,6 +43,8 @@ class TeamConfig:
     graph_init: float = 1.0  # initial route logit (strength sigmoid(1) = 0.73)
 
     def __post_init__(self) -> None:
+        if self.feedback_clip is None:  # JSON has no Infinity
+            self.feedback_clip = math.inf
         if min(self.clip, self.feedback_clip) <= 0:
             raise ValueError("clip norms must be positive")
         if min(self.noise_multiplier, self.feedback_noise_multiplier) < 0:
@@ -146,6 +149,18 @@ class Team(nn.Module):
         """
         routes = self.comm.kept_routes(self.cfg.prune_threshold)
         return routes if self.cfg.communicate else torch.zeros_like(routes)
+
+    def route_cost(self) -> Tensor:
+        """The local agents' share of the graph's price: each receiver pays for the routes into
+        it, split among the agents of its type. Summed over parties this is the whole graph's
+        strength, so every party's loss is its share of the centralized loss; were each to pay
+        for the whole graph, federated averaging would price routes ``N`` times higher than
+        the receivers' gain from them."""
+        counts = torch.tensor([t.count for t in self.spec.types], dtype=torch.float)
+        local = torch.zeros(len(self.spec.types))
+        local[list(self.types)] = torch.tensor(self.counts, dtype=torch.float)
+        share = (local / counts).to(self.local_index.device)
+        return (self.comm.route_strength().sum(dim=0) * share).sum()
 
     def route(self, senders: Tensor) -> Tensor:
         """``[B or 1, n_local, N]`` what the router delivers to the local agents."""

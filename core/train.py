@@ -15,7 +15,13 @@ import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from fedcomm.clients.importance import communication_importance
-from fedcomm.clients.ppo import PPOConfig, ValueNorm, compute_targets, ppo_update
+from fedcomm.clients.ppo import (
+    PPOConfig,
+    ValueNorm,
+    annealed_lr,
+    compute_targets,
+    ppo_update,
+)
 from fedcomm.clients.rollout import collect
 from fedcomm.clients.team import Team, TeamConfig
 from fedcomm.clients.transport import LocalTransport
@@ -79,8 +85,8 @@ def train(cfg: TrainConfig, out: str | Path, progress: bool = True) -> TrainResu
         task = bar.add_task(f"train {cfg.env}", total=iterations, status="")
         for it in range(1, iterations + 1):
             t0 = time.perf_counter()
-            frac = max(it / iterations, train_time / cfg.time_budget if cfg.time_budget else 0)
-            lr = cfg.ppo.lr * (1 - frac + 1 / iterations) if cfg.anneal_lr else cfg.ppo.lr
+            time_frac = train_time / cfg.time_budget if cfg.time_budget else 0.0
+            lr = annealed_lr(cfg.ppo.lr, it, iterations, time_frac) if cfg.anneal_lr else cfg.ppo.lr
             for group in optimizer.param_groups:
                 group["lr"] = lr
             rollout = collect(team, transport, seed=cfg.seed * 1_000_000 + it,
