@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from fedcomm.train import TrainConfig
 
 console = Console(stderr=True)
+STRATEGY_NAMES = ("fedavg", "fedavgm", "fedadam")
 
 
 def _key_value(text: str) -> tuple[str, object]:
@@ -34,23 +35,20 @@ def _default_out(env: str) -> Path:
     return Path("runs") / f"{env.replace(':', '-')}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def _add_env_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--env", default="factory",
+def _add_env_args(p: argparse.ArgumentParser, default: str = "factory") -> None:
+    p.add_argument("--env", default=default,
                    help="factory, speaker_listener, platoon, mpe2:<name> (default: %(default)s)")
     p.add_argument("--env-opt", type=_key_value, action="append", default=[], metavar="K=V",
                    help="environment option, e.g. --env-opt n_actuators=4 (repeatable)")
 
 
 # -- fedcomm train ----------------------------------------------------------------------------
-def _add_train(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="centralized reference trainer (all agents, one graph)",
-                       description="Train every agent in one process with PPO and gradients "
-                       "through the channel; write a run directory with metrics, summary, "
-                       "checkpoint and plots.")
-    _add_env_args(p)
+def _add_training_args(p: argparse.ArgumentParser, default_env: str = "factory") -> None:
+    """Options shared by the centralized trainer and the federated simulation."""
+    _add_env_args(p, default_env)
     p.add_argument("--out", type=Path, help="run directory (default: runs/<env>-<time>)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num-envs", type=int, help="parallel environments per iteration")
+    p.add_argument("--num-envs", type=int, help="parallel environments per episode batch")
     p.add_argument("--env-steps", type=int, help="training budget in environment steps")
     p.add_argument("--time-budget", type=float, help="stop after this many seconds of training")
     p.add_argument("--noise", type=float, help="channel noise multiplier sigma (std = sigma*C)")
@@ -65,30 +63,42 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--minibatches", type=int)
     p.add_argument("--eval-episodes", type=int)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="centralized reference trainer (all agents, one graph)",
+                       description="Train every agent in one process with PPO and gradients "
+                       "through the channel; write a run directory with metrics, summary, "
+                       "checkpoint and plots.")
+    _add_training_args(p)
     p.set_defaults(func=_run_train)
 
 
-def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
+def train_config_from_args(args: argparse.Namespace, base: TrainConfig | None = None
+                           ) -> TrainConfig:
     from fedcomm.presets import preset
 
-    cfg = preset(args.env)
+    cfg = base or preset(args.env)
     if args.env_opt:
         cfg.env_kwargs = {**cfg.env_kwargs, **dict(args.env_opt)}
     top = {"seed": args.seed, "num_envs": args.num_envs, "env_steps": args.env_steps,
            "time_budget": args.time_budget, "eval_episodes": args.eval_episodes}
     team = {"noise_multiplier": args.noise, "clip": args.clip, "encoder": args.encoder,
-            "hidden": args.hidden, "comm_dim": args.comm_dim}
+            "hidden": args.hidden, "comm_dim": args.comm_dim,
+            "feedback_noise_multiplier": getattr(args, "feedback_noise", None),
+            "feedback_clip": getattr(args, "feedback_clip", None)}
     ppo = {"lr": args.lr, "epochs": args.epochs, "minibatches": args.minibatches}
     if args.no_comm:
         team["communicate"] = False
     if args.recurrent:
         team["recurrent"] = True
 
-    def given(d: dict) -> dict:
-        return {k: v for k, v in d.items() if v is not None}
+    return replace(cfg, **_given(top), team=replace(cfg.team, **_given(team)),
+                   ppo=replace(cfg.ppo, **_given(ppo)))
 
-    return replace(cfg, **given(top), team=replace(cfg.team, **given(team)),
-                   ppo=replace(cfg.ppo, **given(ppo)))
+
+def _given(d: dict) -> dict:
+    return {k: v for k, v in d.items() if v is not None}
 
 
 def _run_train(args: argparse.Namespace) -> int:
@@ -98,17 +108,115 @@ def _run_train(args: argparse.Namespace) -> int:
     out = args.out or _default_out(cfg.env)
     console.print(f"[bold]fedcomm train[/] {cfg.env} -> {out}")
     result = train(cfg, out, progress=not args.quiet)
-    table = Table(title=f"{cfg.env}: mean return per agent over {cfg.eval_episodes} episodes")
+    _print_result(f"{cfg.env}: mean return per agent over {cfg.eval_episodes} episodes",
+                  result.final, result.baselines, result.summary)
+    console.print(f"run directory: {result.run_dir}")
+    return 0
+
+
+def _print_result(title: str, final, baselines: dict, summary: dict) -> None:
+    table = Table(title=title)
     table.add_column("team")
     table.add_column("return", justify="right")
     table.add_column("± s.e.", justify="right")
-    for name, res in [("trained", result.final), *result.baselines.items()]:
+    for name, res in [("trained", final), *baselines.items()]:
         table.add_row(name, f"{res.return_mean:.3f}", f"{res.return_se:.3f}")
     console.print(table)
-    s = result.summary
+    s = summary
     console.print(f"gap closed (no_comm -> oracle): {s['gap_closed']:.1%}; "
                   f"{s['env_steps']:,} env steps in {s['train_time_s']:.0f} s "
                   f"({s['agent_steps_per_s']:,.0f} agent-steps/s)")
+
+
+# -- fedcomm simulate -------------------------------------------------------------------------
+def _add_simulate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("simulate", help="the federated system on one machine (Flower + Ray)",
+                       description="Run every agent as a Flower ClientApp on Flower's "
+                       "simulation engine, the simulator on loopback and the ServerApp that "
+                       "aggregates the shared communication module; write a run directory. "
+                       "With no arguments: the embedded default, a speaker_listener team.")
+    _add_training_args(p, default_env="speaker_listener")
+    p.add_argument("--resume", type=Path, metavar="RUN_DIR",
+                   help="continue a stopped run from its last checkpoint (its own config)")
+    p.add_argument("--batches-per-round", type=int,
+                   help="episode batches each agent trains on between aggregations")
+    p.add_argument("--strategy", choices=STRATEGY_NAMES, help="aggregation (default: fedavg)")
+    p.add_argument("--server-lr", type=float, help="server learning rate (fedavgm, fedadam)")
+    p.add_argument("--server-momentum", type=float, help="server momentum (fedavgm)")
+    p.add_argument("--aggregate-private", action="store_true",
+                   help="also average each type's private networks (weaker privacy)")
+    p.add_argument("--on-agent-failure", choices=["stop", "continue"],
+                   help="a round with a failed agent stops the run (default) or goes on")
+    p.add_argument("--feedback-noise", type=float, help="feedback noise multiplier")
+    p.add_argument("--feedback-clip", type=float, help="per-episode clip norm of feedback")
+    p.add_argument("--round-timeout", type=float, help="seconds for every reply of a round")
+    p.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
+    p.set_defaults(func=_run_simulate)
+
+
+def federation_config_from_args(args: argparse.Namespace):
+    from fedcomm.presets import federation_preset
+
+    base = federation_preset(args.env)
+    train = train_config_from_args(args, base.train)
+    fed = {"batches_per_round": args.batches_per_round, "strategy": args.strategy,
+           "server_lr": args.server_lr, "server_momentum": args.server_momentum,
+           "on_agent_failure": args.on_agent_failure, "round_timeout": args.round_timeout,
+           "aggregate_private": args.aggregate_private or None}
+    return replace(base, train=train, **_given(fed))
+
+
+def _exit_if_stranded(code: int) -> None:
+    """Exit now if threads of the simulation engine outlived it.
+
+    After an interrupted run Flower's message threads stay blocked on Ray actors that are
+    already gone, and the interpreter would wait for them at exit forever. Everything of the
+    run is on disk and every process it started is stopped by then.
+    """
+    import os
+    import threading
+
+    if any(t.is_alive() and not t.daemon for t in threading.enumerate()
+           if t is not threading.main_thread()):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def _run_simulate(args: argparse.Namespace) -> int:
+    from fedcomm.server.config import FederationConfig
+    from fedcomm.server.federation import FederationError
+    from fedcomm.simulate import simulate
+
+    if args.resume:
+        config = args.resume / "config.json"
+        if not config.exists():
+            raise FileNotFoundError(f"no config.json in {args.resume}: is it a run directory "
+                                    "of fedcomm simulate?")
+        fed = FederationConfig.from_dict(json.loads(config.read_text()))
+        out = args.resume
+    else:
+        fed = federation_config_from_args(args)
+        out = args.out or _default_out(fed.train.env)
+    n = len(_spec(fed.train.env, fed.train.env_kwargs).agent_ids)
+    console.print(f"[bold]fedcomm simulate[/] {fed.train.env}, {n} agents, {fed.rounds} rounds "
+                  f"of {fed.batches_per_round} batches ({fed.strategy}) -> {out}")
+    try:
+        result = simulate(fed, out, progress=not args.quiet, verbose=args.verbose)
+    except FederationError as e:
+        console.print(f"[red]error:[/] {e}", soft_wrap=True, highlight=False)
+        console.print(f"the run directory keeps every committed round: continue it with "
+                      f"fedcomm simulate --resume {out}", highlight=False)
+        _exit_if_stranded(1)
+        return 1
+    except KeyboardInterrupt:
+        console.print(f"[yellow]interrupted[/]: continue with fedcomm simulate --resume {out}",
+                      highlight=False)
+        _exit_if_stranded(130)
+        return 130
+    _print_result(f"{fed.train.env}: federated, mean return per agent over "
+                  f"{result.final.episodes} episodes", result.final, result.baselines,
+                  result.summary)
     console.print(f"run directory: {result.run_dir}")
     return 0
 
@@ -133,8 +241,10 @@ def _run_eval(args: argparse.Namespace) -> int:
 
     team = load_team(args.run_dir)
     config = json.loads((args.run_dir / "config.json").read_text())
-    env = args.env or config["env"]
-    env_kwargs = dict(args.env_opt) if args.env else {**config["env_kwargs"], **dict(args.env_opt)}
+    trained = config["train"] if config.get("mode") == "federated" else config
+    env = args.env or trained["env"]
+    env_kwargs = (dict(args.env_opt) if args.env
+                  else {**trained["env_kwargs"], **dict(args.env_opt)})
     batch = 100 if env.startswith("mpe2:") else 1000
     result = evaluate_team(team, env, args.episodes, args.seed, batch=batch, env_kwargs=env_kwargs)
     if args.json:
@@ -175,10 +285,14 @@ def _add_sim(sub: argparse._SubParsersAction) -> None:
     t.set_defaults(func=_run_sim_tokens)
 
 
-def _env_spec(args: argparse.Namespace):
+def _spec(env: str, env_kwargs: dict):
     from fedcomm.sim.registry import make_env
 
-    return make_env(args.env, 1, **dict(args.env_opt)).spec
+    return make_env(env, 1, **env_kwargs).spec
+
+
+def _env_spec(args: argparse.Namespace):
+    return _spec(args.env, dict(args.env_opt))
 
 
 def _run_sim_tokens(args: argparse.Namespace) -> int:
@@ -269,7 +383,7 @@ def _run_agent(args: argparse.Namespace) -> int:
     party = Party(party_team, transport, seed=args.seed)
     try:
         for r in range(args.rounds):
-            record = party.run_round(update=not args.no_update)
+            record = party.run_batch(update=not args.no_update)
             console.print(f"{args.agent_id} round {transport.round}: return "
                           f"{record.stats['return_mean']:.3f}")
             if args.dump:
@@ -291,6 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
                         version=f"fedcomm {__import__('fedcomm').__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_train(sub)
+    _add_simulate(sub)
     _add_eval(sub)
     _add_sim(sub)
     _add_agent(sub)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 from fedcomm.clients.ppo import PPOConfig
 from fedcomm.clients.team import TeamConfig
+from fedcomm.server.config import FederationConfig
 from fedcomm.train import TrainConfig
 
 PRESETS: dict[str, TrainConfig] = {
@@ -20,6 +22,21 @@ PRESETS: dict[str, TrainConfig] = {
     "platoon": TrainConfig(
         env="platoon", num_envs=512, env_steps=5_000_000, ppo=PPOConfig(lr=3e-3)),
 }
+
+
+# Federated runs: the centralized preset with the channel noise as is and no further DP on the
+# feedback (unclipped, noiseless: the gradient the centralized trainer uses), so that the two
+# are compared like with like. speaker_listener trains for 5M steps, the `fedcomm simulate`
+# default, which fits in ten minutes here.
+FEDERATED_STEPS = {"speaker_listener": 5_000_000}
+
+
+def federation_preset(env: str) -> FederationConfig:
+    """The federated run of ``env``: the centralized preset, federated with FedAvg."""
+    train = preset(env)
+    train.env_steps = FEDERATED_STEPS.get(env, train.env_steps)
+    train.team = replace(train.team, feedback_noise_multiplier=0.0, feedback_clip=math.inf)
+    return FederationConfig(train=train)
 
 
 def preset(env: str) -> TrainConfig:

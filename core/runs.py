@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,16 @@ class RunDir:
     def append_metrics(self, row: dict) -> None:
         with open(self.path / "metrics.jsonl", "a") as f:
             f.write(json.dumps(_finite(row)) + "\n")
+
+    def keep_metrics(self, keep: Callable[[dict], bool]) -> None:
+        """Drop the rows ``keep`` rejects (rows past a checkpoint, before a resume)."""
+        rows = [row for row in self.metrics() if keep(row)] if self.has_metrics() else []
+        tmp = self.path / "metrics.jsonl.tmp"
+        tmp.write_text("".join(json.dumps(_finite(row)) + "\n" for row in rows))
+        os.replace(tmp, self.path / "metrics.jsonl")
+
+    def has_metrics(self) -> bool:
+        return (self.path / "metrics.jsonl").exists()
 
     def metrics(self) -> list[dict]:
         path = self.path / "metrics.jsonl"

@@ -1,0 +1,236 @@
+"""``fedcomm simulate``: the whole federated system on one machine.
+
+The simulator runs as its own process on loopback (``fedcomm sim serve``), the ServerApp and
+one ClientApp per agent run on Flower's simulation engine (Ray), every agent in its own actor
+and all of them at once, since the joint environment steps only when every agent acts.
+Everything started here is stopped here, on success, failure and Ctrl-C.
+
+Every party's state is on this machine in a simulation, so afterwards the run directory also
+gets ``team.pt``, the team assembled from the global shared module and each agent's private
+state, for ``fedcomm eval``. A deployment has no such file: the private networks stay with
+their agents.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from fedcomm.clients.agent import env_spec, load_shared
+from fedcomm.clients.importance import communication_importance
+from fedcomm.clients.rollout import collect
+from fedcomm.clients.state import StateStore
+from fedcomm.clients.team import Team
+from fedcomm.clients.transport import LocalTransport
+from fedcomm.protocol.auth import generate_tokens, write_tokens
+from fedcomm.runs import RunDir
+from fedcomm.server.checkpoint import load_checkpoint
+from fedcomm.server.config import FederationConfig
+from fedcomm.server.federation import FederationError, FederationResult
+from fedcomm.sim.registry import make_env
+from fedcomm.train import EVAL_SEED
+
+JOIN_TIMEOUT_S = 180.0  # the first round waits for every Ray actor to start
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to stop this child if the parent dies without cleaning up (a SIGKILL)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the parent's cleanup is all there is
+        pass
+
+
+class SimProcess:
+    """``fedcomm sim serve`` on a free loopback port, logging to ``log``."""
+
+    def __init__(self, fed: FederationConfig, tokens: Path, log: Path) -> None:
+        train = fed.train
+        port_file = log.with_suffix(".port")
+        port_file.unlink(missing_ok=True)
+        options = [a for k, v in train.env_kwargs.items()
+                   for a in ("--env-opt", f"{k}={json.dumps(v)}")]
+        command = [sys.executable, "-m", "fedcomm.cli", "sim", "serve", "--env", train.env,
+                   *options, "--num-envs", str(train.num_envs), "--seed", str(train.seed),
+                   "--host", "127.0.0.1", "--port", "0", "--port-file", str(port_file),
+                   "--tokens", str(tokens), "--join-timeout", str(JOIN_TIMEOUT_S),
+                   "--feedback-timeout", str(JOIN_TIMEOUT_S)]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        self._log = open(log, "a")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT,
+                                     env=env, preexec_fn=_die_with_parent)
+        deadline = time.monotonic() + 60
+        while not (port_file.exists() and port_file.read_text().strip()):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"the simulator did not start; see {log}")
+            time.sleep(0.05)
+        self.address = f"127.0.0.1:{port_file.read_text().strip()}"
+        port_file.unlink()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+
+    def __enter__(self) -> SimProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+@contextlib.contextmanager
+def _all_agents_at_once(n: int) -> Iterator[None]:
+    """Let Flower's simulation engine run ``n`` ClientApps at once.
+
+    The engine hands messages to its actors from a thread pool sized by the CPU count
+    (``cpu_count + 4`` threads), so on a small machine a larger joint environment would wait
+    forever at its barrier for the agents that got no thread.
+    """
+    from flwr.server.superlink.fleet.vce import vce_api
+
+    original = vce_api.ThreadPoolExecutor
+    vce_api.ThreadPoolExecutor = partial(original, max_workers=max(n, (os.cpu_count() or 1) + 4))
+    try:
+        yield
+    finally:
+        vce_api.ThreadPoolExecutor = original
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """Ctrl-C and SIGTERM unwind as KeyboardInterrupt, so everything started here is stopped
+    either way; the errors Flower then logs about its dying actors are expected and dropped."""
+    flower = logging.getLogger("flwr")
+
+    def interrupt(signum: int, frame: object) -> None:
+        flower.disabled = True
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        flower.disabled = False
+
+
+@contextlib.contextmanager
+def _quiet_flower(verbose: bool) -> Iterator[None]:
+    logger = logging.getLogger("flwr")
+    level = logger.level
+    if not verbose:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def run_flower(fed: FederationConfig, run_dir: Path, sim_address: str, tokens: Path,
+               progress: bool, verbose: bool) -> FederationResult:
+    """The ServerApp and every agent's ClientApp on Flower's simulation engine."""
+    import ray
+    from flwr.simulation import run_simulation
+
+    from fedcomm.clients.app import make_client_app
+    from fedcomm.server.app import make_server_app
+
+    n = env_spec(fed).n_agents
+    results: list = []
+    stop = threading.Event()
+    server_app = make_server_app(fed, run_dir, progress, results, stop)
+    client_app = make_client_app({"sim-address": sim_address, "token-file": str(tokens),
+                                  "state-root": str(run_dir / "agents")})
+    os.environ["OMP_NUM_THREADS"] = "1"  # inherited by the actors: one thread per agent
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # no GPUs are asked for
+    backend = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+               "init_args": {"num_cpus": n, "include_dashboard": False,
+                             "logging_level": logging.INFO if verbose else logging.ERROR,
+                             "log_to_driver": verbose}}
+    try:
+        with _all_agents_at_once(n), _quiet_flower(verbose):
+            run_simulation(server_app=server_app, client_app=client_app, num_supernodes=n,
+                           backend_config=backend, verbose_logging=verbose)
+    finally:
+        stop.set()
+        if ray.is_initialized():
+            ray.shutdown()
+    if not results:
+        raise FederationError("the ServerApp ended without a result; rerun with --verbose")
+    if isinstance(results[0], FederationError):
+        raise results[0]
+    return results[0]
+
+
+def assemble_team(run_dir: Path, fed: FederationConfig) -> Team:
+    """The team as a whole: the global shared module and every agent's private networks."""
+    ckpt = load_checkpoint(run_dir)
+    if ckpt is None:
+        raise FileNotFoundError(f"no checkpoint in {run_dir}")
+    spec = env_spec(fed)
+    team = Team(spec, fed.train.team)
+    load_shared(team, {k: torch.from_numpy(v) for k, v in ckpt.arrays.items()})
+    own = dict(team.named_parameters())
+    with torch.no_grad():
+        for i, agent in enumerate(spec.agent_ids):
+            saved = StateStore(run_dir / "agents" / agent, {}).load(ckpt.round)
+            if saved is None:
+                raise FileNotFoundError(f"no private state of {agent} in {run_dir}/agents")
+            k = spec.type_of_agent[i]
+            row = [j for j in range(spec.n_agents) if spec.type_of_agent[j] == k].index(i)
+            for name, value in saved.state["team"].items():
+                head, _, rest = name.partition(".")
+                _, _, rest = rest.partition(".")  # the agent's own model has one type, at 0
+                own[f"{head}.{team.types.index(k)}.{rest}"][row].copy_(value[0])
+    return team
+
+
+def simulate(fed: FederationConfig, out: str | Path, progress: bool = True,
+             verbose: bool = False) -> FederationResult:
+    """Run (or, if ``out`` holds a checkpoint, continue) a federated simulation."""
+    run_dir = Path(out)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    spec = env_spec(fed)
+    tokens = run_dir / "tokens.json"
+    if not tokens.exists():
+        write_tokens(tokens, generate_tokens(spec.agent_ids))
+    with _terminate_as_interrupt(), SimProcess(fed, tokens, run_dir / "sim.log") as sim:
+        result = run_flower(fed, run_dir, sim.address, tokens, progress, verbose)
+    run = RunDir(run_dir)
+    team = assemble_team(run_dir, fed)
+    run.save_team(team)
+    batch = collect(team, LocalTransport(make_env(fed.train.env, 256, **fed.train.env_kwargs)),
+                    seed=EVAL_SEED, greedy=True)
+    result.summary["importance"] = communication_importance(team, batch).tolist()
+    run.write_summary(result.summary)
+    from fedcomm.plots import learning_curve
+
+    learning_curve(run.metrics(), result.summary, run_dir / "learning_curve.png",
+                   f"{fed.train.env}: federated ({fed.strategy}), noise sigma="
+                   f"{fed.train.team.noise_multiplier}")
+    return result

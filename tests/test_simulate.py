@@ -1,0 +1,121 @@
+"""``fedcomm simulate`` end to end, as a user runs it: real Ray, real gRPC on loopback, the
+ServerApp and one ClientApp per agent; then Ctrl-C in the middle of a run and ``--resume``."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from fedcomm.cli import main
+from fedcomm.server.checkpoint import load_checkpoint
+
+SMALL = ["--env", "factory", "--env-opt", "n_sensors=1", "--env-opt", "n_processors=1",
+         "--env-opt", "n_actuators=1", "--num-envs", "32", "--batches-per-round", "2",
+         "--eval-episodes", "64", "--quiet"]
+ROUND_STEPS = 2 * 32 * 25
+
+
+def simulate(*args: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "fedcomm.cli", "simulate", *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def processes_mentioning(text: str) -> list[str]:
+    """Command lines of live processes that mention ``text`` (e.g. a run's directory)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if text in cmdline and str(os.getpid()) != proc.name:
+            found.append(cmdline)
+    return found
+
+
+def assert_nothing_left(run_dir: Path) -> None:
+    deadline = time.monotonic() + 15
+    while (left := processes_mentioning(str(run_dir))) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not left, left
+
+
+def rounds_in(run_dir: Path) -> list[int]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line)["round"] for line in lines]
+
+
+def test_simulate_three_agents_of_three_types_for_two_rounds(tmp_path, capsys):
+    out = tmp_path / "run"
+    proc = simulate(*SMALL, "--env-steps", str(2 * ROUND_STEPS), "--out", str(out))
+    log, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, log
+    assert "gap closed" in log and "Traceback" not in log
+
+    for name in ("config.json", "metrics.jsonl", "summary.json", "checkpoint.pt", "team.pt",
+                 "learning_curve.png"):
+        assert (out / name).stat().st_size > 0, name
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1, 2]
+    assert [r["env_steps"] for r in rows] == [ROUND_STEPS, 2 * ROUND_STEPS]
+    for row in rows:
+        assert row["agents"] == 3 and row["failures"] == 0
+        assert row["round_time_s"] > 0 and "return_mean" in row
+        # the slowest agent's time, and of each phase the slowest agent's
+        assert row["client_s"] >= max(row["rollout_s"], row["feedback_s"], row["update_s"])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["mode"] == "federated" and summary["rounds"] == 2
+    assert set(summary["baselines"]) == {"random", "no_comm", "oracle"}
+    assert summary["final"]["episodes"] == 64
+    assert load_checkpoint(out).round == 2
+    # Each agent kept its own private state; the team file is assembled from them.
+    for agent in ("sensor_0", "processor_0", "actuator_0"):
+        assert list((out / "agents" / agent).glob("state-r*.pt"))
+    config = json.loads((out / "config.json").read_text())
+    assert config["mode"] == "federated" and config["train"]["env"] == "factory"
+
+    capsys.readouterr()
+    assert main(["eval", str(out), "--episodes", "20", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["episodes"] == 20
+    assert_nothing_left(out)
+
+
+def test_an_interrupted_simulation_resumes_without_repeating_or_losing_a_round(tmp_path):
+    out = tmp_path / "run"
+    rounds = 6
+    proc = simulate(*SMALL, "--env-steps", str(rounds * ROUND_STEPS), "--out", str(out))
+    deadline = time.monotonic() + 240
+    while (ckpt := load_checkpoint(out) if (out / "checkpoint.pt").exists() else None) is None \
+            or ckpt.round < 2:
+        assert proc.poll() is None, proc.communicate()[0]
+        assert time.monotonic() < deadline, "no round completed"
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)  # Ctrl-C
+    log, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, log
+    assert "interrupted" in log and "Traceback" not in log
+    assert_nothing_left(out)
+    stopped = load_checkpoint(out).round
+    assert 2 <= stopped < rounds
+    assert rounds_in(out) == list(range(1, stopped + 1))
+    global_before = load_checkpoint(out).arrays
+
+    resumed = simulate("--resume", str(out), "--quiet")
+    log, _ = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, log
+    assert rounds_in(out) == list(range(1, rounds + 1))  # none repeated, none lost
+    ckpt = load_checkpoint(out)
+    assert ckpt.round == rounds and ckpt.env_steps == rounds * ROUND_STEPS
+    assert any(not torch.equal(torch.from_numpy(ckpt.arrays[k]), torch.from_numpy(v))
+               for k, v in global_before.items())  # it went on training from the checkpoint
+    assert_nothing_left(out)
