@@ -9,16 +9,12 @@ through the vector itself (DIAL), and the channel noise, ``d(m + noise)/dm = I``
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor, nn
 
 
 def clip_norm(x: Tensor, max_norm: float) -> Tensor:
     """Scale each vector (last dim) down to L2 norm at most ``max_norm``; never up."""
-    if math.isinf(max_norm):
-        return x
     norm = x.norm(dim=-1, keepdim=True)
     return x * (max_norm / norm.clamp(min=max_norm))
 

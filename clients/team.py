@@ -35,7 +35,7 @@ class TeamConfig:
     clip: float = 1.0  # C: every knowledge vector is clipped to this L2 norm
     noise_multiplier: float = 0.5  # sigma: channel noise std is sigma * C per coordinate
     # Feedback gradients a receiver releases in federated training: clipped per episode to this
-    # norm (infinite: unclipped, written as null in JSON), noised with this multiplier.
+    # norm, noised with this multiplier.
     feedback_clip: float = 1.0
     feedback_noise_multiplier: float = 0.5
     communicate: bool = True  # False delivers nothing: the no-communication ablation
@@ -43,10 +43,8 @@ class TeamConfig:
     graph_init: float = 1.0  # initial route logit (strength sigmoid(1) = 0.73)
 
     def __post_init__(self) -> None:
-        if self.feedback_clip is None:  # JSON has no Infinity
-            self.feedback_clip = math.inf
-        if min(self.clip, self.feedback_clip) <= 0:
-            raise ValueError("clip norms must be positive")
+        if not (0 < self.clip < math.inf and 0 < self.feedback_clip < math.inf):
+            raise ValueError("clip norms must be positive and finite")
         if min(self.noise_multiplier, self.feedback_noise_multiplier) < 0:
             raise ValueError("noise multipliers must be non-negative")
         if self.hidden < 1 or self.comm_dim < 1:

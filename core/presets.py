@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import replace
 
 from fedcomm.clients.ppo import PPOConfig
@@ -25,17 +24,18 @@ PRESETS: dict[str, TrainConfig] = {
 
 
 # Federated runs: the centralized preset with the channel noise as is and no further DP on the
-# feedback (unclipped, noiseless: the gradient the centralized trainer uses), so that the two
-# are compared like with like. speaker_listener trains for 5M steps, the `fedcomm simulate`
-# default, which fits in ten minutes here.
+# feedback (noiseless, and clipped far above any gradient seen: the gradient the centralized
+# trainer uses), so that the two are compared like with like. speaker_listener trains for 5M
+# steps: the `fedcomm simulate` default, which fits in ten minutes here.
 FEDERATED_STEPS = {"speaker_listener": 5_000_000}
+UNCLIPPED = 1e6
 
 
 def federation_preset(env: str) -> FederationConfig:
     """The federated run of ``env``: the centralized preset, federated with FedAvg."""
     train = preset(env)
     train.env_steps = FEDERATED_STEPS.get(env, train.env_steps)
-    train.team = replace(train.team, feedback_noise_multiplier=0.0, feedback_clip=math.inf)
+    train.team = replace(train.team, feedback_noise_multiplier=0.0, feedback_clip=UNCLIPPED)
     return FederationConfig(train=train)
 
 

@@ -162,9 +162,8 @@ class JointEnvironmentService(pb_grpc.JointEnvironmentServicer):
 
     @staticmethod
     def _check_dp(dp: pb.DpParams, what: str) -> None:
-        # An infinite clip norm declares an unclipped channel (no DP on it).
-        if not (dp.clip_norm > 0 and math.isfinite(dp.noise_multiplier)
-                and dp.noise_multiplier >= 0):
+        if not (math.isfinite(dp.clip_norm) and dp.clip_norm > 0
+                and math.isfinite(dp.noise_multiplier) and dp.noise_multiplier >= 0):
             raise invalid(f"{what}: clip norm must be positive and noise multiplier "
                           f"non-negative, got {dp.clip_norm}, {dp.noise_multiplier}")
 
