@@ -20,13 +20,20 @@ from fedcomm.clients.rollout import Rollout
 from fedcomm.clients.team import Team
 
 
+def feedback_loss_config(cfg: PPOConfig) -> PPOConfig:
+    """The loss feedback differentiates: without the value term unless ``cfg.feedback_value``."""
+    return cfg if cfg.feedback_value else replace(cfg, vf_coef=0.0)
+
+
 def receiver_feedback(team: Team, rollout: Rollout, targets: Targets, cfg: PPOConfig) -> Tensor:
-    """``[T, B, N, D]`` per-episode gradient of the local agents' loss w.r.t. each received
-    vector; zero wherever nothing was delivered (and for the local agents' own entries)."""
+    """``[T, B, N, D]`` per-episode gradient of the local agents' loss (policy and entropy
+    terms; the value term too with ``cfg.feedback_value``) w.r.t. each received vector; zero
+    wherever nothing was delivered (and for the local agents' own entries)."""
     if rollout.received is None:
         raise ValueError("a team holding every agent receives nothing from outside")
     received = rollout.received.detach().clone().requires_grad_(True)
-    loss, _, _ = ppo_loss(team, replace(rollout, received=received), targets, cfg)
+    loss, _, _ = ppo_loss(team, replace(rollout, received=received), targets,
+                          feedback_loss_config(cfg))
     (grad,) = torch.autograd.grad(loss, received)
     return grad * rollout.num_envs
 
@@ -42,7 +49,7 @@ def in_process_feedback(team: Team, rollout: Rollout, targets: Targets, cfg: PPO
     if not team.whole:
         raise ValueError("the in-process reference needs a team holding every agent")
     noise = rollout.noise.detach().clone().requires_grad_(True)
-    loss, _, _ = ppo_loss(team, replace(rollout, noise=noise), targets, cfg)
+    loss, _, _ = ppo_loss(team, replace(rollout, noise=noise), targets, feedback_loss_config(cfg))
     (grad,) = torch.autograd.grad(loss, noise)
     return grad * rollout.num_envs
 

@@ -29,6 +29,12 @@ class PPOConfig:
     vf_coef: float = 0.5
     max_grad_norm: float = 0.5
     graph_cost: float = 1e-3  # price per unit of route strength: unused routes get pruned
+    # Whether the receivers' value loss is part of the DIAL feedback a federated party sends.
+    # Off: feedback is computed once per batch and reused in every minibatch of every epoch, and
+    # the critics' error it carries is stale after the first step (critics fit fast), so the
+    # senders' encoders keep being pushed to fix errors that are already gone; on factory this
+    # drowns the policy signal and communication is never learned.
+    feedback_value: bool = False
 
 
 class ValueNorm(nn.Module):

@@ -82,7 +82,7 @@ def test_own_loss_plus_applied_feedback_gives_the_one_graph_gradient():
     torch.manual_seed(0)
     env = Factory(8)
     whole = Team(env.spec, TeamConfig(noise_multiplier=0.0))
-    cfg = PPOConfig()
+    cfg = PPOConfig(feedback_value=True)  # the whole loss, to compare with the whole gradient
     rollout = collect(whole, LocalTransport(env), seed=0)
     targets = compute_targets(rollout, cfg, ValueNorm(env.spec.n_agents))
     loss, _, _ = ppo_loss(whole, rollout, targets, cfg)
