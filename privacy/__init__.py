@@ -35,7 +35,10 @@ def __getattr__(name: str) -> Any:
     # torch, Opacus and dp-accounting.
     if name not in _WHERE:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(import_module(f".{_WHERE[name]}", __name__), name)
+    value = getattr(import_module(f".{_WHERE[name]}", __name__), name)
+    # Loading a submodule binds its name here (``audit`` the module); the export wins.
+    globals()[name] = value
+    return value
 
 
 __all__ = [

@@ -19,6 +19,12 @@
    difference above ``2e-6`` (the rounding) fails and names the field;
 6. that no agent exceeds its budget and that the verdict follows from the agents.
 
+Infinity: the report states +inf as ``"inf"`` (see :mod:`.report`) and is read as strict JSON,
+so an ``Infinity`` or ``NaN`` literal fails. A release without noise recomputes to ``inf``; a
+claim of ``inf`` is never an under-claim, a finite claim for it always is, and an infinite
+budget is never exceeded. Step 5 compares ``"inf"`` only with ``"inf"``, so replacing it with
+a number (or a number with it) fails like any other edit.
+
 Each failure names where it is: ``file:line:field`` for a ledger, ``file:dotted.path`` for
 the report.
 """
@@ -26,7 +32,6 @@ the report.
 from __future__ import annotations
 
 import functools
-import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -38,7 +43,15 @@ from dp_accounting.pld import pld_privacy_accountant
 
 from .events import RELATION_FACTOR
 from .ledger import LedgerError, config_hash, read_ledger, release_from_entry, verify_chain
-from .report import REPORT_NAME, SCHEMA, agent_section, run_info_from_report, verdict
+from .report import (
+    REPORT_NAME,
+    SCHEMA,
+    agent_section,
+    decode_eps,
+    load_report,
+    run_info_from_report,
+    verdict,
+)
 
 REL_TOL = 1e-2
 ABS_TOL = 1e-3
@@ -62,7 +75,7 @@ class AuditResult:
     """Outcome of :func:`audit`; ``ok`` is true when there are no failures.
 
     ``independent`` holds the recomputed PLD epsilons, by agent, of each mechanism and of the
-    composition (key ``"composed"``).
+    composition (key ``"composed"``); ``math.inf`` for releases without noise.
     """
 
     failures: list[AuditFailure] = field(default_factory=list)
@@ -120,7 +133,7 @@ def _load(path: Path | str) -> tuple[Path, dict[str, Any] | None, AuditResult]:
         path = path / REPORT_NAME
     result = AuditResult()
     try:
-        report = json.loads(path.read_text())
+        report = load_report(path)
     except (OSError, ValueError) as exc:
         result.fail(path.name, f"cannot read the report: {exc}")
         return path, None, result
@@ -179,13 +192,13 @@ def _audit_agent(result: AuditResult, path: Path, agent: str, section: Mapping[s
     if not valid:
         return
     _check_independent(result, here, agent, entries, section, run, rel_tol, abs_tol)
-    budget = section["budget"]["epsilon"]
+    budget = info.budget_for(agent)  # decoded by run_info_from_report: "inf" is math.inf
     rebuilt = agent_section(entries, info, budget, run.get("curve_points", 50))
     for where, message in _diff(section, {**rebuilt, "ledger": section["ledger"]}, here):
         result.fail(where, message)
-    if rebuilt["composed"]["epsilon"] > budget:
-        result.fail(f"{here}.composed.epsilon",
-                    f"{rebuilt['composed']['epsilon']} exceeds the budget {budget}")
+    spent = decode_eps(rebuilt["composed"]["epsilon"])
+    if spent > budget:  # never true for an infinite budget
+        result.fail(f"{here}.composed.epsilon", f"{spent} exceeds the budget {budget}")
 
 
 def _check_entry(result: AuditResult, ledger: str, number: int, e: Mapping[str, Any],
@@ -211,7 +224,7 @@ def _check_entry(result: AuditResult, ledger: str, number: int, e: Mapping[str, 
     for key in PARAMETERS:
         if key in declared:
             allowed = declared[key] if isinstance(declared[key], list) else [declared[key]]
-            if not any(math.isclose(e[key], a, rel_tol=1e-12) for a in allowed):
+            if not any(_close(e[key], a) for a in allowed):
                 result.fail(f"{at}:{key}", f"is {e[key]!r}, declared {declared[key]!r}")
     minimum = RELATION_FACTOR[release.relation] * release.clip
     if release.sensitivity < minimum * (1 - 1e-12):
@@ -239,10 +252,33 @@ def _check_independent(result: AuditResult, here: str, agent: str,
         value = worst(list(selected), relation)
         values[key] = value
         field_path = f"{here}.composed" if key == "composed" else f"{here}.mechanisms.{key}"
-        claimed = reported.get("epsilon")
-        if not isinstance(claimed, (int, float)) or claimed < value - (rel_tol * value + abs_tol):
-            result.fail(f"{field_path}.epsilon",
-                        f"under-claim: reported {claimed!r}, independent PLD gives {value:.6f}")
+        try:
+            claimed = decode_eps(reported.get("epsilon"))
+        except ValueError as exc:
+            result.fail(f"{field_path}.epsilon", str(exc))
+            continue
+        if _under_claim(claimed, value, rel_tol, abs_tol):
+            result.fail(f"{field_path}.epsilon", f"under-claim: reported "
+                        f"{reported.get('epsilon')!r}, independent PLD gives {value:.6f}")
+
+
+def _under_claim(claimed: float, value: float, rel_tol: float, abs_tol: float) -> bool:
+    """Whether ``claimed`` is below the independent ``value`` beyond the tolerance.
+
+    Spelled out for infinity: the tolerance ``inf - inf`` is NaN, which compares false and
+    would let a finite claim for a noise-free release pass.
+    """
+    if claimed == math.inf:
+        return False
+    if value == math.inf:
+        return True
+    return claimed < value - (rel_tol * value + abs_tol)
+
+
+def _close(value: Any, allowed: Any) -> bool:
+    numbers = (int, float)
+    return (isinstance(value, numbers) and isinstance(allowed, numbers)
+            and math.isclose(value, allowed, rel_tol=1e-12))
 
 
 def _diff(reported: Any, expected: Any, where: str) -> list[tuple[str, str]]:

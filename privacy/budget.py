@@ -49,13 +49,24 @@ class BudgetExhausted(Exception):
 
     def __init__(self, requested: float, budget: float, spent: float, who: str = "") -> None:
         self.requested, self.budget, self.spent = requested, budget, spent
-        self.remaining = floor_eps(max(budget - spent, 0.0))
+        self.remaining = remaining_budget(budget, spent)
         self.difference = requested - budget
         super().__init__(
             f"privacy budget exhausted{' for ' + who if who else ''}: the next release would "
             f"bring epsilon to {requested:.6f}, over the budget of {budget:.6f} by "
             f"{self.difference:.6f} (spent {spent:.6f}, remaining {self.remaining:.6f}); "
             "nothing was released")
+
+
+def remaining_budget(budget: float, spent: float) -> float:
+    """``budget - spent`` rounded down, never negative; ``inf`` for an infinite budget.
+
+    An infinite budget (an agent that is not capped) stays infinite even after an
+    infinite spend: ``inf - inf`` would be NaN, which no report can state.
+    """
+    if budget == math.inf:
+        return math.inf
+    return floor_eps(max(budget - spent, 0.0))
 
 
 def floor_eps(value: float) -> float:
@@ -116,7 +127,7 @@ class Spent:
     remaining: float = field(init=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "remaining", floor_eps(max(self.budget - self.composed, 0.0)))
+        object.__setattr__(self, "remaining", remaining_budget(self.budget, self.composed))
 
 
 class PrivacyAccount:

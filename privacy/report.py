@@ -17,21 +17,28 @@ Schema ``fedcomm.privacy_report/1`` (all epsilons rounded up to 1e-6, remaining 
         agent: {
           "ledger": {"path": relative to the report's folder, "entries": int,
                      "final_hash": str},
-          "budget": {"epsilon": float, "delta": float},
+          "budget": {"epsilon": eps, "delta": float},
           "mechanisms": {
             name: {"relation", "unit", "sampling": "none" | "poisson",
-                   "accountant", "delta", "epsilon", "releases" (ledger entries),
+                   "accountant", "delta", "epsilon": eps, "releases" (ledger entries),
                    "count" (releases counted with multiplicity),
                    "parameters": [{"noise_multiplier", "clip", "sensitivity", "sample_rate",
                                    "releases", "count"}],
-                   "epsilon_over_rounds": [{"round", "epsilon"}]}
+                   "epsilon_over_rounds": [{"round", "epsilon": eps}]}
           },
-          "composed": {"relation", "epsilon", "delta", "budget", "remaining",
-                       "within_budget", "epsilon_over_rounds": [{"round", "epsilon"}]}
+          "composed": {"relation", "epsilon": eps, "delta", "budget": eps, "remaining": eps,
+                       "within_budget", "epsilon_over_rounds": [{"round", "epsilon": eps}]}
         }
       },
       "verdict": {"within_budget": bool, "agents_over_budget": [agent, ...]}
     }
+
+``eps`` is a non-negative number or the string ``"inf"``: strict JSON has no infinity, and
+both occur in practice: a release without noise (noise multiplier 0) has epsilon ``inf``, and
+an agent without a cap has budget ``inf``. Its remaining budget is then ``"inf"`` too (never
+NaN), and an infinite budget is never exceeded. :func:`encode_eps` and :func:`decode_eps`
+convert. Nothing in the report is NaN, and a +inf anywhere else (say in ``RunInfo.extra``)
+is written as ``"inf"`` as well.
 
 Semantics: per mechanism, epsilon is that mechanism's releases alone under its own relation;
 "composed" is all of an agent's releases under the run's relation. For the unit "episode" the
@@ -55,7 +62,7 @@ from pathlib import Path
 from typing import Any
 
 from .accountants import Accountant, make_accountant
-from .budget import PrivacyBudget, floor_eps
+from .budget import PrivacyBudget, remaining_budget
 from .events import GaussianRelease, Relation, check_relation, merge
 from .ledger import (
     UNITS,
@@ -69,7 +76,56 @@ from .ledger import (
 
 SCHEMA = "fedcomm.privacy_report/1"
 REPORT_NAME = "privacy_report.json"
+HTML_NAME = "privacy_report.html"
+INF = "inf"
 ROUNDING = "epsilon rounded up to 1e-6; remaining budget rounded down to 1e-6"
+
+
+def encode_eps(value: float) -> float | str:
+    """``value`` as the report states it: ``"inf"`` for +inf, since JSON has no infinity."""
+    if value == math.inf:
+        return INF
+    if not math.isfinite(value):
+        raise ValueError(f"a report cannot state {value!r}")
+    return value
+
+
+def decode_eps(value: Any) -> float:
+    """The number a report field states (``"inf"`` is +inf); ``ValueError`` for anything else.
+
+    Strict, so that an audit reading an edited report fails instead of guessing.
+    """
+    if value == INF:
+        return math.inf
+    if isinstance(value, bool) or not isinstance(value, (int, float)) \
+            or not math.isfinite(value):
+        raise ValueError(f"expected a number or {INF!r}, got {value!r}")
+    return float(value)
+
+
+def strict_json(obj: Any, where: str = "report") -> Any:
+    """``obj`` with every +inf float replaced by ``"inf"``; ``ValueError`` naming a NaN or -inf.
+
+    Applied to the whole report so that the dictionary :func:`build_report` returns is the
+    one a reader gets back from the file, whatever ``RunInfo.extra`` holds.
+    """
+    if isinstance(obj, float) and not math.isfinite(obj):
+        if obj == math.inf:
+            return INF
+        raise ValueError(f"{where}: a report cannot state {obj!r}")
+    if isinstance(obj, Mapping):
+        return {k: strict_json(v, f"{where}.{k}") for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict_json(v, f"{where}[{i}]") for i, v in enumerate(obj)]
+    return obj
+
+
+def load_report(path: Path | str) -> dict[str, Any]:
+    """Read a report file as strict JSON (``Infinity``/``NaN`` literals are refused)."""
+    def refuse(constant: str) -> None:
+        raise ValueError(f"{constant} is not JSON; the report states infinity as {INF!r}")
+
+    return json.loads(Path(path).read_text(), parse_constant=refuse)
 
 
 @dataclass(frozen=True)
@@ -83,7 +139,8 @@ class RunInfo:
     delta
         Delta of every reported epsilon.
     budget
-        Epsilon budget: one number for every agent, or a mapping agent -> epsilon.
+        Epsilon budget: one number for every agent, or a mapping agent -> epsilon;
+        ``math.inf`` for an agent that is not capped.
     mechanisms
         Declared parameters per mechanism, checked against every entry by the audit: any of
         ``noise_multiplier``, ``clip``, ``sensitivity``, ``sample_rate`` (a number, or a list
@@ -142,7 +199,10 @@ def _thin(rounds: list[int], points: int) -> list[int]:
 def epsilon_curve(items: Sequence[tuple[dict, GaussianRelease]], unit: str,
                   epsilon: Callable[[list[GaussianRelease]], float],
                   points: int) -> list[dict[str, Any]]:
-    """Spent epsilon after each round: the largest over groups of the releases so far."""
+    """Spent epsilon after each round: the largest over groups of the releases so far.
+
+    Values are floats (possibly ``inf``); :func:`agent_section` encodes them for JSON.
+    """
     groups = _groups(items, unit)
     rounds = sorted({entry["round"] for entry, _ in items})
     curve = []
@@ -158,7 +218,11 @@ def epsilon_curve(items: Sequence[tuple[dict, GaussianRelease]], unit: str,
 
 def agent_section(entries: Sequence[dict[str, Any]], run: RunInfo, budget: float,
                   curve_points: int = 50) -> dict[str, Any]:
-    """The ``mechanisms`` and ``composed`` parts of one agent's report from its entries."""
+    """The ``budget``, ``mechanisms`` and ``composed`` parts of one agent's report, as JSON.
+
+    Infinite values are already encoded (:func:`encode_eps`), so the audit can compare this
+    with a report read back from its file.
+    """
     pb = PrivacyBudget(budget, run.delta, run.accountant, run.relation)
     acc = pb.accountant
     assert isinstance(acc, Accountant)
@@ -184,21 +248,25 @@ def agent_section(entries: Sequence[dict[str, Any]], run: RunInfo, budget: float
             "relation": relation, "unit": run.unit,
             "sampling": "poisson" if any(r.sampled for _, r in mine) else "none",
             "accountant": acc.describe(), "delta": run.delta,
-            "epsilon": curve[-1]["epsilon"], "releases": len(mine),
+            "epsilon": encode_eps(curve[-1]["epsilon"]), "releases": len(mine),
             "count": sum(e["count"] for e, _ in mine),
-            "parameters": list(parameters.values()), "epsilon_over_rounds": curve,
+            "parameters": list(parameters.values()), "epsilon_over_rounds": _encoded(curve),
         }
     curve = epsilon_curve(items, run.unit, composed_eps, curve_points) if items else []
     eps = curve[-1]["epsilon"] if curve else 0.0
     return {
-        "budget": {"epsilon": budget, "delta": run.delta},
+        "budget": {"epsilon": encode_eps(budget), "delta": run.delta},
         "mechanisms": mechanisms,
         "composed": {
-            "relation": run.relation, "epsilon": eps, "delta": run.delta, "budget": budget,
-            "remaining": floor_eps(max(budget - eps, 0.0)), "within_budget": eps <= budget,
-            "epsilon_over_rounds": curve,
+            "relation": run.relation, "epsilon": encode_eps(eps), "delta": run.delta,
+            "budget": encode_eps(budget), "remaining": encode_eps(remaining_budget(budget, eps)),
+            "within_budget": eps <= budget, "epsilon_over_rounds": _encoded(curve),
         },
     }
+
+
+def _encoded(curve: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{**p, "epsilon": encode_eps(p["epsilon"])} for p in curve]
 
 
 def verdict(agents: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
@@ -233,7 +301,7 @@ def build_report(ledgers: Mapping[str, Path | str], run: RunInfo, report_dir: Pa
                        "final_hash": entries[-1]["hash"] if entries else None},
             **section,
         }
-    return {
+    return strict_json({
         "schema": SCHEMA,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "run": {
@@ -245,28 +313,42 @@ def build_report(ledgers: Mapping[str, Path | str], run: RunInfo, report_dir: Pa
         },
         "agents": agents,
         "verdict": verdict(agents),
-    }
+    })
 
 
 def write_report(report: Mapping[str, Any], path: Path | str) -> Path:
-    """Write ``report`` as JSON to ``path`` (a folder gets ``privacy_report.json``)."""
+    """Write ``report`` as strict JSON to ``path`` (a folder gets ``privacy_report.json``).
+
+    A +inf left as a float (a report assembled by hand) is written as ``"inf"``; NaN raises.
+    """
     path = Path(path)
     if path.is_dir():
         path = path / REPORT_NAME
-    path.write_text(json.dumps(report, indent=2, sort_keys=True, allow_nan=False) + "\n")
+    text = json.dumps(strict_json(report), indent=2, sort_keys=True, allow_nan=False)
+    path.write_text(text + "\n")
     return path
 
 
 def run_info_from_report(report: Mapping[str, Any]) -> RunInfo:
-    """The :class:`RunInfo` a report was built with."""
+    """The :class:`RunInfo` a report was built with (``"inf"`` budgets back to ``math.inf``)."""
     run = report["run"]
     options = {k: v for k, v in run["accountant"].items() if k != "name"}
+    budget = {}
+    for agent, section in report["agents"].items():
+        try:
+            budget[agent] = decode_eps(section["budget"]["epsilon"])
+        except ValueError as exc:
+            raise ValueError(f"agents.{agent}.budget.epsilon: {exc}") from None
     return RunInfo(
-        config=run["config"], delta=run["delta"],
-        budget={a: s["budget"]["epsilon"] for a, s in report["agents"].items()},
+        config=run["config"], delta=run["delta"], budget=budget,
         mechanisms=run["mechanisms"],
         accountant=make_accountant(run["accountant"]["name"], **options),
-        unit=run["unit"], relation=run["relation"])
+        unit=run["unit"], relation=run["relation"],
+        extra={k: v for k, v in run.items() if k not in _RUN_FIELDS})
+
+
+_RUN_FIELDS = frozenset({"config", "config_hash", "accountant", "delta", "unit", "relation",
+                         "mechanisms", "curve_points", "rounding"})
 
 
 # --- HTML -----------------------------------------------------------------------------------
@@ -309,29 +391,53 @@ def _assumptions(run: Mapping[str, Any]) -> list[str]:
     ]
 
 
-def _plot(agent: str, section: Mapping[str, Any]) -> str:
+def _eps_text(value: Any) -> str:
+    eps = decode_eps(value)
+    return "∞" if eps == math.inf else f"{eps:.6f}"
+
+
+def _plot(agent: str, section: Mapping[str, Any]) -> tuple[str, list[str]]:
+    """PNG (base64) of epsilon over rounds, and notes on what it leaves out.
+
+    Infinite points cannot be drawn on a linear axis, so they are left out and named.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    notes: list[str] = []
+
+    def finite(name: str, curve: list[Mapping[str, Any]]) -> tuple[list[int], list[float], str]:
+        points = [(p["round"], decode_eps(p["epsilon"])) for p in curve]
+        shown = [(r, v) for r, v in points if v != math.inf]
+        left_out = [r for r, v in points if v == math.inf]
+        if not left_out:
+            return [r for r, _ in shown], [v for _, v in shown], ""
+        notes.append(f"{name}: epsilon is ∞ (a release without noise) from round "
+                     f"{left_out[0]}; those {len(left_out)} point(s) are not plotted.")
+        return [r for r, _ in shown], [v for _, v in shown], ", ∞ not plotted"
+
     fig, ax = plt.subplots(figsize=(7, 3.6))
     for name, mech in section["mechanisms"].items():
-        curve = mech["epsilon_over_rounds"]
-        ax.plot([p["round"] for p in curve], [p["epsilon"] for p in curve], marker=".",
-                label=f"{name} ({mech['relation']})")
+        rounds, values, tail = finite(name, mech["epsilon_over_rounds"])
+        ax.plot(rounds, values, marker=".", label=f"{name} ({mech['relation']}{tail})")
     comp = section["composed"]
-    curve = comp["epsilon_over_rounds"]
-    ax.plot([p["round"] for p in curve], [p["epsilon"] for p in curve], color="black",
-            linewidth=2, label=f"composed ({comp['relation']})")
-    ax.axhline(comp["budget"], color="red", linestyle="--", label="budget")
+    rounds, values, tail = finite("composed", comp["epsilon_over_rounds"])
+    ax.plot(rounds, values, color="black", linewidth=2,
+            label=f"composed ({comp['relation']}{tail})")
+    budget = decode_eps(comp["budget"])
+    if budget == math.inf:
+        notes.append("No budget line: the budget is ∞ (no budget).")
+    else:
+        ax.axhline(budget, color="red", linestyle="--", label="budget")
     ax.set(xlabel="round", ylabel="epsilon", title=f"agent {agent}")
     ax.legend(fontsize="small")
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100)
     plt.close(fig)
-    return base64.b64encode(buffer.getvalue()).decode()
+    return base64.b64encode(buffer.getvalue()).decode(), notes
 
 
 def _table(rows: list[list[Any]], header: list[str]) -> str:
@@ -339,6 +445,16 @@ def _table(rows: list[list[Any]], header: list[str]) -> str:
     body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>"
                    for row in rows)
     return f"<table><tr>{cells}</tr>{body}</table>"
+
+
+def _unbounded(report: Mapping[str, Any]) -> list[str]:
+    """A warning naming agents with infinite epsilon: "within budget" alone would hide it."""
+    agents = [a for a, s in report["agents"].items()
+              if decode_eps(s["composed"]["epsilon"]) == math.inf]
+    if not agents:
+        return []
+    return ["<p class='bad'>Epsilon is ∞ (a mechanism adds no noise, so there is no "
+            "privacy guarantee) for: " + html.escape(", ".join(agents)) + "</p>"]
 
 
 def render_html(report: Mapping[str, Any], path: Path | str) -> Path:
@@ -355,6 +471,7 @@ def render_html(report: Mapping[str, Any], path: Path | str) -> Path:
         f"<p class='{'ok' if ok else 'bad'}'><b>Verdict: "
         + e("every agent is within its budget" if ok else f"over budget: {over}")
         + "</b></p>",
+        *_unbounded(report),
         f"<p>Schema {e(report['schema'])}, created {e(report['created'])}, run configuration "
         f"hash <code>{e(run['config_hash'])}</code>.</p>",
         "<h2>Assumptions</h2><ul>"
@@ -363,20 +480,30 @@ def render_html(report: Mapping[str, Any], path: Path | str) -> Path:
     for agent, section in report["agents"].items():
         comp, ledger = section["composed"], section["ledger"]
         parts.append(f"<h2>Agent {e(agent)}</h2>")
-        parts.append(f"<img alt='epsilon over rounds' src='data:image/png;base64,"
-                     f"{_plot(agent, section)}'>")
+        image, notes = _plot(agent, section)
+        parts.append(f"<img alt='epsilon over rounds' src='data:image/png;base64,{image}'>")
+        if notes:
+            parts.append("<p><small>" + e(" ".join(notes)) + "</small></p>")
         rows = [[name, m["relation"], m["sampling"], m["releases"], m["count"],
                  "; ".join(f"sigma={p['noise_multiplier']:g} C={p['clip']:g} "
                            f"Delta={p['sensitivity']:g} q={p['sample_rate']:g} x{p['count']}"
                            for p in m["parameters"]),
-                 f"{m['epsilon']:.6f}"] for name, m in section["mechanisms"].items()]
-        rows.append(["composed", comp["relation"], "", "", "", "", f"{comp['epsilon']:.6f}"])
+                 _eps_text(m["epsilon"]) + (" (no noise: no guarantee)"
+                                            if decode_eps(m["epsilon"]) == math.inf else "")]
+                for name, m in section["mechanisms"].items()]
+        rows.append(["composed", comp["relation"], "", "", "", "", _eps_text(comp["epsilon"])])
         parts.append(_table(rows, ["mechanism", "relation", "sampling", "ledger entries",
                                    "releases", "parameters", f"epsilon (delta={run['delta']:g})"]))
+        if decode_eps(comp["budget"]) == math.inf:
+            budget = f"No budget (∞), spent {_eps_text(comp['epsilon'])}, remaining ∞"
+            status = "not capped"
+        else:
+            budget = (f"Budget {_eps_text(comp['budget'])}, spent {_eps_text(comp['epsilon'])}, "
+                      f"remaining {_eps_text(comp['remaining'])}")
+            status = "within budget" if comp["within_budget"] else "OVER BUDGET"
         parts.append(
-            f"<p>Budget {comp['budget']:.6f}, spent {comp['epsilon']:.6f}, remaining "
-            f"{comp['remaining']:.6f}: <span class='{'ok' if comp['within_budget'] else 'bad'}'>"
-            f"{'within budget' if comp['within_budget'] else 'OVER BUDGET'}</span>. Ledger "
+            f"<p>{budget}: <span class='{'ok' if comp['within_budget'] else 'bad'}'>"
+            f"{status}</span>. Ledger "
             f"<code>{e(ledger['path'])}</code>, {ledger['entries']} entries, final hash "
             f"<code>{e(str(ledger['final_hash']))}</code>.</p>")
     parts.append("</body></html>")

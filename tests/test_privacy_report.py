@@ -1,10 +1,17 @@
-"""Report and audit: a report built from ledgers passes; any edit fails and is named."""
+"""Report and audit: a report built from ledgers passes; any edit fails and is named.
+
+Infinite epsilons and budgets (a release without noise, an agent without a cap) are stated as
+``"inf"`` and get the same guarantees.
+"""
 
 import json
+import math
+import re
 
 import pytest
 
 from fedcomm.privacy.audit import audit, independent_epsilon
+from fedcomm.privacy.budget import PrivacyAccount, PrivacyBudget, remaining_budget
 from fedcomm.privacy.events import gaussian_release
 from fedcomm.privacy.ledger import Ledger, config_hash, entry_hash
 from fedcomm.privacy.report import (
@@ -12,7 +19,10 @@ from fedcomm.privacy.report import (
     SCHEMA,
     RunInfo,
     build_report,
+    decode_eps,
+    encode_eps,
     render_html,
+    run_info_from_report,
     write_report,
 )
 
@@ -177,3 +187,145 @@ def test_pld_report_and_independent_value(tmp_path):
     entries = [json.loads(line) for line in
                (tmp_path / "ledgers" / "a0.jsonl").read_text().splitlines()[:3]]
     assert independent_epsilon(entries, "replace_one", 1e-5) == pytest.approx(claimed, rel=1e-2)
+
+
+# --- infinity: a release without noise, an agent without a budget -----------------------------
+
+INF_CONFIG = {"env": "platoon", "feedback": "no DP"}
+INF_MECHANISMS = {"message": {"noise_multiplier": 0.5, "clip": 1.0},
+                  "feedback": {"noise_multiplier": 0.0, "clip": 1e6}}
+
+
+def strict_load(path):
+    def refuse(constant):
+        raise AssertionError(f"non-strict JSON constant {constant}")
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+def make_inf_run(tmp_path, budget=math.inf, rounds=3):
+    """Spent through PrivacyAccount as a run does; feedback (noise 0) from round 1 on."""
+    path = tmp_path / "a.jsonl"
+    account = PrivacyAccount(PrivacyBudget(budget, 1e-5), "episode", "a")
+    with Ledger(path, "a", config_hash(INF_CONFIG)) as ledger:
+        for r in range(rounds):
+            releases = [gaussian_release("message", 0.5, 1.0, count=25)]
+            if r > 0:
+                releases.append(gaussian_release("feedback", 0.0, 1e6))
+            if budget == math.inf:
+                account.spend(ledger, releases, round=r, batch=r)
+            else:  # the filter would refuse: record as a run that overspent would have
+                for release in releases:
+                    ledger.append(release, round=r, batch=r, unit="episode")
+    run = RunInfo(config=INF_CONFIG, delta=1e-5, budget=budget, mechanisms=INF_MECHANISMS)
+    report = build_report({"a": path}, run, tmp_path)
+    write_report(report, tmp_path)
+    return report
+
+
+def test_infinite_epsilon_report_writes_renders_and_audits(tmp_path):
+    report = make_inf_run(tmp_path)
+    assert strict_load(tmp_path / REPORT_NAME) == report  # what was built is what is read
+    agent = report["agents"]["a"]
+    composed, feedback = agent["composed"], agent["mechanisms"]["feedback"]
+    assert agent["budget"]["epsilon"] == "inf"
+    assert (composed["epsilon"], composed["budget"], composed["remaining"]) == ("inf",) * 3
+    assert composed["within_budget"] is True and report["verdict"]["within_budget"] is True
+    assert [p["epsilon"] for p in composed["epsilon_over_rounds"]][1:] == ["inf", "inf"]
+    assert isinstance(composed["epsilon_over_rounds"][0]["epsilon"], float)  # before feedback
+    assert feedback["epsilon"] == "inf"
+    assert isinstance(agent["mechanisms"]["message"]["epsilon"], float)
+
+    result = audit(tmp_path)
+    assert result.ok, result.failures
+    assert result.independent["a"]["composed"] == math.inf
+    assert result.independent["a"]["feedback"] == math.inf
+    assert math.isfinite(result.independent["a"]["message"])
+
+    page = render_html(report, tmp_path / "privacy_report.html").read_text()
+    assert "∞" in page and "No budget (∞)" in page and "not plotted" in page
+    text = re.sub(r"<img[^>]*>", "", page)  # base64 holds any letters
+    assert "nan" not in text.lower() and "inf<" not in text
+
+    info = run_info_from_report(report)  # round trip: the same report again
+    assert info.budget_for("a") == math.inf
+    again = build_report({"a": tmp_path / "a.jsonl"}, info, tmp_path)
+    assert again["agents"] == report["agents"] and again["run"] == report["run"]
+
+
+def test_infinite_epsilon_over_a_finite_budget(tmp_path):
+    report = make_inf_run(tmp_path, budget=400.0)
+    composed = report["agents"]["a"]["composed"]
+    assert (composed["epsilon"], composed["remaining"], composed["within_budget"]) == \
+        ("inf", 0.0, False)
+    assert report["verdict"] == {"within_budget": False, "agents_over_budget": ["a"]}
+    result = audit(tmp_path)
+    assert [(f.where, f.message) for f in result.failures] == [
+        ("privacy_report.json:agents.a.composed.epsilon", "inf exceeds the budget 400.0")]
+    page = render_html(report, tmp_path / "privacy_report.html").read_text()
+    assert "OVER BUDGET" in page and "remaining 0.000000" in page
+
+
+@pytest.mark.parametrize(("change", "where"), [
+    # a finite number where the recomputation gives inf: an under-claim, and named
+    (lambda r: r["agents"]["a"]["mechanisms"].__setitem__(
+        "feedback", {**r["agents"]["a"]["mechanisms"]["feedback"], "epsilon": 1.0}),
+     "agents.a.mechanisms.feedback.epsilon"),
+    (lambda r: r["agents"]["a"]["composed"].__setitem__("epsilon", 1e308),
+     "agents.a.composed.epsilon"),
+    (lambda r: r["agents"]["a"]["composed"].__setitem__("remaining", 5.0),
+     "agents.a.composed.remaining"),
+    (lambda r: r["agents"]["a"]["composed"]["epsilon_over_rounds"][2].__setitem__(
+        "epsilon", "Infinity"), "agents.a.composed.epsilon_over_rounds[2].epsilon"),
+    # "inf" where a number was: an over-claim, still not what the ledger gives
+    (lambda r: r["agents"]["a"]["mechanisms"]["message"].__setitem__("epsilon", "inf"),
+     "agents.a.mechanisms.message.epsilon"),
+    (lambda r: r["agents"]["a"]["mechanisms"]["message"]["epsilon_over_rounds"][0].__setitem__(
+        "epsilon", 1.0), "agents.a.mechanisms.message.epsilon_over_rounds[0].epsilon"),
+    # a smaller budget: the composed section no longer matches and inf exceeds it
+    (lambda r: r["agents"]["a"]["budget"].__setitem__("epsilon", 10.0),
+     "agents.a.composed.budget"),
+])
+def test_edits_of_an_infinite_report_are_named(tmp_path, change, where):
+    make_inf_run(tmp_path)
+    edit_report(tmp_path, change)
+    result = audit(tmp_path)
+    assert f"privacy_report.json:{where}" in wheres(result), result.failures
+
+
+def test_feedback_claim_below_infinity_is_an_under_claim(tmp_path):
+    make_inf_run(tmp_path)
+    edit_report(tmp_path, lambda r: r["agents"]["a"]["mechanisms"]["feedback"].__setitem__(
+        "epsilon", 1e6))
+    failures = [f for f in audit(tmp_path).failures
+                if f.where == "privacy_report.json:agents.a.mechanisms.feedback.epsilon"]
+    assert any("under-claim" in f.message for f in failures)
+
+
+def test_non_strict_json_is_refused(tmp_path):
+    make_inf_run(tmp_path)
+    path = tmp_path / REPORT_NAME
+    path.write_text(path.read_text().replace('"inf"', "Infinity"))
+    result = audit(tmp_path)
+    assert not result.ok and "Infinity is not JSON" in result.failures[0].message
+
+
+def test_write_report_encodes_inf_and_refuses_nan(tmp_path):
+    path = write_report({"a": [1.0, math.inf], "b": {"c": 2}}, tmp_path / "r.json")
+    assert strict_load(path) == {"a": [1.0, "inf"], "b": {"c": 2}}
+    with pytest.raises(ValueError, match=r"report\.b\.c"):
+        write_report({"b": {"c": math.nan}}, tmp_path / "r.json")
+    with pytest.raises(ValueError):
+        write_report({"b": -math.inf}, tmp_path / "r.json")
+    assert [decode_eps(v) for v in (encode_eps(math.inf), encode_eps(2.5), 3)] == \
+        [math.inf, 2.5, 3.0]
+    for bad in ("Infinity", "nan", None, True, math.nan):
+        with pytest.raises(ValueError):
+            decode_eps(bad)
+
+
+def test_spent_with_an_infinite_budget_has_infinite_remaining():
+    account = PrivacyAccount(PrivacyBudget(math.inf, 1e-5))
+    account.record([gaussian_release("feedback", 0.0, 1.0)], batch=0)
+    spent = account.spent()
+    assert (spent.composed, spent.remaining) == (math.inf, math.inf)
+    assert remaining_budget(10.0, math.inf) == 0.0
