@@ -58,9 +58,9 @@ class Timed(Transport):
         self.inside += time.perf_counter() - t0
         return out
 
-    def reset(self, routes, seed=None):
+    def reset(self, routes, seed=None, silent=False):
         self.step_ends = [time.perf_counter()]
-        return self._timed(self.inner.reset, routes, seed)
+        return self._timed(self.inner.reset, routes, seed, silent)
 
     def exchange(self, vectors):
         return self._timed(self.inner.exchange, vectors)

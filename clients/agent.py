@@ -24,6 +24,7 @@ from torch import Tensor
 from fedcomm.clients.grpc_transport import ClientTls, GrpcTransport
 from fedcomm.clients.party import Party
 from fedcomm.clients.ppo import annealed_lr
+from fedcomm.clients.privacy import LEDGER, AgentPrivacy
 from fedcomm.clients.rollout import collect
 from fedcomm.clients.state import StateStore, load_private_state, private_state_dict
 from fedcomm.clients.team import Team
@@ -142,6 +143,8 @@ class FederatedAgent:
         self.party = Party(team, self.transport, fed.train.ppo,
                            seed=fed.train.seed * 1000 + self.index)
         self.store = StateStore(node.state_dir, context_state)
+        self.privacy = AgentPrivacy(node.agent_id, self.index, self.spec, fed.train.team,
+                                    fed.train.privacy, node.state_dir / LEDGER, fed.to_dict())
         saved = self.store.load(restore_round)
         if saved is not None:
             load_private_state(self.party, saved.state)
@@ -161,35 +164,52 @@ class FederatedAgent:
         train = self.fed.train
         batches = self.fed.batches_in(server_round)
         totals: dict[str, float] = {}
+        trained = 0
         for it in batches:
             lr = (annealed_lr(train.ppo.lr, it, self.fed.total_batches, time_frac)
                   if train.anneal_lr else train.ppo.lr)
+            # Written down before anything of the batch leaves; refused: the agent stays silent.
+            speaks = self.privacy.spend(self.privacy.batch_releases(routes), round=server_round,
+                                        batch=it)
             record = self.party.run_batch(seed=train.seed * 1_000_000 + it, routes=routes,
-                                          lr=lr)
+                                          lr=lr, silent=not speaks, noise=self.privacy.noise)
+            trained += speaks
             for k, v in record.stats.items():
                 totals[k] = totals.get(k, 0.0) + v
         t0 = time.perf_counter()
         self.store.save(server_round, private_state_dict(self.party))
         n = len(batches)
-        metrics = {k: (v if k.endswith("_s") else v / n) for k, v in totals.items()}
-        metrics |= {"num-examples": n * self.transport.num_envs * self.spec.episode_length,
-                    "batches": n, "restored_round": self.restored_round,
-                    "restore_s": self.restore_s,
-                    "persist_s": time.perf_counter() - t0}
+        metrics = {k: (v if k.endswith("_s") else v / max(n, 1)) for k, v in totals.items()}
+        spent = self.privacy.spent()
+        metrics |= {"num-examples": trained * self.transport.num_envs * self.spec.episode_length,
+                    "batches": n, "silent_batches": n - trained,
+                    "epsilon": spent.composed, "restored_round": self.restored_round,
+                    "restore_s": self.restore_s, "persist_s": time.perf_counter() - t0}
+        if not trained:  # nothing learned that the budget allowed to share
+            return {}, metrics
         return shared_arrays(self.team, self.fed.aggregate_private), metrics
 
     @torch.no_grad()
-    def evaluate(self, arrays: dict[str, Tensor], batches: int, seed: int) -> list[float]:
+    def evaluate(self, arrays: dict[str, Tensor], batches: int, seed: int,
+                 server_round: int = 0) -> list[float]:
         """Greedy episodes through the simulator; this agent's return in each."""
         load_shared(self.team, arrays)
         routes = self.team.kept_routes()
         generator = torch.Generator().manual_seed(seed)
         returns = []
         for i in range(batches):
+            # Evaluation episodes are episodes too: their vectors are releases, keyed by their
+            # seed (a replayed seed composes with its first use; seeds lie far above the
+            # training batches' indices).
+            messages = [r for r in self.privacy.batch_releases(routes) if r.mechanism == "message"]
+            episodes = seed + i * self.transport.num_envs
+            speaks = self.privacy.spend(messages, round=server_round, batch=episodes)
             rollout = collect(self.team, self.transport, seed=seed + i * self.transport.num_envs,
-                              generator=generator, greedy=True, routes=routes)
+                              generator=generator, greedy=True, routes=routes,
+                              silent=not speaks, noise=self.privacy.noise)
             returns.extend(rollout.rewards.sum(dim=0)[:, 0].tolist())
         return returns
 
     def close(self) -> None:
         self.transport.close()
+        self.privacy.close()

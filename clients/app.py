@@ -80,7 +80,8 @@ def _evaluate(msg: Message, context: Context, defaults: dict) -> Message:
     server_round = int(config["server-round"])
     agent, arrays, config = _open(msg, context, defaults, restore_round=server_round)
     try:
-        returns = agent.evaluate(arrays, int(config["eval-batches"]), int(config["eval-seed"]))
+        returns = agent.evaluate(arrays, int(config["eval-batches"]), int(config["eval-seed"]),
+                                 server_round)
     finally:
         agent.close()
     metrics = MetricRecord({"num-examples": len(returns), "agent": agent.index,

@@ -139,16 +139,16 @@ class GrpcTransport(Transport):
         return decode(tensor, "reward", pb.FLOAT32, (self.num_envs,))[:, None]
 
     # -- Transport -------------------------------------------------------------------------
-    def reset(self, routes: Tensor, seed: int | None = None) -> Obs:
+    def reset(self, routes: Tensor, seed: int | None = None, silent: bool = False) -> Obs:
         self._close_stream()
         info = self._call(self.stub.Describe, pb.DescribeRequest())
         self.round, self.t, self.seq = info.round, 0, 0
-        self._speaks = bool(routes[self.spec.type_of_agent[self.index]].any())
+        self._speaks = not silent and bool(routes[self.spec.type_of_agent[self.index]].any())
         join = pb.JoinRequest(
             header=self._header(0), agent_type=self.kind.name, obs_dim=self.kind.obs_dim,
             n_actions=self.kind.n_actions, comm_dim=self.comm_dim, vector_dp=self.vector_dp,
             feedback_dp=self.feedback_dp, routes=encode(routes.to(torch.bool).contiguous()),
-            seed=seed)
+            seed=seed, silent=silent)
         self._call(self.stub.Join, join)
         self._requests = queue.Queue()
         self._responses = self.stub.Step(iter(self._requests.get, None), metadata=self.metadata,

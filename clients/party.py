@@ -52,27 +52,36 @@ class Party:
         self.generator = torch.Generator().manual_seed(seed)
 
     def run_batch(self, *, seed: int | None = None, routes: Tensor | None = None,
-                  lr: float | None = None, update: bool = True) -> BatchRecord:
+                  lr: float | None = None, update: bool = True, silent: bool = False,
+                  noise: torch.Generator | None = None) -> BatchRecord:
         """Roll out, exchange feedback and (``update``) train on one episode batch.
 
         ``routes`` fixes the graph's kept routes for the batch (default: the team's own graph);
-        ``lr`` sets the learning rate of this batch's update.
+        ``lr`` sets the learning rate of this batch's update. A ``silent`` party (its privacy
+        budget spent) acts but releases nothing: no vectors, no feedback, and it does not train.
+        ``noise`` draws the privacy noise of vectors and feedback (default: the party's stream).
         """
         t0 = time.perf_counter()
         rollout = collect(self.team, self.transport, seed=seed, generator=self.generator,
-                          routes=routes)
+                          routes=routes, silent=silent, noise=noise)
         t1 = time.perf_counter()
-        targets = compute_targets(rollout, self.cfg, self.value_norm)
-        grads = receiver_feedback(self.team, rollout, targets, self.cfg)
-        senders = rollout.delivered.flatten(0, 2).any(dim=0)  # [N]
-        senders[self.team.local_index] = False
-        sent = privatize(grads, self.team.cfg.feedback_clip,
-                         self.team.cfg.feedback_noise_multiplier, self.generator)
-        sent[:, :, ~senders] = 0
+        n = self.team.spec.n_agents
+        if silent:
+            senders = torch.zeros(n, dtype=torch.bool)
+            sent = rollout.rewards.new_zeros(self.team.spec.episode_length, rollout.num_envs, n,
+                                             self.team.cfg.comm_dim)
+        else:
+            targets = compute_targets(rollout, self.cfg, self.value_norm)
+            grads = receiver_feedback(self.team, rollout, targets, self.cfg)
+            senders = rollout.delivered.flatten(0, 2).any(dim=0)  # [N]
+            senders[self.team.local_index] = False
+            sent = privatize(grads, self.team.cfg.feedback_clip,
+                             self.team.cfg.feedback_noise_multiplier, noise or self.generator)
+            sent[:, :, ~senders] = 0
         received = self.transport.feedback(sent, senders)
         t2 = time.perf_counter()
         stats = {"return_mean": rollout.episode_return().mean().item()}
-        if update:
+        if update and not silent:
             if lr is not None:
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr

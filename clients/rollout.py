@@ -50,24 +50,27 @@ class Rollout:
 @torch.no_grad()
 def collect(team: Team, transport: Transport, seed: int | None = None,
             generator: torch.Generator | None = None, greedy: bool = False,
-            routes: Tensor | None = None) -> Rollout:
+            routes: Tensor | None = None, silent: bool = False,
+            noise: torch.Generator | None = None) -> Rollout:
     """Run one episode batch of the team's agents through ``transport``.
 
     ``routes`` (``[K, K]`` bool) are the kept routes the router uses for the batch; by default
     those of the team's own graph. Parties of a federated round pass the global graph's, so
-    that every party declares the same routes.
+    that every party declares the same routes. ``silent`` agents send no vectors. ``noise``
+    draws the channel noise (default: ``generator``, which samples the actions).
     """
     if transport.agents != team.agents:
         raise ValueError(f"the transport carries agents {transport.agents}, "
                          f"the team holds {team.agents}")
     b, d = transport.num_envs, team.cfg.comm_dim
-    obs = transport.reset(team.kept_routes() if routes is None else routes, seed)
+    noise_generator = noise or generator
+    obs = transport.reset(team.kept_routes() if routes is None else routes, seed, silent)
     hidden = team.initial_hidden(b)
     steps: list[tuple] = []
     done = False
     while not done:
         feats, hidden = team.encode_obs(obs, hidden)
-        noise = team.sample_noise((b, team.n_local, d), generator)
+        noise = team.sample_noise((b, team.n_local, d), noise_generator)
         messages = team.speak(feats) + noise
         received, delivered = transport.exchange(messages)
         logits, values, _ = team.respond(feats, messages, received, delivered)

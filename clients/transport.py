@@ -36,12 +36,13 @@ class Transport(ABC):
     num_envs: int
 
     @abstractmethod
-    def reset(self, routes: Tensor, seed: int | None = None) -> Obs:
+    def reset(self, routes: Tensor, seed: int | None = None, silent: bool = False) -> Obs:
         """Join the next episode batch with this round's kept routes ``[K, K]``.
 
         Returns the local agents' first observations. ``seed`` seeds the batch: a local
         environment directly, a remote simulator through the join (every agent of the batch
-        declares the same seed; without one the simulator picks).
+        declares the same seed; without one the simulator picks). ``silent``: the local agents
+        release nothing in this batch (their privacy budget is spent); they still act.
         """
 
     @abstractmethod
@@ -79,7 +80,9 @@ class LocalTransport(Transport):
         self.type_of_agent = torch.tensor(env.spec.type_of_agent, device=env.device)
         self.routes: Tensor | None = None
 
-    def reset(self, routes: Tensor, seed: int | None = None) -> Obs:
+    def reset(self, routes: Tensor, seed: int | None = None, silent: bool = False) -> Obs:
+        if silent:
+            raise ValueError("a team holding every agent has nobody to be silent towards")
         self.routes = routes
         return self.env.reset(seed)
 

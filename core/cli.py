@@ -63,6 +63,19 @@ def _add_training_args(p: argparse.ArgumentParser, default_env: str = "factory")
     p.add_argument("--minibatches", type=int)
     p.add_argument("--eval-episodes", type=int)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    g = p.add_argument_group("privacy (docs/privacy.md)")
+    g.add_argument("--message-epsilon", type=float,
+                   help="calibrate the channel noise so one episode's vectors cost this epsilon")
+    g.add_argument("--epsilon-budget", type=float,
+                   help="each agent's epsilon budget per privacy unit (default: none)")
+    g.add_argument("--delta", type=float, help="delta of every epsilon (default: 1e-5)")
+    g.add_argument("--privacy-unit", choices=["episode", "history"],
+                   help="one episode of one agent (default), or its whole history in the run")
+    g.add_argument("--relation", choices=["replace_one", "add_remove"],
+                   help="neighbouring relation (default: replace_one, sensitivity 2C)")
+    g.add_argument("--accountant", choices=["rdp", "pld", "prv"], help="default: rdp")
+    g.add_argument("--on-budget-spent", choices=["silent", "stop"],
+                   help="an agent out of budget goes silent (default) or stops the run")
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
@@ -93,8 +106,20 @@ def train_config_from_args(args: argparse.Namespace, base: TrainConfig | None = 
     if args.recurrent:
         team["recurrent"] = True
 
-    return replace(cfg, **_given(top), team=replace(cfg.team, **_given(team)),
-                   ppo=replace(cfg.ppo, **_given(ppo)))
+    privacy = {"message_epsilon": args.message_epsilon, "epsilon_budget": args.epsilon_budget,
+               "delta": args.delta, "unit": args.privacy_unit, "relation": args.relation,
+               "accountant": args.accountant, "on_exhausted": args.on_budget_spent}
+    cfg = replace(cfg, **_given(top), team=replace(cfg.team, **_given(team)),
+                  ppo=replace(cfg.ppo, **_given(ppo)),
+                  privacy=replace(cfg.privacy, **_given(privacy)))
+    if cfg.privacy.message_epsilon is not None:
+        from fedcomm.clients.privacy import message_noise
+
+        if args.noise is not None:
+            raise ValueError("give --noise or --message-epsilon, not both")
+        sigma = message_noise(cfg.privacy, _spec(cfg.env, cfg.env_kwargs))
+        cfg = replace(cfg, team=replace(cfg.team, noise_multiplier=sigma))
+    return cfg
 
 
 def _given(d: dict) -> dict:
@@ -126,6 +151,21 @@ def _print_result(title: str, final, baselines: dict, summary: dict) -> None:
     console.print(f"gap closed (no_comm -> oracle): {s['gap_closed']:.1%}; "
                   f"{s['env_steps']:,} env steps in {s['train_time_s']:.0f} s "
                   f"({s['agent_steps_per_s']:,.0f} agent-steps/s)")
+    if "privacy" in s:
+        p = s["privacy"]
+        per = ", ".join(f"{k} {_eps(v)}" for k, v in p["epsilon"].items())
+        console.print(f"privacy, largest over agents (per {p['unit']}, "
+                      f"{p['relation'].replace('_', '-')}, delta {p['delta']:g}): {per}; "
+                      f"composed {_eps(p['composed'])}; "
+                      f"{'within budget' if p['within_budget'] else '[red]OVER BUDGET[/]'}; "
+                      f"details in privacy_report.html", highlight=False)
+    if "stopped" in s:
+        console.print(f"[yellow]{s['stopped']}[/]")
+
+
+def _eps(value: float | str | None) -> str:
+    value = float("inf") if value in (None, "inf") else float(value)
+    return "inf (no DP)" if value == float("inf") else f"epsilon {value:.3g}"
 
 
 # -- fedcomm simulate -------------------------------------------------------------------------
@@ -357,6 +397,10 @@ def _add_agent(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tls-key", type=Path, help="client private key (mutual TLS)")
     p.add_argument("--dump", type=Path, help="write each round's data here (for audits, tests)")
     p.add_argument("--save", type=Path, help="write the updated model here")
+    p.add_argument("--ledger", type=Path,
+                   help="the agent's privacy ledger (default: <agent-id>.ledger.jsonl)")
+    p.add_argument("--epsilon-budget", type=float, help="epsilon budget per privacy unit")
+    p.add_argument("--privacy-unit", choices=["episode", "history"], default="episode")
     p.set_defaults(func=_run_agent)
 
 
@@ -367,6 +411,8 @@ def _run_agent(args: argparse.Namespace) -> int:
 
     from fedcomm.clients.grpc_transport import ClientTls, GrpcTransport
     from fedcomm.clients.party import Party
+    from fedcomm.clients.privacy import AgentPrivacy
+    from fedcomm.privacy.config import PrivacyConfig
     from fedcomm.protocol.auth import read_tokens
     from fedcomm.runs import load_team, save_team
 
@@ -381,11 +427,20 @@ def _run_agent(args: argparse.Namespace) -> int:
     tls = ClientTls(args.tls_ca, args.tls_cert, args.tls_key) if args.tls_ca else None
     transport = GrpcTransport(args.sim, team.spec, args.agent_id, token, team.cfg, tls)
     party = Party(party_team, transport, seed=args.seed)
+    cfg = PrivacyConfig(unit=args.privacy_unit, epsilon_budget=args.epsilon_budget)
+    privacy = AgentPrivacy(args.agent_id, index, team.spec, team.cfg, cfg,
+                           args.ledger or Path(f"{args.agent_id}.ledger.jsonl"),
+                           {"team": asdict(team.cfg), "privacy": asdict(cfg)})
     try:
         for r in range(args.rounds):
-            record = party.run_batch(update=not args.no_update)
+            batch = len(privacy.ledger.entries) and privacy.ledger.entries[-1]["batch"] + 1
+            routes = party_team.kept_routes()
+            speaks = privacy.spend(privacy.batch_releases(routes), round=r, batch=batch)
+            record = party.run_batch(update=not args.no_update, routes=routes,
+                                     silent=not speaks, noise=privacy.noise)
             console.print(f"{args.agent_id} round {transport.round}: return "
-                          f"{record.stats['return_mean']:.3f}")
+                          f"{record.stats['return_mean']:.3f}"
+                          + ("" if speaks else " (silent: privacy budget spent)"))
             if args.dump:
                 args.dump.mkdir(parents=True, exist_ok=True)
                 torch.save({"rollout": asdict(record.rollout), "sent": record.sent,
@@ -394,9 +449,39 @@ def _run_agent(args: argparse.Namespace) -> int:
                            args.dump / f"{args.agent_id}-{r}.pt")
     finally:
         transport.close()
+        privacy.close()
     if args.save:
         save_team(party_team, args.save)
     return 0
+
+
+# -- fedcomm report / audit -------------------------------------------------------------------
+def _add_privacy_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("report", help="render a run's privacy report again",
+                       description="Write privacy_report.html from a run's privacy_report.json.")
+    p.add_argument("run_dir", type=Path)
+    p.set_defaults(func=_run_report)
+    p = sub.add_parser("audit", help="verify a run's privacy report independently",
+                       description="Check the ledgers' hash chains against the report, every "
+                       "entry against the run config, every epsilon recomputed with Google's "
+                       "dp-accounting, and the budgets. Exit 0 only if all of it verifies.")
+    p.add_argument("path", type=Path, metavar="REPORT_OR_RUN_DIR")
+    p.add_argument("--empirical", action="store_true",
+                   help="also run a one-run canary audit of the message mechanism")
+    p.set_defaults(func=_run_audit)
+
+
+def _run_report(args: argparse.Namespace) -> int:
+    from fedcomm.privacy.commands import report_command
+
+    console.print(f"privacy report: {report_command(args.run_dir)}")
+    return 0
+
+
+def _run_audit(args: argparse.Namespace) -> int:
+    from fedcomm.privacy.commands import audit_command
+
+    return audit_command(args.path, args.empirical, console)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -409,6 +494,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval(sub)
     _add_sim(sub)
     _add_agent(sub)
+    _add_privacy_commands(sub)
     return parser
 
 

@@ -30,6 +30,7 @@ import torch
 
 from fedcomm.clients.agent import env_spec, load_shared
 from fedcomm.clients.importance import communication_importance
+from fedcomm.clients.privacy import LEDGER, report_summary, write_run_report
 from fedcomm.clients.rollout import collect
 from fedcomm.clients.state import StateStore
 from fedcomm.clients.team import Team
@@ -227,6 +228,10 @@ def simulate(fed: FederationConfig, out: str | Path, progress: bool = True,
     batch = collect(team, LocalTransport(make_env(fed.train.env, 256, **fed.train.env_kwargs)),
                     seed=EVAL_SEED, greedy=True)
     result.summary["importance"] = communication_importance(team, batch).tolist()
+    ledgers = {a: run_dir / "agents" / a / LEDGER for a in spec.agent_ids}
+    report = write_run_report(run_dir, fed.to_dict(), fed.train.team, fed.train.privacy,
+                              ledgers)
+    result.summary["privacy"] = report_summary(report)
     run.write_summary(result.summary)
     from fedcomm.plots import learning_curve
 

@@ -22,11 +22,13 @@ from fedcomm.clients.ppo import (
     compute_targets,
     ppo_update,
 )
+from fedcomm.clients.privacy import LEDGER, AgentPrivacy, report_summary, write_run_report
 from fedcomm.clients.rollout import collect
 from fedcomm.clients.team import Team, TeamConfig
 from fedcomm.clients.transport import LocalTransport
 from fedcomm.evaluate import SCRIPTED, EvalResult, evaluate_scripted, evaluate_team
 from fedcomm.plots import learning_curve
+from fedcomm.privacy.config import PrivacyConfig
 from fedcomm.runs import RunDir
 from fedcomm.sim.registry import make_env
 
@@ -46,11 +48,13 @@ class TrainConfig:
     eval_episodes: int = 1000
     team: TeamConfig = field(default_factory=TeamConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
         d = dict(d)
-        return cls(team=TeamConfig(**d.pop("team", {})), ppo=PPOConfig(**d.pop("ppo", {})), **d)
+        return cls(team=TeamConfig(**d.pop("team", {})), ppo=PPOConfig(**d.pop("ppo", {})),
+                   privacy=PrivacyConfig(**d.pop("privacy", {})), **d)
 
 
 @dataclass
@@ -78,6 +82,14 @@ def train(cfg: TrainConfig, out: str | Path, progress: bool = True) -> TrainResu
         return evaluate_team(team, cfg.env, cfg.eval_episodes, EVAL_SEED,
                              env_kwargs=cfg.env_kwargs)
 
+    # The vectors agents exchange in training are accounted per agent as they would be between
+    # parties; one process holds every agent, so the run stops when any budget is spent.
+    ledgers = {a: run.path / "agents" / a / LEDGER for a in env.spec.agent_ids}
+    privacy = [AgentPrivacy(a, i, env.spec, cfg.team, cfg.privacy, ledgers[a], asdict(cfg))
+               for i, a in enumerate(env.spec.agent_ids)]
+    noise = privacy[0].noise
+    stopped = ""
+
     start, train_time, it = time.perf_counter(), 0.0, 0
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(),
                   TextColumn("{task.fields[status]}"), TimeElapsedColumn(),
@@ -89,8 +101,14 @@ def train(cfg: TrainConfig, out: str | Path, progress: bool = True) -> TrainResu
             lr = annealed_lr(cfg.ppo.lr, it, iterations, time_frac) if cfg.anneal_lr else cfg.ppo.lr
             for group in optimizer.param_groups:
                 group["lr"] = lr
+            routes = team.kept_routes()
+            if not all(p.spend([r for r in p.batch_releases(routes) if r.mechanism == "message"],
+                               round=it, batch=it) for p in privacy):
+                stopped = f"privacy budget spent: training stopped before iteration {it}"
+                it -= 1
+                break
             rollout = collect(team, transport, seed=cfg.seed * 1_000_000 + it,
-                              generator=generator)
+                              generator=generator, noise=noise)
             targets = compute_targets(rollout, cfg.ppo, value_norm)
             stats = ppo_update(team, optimizer, rollout, cfg.ppo, targets, generator)
             train_time += time.perf_counter() - t0
@@ -108,6 +126,10 @@ def train(cfg: TrainConfig, out: str | Path, progress: bool = True) -> TrainResu
             if cfg.time_budget and train_time >= cfg.time_budget:
                 break
 
+    for p in privacy:
+        p.close()
+    report = write_run_report(run.path, asdict(cfg), cfg.team, cfg.privacy, ledgers,
+                              mechanisms=("message",))
     final = evaluate()
     baselines = {name: evaluate_scripted(cfg.env, name, cfg.eval_episodes, EVAL_SEED,
                                          env_kwargs=cfg.env_kwargs) for name in SCRIPTED}
@@ -124,13 +146,16 @@ def train(cfg: TrainConfig, out: str | Path, progress: bool = True) -> TrainResu
         "env_steps": it * per_iter,
         "train_time_s": train_time,
         "wall_time_s": time.perf_counter() - start,
-        "env_steps_per_s": it * per_iter / train_time,
-        "agent_steps_per_s": it * per_iter * env.spec.n_agents / train_time,
+        "env_steps_per_s": it * per_iter / max(train_time, 1e-9),
+        "agent_steps_per_s": it * per_iter * env.spec.n_agents / max(train_time, 1e-9),
         "agent_types": [t.name for t in env.spec.types],
         "route_strength": team.comm.route_strength().tolist(),
         "kept_routes": team.comm.kept_routes(cfg.team.prune_threshold).tolist(),
         "importance": importance.tolist(),
+        "privacy": report_summary(report),
     }
+    if stopped:
+        summary["stopped"] = stopped
     run.write_summary(summary)
     run.save_team(team, {"value_norm": value_norm.state_dict()})
     learning_curve(run.metrics(), summary, run.path / "learning_curve.png",

@@ -33,6 +33,8 @@ from fedcomm.server.config import FederationConfig
 from fedcomm.server.strategy import load_strategy_state, make_strategy, strategy_state
 from fedcomm.train import EVAL_SEED
 
+PERIODIC_EVAL_STRIDE = 10_000_000  # seeds apart of two periodic evaluations
+
 POLL_S = 0.05  # seconds between polls for replies
 AGENT_PHASES = ("client_s", "restore_s", "rollout_s", "feedback_s", "update_s", "persist_s")
 
@@ -131,12 +133,17 @@ class Federation:
                                                       self.grid))
         return exchange(self.grid, messages, self.fed.round_timeout, self.stop)
 
-    def evaluate(self, nodes: list[int], episodes: int, rnd: int) -> EvalResult:
+    def evaluate(self, nodes: list[int], episodes: int, rnd: int, seed: int = EVAL_SEED
+                 ) -> EvalResult:
         """Greedy episodes played by every agent through the simulator (rounded up to whole
-        episode batches); each episode's return is averaged over agents."""
+        episode batches); each episode's return is averaged over agents.
+
+        The final evaluation plays the scripted baselines' seeds; the periodic ones play fresh
+        seeds, so that no episode's vectors are released twice.
+        """
         batches = math.ceil(episodes / self.fed.train.num_envs)
         config = ConfigRecord({CONFIG_KEY: self.fed.to_json(), "server-round": rnd,
-                               "eval-batches": batches, "eval-seed": EVAL_SEED})
+                               "eval-batches": batches, "eval-seed": seed})
         messages = [Message(RecordDict({"arrays": self.arrays, "config": config}),
                             dst_node_id=n, message_type=MessageType.EVALUATE) for n in nodes]
         good, failures = exchange(self.grid, messages, self.fed.round_timeout, self.stop)
@@ -178,14 +185,16 @@ class Federation:
                     continue  # the same round again: nothing was aggregated
                 failed_in_a_row = 0
                 arrays, _ = self.strategy.aggregate_train(rnd, good)
-                self.arrays = arrays
+                if arrays is not None:  # None: every agent was silent, its budget spent
+                    self.arrays = arrays
                 t2 = time.perf_counter()
                 row = self._row(rnd, good, failures, t1 - t0, t2 - t1)
                 self.train_time += t2 - t0
                 if interval and rnd % interval == 0 and rnd < fed.rounds:
                     t3 = time.perf_counter()
-                    row["eval_return"] = self.evaluate(nodes, fed.train.eval_episodes,
-                                                       rnd).return_mean
+                    row["eval_return"] = self.evaluate(
+                        nodes, fed.train.eval_episodes, rnd,
+                        seed=EVAL_SEED + rnd * PERIODIC_EVAL_STRIDE).return_mean
                     row["eval_s"] = time.perf_counter() - t3
                 row["wall_time_s"] = time.perf_counter() - start
                 t4 = time.perf_counter()
@@ -208,15 +217,17 @@ class Federation:
 
     def _row(self, rnd: int, good: list[Message], failures: list[str], round_s: float,
              aggregate_s: float) -> dict:
-        steps = [_metric(m, "num-examples") for m in good]
-        self.env_steps += int(max(steps))  # every agent stepped the same environments
+        batches = max(int(_metric(m, "batches")) for m in good)  # the same for every agent
+        self.env_steps += batches * self.fed.train.num_envs * self.spec.episode_length
         phases = {k: max(_metric(m, k) for m in good) for k in AGENT_PHASES}
         return {"round": rnd, "env_steps": self.env_steps,
                 "agent_steps": self.env_steps * self.spec.n_agents,
                 "return_mean": statistics.fmean(_metric(m, "return_mean") for m in good),
                 "agents": len(good), "failures": len(failures), "round_time_s": round_s,
                 "aggregate_s": aggregate_s, "flower_s": round_s - phases["client_s"],
-                **phases, "train_time_s": self.train_time + round_s + aggregate_s}
+                **phases, "train_time_s": self.train_time + round_s + aggregate_s,
+                "epsilon_max": max(_metric(m, "epsilon") for m in good),
+                "silent_agents": sum(_metric(m, "silent_batches") > 0 for m in good)}
 
     def _finish(self, nodes: list[int], start: float) -> FederationResult:
         fed = self.fed

@@ -28,10 +28,11 @@ def key_group(key: str) -> str:
 
 
 def aggregate_by_group(contents: list[RecordDict], weight_key: str) -> ArrayRecord:
-    """Average each key group over the replies that carry it."""
+    """Average each key group over the replies that carry it (a silent agent's reply, whose
+    budget allowed no training, carries none)."""
     groups: dict[str, list[RecordDict]] = {}
     for content in contents:
-        arrays = next(iter(content.array_records.values()))
+        arrays = next(iter(content.array_records.values()), ArrayRecord())
         metrics = next(iter(content.metric_records.values()))
         split: dict[str, dict] = {}
         for key, value in arrays.items():
@@ -55,7 +56,10 @@ class GroupedFedAvg(FedAvg):
         if not valid:
             return None, None
         contents = [m.content for m in valid]
-        return (aggregate_by_group(contents, self.weighted_by_key),
+        merged = aggregate_by_group(contents, self.weighted_by_key)
+        if not merged:
+            return None, None
+        return (merged,
                 self.train_metrics_aggr_fn(contents, self.weighted_by_key))
 
 

@@ -20,7 +20,7 @@ def priority(messages: Tensor) -> Tensor:
 
 
 def delivery_mask(type_of_agent: Tensor, routes: Tensor, messages: Tensor | None = None,
-                  bandwidth: int | None = None) -> Tensor:
+                  bandwidth: int | None = None, silent: Tensor | None = None) -> Tensor:
     """``[B or 1, N_receivers, N_senders]`` bool: the vectors that are delivered.
 
     Parameters
@@ -33,10 +33,14 @@ def delivery_mask(type_of_agent: Tensor, routes: Tensor, messages: Tensor | None
         ``[B, N, D]`` the senders' vectors, needed only under a bandwidth limit.
     bandwidth
         At most this many senders per environment are delivered; ``None`` for no limit.
+    silent
+        ``[N]`` bool: senders that release nothing (their budget is spent); they take no slot.
     """
     n = type_of_agent.numel()
     allowed = routes[type_of_agent][:, type_of_agent].T  # [receiver, sender]
     allowed = allowed & ~torch.eye(n, dtype=torch.bool, device=allowed.device)
+    if silent is not None:
+        allowed = allowed & ~silent[None, :]
     mask = allowed[None]
     if bandwidth is not None and bandwidth < n:
         if messages is None:

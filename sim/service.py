@@ -103,6 +103,7 @@ class Round:
     slots: dict[int, Slot] = field(default_factory=dict)
     routes: Tensor | None = None
     seed: int | None = None  # declared by the joiners; None: the simulator's seed + round
+    silent: set[int] = field(default_factory=set)  # agents that release nothing this round
     comm_dim: int = 0
     vector_dp: pb.DpParams | None = None
     feedback_dp: pb.DpParams | None = None
@@ -214,6 +215,7 @@ class JointEnvironmentService(pb_grpc.JointEnvironmentServicer):
         except asyncio.CancelledError:
             if rnd.phase is Phase.JOINING:
                 rnd.slots.pop(index, None)  # the caller left; it may join again
+                rnd.silent.discard(index)
                 if not rnd.slots:  # and nobody is left who agreed to the round's terms
                     rnd.routes = None
             raise
@@ -280,6 +282,8 @@ class JointEnvironmentService(pb_grpc.JointEnvironmentServicer):
             self._same_dp(request.vector_dp, rnd.vector_dp, "vector_dp")
             self._same_dp(request.feedback_dp, rnd.feedback_dp, "feedback_dp")
         rnd.slots[index] = Slot(index, self.spec.agent_ids[index])
+        if request.silent:
+            rnd.silent.add(index)
         if len(rnd.slots) == self.spec.n_agents:
             rnd.phase, self.started = Phase.RUNNING, rnd.number
             rnd.driver = asyncio.get_running_loop().create_task(self._drive(rnd))
@@ -407,9 +411,11 @@ class JointEnvironmentService(pb_grpc.JointEnvironmentServicer):
         b = self.cfg.num_envs
         if kind == "vector":
             self._same_dp(msg.dp, rnd.vector_dp, "the vector")
-            speaks = bool(rnd.routes[self.spec.type_of_agent[slot.index]].any())
+            silent = slot.index in rnd.silent
+            speaks = not silent and bool(rnd.routes[self.spec.type_of_agent[slot.index]].any())
             if msg.HasField("vector") != speaks:
-                raise invalid("every route from this agent's type is pruned: send no vector"
+                raise invalid("the agent joined silent: send no vector" if silent else
+                              "every route from this agent's type is pruned: send no vector"
                               if not speaks else "the knowledge vector is missing")
             if not speaks:  # nothing released, nothing routed
                 return torch.zeros(b, rnd.comm_dim)
@@ -424,7 +430,9 @@ class JointEnvironmentService(pb_grpc.JointEnvironmentServicer):
 
     def _route(self, rnd: Round, t: int, vectors: Tensor) -> None:
         """Send each agent the vectors its routes carry; pruned routes are not sent at all."""
-        mask = delivery_mask(self.type_of_agent, rnd.routes, vectors, self.spec.bandwidth)
+        silent = torch.zeros(self.spec.n_agents, dtype=torch.bool)
+        silent[list(rnd.silent)] = True
+        mask = delivery_mask(self.type_of_agent, rnd.routes, vectors, self.spec.bandwidth, silent)
         mask = mask.expand(self.cfg.num_envs, -1, -1)  # [B, receiver, sender]
         reaches = mask.any(dim=0)
         rnd.delivered |= reaches
@@ -484,6 +492,8 @@ class JointEnvironmentService(pb_grpc.JointEnvironmentServicer):
                         ) -> tuple[list[int], Tensor]:
         self._same_dp(request.dp, rnd.feedback_dp, "the feedback")
         senders = list(request.senders)
+        if senders and index in rnd.silent:
+            raise invalid("the agent joined silent: send feedback for no sender")
         if len(set(senders)) != len(senders):
             raise invalid("a sender appears twice in the feedback")
         for s in senders:

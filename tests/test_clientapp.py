@@ -22,10 +22,13 @@ from flwr.supercore.task_identity import TaskIdentity
 from fedcomm.clients.agent import env_spec, initial_team, shared_arrays
 from fedcomm.clients.app import CONFIG_KEY, make_client_app
 from fedcomm.clients.ppo import PPOConfig
+from fedcomm.clients.privacy import LEDGER, AgentPrivacy, write_run_report
 from fedcomm.clients.rollout import collect
 from fedcomm.clients.state import StateStore
 from fedcomm.clients.team import TeamConfig
 from fedcomm.clients.transport import LocalTransport
+from fedcomm.privacy.config import PrivacyConfig
+from fedcomm.privacy.ledger import read_ledger
 from fedcomm.protocol.auth import write_tokens
 from fedcomm.protocol.codec import decode
 from fedcomm.protocol.v1 import joint_env_pb2 as pb
@@ -216,3 +219,38 @@ def test_a_failing_agent_answers_with_one_line_instead_of_a_traceback(nodes, tmp
     # The others waited at the simulator's join barrier, which timed out with the reason.
     for reply in (replies[0], replies[2]):
         assert reply.has_error() and "processor_0" in reply.error.reason
+
+
+def test_an_agent_out_of_budget_goes_silent_at_the_boundary_and_never_past_it(nodes, tmp_path):
+    # A budget over each agent's whole history that one batch fits into and two do not.
+    probe = AgentPrivacy("sensor_0", 0, env_spec(FED), FED.train.team,
+                         PrivacyConfig(unit="history"), tmp_path / "probe.jsonl", {})
+    one_batch = probe.account.budget.epsilon_of(probe.batch_releases(torch.ones(3, 3) > 0))
+    budget = 1.5 * one_batch
+    private = PrivacyConfig(unit="history", epsilon_budget=budget)
+    fed = replace(FED, train=replace(FED.train, privacy=private))
+    n = nodes(fed)
+    replies = n.send(MessageType.TRAIN, shared_arrays(initial_team(fed, n.spec)),
+                     **{"server-round": 1})
+
+    ledgers = {}
+    for agent, reply in zip(n.spec.agent_ids, replies, strict=True):
+        assert not reply.has_error(), reply.error
+        metrics = reply.content["metrics"]
+        assert metrics["batches"] == 2 and metrics["silent_batches"] == 1
+        assert metrics["epsilon"] <= budget
+        assert metrics["num-examples"] == B * 25  # it trained on the batch it could pay for
+        ledgers[agent] = n.state_root / agent / LEDGER
+        assert {e["batch"] for e in read_ledger(ledgers[agent])} == {1}
+    joins = [r for r in n.service.requests if isinstance(r, pb.JoinRequest)]
+    assert sorted(r.silent for r in joins) == [False] * 3 + [True] * 3
+    spoken = [r for r in n.service.requests if isinstance(r, pb.AgentFrame)
+              and r.WhichOneof("body") == "vector" and r.vector.HasField("vector")]
+    assert len(spoken) == 3 * 25  # every vector of the first batch, none of the second
+    feedback = [r for r in n.service.requests if isinstance(r, pb.FeedbackRequest)]
+    assert sorted(len(r.senders) > 0 for r in feedback) == [False] * 3 + [True] * 3
+
+    report = write_run_report(tmp_path, fed.to_dict(), fed.train.team, private, ledgers)
+    assert report["verdict"]["within_budget"]
+    for section in report["agents"].values():
+        assert float(section["composed"]["epsilon"]) <= budget

@@ -36,7 +36,7 @@ class Unconnected(Transport):
     def __init__(self, team: Team) -> None:
         self.spec, self.agents, self.num_envs = team.spec, team.agents, 8
 
-    def reset(self, routes, seed=None):
+    def reset(self, routes, seed=None, silent=False):
         raise AssertionError("not connected")
 
     def exchange(self, vectors):

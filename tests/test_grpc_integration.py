@@ -32,7 +32,8 @@ def test_three_agent_processes_match_the_in_process_trainer(tmp_path, sim_proces
 
     agents = [fedcomm("agent", "--sim", address, "--agent-id", agent, "--tokens", str(tokens),
                       "--checkpoint", str(tmp_path / "team.pt"), "--rounds", "1",
-                      "--no-update", "--dump", str(tmp_path / "dump"))
+                      "--no-update", "--dump", str(tmp_path / "dump"),
+                      "--ledger", str(tmp_path / f"{agent}.ledger.jsonl"))
               for agent in spec.agent_ids]
     list(finish(agents))
     dumps = [torch.load(tmp_path / "dump" / f"{a}-0.pt", weights_only=True)
@@ -62,7 +63,9 @@ def test_three_agent_processes_match_the_in_process_trainer(tmp_path, sim_proces
     cfg_ppo = PPOConfig()
     reference = in_process_feedback(whole, rollout,
                                     compute_targets(rollout, cfg_ppo, ValueNorm(3)), cfg_ppo)
+    # (a sensor has one action: its policy gradient, and so its feedback, is zero)
+    scale = reference.abs().max()
+    assert scale > 1e-6, "no gradient reached any sender"
     for i, d in enumerate(dumps):
         over_wire = d["received"][:, :, 0]
-        assert over_wire.abs().max() > 1e-3, "no gradient reached the sender"
-        assert (over_wire - reference[:, :, i]).abs().max() < 1e-5
+        assert (over_wire - reference[:, :, i]).abs().max() < 1e-4 * scale

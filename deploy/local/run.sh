@@ -35,7 +35,8 @@ for agent in "${agent_list[@]}"; do
   OMP_NUM_THREADS=1 fedcomm agent --sim "localhost:$(cat "$work/port")" --agent-id "$agent" \
     --tokens "$work/tokens.json" --checkpoint "$checkpoint" --rounds "$rounds" \
     --tls-ca "$work/certs/ca.crt" --tls-cert "$work/certs/$agent.crt" \
-    --tls-key "$work/certs/$agent.key" --save "$work/$agent.pt" &
+    --tls-key "$work/certs/$agent.key" --save "$work/$agent.pt" \
+    --ledger "$work/$agent.ledger.jsonl" &
   pids+=($!)
 done
 status=0

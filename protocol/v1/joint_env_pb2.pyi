@@ -87,7 +87,7 @@ class SimInfo(_message.Message):
     def __init__(self, run_id: _Optional[str] = ..., env: _Optional[str] = ..., num_envs: _Optional[int] = ..., episode_length: _Optional[int] = ..., bandwidth: _Optional[int] = ..., agents: _Optional[_Iterable[_Union[AgentInfo, _Mapping]]] = ..., agent_types: _Optional[_Iterable[str]] = ..., round: _Optional[int] = ..., max_message_bytes: _Optional[int] = ...) -> None: ...
 
 class JoinRequest(_message.Message):
-    __slots__ = ("header", "agent_type", "obs_dim", "n_actions", "comm_dim", "vector_dp", "feedback_dp", "routes", "seed")
+    __slots__ = ("header", "agent_type", "obs_dim", "n_actions", "comm_dim", "vector_dp", "feedback_dp", "routes", "seed", "silent")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     AGENT_TYPE_FIELD_NUMBER: _ClassVar[int]
     OBS_DIM_FIELD_NUMBER: _ClassVar[int]
@@ -97,6 +97,7 @@ class JoinRequest(_message.Message):
     FEEDBACK_DP_FIELD_NUMBER: _ClassVar[int]
     ROUTES_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
+    SILENT_FIELD_NUMBER: _ClassVar[int]
     header: Header
     agent_type: str
     obs_dim: int
@@ -106,7 +107,8 @@ class JoinRequest(_message.Message):
     feedback_dp: DpParams
     routes: Tensor
     seed: int
-    def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ..., agent_type: _Optional[str] = ..., obs_dim: _Optional[int] = ..., n_actions: _Optional[int] = ..., comm_dim: _Optional[int] = ..., vector_dp: _Optional[_Union[DpParams, _Mapping]] = ..., feedback_dp: _Optional[_Union[DpParams, _Mapping]] = ..., routes: _Optional[_Union[Tensor, _Mapping]] = ..., seed: _Optional[int] = ...) -> None: ...
+    silent: bool
+    def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ..., agent_type: _Optional[str] = ..., obs_dim: _Optional[int] = ..., n_actions: _Optional[int] = ..., comm_dim: _Optional[int] = ..., vector_dp: _Optional[_Union[DpParams, _Mapping]] = ..., feedback_dp: _Optional[_Union[DpParams, _Mapping]] = ..., routes: _Optional[_Union[Tensor, _Mapping]] = ..., seed: _Optional[int] = ..., silent: _Optional[bool] = ...) -> None: ...
 
 class JoinReply(_message.Message):
     __slots__ = ("header", "agent_index", "agents", "num_envs", "episode_length", "bandwidth")

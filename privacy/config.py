@@ -1,0 +1,66 @@
+"""What a run promises about privacy: unit, relation, delta, budget, accountant, calibration."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+from fedcomm.privacy.events import check_relation
+
+UNITS = ("episode", "history")
+
+
+@dataclass
+class PrivacyConfig:
+    """The privacy settings of a run; they appear in every ledger entry's config hash and in
+    the report.
+
+    Parameters
+    ----------
+    unit
+        ``"episode"``: one episode of one agent (the releases of the batch that used it
+        compose); ``"history"``: everything one agent releases in the run.
+    relation
+        ``"replace_one"`` (sensitivity 2C) or ``"add_remove"`` (C).
+    delta
+        Delta of every epsilon.
+    epsilon_budget
+        Each agent's epsilon budget for the unit; ``None``: accounted and reported, not capped.
+    message_epsilon
+        Calibrate the knowledge-vector noise multiplier so that one episode's vectors cost at
+        most this (rounded to the safe side); ``None``: use the team's noise multiplier.
+    accountant
+        ``"rdp"`` (default), ``"pld"`` or ``"prv"``: the accountant budgets are checked with.
+    on_exhausted
+        An agent whose next batch would exceed its budget goes ``"silent"`` (acts, releases
+        nothing, the run goes on without its vectors, feedback and updates) or ``"stop"``s the
+        run.
+    seeded_noise
+        Draw privacy noise from the agent's seeded stream instead of a cryptographically
+        seeded one: reproducible, for tests only.
+    """
+
+    unit: Literal["episode", "history"] = "episode"
+    relation: Literal["replace_one", "add_remove"] = "replace_one"
+    delta: float = 1e-5
+    epsilon_budget: float | None = None
+    message_epsilon: float | None = None
+    accountant: str = "rdp"
+    on_exhausted: Literal["silent", "stop"] = "silent"
+    seeded_noise: bool = False
+
+    def __post_init__(self) -> None:
+        if self.unit not in UNITS:
+            raise ValueError(f"privacy unit must be one of {UNITS}, got {self.unit!r}")
+        check_relation(self.relation)
+        if not 0 < self.delta < 1:
+            raise ValueError(f"delta must lie in (0, 1), got {self.delta}")
+        for name in ("epsilon_budget", "message_epsilon"):
+            value = getattr(self, name)
+            if value is not None and not (value > 0 and math.isfinite(value)):
+                raise ValueError(f"{name} must be positive and finite, got {value}")
+        if self.accountant not in ("rdp", "pld", "prv"):
+            raise ValueError(f"accountant must be rdp, pld or prv, got {self.accountant!r}")
+        if self.on_exhausted not in ("silent", "stop"):
+            raise ValueError(f"on_exhausted must be silent or stop, got {self.on_exhausted!r}")

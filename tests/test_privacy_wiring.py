@@ -1,0 +1,172 @@
+"""Privacy where the agents release: the noise they add, the ledger written before a release,
+its survival of a kill, and a trained run's report and audit."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedcomm.cli import main
+from fedcomm.clients.feedback import privatize
+from fedcomm.clients.privacy import LEDGER, AgentPrivacy, message_noise
+from fedcomm.clients.team import Team, TeamConfig
+from fedcomm.privacy.audit import audit
+from fedcomm.privacy.config import PrivacyConfig
+from fedcomm.privacy.ledger import read_ledger
+from fedcomm.sim.registry import make_env
+
+SPEC = make_env("factory", 1, n_sensors=1, n_processors=1, n_actuators=1).spec
+ALL_ROUTES = torch.ones(3, 3, dtype=torch.bool)
+
+
+def relative_error(a: float, b: float) -> float:
+    return abs(a - b) / b
+
+
+def test_released_vectors_carry_the_declared_noise_and_never_exceed_the_clip_before_it():
+    cfg = TeamConfig(hidden=16, comm_dim=16, clip=0.7, noise_multiplier=0.8)
+    team = Team(SPEC, cfg).subteam([0])
+    feats = 50 * torch.randn(4096, 1, cfg.hidden)  # far beyond the clip
+    clean = team.speak(feats)
+    released = clean + team.sample_noise(tuple(clean.shape), torch.Generator().manual_seed(1))
+    assert clean.norm(dim=-1).max() <= cfg.clip * (1 + 1e-6)
+    noise = released - clean
+    # 65,536 coordinates: the sample variance is within 3% of its mean with overwhelming odds
+    assert relative_error(noise.var().item(), (0.8 * 0.7) ** 2) < 0.03
+    assert abs(noise.mean().item()) < 4 * 0.56 / math.sqrt(noise.numel())
+
+
+def test_released_feedback_carries_the_declared_noise_and_each_episode_is_clipped():
+    grads = 10 * torch.randn(25, 512, 3, 8)  # [T, B, senders, D]
+    clipped = privatize(grads, 0.5, 0.0)
+    per_episode = clipped.permute(1, 2, 0, 3).flatten(2).norm(dim=-1)  # [B, senders]
+    assert per_episode.max() <= 0.5 * (1 + 1e-6)
+    sent = privatize(grads, 0.5, 1.3, torch.Generator().manual_seed(2))
+    assert relative_error((sent - clipped).var().item(), (1.3 * 0.5) ** 2) < 0.03
+
+
+def test_outside_tests_the_noise_comes_from_a_cryptographically_seeded_stream(tmp_path):
+    def agent(seeded: bool, name: str) -> AgentPrivacy:
+        return AgentPrivacy("sensor_0", 0, SPEC, TeamConfig(), PrivacyConfig(seeded_noise=seeded),
+                            tmp_path / name / LEDGER, {"run": 1})
+
+    one, two = agent(False, "a"), agent(False, "b")
+    assert one.noise is not None and one.noise.initial_seed() != two.noise.initial_seed()
+    assert agent(True, "c").noise is None  # the party's own, seeded stream
+
+
+def test_calibrated_message_noise_costs_at_most_the_target_per_episode(tmp_path):
+    cfg = PrivacyConfig(message_epsilon=8.0)
+    sigma = message_noise(cfg, SPEC)
+    privacy = AgentPrivacy("sensor_0", 0, SPEC, TeamConfig(noise_multiplier=sigma), cfg,
+                           tmp_path / LEDGER, {"run": 1})
+    messages = [r for r in privacy.batch_releases(ALL_ROUTES) if r.mechanism == "message"]
+    assert messages[0].count == SPEC.episode_length
+    spent = privacy.account.budget.epsilon_of(messages)
+    assert 7.9 < spent <= 8.0
+
+
+KILLED_AFTER_WRITING = """
+import os, signal, sys, torch
+from pathlib import Path
+from fedcomm.clients.privacy import AgentPrivacy
+from fedcomm.clients.team import TeamConfig
+from fedcomm.privacy.config import PrivacyConfig
+from fedcomm.sim.registry import make_env
+spec = make_env("factory", 1, n_sensors=1, n_processors=1, n_actuators=1).spec
+privacy = AgentPrivacy("sensor_0", 0, spec, TeamConfig(), PrivacyConfig(unit="history"),
+                       Path(sys.argv[1]), {"run": 1})
+assert privacy.spend(privacy.batch_releases(torch.ones(3, 3, dtype=torch.bool)), round=1,
+                     batch=0)
+os.kill(os.getpid(), signal.SIGKILL)  # after the ledger write, before anything is sent
+"""
+
+
+def test_an_agent_killed_between_ledger_write_and_send_still_counts_the_release(tmp_path):
+    ledger = tmp_path / LEDGER
+    proc = subprocess.run([sys.executable, "-c", KILLED_AFTER_WRITING, str(ledger)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    restarted = AgentPrivacy("sensor_0", 0, SPEC, TeamConfig(), PrivacyConfig(unit="history"),
+                             ledger, {"run": 1})
+    written = [e["mechanism"] for e in restarted.ledger.entries]
+    assert written == ["message", "feedback"]
+    assert restarted.spent().composed > 0
+    # and the next batch composes with it
+    before = restarted.spent().composed
+    restarted.spend(restarted.batch_releases(ALL_ROUTES), round=2, batch=1)
+    assert restarted.spent().composed > before
+
+
+@pytest.fixture
+def trained_run(tmp_path: Path) -> Path:
+    out = tmp_path / "run"
+    args = ["train", "--env", "factory", "--env-opt", "n_sensors=1", "--env-opt",
+            "n_processors=1", "--env-opt", "n_actuators=1", "--num-envs", "16", "--env-steps",
+            str(3 * 16 * 25), "--eval-episodes", "16", "--hidden", "16", "--quiet",
+            "--message-epsilon", "8", "--out", str(out)]
+    assert main(args) == 0
+    return out
+
+
+def test_a_trained_run_reports_its_privacy_and_the_report_audits(trained_run, capsys):
+    report = json.loads((trained_run / "privacy_report.json").read_text())
+    assert (trained_run / "privacy_report.html").stat().st_size > 0
+    for agent in SPEC.agent_ids:
+        section = report["agents"][agent]
+        assert section["ledger"]["entries"] == 3  # one message release per iteration
+        assert 7.9 < float(section["mechanisms"]["message"]["epsilon"]) <= 8.0
+    summary = json.loads((trained_run / "summary.json").read_text())
+    assert summary["privacy"]["epsilon"]["message"] <= 8.0
+    assert audit(trained_run).ok
+    capsys.readouterr()
+    assert main(["audit", str(trained_run)]) == 0
+    assert "verified" in "".join(capsys.readouterr())
+    os.remove(trained_run / "privacy_report.html")
+    assert main(["report", str(trained_run)]) == 0
+    assert (trained_run / "privacy_report.html").exists()
+
+
+def test_a_tampered_ledger_fails_the_audit_and_the_audit_says_where(trained_run, capsys):
+    ledger = trained_run / "agents" / "processor_0" / LEDGER
+    lines = ledger.read_text().splitlines()
+    entry = json.loads(lines[1])
+    lines[1] = json.dumps(replace_value(entry, "noise_multiplier", 99.0))
+    ledger.write_text("\n".join(lines) + "\n")
+    capsys.readouterr()
+    assert main(["audit", str(trained_run)]) == 1
+    out = "".join(capsys.readouterr())
+    assert "processor_0" in out and "FAILED" in out
+    assert read_ledger(trained_run / "agents" / "sensor_0" / LEDGER)  # the others untouched
+
+
+def replace_value(entry: dict, key: str, value: object) -> dict:
+    return {**entry, key: value}
+
+
+def test_a_spent_budget_stops_the_centralized_trainer_at_the_boundary(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["train", "--env", "factory", "--env-opt", "n_sensors=1", "--env-opt",
+            "n_processors=1", "--env-opt", "n_actuators=1", "--num-envs", "16", "--env-steps",
+            str(6 * 16 * 25), "--eval-episodes", "16", "--hidden", "16", "--quiet",
+            "--message-epsilon", "4", "--privacy-unit", "history", "--epsilon-budget", "7",
+            "--out", str(out)]
+    assert main(args) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert "privacy budget spent" in summary["stopped"]
+    assert summary["iterations"] < 6
+    report = json.loads((out / "privacy_report.json").read_text())
+    for section in report["agents"].values():
+        assert float(section["composed"]["epsilon"]) <= 7.0
+        assert section["composed"]["within_budget"]
+    assert report["verdict"]["within_budget"] and audit(out).ok
+    assert "privacy budget spent" in "".join(capsys.readouterr())
+
