@@ -5,7 +5,7 @@ calibrated to the target epsilon for one episode's vectors (replace-one, delta 1
 ``inf`` meaning no channel noise. Runs already present under ``--out`` are reused. Prints a
 table (return, gap closed, the epsilon the run's own report states) and writes a plot.
 
-    python benchmarks/privacy_utility.py --epsilons 1 4 8 inf --out runs/privacy-utility
+    python benchmarks/privacy_utility.py --epsilons 1 4 8 inf --out runs/pu --recurrent
 """
 
 from __future__ import annotations
@@ -40,8 +40,8 @@ def main() -> None:
     parser.add_argument("--epsilons", type=float, nargs="+", default=[1, 4, 8, math.inf])
     parser.add_argument("--out", type=Path, default=Path("runs/privacy-utility"))
     parser.add_argument("--plot", type=Path, default=Path("privacy_utility.png"))
-    parser.add_argument("extra", nargs=argparse.REMAINDER, help="more fedcomm simulate flags")
-    args = parser.parse_args()
+    args, extra = parser.parse_known_args()  # the rest goes to fedcomm simulate
+    args.extra = extra
 
     rows = []
     for eps in args.epsilons:

@@ -24,7 +24,7 @@ from torch import Tensor
 from fedcomm.clients.grpc_transport import ClientTls, GrpcTransport
 from fedcomm.clients.party import Party
 from fedcomm.clients.ppo import annealed_lr
-from fedcomm.clients.privacy import LEDGER, AgentPrivacy
+from fedcomm.clients.privacy import LEDGER, AgentPrivacy, update_dp, update_releases
 from fedcomm.clients.rollout import collect
 from fedcomm.clients.state import StateStore, load_private_state, private_state_dict
 from fedcomm.clients.team import Team
@@ -141,7 +141,8 @@ class FederatedAgent:
         self.transport = GrpcTransport(node.sim_address, self.spec, node.agent_id, node.token,
                                        fed.train.team, node.tls, timeout=fed.round_timeout)
         self.party = Party(team, self.transport, fed.train.ppo,
-                           seed=fed.train.seed * 1000 + self.index)
+                           seed=fed.train.seed * 1000 + self.index,
+                           dp=update_dp(fed.train.privacy, fed.train.ppo))
         self.store = StateStore(node.state_dir, context_state)
         self.privacy = AgentPrivacy(node.agent_id, self.index, self.spec, fed.train.team,
                                     fed.train.privacy, node.state_dir / LEDGER, fed.to_dict())
@@ -169,8 +170,9 @@ class FederatedAgent:
             lr = (annealed_lr(train.ppo.lr, it, self.fed.total_batches, time_frac)
                   if train.anneal_lr else train.ppo.lr)
             # Written down before anything of the batch leaves; refused: the agent stays silent.
-            speaks = self.privacy.spend(self.privacy.batch_releases(routes), round=server_round,
-                                        batch=it)
+            releases = self.privacy.batch_releases(
+                routes, update_releases(train.privacy, train.ppo))
+            speaks = self.privacy.spend(releases, round=server_round, batch=it)
             record = self.party.run_batch(seed=train.seed * 1_000_000 + it, routes=routes,
                                           lr=lr, silent=not speaks, noise=self.privacy.noise)
             trained += speaks

@@ -22,6 +22,15 @@ from fedcomm.clients.team import Team
 from fedcomm.clients.transport import Transport
 
 
+@dataclass(frozen=True)
+class DpSgd:
+    """DP-SGD settings of a party's update (``clients/dpsgd.py``)."""
+
+    noise_multiplier: float
+    clip: float
+    sample_rate: float
+
+
 @dataclass
 class BatchRecord:
     rollout: Rollout
@@ -39,7 +48,7 @@ class Party:
     """
 
     def __init__(self, team: Team, transport: Transport, cfg: PPOConfig | None = None,
-                 seed: int = 0) -> None:
+                 seed: int = 0, dp: DpSgd | None = None) -> None:
         if team.whole:
             raise ValueError("a party holds some of the agents; train a whole team with "
                              "the centralized trainer")
@@ -50,6 +59,7 @@ class Party:
         self.optimizer = torch.optim.Adam(team.parameters(), lr=self.cfg.lr, eps=1e-5)
         self.value_norm = ValueNorm(team.n_local)
         self.generator = torch.Generator().manual_seed(seed)
+        self.dp = dp
 
     def run_batch(self, *, seed: int | None = None, routes: Tensor | None = None,
                   lr: float | None = None, update: bool = True, silent: bool = False,
@@ -71,7 +81,8 @@ class Party:
             sent = rollout.rewards.new_zeros(self.team.spec.episode_length, rollout.num_envs, n,
                                              self.team.cfg.comm_dim)
         else:
-            targets = compute_targets(rollout, self.cfg, self.value_norm)
+            targets = compute_targets(rollout, self.cfg, self.value_norm,
+                                      update=self.dp is None)
             grads = receiver_feedback(self.team, rollout, targets, self.cfg)
             senders = rollout.delivered.flatten(0, 2).any(dim=0)  # [N]
             senders[self.team.local_index] = False
@@ -85,8 +96,18 @@ class Party:
             if lr is not None:
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr
-            stats |= ppo_update(self.team, self.optimizer, rollout, self.cfg, targets,
-                                self.generator, feedback=received)
+            if self.dp is None:
+                stats |= ppo_update(self.team, self.optimizer, rollout, self.cfg, targets,
+                                    self.generator, feedback=received)
+            else:
+                from fedcomm.clients.dpsgd import dp_ppo_update  # Opacus: only where used
+
+                update, steps = dp_ppo_update(
+                    self.team, self.optimizer, rollout, self.cfg, targets,
+                    noise_multiplier=self.dp.noise_multiplier, clip=self.dp.clip,
+                    sample_rate=self.dp.sample_rate, generator=self.generator,
+                    noise_generator=noise or self.generator, feedback=received)
+                stats |= update | {"dp_steps": steps}
         stats |= {"rollout_s": t1 - t0, "feedback_s": t2 - t1,
                   "update_s": time.perf_counter() - t2}
         return BatchRecord(rollout, sent, senders, received, stats)

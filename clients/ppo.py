@@ -89,12 +89,18 @@ class Targets:
     returns: Tensor  # [T, B, n_local], normalised by the value norm
 
 
-def compute_targets(rollout: Rollout, cfg: PPOConfig, value_norm: ValueNorm) -> Targets:
-    """GAE advantages and normalised returns; updates the value norm's statistics once."""
+def compute_targets(rollout: Rollout, cfg: PPOConfig, value_norm: ValueNorm,
+                    update: bool = True) -> Targets:
+    """GAE advantages and normalised returns; updates the value norm's statistics once.
+
+    ``update=False`` keeps the statistics: under DP-SGD they would carry every episode of the
+    batch into each episode's targets, outside the per-episode clip.
+    """
     values = value_norm.denormalize(rollout.values)
     advantages = gae(rollout.rewards, values, cfg.gamma, cfg.gae_lambda)
     returns = advantages + values
-    value_norm.update(returns)
+    if update:
+        value_norm.update(returns)
     return Targets(advantages, value_norm.normalize(returns))
 
 

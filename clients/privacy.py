@@ -18,6 +18,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from fedcomm.clients.party import DpSgd
+from fedcomm.clients.ppo import PPOConfig
 from fedcomm.clients.team import TeamConfig
 from fedcomm.privacy.budget import BudgetExhausted, PrivacyAccount, PrivacyBudget, Spent
 from fedcomm.privacy.calibrate import noise_for_epsilon
@@ -37,11 +39,43 @@ def message_noise(cfg: PrivacyConfig, spec: EnvSpec) -> float:
                              relation=cfg.relation, accountant=cfg.accountant)
 
 
-def declared_mechanisms(team: TeamConfig, cfg: PrivacyConfig) -> dict[str, dict[str, Any]]:
+def declared_mechanisms(team: TeamConfig, cfg: PrivacyConfig, ppo: PPOConfig | None = None
+                        ) -> dict[str, dict[str, Any]]:
     """What the run declares about each mechanism: the audit checks every entry against it."""
-    return {"message": {"noise_multiplier": team.noise_multiplier, "clip": team.clip},
-            "feedback": {"noise_multiplier": team.feedback_noise_multiplier,
-                         "clip": team.feedback_clip}}
+    out = {"message": {"noise_multiplier": team.noise_multiplier, "clip": team.clip},
+           "feedback": {"noise_multiplier": team.feedback_noise_multiplier,
+                        "clip": team.feedback_clip}}
+    if ppo is not None:
+        if cfg.update_noise_multiplier is None:
+            out["update"] = {"noise_multiplier": 0.0, "clip": ppo.max_grad_norm}
+        else:
+            out["update"] = {"noise_multiplier": cfg.update_noise_multiplier,
+                             "clip": cfg.update_clip,
+                             "sample_rate": update_sample_rate(cfg, ppo)}
+    return out
+
+
+def update_sample_rate(cfg: PrivacyConfig, ppo: PPOConfig) -> float:
+    return cfg.update_sample_rate or 1.0 / ppo.minibatches
+
+
+def update_dp(cfg: PrivacyConfig, ppo: PPOConfig) -> DpSgd | None:
+    """The DP-SGD settings of a federated agent's update, if it is private."""
+    if cfg.update_noise_multiplier is None:
+        return None
+    return DpSgd(cfg.update_noise_multiplier, cfg.update_clip, update_sample_rate(cfg, ppo))
+
+
+def update_releases(cfg: PrivacyConfig, ppo: PPOConfig) -> list[GaussianRelease]:
+    """What one batch's update releases to the server: DP-SGD steps, each a Poisson-sampled
+    Gaussian release; without DP-SGD, one release without noise (epsilon infinite)."""
+    dp = update_dp(cfg, ppo)
+    if dp is None:
+        return [gaussian_release("update", 0.0, ppo.max_grad_norm, relation=cfg.relation)]
+    from fedcomm.clients.dpsgd import dp_steps
+
+    return [gaussian_release("update", dp.noise_multiplier, dp.clip, relation=cfg.relation,
+                             sample_rate=dp.sample_rate, count=dp_steps(ppo, dp.sample_rate))]
 
 
 def peers(spec: EnvSpec, routes: Tensor, index: int) -> tuple[int, int]:
@@ -121,11 +155,12 @@ class AgentPrivacy:
 
 def write_run_report(run_dir: Path, run_config: dict[str, Any], team: TeamConfig,
                      cfg: PrivacyConfig, ledgers: dict[str, Path],
-                     mechanisms: Sequence[str] = ("message", "feedback")) -> dict[str, Any]:
+                     mechanisms: Sequence[str] = ("message", "feedback", "update"),
+                     ppo: PPOConfig | None = None) -> dict[str, Any]:
     """``privacy_report.json`` and ``privacy_report.html`` of a finished (or stopped) run."""
     from fedcomm.privacy.report import RunInfo, build_report, render_html, write_report
 
-    declared = declared_mechanisms(team, cfg)
+    declared = declared_mechanisms(team, cfg, ppo or PPOConfig())
     run = RunInfo(config=run_config, delta=cfg.delta, budget=cfg.epsilon_budget or math.inf,
                   mechanisms={k: declared[k] for k in mechanisms}, accountant=cfg.accountant,
                   unit=cfg.unit, relation=cfg.relation)

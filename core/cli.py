@@ -76,6 +76,9 @@ def _add_training_args(p: argparse.ArgumentParser, default_env: str = "factory")
     g.add_argument("--accountant", choices=["rdp", "pld", "prv"], help="default: rdp")
     g.add_argument("--on-budget-spent", choices=["silent", "stop"],
                    help="an agent out of budget goes silent (default) or stops the run")
+    g.add_argument("--update-noise", type=float,
+                   help="DP-SGD noise multiplier of a federated agent's update (default: off)")
+    g.add_argument("--update-clip", type=float, help="DP-SGD per-episode clip norm (default 1)")
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
@@ -108,7 +111,8 @@ def train_config_from_args(args: argparse.Namespace, base: TrainConfig | None = 
 
     privacy = {"message_epsilon": args.message_epsilon, "epsilon_budget": args.epsilon_budget,
                "delta": args.delta, "unit": args.privacy_unit, "relation": args.relation,
-               "accountant": args.accountant, "on_exhausted": args.on_budget_spent}
+               "accountant": args.accountant, "on_exhausted": args.on_budget_spent,
+               "update_noise_multiplier": args.update_noise, "update_clip": args.update_clip}
     cfg = replace(cfg, **_given(top), team=replace(cfg.team, **_given(team)),
                   ppo=replace(cfg.ppo, **_given(ppo)),
                   privacy=replace(cfg.privacy, **_given(privacy)))

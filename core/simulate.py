@@ -230,7 +230,7 @@ def simulate(fed: FederationConfig, out: str | Path, progress: bool = True,
     result.summary["importance"] = communication_importance(team, batch).tolist()
     ledgers = {a: run_dir / "agents" / a / LEDGER for a in spec.agent_ids}
     report = write_run_report(run_dir, fed.to_dict(), fed.train.team, fed.train.privacy,
-                              ledgers)
+                              ledgers, ppo=fed.train.ppo)
     result.summary["privacy"] = report_summary(report)
     run.write_summary(result.summary)
     from fedcomm.plots import learning_curve

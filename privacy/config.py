@@ -39,6 +39,11 @@ class PrivacyConfig:
     seeded_noise
         Draw privacy noise from the agent's seeded stream instead of a cryptographically
         seeded one: reproducible, for tests only.
+    update_noise_multiplier, update_clip, update_sample_rate
+        DP-SGD on a federated agent's whole model, whose shared part it sends to the server:
+        each step Poisson-samples episodes with the rate (default ``1 / minibatches``), clips
+        each episode's gradient to ``update_clip`` and adds noise. ``None``: plain PPO, and the
+        update the server receives is reported as a release without DP.
     """
 
     unit: Literal["episode", "history"] = "episode"
@@ -49,6 +54,9 @@ class PrivacyConfig:
     accountant: str = "rdp"
     on_exhausted: Literal["silent", "stop"] = "silent"
     seeded_noise: bool = False
+    update_noise_multiplier: float | None = None
+    update_clip: float = 1.0
+    update_sample_rate: float | None = None
 
     def __post_init__(self) -> None:
         if self.unit not in UNITS:
@@ -62,5 +70,12 @@ class PrivacyConfig:
                 raise ValueError(f"{name} must be positive and finite, got {value}")
         if self.accountant not in ("rdp", "pld", "prv"):
             raise ValueError(f"accountant must be rdp, pld or prv, got {self.accountant!r}")
+        if self.update_noise_multiplier is not None and not self.update_noise_multiplier >= 0:
+            raise ValueError("update_noise_multiplier must be non-negative")
+        if not 0 < self.update_clip < math.inf:
+            raise ValueError(f"update_clip must be positive and finite, got {self.update_clip}")
+        if self.update_sample_rate is not None and not 0 < self.update_sample_rate <= 1:
+            raise ValueError(f"update_sample_rate must lie in (0, 1], got "
+                             f"{self.update_sample_rate}")
         if self.on_exhausted not in ("silent", "stop"):
             raise ValueError(f"on_exhausted must be silent or stop, got {self.on_exhausted!r}")

@@ -21,12 +21,14 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from fedcomm.clients.agent import env_spec, initial_team, shared_arrays
 from fedcomm.clients.app import CONFIG_KEY, make_client_app
+from fedcomm.clients.dpsgd import dp_steps
 from fedcomm.clients.ppo import PPOConfig
-from fedcomm.clients.privacy import LEDGER, AgentPrivacy, write_run_report
+from fedcomm.clients.privacy import LEDGER, AgentPrivacy, update_releases, write_run_report
 from fedcomm.clients.rollout import collect
 from fedcomm.clients.state import StateStore
 from fedcomm.clients.team import TeamConfig
 from fedcomm.clients.transport import LocalTransport
+from fedcomm.privacy.audit import audit
 from fedcomm.privacy.config import PrivacyConfig
 from fedcomm.privacy.ledger import read_ledger
 from fedcomm.protocol.auth import write_tokens
@@ -222,12 +224,15 @@ def test_a_failing_agent_answers_with_one_line_instead_of_a_traceback(nodes, tmp
 
 
 def test_an_agent_out_of_budget_goes_silent_at_the_boundary_and_never_past_it(nodes, tmp_path):
-    # A budget over each agent's whole history that one batch fits into and two do not.
-    probe = AgentPrivacy("sensor_0", 0, env_spec(FED), FED.train.team,
-                         PrivacyConfig(unit="history"), tmp_path / "probe.jsonl", {})
-    one_batch = probe.account.budget.epsilon_of(probe.batch_releases(torch.ones(3, 3) > 0))
+    # A budget over each agent's whole history that one batch fits into and two do not; the
+    # update is trained with DP-SGD, so that everything released has a finite epsilon.
+    private = PrivacyConfig(unit="history", update_noise_multiplier=1.0)
+    probe = AgentPrivacy("sensor_0", 0, env_spec(FED), FED.train.team, private,
+                         tmp_path / "probe.jsonl", {})
+    one_batch = probe.account.budget.epsilon_of(probe.batch_releases(
+        torch.ones(3, 3) > 0, update_releases(private, FED.train.ppo)))
     budget = 1.5 * one_batch
-    private = PrivacyConfig(unit="history", epsilon_budget=budget)
+    private = replace(private, epsilon_budget=budget)
     fed = replace(FED, train=replace(FED.train, privacy=private))
     n = nodes(fed)
     replies = n.send(MessageType.TRAIN, shared_arrays(initial_team(fed, n.spec)),
@@ -241,7 +246,11 @@ def test_an_agent_out_of_budget_goes_silent_at_the_boundary_and_never_past_it(no
         assert metrics["epsilon"] <= budget
         assert metrics["num-examples"] == B * 25  # it trained on the batch it could pay for
         ledgers[agent] = n.state_root / agent / LEDGER
-        assert {e["batch"] for e in read_ledger(ledgers[agent])} == {1}
+        entries = read_ledger(ledgers[agent])
+        assert {e["batch"] for e in entries} == {1}
+        update = [e for e in entries if e["mechanism"] == "update"]
+        assert len(update) == 1 and update[0]["sample_rate"] == 0.5  # 1 / minibatches
+        assert update[0]["count"] == dp_steps(FED.train.ppo, 0.5)
     joins = [r for r in n.service.requests if isinstance(r, pb.JoinRequest)]
     assert sorted(r.silent for r in joins) == [False] * 3 + [True] * 3
     spoken = [r for r in n.service.requests if isinstance(r, pb.AgentFrame)
@@ -250,7 +259,8 @@ def test_an_agent_out_of_budget_goes_silent_at_the_boundary_and_never_past_it(no
     feedback = [r for r in n.service.requests if isinstance(r, pb.FeedbackRequest)]
     assert sorted(len(r.senders) > 0 for r in feedback) == [False] * 3 + [True] * 3
 
-    report = write_run_report(tmp_path, fed.to_dict(), fed.train.team, private, ledgers)
-    assert report["verdict"]["within_budget"]
+    report = write_run_report(tmp_path, fed.to_dict(), fed.train.team, private, ledgers,
+                              ppo=fed.train.ppo)
+    assert report["verdict"]["within_budget"] and audit(tmp_path).ok
     for section in report["agents"].values():
         assert float(section["composed"]["epsilon"]) <= budget

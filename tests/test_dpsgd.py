@@ -1,0 +1,175 @@
+"""DP-SGD over episodes for a party's PPO update: per-episode gradients, clipping and noise."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from fedcomm.clients.dpsgd import dp_ppo_update, dp_steps, episode_gradients, episode_loss
+from fedcomm.clients.ppo import PPOConfig, Targets, ValueNorm, compute_targets, ppo_update
+from fedcomm.clients.rollout import Rollout, collect, replay
+from fedcomm.clients.team import Team, TeamConfig
+from fedcomm.clients.transport import LocalTransport
+from fedcomm.sim.factory import Factory
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Small ops: a second OpenMP thread only waits at barriers on a shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def party_rollout(whole: Team, rollout: Rollout, agent: int) -> Rollout:
+    """What agent ``agent`` alone would have recorded: its own data plus what it was sent."""
+    with torch.no_grad():
+        messages = replay(whole, rollout).messages  # [T, B, N, D]
+        delivered = torch.stack([whole.route(m)[:, [agent]] for m in messages])
+    spec = whole.spec
+    return Rollout(
+        obs=spec.select(rollout.obs, (agent,), dim=2),
+        actions=spec.select(rollout.actions, (agent,), dim=2),
+        noise=rollout.noise[:, :, [agent]], logprobs=rollout.logprobs[:, :, [agent]],
+        values=rollout.values[:, :, [agent]], rewards=rollout.rewards[:, :, [agent]],
+        received=messages, delivered=delivered)
+
+
+def make_party(envs: int = 8, recurrent: bool = False, agent: int = 6
+               ) -> tuple[Team, Rollout, Targets, torch.Tensor]:
+    """A factory party (an actuator: it receives and sends), its rollout, targets and a
+    random DIAL feedback."""
+    torch.manual_seed(0)
+    env = Factory(envs)
+    whole = Team(env.spec, TeamConfig(recurrent=recurrent))
+    rollout = party_rollout(whole, collect(whole, LocalTransport(env), seed=0), agent)
+    targets = compute_targets(rollout, PPOConfig(), ValueNorm(1))
+    return whole.subteam([agent]), rollout, targets, torch.randn_like(rollout.noise) * 0.1
+
+
+def flat(team: Team) -> torch.Tensor:
+    return torch.cat([p.detach().flatten() for p in team.parameters()])
+
+
+def sgd_update(team: Team, rollout: Rollout, targets: Targets, cfg: PPOConfig, *,
+               lr: float = 1.0, seed: int = 0, **dp) -> tuple[torch.Tensor, dict, int]:
+    """The parameter change of one ``dp_ppo_update`` under SGD (``-lr`` times the gradients)."""
+    before = flat(team)
+    stats, steps = dp_ppo_update(team, torch.optim.SGD(team.parameters(), lr=lr), rollout, cfg,
+                                 targets, generator=torch.Generator().manual_seed(seed),
+                                 noise_generator=torch.Generator().manual_seed(seed + 1), **dp)
+    return flat(team) - before, stats, steps
+
+
+@pytest.mark.parametrize("recurrent", [False, True])
+def test_episode_gradients_are_each_episodes_own_gradient(recurrent):
+    team, rollout, targets, feedback = make_party(4, recurrent)
+    cfg = PPOConfig()
+    grads, stats = episode_gradients(team, rollout, targets, cfg, feedback)
+    assert stats["approx_kl"].shape == (4,)
+    names = [n for n, _ in team.named_parameters()]
+    assert set(grads) == set(names)
+    for e in range(4):
+        env = torch.tensor([e])
+        part = Targets(targets.advantages[:, env], targets.returns[:, env])
+        loss, out, _ = episode_loss(team, rollout.select(env), part, cfg)
+        loss = loss + (out.messages * feedback[:, env]).sum()
+        ref = torch.autograd.grad(loss, list(team.parameters()))
+        for name, r in zip(names, ref):
+            torch.testing.assert_close(grads[name][e], r, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("envs", [1, 8])
+def test_without_noise_or_clipping_a_step_is_a_ppo_update_step(envs):
+    """Advantages standardised beforehand, which ``ppo_update``'s standardising keeps."""
+    team, rollout, targets, feedback = make_party(8)
+    keep = torch.arange(envs)
+    rollout, feedback = rollout.select(keep), feedback[:, keep]
+    adv = targets.advantages[:, keep]
+    adv = (adv - adv.mean(dim=(0, 1))) / adv.std(dim=(0, 1))
+    targets = Targets(adv, targets.returns[:, keep])
+    cfg = PPOConfig(epochs=1, minibatches=1, max_grad_norm=math.inf)
+    plain = Team(team.spec, team.cfg, team.agents)
+    plain.load_state_dict(team.state_dict())
+    before = flat(plain)
+    ppo_update(plain, torch.optim.SGD(plain.parameters(), lr=1.0), rollout, cfg, targets,
+               torch.Generator().manual_seed(0), feedback=feedback)
+    expected = flat(plain) - before
+    change, stats, steps = sgd_update(team, rollout, targets, cfg, noise_multiplier=0.0,
+                                      clip=1e9, sample_rate=1.0, feedback=feedback)
+    assert steps == 1 and stats["dp_episodes"] == envs and stats["dp_clip_frac"] == 0
+    assert expected.norm() > 0
+    torch.testing.assert_close(change, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_each_episodes_whole_model_gradient_is_clipped():
+    team, rollout, targets, feedback = make_party(8)
+    clip = 1e-3  # far below every episode's gradient norm
+    one = Team(team.spec, team.cfg, team.agents)
+    one.load_state_dict(team.state_dict())
+    keep = torch.tensor([5])
+    change, stats, _ = sgd_update(
+        one, rollout.select(keep), Targets(targets.advantages[:, keep], targets.returns[:, keep]),
+        PPOConfig(epochs=1), noise_multiplier=0.0, clip=clip, sample_rate=1.0,
+        feedback=feedback[:, keep])
+    assert stats["dp_clip_frac"] == 1
+    torch.testing.assert_close(change.norm().item(), clip, rtol=1e-3, atol=0)
+
+    cfg = PPOConfig(epochs=1, minibatches=2)
+    q = 1 / cfg.minibatches
+    change, stats, steps = sgd_update(team, rollout, targets, cfg, noise_multiplier=0.0,
+                                      clip=clip, sample_rate=q, feedback=feedback)
+    sampled = stats["dp_episodes"] * steps
+    assert steps == 2 and sampled > 0
+    assert 0 < change.norm() <= clip * sampled / (q * rollout.num_envs) * (1 + 1e-5)
+
+
+def zero_loss(envs: int) -> tuple[Team, Rollout, Targets, PPOConfig]:
+    """No advantages and no value, entropy or route terms: every episode's gradient is 0."""
+    team, rollout, targets, _ = make_party(envs)
+    cfg = PPOConfig(epochs=1, vf_coef=0.0, ent_coef=0.0, graph_cost=0.0)
+    return team, rollout, Targets(torch.zeros_like(targets.advantages), targets.returns), cfg
+
+
+def test_the_noise_has_the_declared_std():
+    team, rollout, targets, cfg = zero_loss(8)
+    sigma, clip, q = 1.5, 0.4, 0.25
+    cfg.epochs = 2
+    change, stats, steps = sgd_update(team, rollout, targets, cfg, noise_multiplier=sigma,
+                                      clip=clip, sample_rate=q)
+    assert steps == 8 and stats["dp_episodes"] > 0
+    std = sigma * clip * math.sqrt(steps) / (q * rollout.num_envs)  # the sum of the steps
+    assert change.numel() > 10_000
+    assert abs(change.std().item() / std - 1) < 0.03
+    assert abs(change.mean().item()) < 4 * std / math.sqrt(change.numel())
+    quarters = (change / std).abs().quantile(torch.tensor([0.5, 0.9]))  # Gaussian quantiles
+    torch.testing.assert_close(quarters, torch.tensor([0.6745, 1.6449]), rtol=0.03, atol=0)
+
+
+def test_a_step_without_episodes_still_adds_noise():
+    team, rollout, targets, cfg = zero_loss(1)
+    sigma, clip, q = 1.0, 2.0, 0.5
+    for seed in range(64):  # a seed whose two steps sample nothing (1 in 4)
+        change, stats, steps = sgd_update(team, rollout, targets, cfg, seed=seed,
+                                          noise_multiplier=sigma, clip=clip, sample_rate=q)
+        if stats["dp_episodes"] == 0:
+            break
+    assert steps == 2 and stats["dp_episodes"] == 0 and "approx_kl" not in stats
+    std = sigma * clip * math.sqrt(steps) / q
+    assert abs(change.std().item() / std - 1) < 0.03
+
+
+def test_steps_are_counted_in_advance_and_a_partial_optimizer_is_refused():
+    assert dp_steps(PPOConfig(epochs=4, minibatches=4), 1 / 4) == 16
+    assert dp_steps(PPOConfig(epochs=3), 1.0) == 3
+    for bad in (0.0, 1.5):
+        with pytest.raises(ValueError, match="sample rate"):
+            dp_steps(PPOConfig(), bad)
+    team, rollout, targets, _ = make_party(2)
+    partial = torch.optim.SGD(team.comm.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="exactly the team"):
+        dp_ppo_update(team, partial, rollout, PPOConfig(), targets, noise_multiplier=1.0,
+                      clip=1.0, sample_rate=0.5, generator=None, noise_generator=None)
