@@ -77,7 +77,7 @@ def main() -> None:
     ax.set_ylabel("return per agent")
     ax.set_title("speaker_listener: privacy against utility")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="center right")
     fig.tight_layout()
     fig.savefig(args.plot, dpi=120)
     print(f"plot: {args.plot}")
