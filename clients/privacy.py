@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,31 @@ def message_noise(cfg: PrivacyConfig, spec: EnvSpec) -> float:
     assert cfg.message_epsilon is not None
     return noise_for_epsilon(cfg.message_epsilon, cfg.delta, count=spec.episode_length,
                              relation=cfg.relation, accountant=cfg.accountant)
+
+
+def calibrated(team: TeamConfig, ppo: PPOConfig, cfg: PrivacyConfig, spec: EnvSpec
+               ) -> tuple[TeamConfig, PrivacyConfig]:
+    """The channel and update noise multipliers that meet the configured target epsilons.
+
+    Feedback is calibrated for an agent that every other agent's vectors reach (``N - 1``
+    releases per episode), the update for one batch's DP-SGD steps.
+    """
+    def noise(target: float, **release: float) -> float:
+        return noise_for_epsilon(target, cfg.delta, relation=cfg.relation,
+                                 accountant=cfg.accountant, **release)
+
+    if cfg.message_epsilon is not None:
+        team = replace(team, noise_multiplier=message_noise(cfg, spec))
+    if cfg.feedback_epsilon is not None:
+        team = replace(team, feedback_noise_multiplier=noise(cfg.feedback_epsilon,
+                                                             count=spec.n_agents - 1))
+    if cfg.update_epsilon is not None:
+        from fedcomm.clients.dpsgd import dp_steps
+
+        q = update_sample_rate(cfg, ppo)
+        cfg = replace(cfg, update_noise_multiplier=noise(
+            cfg.update_epsilon, sample_rate=q, count=dp_steps(ppo, q)))
+    return team, cfg
 
 
 def declared_mechanisms(team: TeamConfig, cfg: PrivacyConfig, ppo: PPOConfig | None = None

@@ -66,6 +66,11 @@ def _add_training_args(p: argparse.ArgumentParser, default_env: str = "factory")
     g = p.add_argument_group("privacy (docs/privacy.md)")
     g.add_argument("--message-epsilon", type=float,
                    help="calibrate the channel noise so one episode's vectors cost this epsilon")
+    g.add_argument("--feedback-epsilon", type=float,
+                   help="calibrate the feedback noise to this epsilon per episode")
+    g.add_argument("--update-epsilon", type=float,
+                   help="calibrate DP-SGD of a federated agent's update to this epsilon per "
+                   "episode (turns DP-SGD on)")
     g.add_argument("--epsilon-budget", type=float,
                    help="each agent's epsilon budget per privacy unit (default: none)")
     g.add_argument("--delta", type=float, help="delta of every epsilon (default: 1e-5)")
@@ -110,20 +115,23 @@ def train_config_from_args(args: argparse.Namespace, base: TrainConfig | None = 
         team["recurrent"] = True
 
     privacy = {"message_epsilon": args.message_epsilon, "epsilon_budget": args.epsilon_budget,
+               "feedback_epsilon": args.feedback_epsilon, "update_epsilon": args.update_epsilon,
                "delta": args.delta, "unit": args.privacy_unit, "relation": args.relation,
                "accountant": args.accountant, "on_exhausted": args.on_budget_spent,
                "update_noise_multiplier": args.update_noise, "update_clip": args.update_clip}
     cfg = replace(cfg, **_given(top), team=replace(cfg.team, **_given(team)),
                   ppo=replace(cfg.ppo, **_given(ppo)),
                   privacy=replace(cfg.privacy, **_given(privacy)))
-    if cfg.privacy.message_epsilon is not None:
-        from fedcomm.clients.privacy import message_noise
+    for noise, target in (("noise", "message_epsilon"), ("feedback_noise", "feedback_epsilon"),
+                          ("update_noise", "update_epsilon")):
+        if getattr(args, noise, None) is not None and getattr(args, target) is not None:
+            raise ValueError(f"give --{noise.replace('_', '-')} or "
+                             f"--{target.replace('_', '-')}, not both")
+    from fedcomm.clients.privacy import calibrated
 
-        if args.noise is not None:
-            raise ValueError("give --noise or --message-epsilon, not both")
-        sigma = message_noise(cfg.privacy, _spec(cfg.env, cfg.env_kwargs))
-        cfg = replace(cfg, team=replace(cfg.team, noise_multiplier=sigma))
-    return cfg
+    team_cfg, privacy_cfg = calibrated(cfg.team, cfg.ppo, cfg.privacy,
+                                       _spec(cfg.env, cfg.env_kwargs))
+    return replace(cfg, team=team_cfg, privacy=privacy_cfg)
 
 
 def _given(d: dict) -> dict:

@@ -27,9 +27,11 @@ class PrivacyConfig:
         Delta of every epsilon.
     epsilon_budget
         Each agent's epsilon budget for the unit; ``None``: accounted and reported, not capped.
-    message_epsilon
-        Calibrate the knowledge-vector noise multiplier so that one episode's vectors cost at
-        most this (rounded to the safe side); ``None``: use the team's noise multiplier.
+    message_epsilon, feedback_epsilon, update_epsilon
+        Calibrate the noise multiplier of the knowledge vectors, of the feedback (for an agent
+        that every other agent's vectors reach) and of the DP-SGD update so that one unit's
+        releases of that mechanism in one batch cost at most this (rounded to the safe side);
+        ``None``: use the configured noise multiplier.
     accountant
         ``"rdp"`` (default), ``"pld"`` or ``"prv"``: the accountant budgets are checked with.
     on_exhausted
@@ -51,6 +53,8 @@ class PrivacyConfig:
     delta: float = 1e-5
     epsilon_budget: float | None = None
     message_epsilon: float | None = None
+    feedback_epsilon: float | None = None
+    update_epsilon: float | None = None
     accountant: str = "rdp"
     on_exhausted: Literal["silent", "stop"] = "silent"
     seeded_noise: bool = False
@@ -64,7 +68,7 @@ class PrivacyConfig:
         check_relation(self.relation)
         if not 0 < self.delta < 1:
             raise ValueError(f"delta must lie in (0, 1), got {self.delta}")
-        for name in ("epsilon_budget", "message_epsilon"):
+        for name in ("epsilon_budget", "message_epsilon", "feedback_epsilon", "update_epsilon"):
             value = getattr(self, name)
             if value is not None and not (value > 0 and math.isfinite(value)):
                 raise ValueError(f"{name} must be positive and finite, got {value}")

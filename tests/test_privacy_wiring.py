@@ -16,7 +16,14 @@ import torch
 
 from fedcomm.cli import main
 from fedcomm.clients.feedback import privatize
-from fedcomm.clients.privacy import LEDGER, AgentPrivacy, message_noise
+from fedcomm.clients.ppo import PPOConfig
+from fedcomm.clients.privacy import (
+    LEDGER,
+    AgentPrivacy,
+    calibrated,
+    message_noise,
+    update_releases,
+)
 from fedcomm.clients.team import Team, TeamConfig
 from fedcomm.privacy.audit import audit
 from fedcomm.privacy.config import PrivacyConfig
@@ -170,3 +177,22 @@ def test_a_spent_budget_stops_the_centralized_trainer_at_the_boundary(tmp_path, 
     assert report["verdict"]["within_budget"] and audit(out).ok
     assert "privacy budget spent" in "".join(capsys.readouterr())
 
+
+
+def test_every_mechanism_can_be_set_by_a_target_epsilon_and_costs_at_most_that(tmp_path):
+    cfg = PrivacyConfig(message_epsilon=8.0, feedback_epsilon=2.0, update_epsilon=3.0)
+    ppo = PPOConfig()
+    team, cfg = calibrated(TeamConfig(), ppo, cfg, SPEC)
+    privacy = AgentPrivacy("actuator_0", 2, SPEC, team, cfg, tmp_path / LEDGER, {"run": 1})
+    releases = privacy.batch_releases(ALL_ROUTES, update_releases(cfg, ppo))
+    by_mechanism = {r.mechanism: r for r in releases}
+    assert by_mechanism["feedback"].count == SPEC.n_agents - 1  # every other agent reaches it
+    assert by_mechanism["update"].sample_rate == 1 / ppo.minibatches
+    for name, target in (("message", 8.0), ("feedback", 2.0), ("update", 3.0)):
+        spent = privacy.account.budget.epsilon_of([by_mechanism[name]])
+        assert 0.98 * target < spent <= target, name
+
+
+def test_a_noise_multiplier_and_a_target_epsilon_for_the_same_mechanism_are_refused(capsys):
+    assert main(["train", "--noise", "0.5", "--message-epsilon", "8", "--quiet"]) == 2
+    assert "give --noise or --message-epsilon, not both" in "".join(capsys.readouterr())
