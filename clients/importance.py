@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from fedcomm.clients.rollout import Rollout
-from fedcomm.clients.team import Team
+from fedcomm.clients.team import Team, memory_of
 
 
 @torch.no_grad()
@@ -22,12 +22,12 @@ def communication_importance(team: Team, rollout: Rollout) -> Tensor:
     pair = (team.type_of_agent[:, None] * k + team.type_of_agent[None, :]).flatten()  # [i, j]
     total = torch.zeros(k * k)
     count = torch.zeros(k * k)
-    hidden = team.initial_hidden(rollout.num_envs)
+    hidden, memory = team.initial_hidden(rollout.num_envs), None
     eye = torch.eye(n, dtype=torch.bool)
     for t in range(rollout.rewards.shape[0]):
-        out = team([o[t] for o in rollout.obs], hidden, rollout.noise[t])
-        hidden = out.hidden
-        feats, incoming = out.extras["feats"], out.extras["senders"][:, None]
+        out = team([o[t] for o in rollout.obs], hidden, rollout.noise[t], memory=memory)
+        hidden, memory = out.hidden, memory_of(out.extras)
+        feats, incoming = out.extras["feats"], out.extras["incoming"]
         b = feats.shape[0]
         weights = out.extras["weights"].expand(b, n, n)
         # Counterfactual c drops sender c's vector at every receiver: [B, c, Nr, Ns].

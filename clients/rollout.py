@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from fedcomm.clients.team import Team, TeamOutput, log_probs, sample_actions
+from fedcomm.clients.team import Team, TeamOutput, log_probs, memory_of, sample_actions
 from fedcomm.clients.transport import Transport
 
 
@@ -66,6 +66,7 @@ def collect(team: Team, transport: Transport, seed: int | None = None,
     noise_generator = noise or generator
     obs = transport.reset(team.kept_routes() if routes is None else routes, seed, silent)
     hidden = team.initial_hidden(b)
+    memory = None
     steps: list[tuple] = []
     done = False
     while not done:
@@ -73,7 +74,8 @@ def collect(team: Team, transport: Transport, seed: int | None = None,
         noise = team.sample_noise((b, team.n_local, d), noise_generator)
         messages = team.speak(feats) + noise
         received, delivered = transport.exchange(messages)
-        logits, values, _ = team.respond(feats, messages, received, delivered)
+        logits, values, extras = team.respond(feats, messages, received, delivered, memory)
+        memory = memory_of(extras)
         actions = sample_actions(logits, greedy, generator)
         logp, _ = log_probs(logits, actions)
         step = transport.step(actions)
@@ -94,7 +96,7 @@ def replay(team: Team, rollout: Rollout) -> TeamOutput:
     """Recompute the team's outputs for a stored batch, with gradients, as ``[T, B, ...]``."""
     t, b = rollout.rewards.shape[:2]
     received, delivered = rollout.received, rollout.delivered
-    if not team.cfg.recurrent:  # steps are independent given the stored noise: one big batch
+    if not (team.cfg.recurrent or team.cfg.accumulate):  # steps independent: one big batch
         if delivered is not None:
             delivered = delivered.expand(t, b, *delivered.shape[2:]).flatten(0, 1)
         out = team([o.flatten(0, 1) for o in rollout.obs], None, rollout.noise.flatten(0, 1),
@@ -102,13 +104,13 @@ def replay(team: Team, rollout: Rollout) -> TeamOutput:
         return TeamOutput([lg.unflatten(0, (t, b)) for lg in out.logits],
                           out.values.unflatten(0, (t, b)), out.messages.unflatten(0, (t, b)),
                           None)
-    hidden = team.initial_hidden(b)
+    hidden, memory = team.initial_hidden(b), None
     outs = []
     for i in range(t):
         out = team([o[i] for o in rollout.obs], hidden, rollout.noise[i],
                    None if received is None else received[i],
-                   None if delivered is None else delivered[i])
-        hidden = out.hidden
+                   None if delivered is None else delivered[i], memory)
+        hidden, memory = out.hidden, memory_of(out.extras)
         outs.append(out)
     n_types = len(outs[0].logits)
     return TeamOutput([torch.stack([o.logits[k] for o in outs]) for k in range(n_types)],

@@ -39,6 +39,10 @@ class TeamConfig:
     feedback_clip: float = 1.0
     feedback_noise_multiplier: float = 0.5
     communicate: bool = True  # False delivers nothing: the no-communication ablation
+    # Each receiver hears, from each sender, the running mean of that sender's vectors delivered
+    # to it so far in the episode: evidence that repeats across steps accumulates, and the noise
+    # of T releases averages out. Post-processing of what was released: no privacy cost.
+    accumulate: bool = False
     prune_threshold: float = 0.3  # routes whose strength falls below this are not sent
     graph_init: float = 1.0  # initial route logit (strength sigmoid(1) = 0.73)
 
@@ -49,6 +53,16 @@ class TeamConfig:
             raise ValueError("noise multipliers must be non-negative")
         if self.hidden < 1 or self.comm_dim < 1:
             raise ValueError("hidden and comm_dim must be positive")
+
+
+Memory = tuple[Tensor, Tensor]  # with ``accumulate``: delivered sums and counts so far
+
+
+def memory_of(out_extras: dict[str, Tensor]) -> Memory | None:
+    """What a step with ``accumulate`` passes on to the next."""
+    if "heard_sum" not in out_extras:
+        return None
+    return out_extras["heard_sum"], out_extras["heard_count"]
 
 
 @dataclass
@@ -189,22 +203,36 @@ class Team(nn.Module):
         return x.split(self.counts, dim=1)
 
     def respond(self, feats: Tensor, messages: Tensor, received: Tensor | None,
-                delivered: Tensor) -> tuple[list[Tensor], Tensor, dict[str, Tensor]]:
+                delivered: Tensor, memory: Memory | None = None
+                ) -> tuple[list[Tensor], Tensor, dict[str, Tensor]]:
         """Logits and values of the local agents, given what the router delivered.
 
         ``received`` holds every sender's vector ``[B, N, D]`` (entries of local agents are
-        replaced by ``messages``); ``None`` when the team holds every agent.
+        replaced by ``messages``); ``None`` when the team holds every agent. ``memory``: with
+        ``accumulate``, the sums and counts of the episode's earlier deliveries (the extras
+        ``heard_sum`` and ``heard_count`` of the previous step).
         """
         senders = messages if received is None else received.index_copy(
             1, self.local_index, messages)
-        weights = self.delivery_weights(senders, delivered)
-        context = self.comm.listen(feats, senders[:, None], weights)
+        extras = {"feats": feats, "senders": senders}
+        if self.cfg.accumulate:
+            mask = delivered.expand(senders.shape[0], -1, -1).to(senders.dtype)
+            total, count = senders[:, None] * mask[..., None], mask  # [B, n_local, N, (D)]
+            if memory is not None:
+                total, count = total + memory[0], count + memory[1]
+            incoming = total / count.clamp(min=1)[..., None]
+            weights = self.delivery_weights(senders, count > 0)
+            extras |= {"heard_sum": total, "heard_count": count}
+        else:
+            incoming, weights = senders[:, None], self.delivery_weights(senders, delivered)
+        context = self.comm.listen(feats, incoming, weights)
         logits, values = self.act(feats, context)
-        return logits, values, {"feats": feats, "senders": senders, "weights": weights}
+        return logits, values, extras | {"incoming": incoming, "weights": weights}
 
     # -- a whole step -------------------------------------------------------------------------
     def forward(self, obs: Obs, hidden: Tensor | None = None, noise: Tensor | None = None,
-                received: Tensor | None = None, delivered: Tensor | None = None) -> TeamOutput:
+                received: Tensor | None = None, delivered: Tensor | None = None,
+                memory: Memory | None = None) -> TeamOutput:
         """One step of the local agents.
 
         Parameters
@@ -227,7 +255,7 @@ class Team(nn.Module):
             if received is not None:
                 raise ValueError("received vectors come with their delivery mask")
             delivered = self.route(messages)
-        logits, values, extras = self.respond(feats, messages, received, delivered)
+        logits, values, extras = self.respond(feats, messages, received, delivered, memory)
         return TeamOutput(logits, values, messages, hidden, extras)
 
     @torch.no_grad()

@@ -55,6 +55,8 @@ def _add_training_args(p: argparse.ArgumentParser, default_env: str = "factory")
     p.add_argument("--clip", type=float, help="clip norm C of every knowledge vector")
     p.add_argument("--no-comm", action="store_true", help="deliver no vectors (ablation)")
     p.add_argument("--recurrent", action="store_true", help="give each agent a GRU state")
+    p.add_argument("--accumulate", action="store_true",
+                   help="receivers hear each sender's running mean over the episode")
     p.add_argument("--encoder", choices=["mlp", "superposition"])
     p.add_argument("--hidden", type=int)
     p.add_argument("--comm-dim", type=int)
@@ -113,6 +115,8 @@ def train_config_from_args(args: argparse.Namespace, base: TrainConfig | None = 
         team["communicate"] = False
     if args.recurrent:
         team["recurrent"] = True
+    if args.accumulate:
+        team["accumulate"] = True
 
     privacy = {"message_epsilon": args.message_epsilon, "epsilon_budget": args.epsilon_budget,
                "feedback_epsilon": args.feedback_epsilon, "update_epsilon": args.update_epsilon,

@@ -27,11 +27,14 @@ def party_rollout(whole: Team, rollout: Rollout, agent: int) -> Rollout:
         received=messages, delivered=delivered)
 
 
-@pytest.mark.parametrize("env_cls", [Factory, Platoon])
-def test_summed_receiver_feedback_equals_the_in_process_gradient(env_cls):
+@pytest.mark.parametrize(("env_cls", "accumulate"),
+                         [(Factory, False), (Platoon, False), (Factory, True)])
+def test_summed_receiver_feedback_equals_the_in_process_gradient(env_cls, accumulate):
+    # With ``accumulate`` a vector keeps shaping what its receivers hear for the rest of the
+    # episode: the feedback must carry those later steps' gradients too.
     torch.manual_seed(0)
     env = env_cls(16)
-    whole = Team(env.spec, TeamConfig(noise_multiplier=0.0))
+    whole = Team(env.spec, TeamConfig(noise_multiplier=0.0, accumulate=accumulate))
     cfg = PPOConfig()
     rollout = collect(whole, LocalTransport(env), seed=1,
                       generator=torch.Generator().manual_seed(1))
