@@ -25,25 +25,11 @@ from rich.table import Table
 
 from fedcomm.clients.dpsgd import dp_ppo_update
 from fedcomm.clients.ppo import ValueNorm, compute_targets, ppo_update
-from fedcomm.clients.rollout import Rollout, collect, replay
+from fedcomm.clients.rollout import collect, party_rollout
 from fedcomm.clients.team import Team
 from fedcomm.clients.transport import LocalTransport
 from fedcomm.presets import preset
 from fedcomm.sim.registry import make_env
-
-
-def party_rollout(whole: Team, rollout: Rollout, agent: int) -> Rollout:
-    """What agent ``agent`` alone records: its own data plus what it was delivered."""
-    with torch.no_grad():
-        messages = replay(whole, rollout).messages
-        delivered = torch.stack([whole.route(m)[:, [agent]] for m in messages])
-    spec = whole.spec
-    return Rollout(
-        obs=spec.select(rollout.obs, (agent,), dim=2),
-        actions=spec.select(rollout.actions, (agent,), dim=2),
-        noise=rollout.noise[:, :, [agent]], logprobs=rollout.logprobs[:, :, [agent]],
-        values=rollout.values[:, :, [agent]], rewards=rollout.rewards[:, :, [agent]],
-        received=messages, delivered=delivered)
 
 
 class Setting:

@@ -32,9 +32,9 @@ from opacus.optimizers import DPOptimizer
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
-from fedcomm.clients.ppo import PPOConfig, Targets
-from fedcomm.clients.rollout import Rollout, replay
-from fedcomm.clients.team import Team, TeamOutput, log_probs
+from fedcomm.clients.ppo import PPOConfig, Targets, ppo_loss
+from fedcomm.clients.rollout import Rollout
+from fedcomm.clients.team import Team
 
 
 def dp_steps(cfg: PPOConfig, sample_rate: float) -> int:
@@ -50,29 +50,6 @@ def check_sample_rate(sample_rate: float) -> None:
         raise ValueError(f"the sample rate must be in (0, 1], got {sample_rate}")
 
 
-def episode_loss(team: Team, batch: Rollout, targets: Targets, cfg: PPOConfig
-                 ) -> tuple[Tensor, TeamOutput, dict[str, Tensor]]:
-    """``ppo_loss`` with the advantages as given: no statistic of other episodes enters.
-
-    Kept in step with ``ppo_loss``; a ``standardize`` switch there would make this redundant.
-    """
-    out = replay(team, batch)
-    logp, entropy = log_probs(out.logits, batch.actions)
-    log_ratio = logp - batch.logprobs
-    ratio = log_ratio.exp()
-    adv = targets.advantages
-    pg = torch.max(-adv * ratio, -adv * ratio.clamp(1 - cfg.clip_coef, 1 + cfg.clip_coef))
-    v_loss = 0.5 * (out.values - targets.returns) ** 2
-    per_agent = (pg.mean(dim=(0, 1)) + cfg.vf_coef * v_loss.mean(dim=(0, 1))
-                 - cfg.ent_coef * entropy.mean(dim=(0, 1)))
-    loss = per_agent.sum() + cfg.graph_cost * team.route_cost()
-    with torch.no_grad():
-        stats = {"policy_loss": pg.mean(), "value_loss": v_loss.mean(),
-                 "entropy": entropy.mean(), "approx_kl": ((ratio - 1) - log_ratio).mean(),
-                 "clip_frac": ((ratio - 1).abs() > cfg.clip_coef).float().mean()}
-    return loss, out, stats
-
-
 class _EpisodeLoss(nn.Module):
     """The team's loss on one episode, as a module so ``functional_call`` can swap its
     parameters (``ppo_loss`` uses the team beyond its ``forward``)."""
@@ -83,7 +60,7 @@ class _EpisodeLoss(nn.Module):
 
     def forward(self, batch: Rollout, targets: Targets, feedback: Tensor | None
                 ) -> tuple[Tensor, dict[str, Tensor]]:
-        loss, out, stats = episode_loss(self.team, batch, targets, self.cfg)
+        loss, out, stats = ppo_loss(self.team, batch, targets, self.cfg, standardize=False)
         if feedback is not None:  # one episode: sum(m * g) / 1
             loss = loss + (out.messages * feedback).sum()
         return loss, stats

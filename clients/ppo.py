@@ -104,15 +104,20 @@ def compute_targets(rollout: Rollout, cfg: PPOConfig, value_norm: ValueNorm,
     return Targets(advantages, value_norm.normalize(returns))
 
 
-def ppo_loss(team: Team, batch: Rollout, targets: Targets, cfg: PPOConfig
-             ) -> tuple[Tensor, TeamOutput, dict[str, Tensor]]:
-    """The local agents' summed PPO loss on a batch (each agent's terms averaged over steps)."""
+def ppo_loss(team: Team, batch: Rollout, targets: Targets, cfg: PPOConfig,
+             standardize: bool = True) -> tuple[Tensor, TeamOutput, dict[str, Tensor]]:
+    """The local agents' summed PPO loss on a batch (each agent's terms averaged over steps).
+
+    ``standardize=False`` takes the advantages as given, so that no statistic of other
+    episodes enters one episode's loss (DP-SGD, ``clients/dpsgd.py``).
+    """
     out = replay(team, batch)
     logp, entropy = log_probs(out.logits, batch.actions)
     log_ratio = logp - batch.logprobs
     ratio = log_ratio.exp()
     adv = targets.advantages
-    adv = (adv - adv.mean(dim=(0, 1))) / (adv.std(dim=(0, 1)) + 1e-8)
+    if standardize:
+        adv = (adv - adv.mean(dim=(0, 1))) / (adv.std(dim=(0, 1)) + 1e-8)
     pg = torch.max(-adv * ratio, -adv * ratio.clamp(1 - cfg.clip_coef, 1 + cfg.clip_coef))
     v_loss = 0.5 * (out.values - targets.returns) ** 2
     per_agent = (pg.mean(dim=(0, 1)) + cfg.vf_coef * v_loss.mean(dim=(0, 1))

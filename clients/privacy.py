@@ -140,7 +140,6 @@ class AgentPrivacy:
                                cfg.relation)
         self.account = PrivacyAccount.from_ledger(self.ledger.entries, budget, cfg.unit, agent)
         self.noise = None if cfg.seeded_noise else secure_generator()
-        self.silent_batches = 0
 
     def batch_releases(self, routes: Tensor, extra: Sequence[GaussianRelease] = ()
                        ) -> list[GaussianRelease]:
@@ -168,7 +167,6 @@ class AgentPrivacy:
         except BudgetExhausted:
             if self.cfg.on_exhausted == "stop":
                 raise
-            self.silent_batches += 1
             return False
         return True
 

@@ -63,7 +63,7 @@ def collect(team: Team, transport: Transport, seed: int | None = None,
         raise ValueError(f"the transport carries agents {transport.agents}, "
                          f"the team holds {team.agents}")
     b, d = transport.num_envs, team.cfg.comm_dim
-    noise_generator = noise or generator
+    noise_source = noise or generator
     obs = transport.reset(team.kept_routes() if routes is None else routes, seed, silent)
     hidden = team.initial_hidden(b)
     memory = None
@@ -71,15 +71,15 @@ def collect(team: Team, transport: Transport, seed: int | None = None,
     done = False
     while not done:
         feats, hidden = team.encode_obs(obs, hidden)
-        noise = team.sample_noise((b, team.n_local, d), noise_generator)
-        messages = team.speak(feats) + noise
+        drawn = team.sample_noise((b, team.n_local, d), noise_source)
+        messages = team.speak(feats) + drawn
         received, delivered = transport.exchange(messages)
         logits, values, extras = team.respond(feats, messages, received, delivered, memory)
         memory = memory_of(extras)
         actions = sample_actions(logits, greedy, generator)
         logp, _ = log_probs(logits, actions)
         step = transport.step(actions)
-        steps.append((obs, actions, noise, logp, values, step.reward, received, delivered))
+        steps.append((obs, actions, drawn, logp, values, step.reward, received, delivered))
         obs, done = step.obs, step.done
     obs_t, act_t, noise_t, logp_t, val_t, rew_t, rec_t, del_t = zip(*steps)
     n_types = len(team.types)
@@ -116,3 +116,18 @@ def replay(team: Team, rollout: Rollout) -> TeamOutput:
     return TeamOutput([torch.stack([o.logits[k] for o in outs]) for k in range(n_types)],
                       torch.stack([o.values for o in outs]),
                       torch.stack([o.messages for o in outs]), None)
+
+
+def party_rollout(whole: Team, rollout: Rollout, agent: int) -> Rollout:
+    """What ``agent`` alone would have recorded of a whole team's batch: its own data plus the
+    vectors the router delivered to it (for comparing a party with the team it is cut from)."""
+    with torch.no_grad():
+        messages = replay(whole, rollout).messages  # [T, B, N, D]
+        delivered = torch.stack([whole.route(m)[:, [agent]] for m in messages])
+    spec = whole.spec
+    return Rollout(
+        obs=spec.select(rollout.obs, (agent,), dim=2),
+        actions=spec.select(rollout.actions, (agent,), dim=2),
+        noise=rollout.noise[:, :, [agent]], logprobs=rollout.logprobs[:, :, [agent]],
+        values=rollout.values[:, :, [agent]], rewards=rollout.rewards[:, :, [agent]],
+        received=messages, delivered=delivered)

@@ -7,9 +7,16 @@ import math
 import pytest
 import torch
 
-from fedcomm.clients.dpsgd import dp_ppo_update, dp_steps, episode_gradients, episode_loss
-from fedcomm.clients.ppo import PPOConfig, Targets, ValueNorm, compute_targets, ppo_update
-from fedcomm.clients.rollout import Rollout, collect, replay
+from fedcomm.clients.dpsgd import dp_ppo_update, dp_steps, episode_gradients
+from fedcomm.clients.ppo import (
+    PPOConfig,
+    Targets,
+    ValueNorm,
+    compute_targets,
+    ppo_loss,
+    ppo_update,
+)
+from fedcomm.clients.rollout import Rollout, collect, party_rollout
 from fedcomm.clients.team import Team, TeamConfig
 from fedcomm.clients.transport import LocalTransport
 from fedcomm.sim.factory import Factory
@@ -22,20 +29,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def party_rollout(whole: Team, rollout: Rollout, agent: int) -> Rollout:
-    """What agent ``agent`` alone would have recorded: its own data plus what it was sent."""
-    with torch.no_grad():
-        messages = replay(whole, rollout).messages  # [T, B, N, D]
-        delivered = torch.stack([whole.route(m)[:, [agent]] for m in messages])
-    spec = whole.spec
-    return Rollout(
-        obs=spec.select(rollout.obs, (agent,), dim=2),
-        actions=spec.select(rollout.actions, (agent,), dim=2),
-        noise=rollout.noise[:, :, [agent]], logprobs=rollout.logprobs[:, :, [agent]],
-        values=rollout.values[:, :, [agent]], rewards=rollout.rewards[:, :, [agent]],
-        received=messages, delivered=delivered)
 
 
 def make_party(envs: int = 8, recurrent: bool = False, agent: int = 6
@@ -75,7 +68,7 @@ def test_episode_gradients_are_each_episodes_own_gradient(recurrent):
     for e in range(4):
         env = torch.tensor([e])
         part = Targets(targets.advantages[:, env], targets.returns[:, env])
-        loss, out, _ = episode_loss(team, rollout.select(env), part, cfg)
+        loss, out, _ = ppo_loss(team, rollout.select(env), part, cfg, standardize=False)
         loss = loss + (out.messages * feedback[:, env]).sum()
         ref = torch.autograd.grad(loss, list(team.parameters()))
         for name, r in zip(names, ref):

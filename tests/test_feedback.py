@@ -6,25 +6,11 @@ import torch
 
 from fedcomm.clients.feedback import in_process_feedback, privatize, receiver_feedback
 from fedcomm.clients.ppo import PPOConfig, ValueNorm, compute_targets, ppo_loss
-from fedcomm.clients.rollout import Rollout, collect, replay
+from fedcomm.clients.rollout import collect, party_rollout
 from fedcomm.clients.team import Team, TeamConfig
 from fedcomm.clients.transport import LocalTransport
 from fedcomm.sim.factory import Factory
 from fedcomm.sim.platoon import Platoon
-
-
-def party_rollout(whole: Team, rollout: Rollout, agent: int) -> Rollout:
-    """What agent ``agent`` alone would have recorded: its own data plus what it was sent."""
-    with torch.no_grad():
-        messages = replay(whole, rollout).messages  # [T, B, N, D]
-        delivered = torch.stack([whole.route(m)[:, [agent]] for m in messages])
-    spec = whole.spec
-    return Rollout(
-        obs=spec.select(rollout.obs, (agent,), dim=2),
-        actions=spec.select(rollout.actions, (agent,), dim=2),
-        noise=rollout.noise[:, :, [agent]], logprobs=rollout.logprobs[:, :, [agent]],
-        values=rollout.values[:, :, [agent]], rewards=rollout.rewards[:, :, [agent]],
-        received=messages, delivered=delivered)
 
 
 @pytest.mark.parametrize(("env_cls", "accumulate"),
