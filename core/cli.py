@@ -185,12 +185,8 @@ def _eps(value: float | str | None) -> str:
 
 
 # -- fedcomm simulate -------------------------------------------------------------------------
-def _add_simulate(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("simulate", help="the federated system on one machine (Flower + Ray)",
-                       description="Run every agent as a Flower ClientApp on Flower's "
-                       "simulation engine, the simulator on loopback and the ServerApp that "
-                       "aggregates the shared communication module; write a run directory. "
-                       "With no arguments: the embedded default, a speaker_listener team.")
+def _add_federation_args(p: argparse.ArgumentParser) -> None:
+    """Options of a federated run, simulated or deployed."""
     _add_training_args(p, default_env="speaker_listener")
     p.add_argument("--resume", type=Path, metavar="RUN_DIR",
                    help="continue a stopped run from its last checkpoint (its own config)")
@@ -202,10 +198,23 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--aggregate-private", action="store_true",
                    help="also average each type's private networks (weaker privacy)")
     p.add_argument("--on-agent-failure", choices=["stop", "continue"],
-                   help="a round with a failed agent stops the run (default) or goes on")
+                   help="a round with a failed agent stops the run (default), or the round is "
+                   "run again once every agent is back")
     p.add_argument("--feedback-noise", type=float, help="feedback noise multiplier")
     p.add_argument("--feedback-clip", type=float, help="per-episode clip norm of feedback")
-    p.add_argument("--round-timeout", type=float, help="seconds for every reply of a round")
+    p.add_argument("--round-timeout", type=float,
+                   help="seconds for every reply of a round (default: 900)")
+    p.add_argument("--node-timeout", type=float,
+                   help="seconds for every agent's node to connect (default: 120)")
+
+
+def _add_simulate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("simulate", help="the federated system on one machine (Flower + Ray)",
+                       description="Run every agent as a Flower ClientApp on Flower's "
+                       "simulation engine, the simulator on loopback and the ServerApp that "
+                       "aggregates the shared communication module; write a run directory. "
+                       "With no arguments: the embedded default, a speaker_listener team.")
+    _add_federation_args(p)
     p.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
     p.set_defaults(func=_run_simulate)
 
@@ -218,6 +227,7 @@ def federation_config_from_args(args: argparse.Namespace):
     fed = {"batches_per_round": args.batches_per_round, "strategy": args.strategy,
            "server_lr": args.server_lr, "server_momentum": args.server_momentum,
            "on_agent_failure": args.on_agent_failure, "round_timeout": args.round_timeout,
+           "node_timeout": args.node_timeout,
            "aggregate_private": args.aggregate_private or None}
     return replace(base, train=train, **_given(fed))
 
@@ -239,34 +249,34 @@ def _exit_if_stranded(code: int) -> None:
         os._exit(code)
 
 
-def _run_simulate(args: argparse.Namespace) -> int:
+def _run_federated(args: argparse.Namespace, command: str, run) -> int:
+    """A federated run, simulated or deployed: ``run(fed, out)`` returns its result."""
     from fedcomm.server.config import FederationConfig
     from fedcomm.server.federation import FederationError
-    from fedcomm.simulate import simulate
 
     if args.resume:
         config = args.resume / "config.json"
         if not config.exists():
             raise FileNotFoundError(f"no config.json in {args.resume}: is it a run directory "
-                                    "of fedcomm simulate?")
+                                    f"of fedcomm {command}?")
         fed = FederationConfig.from_dict(json.loads(config.read_text()))
         out = args.resume
     else:
         fed = federation_config_from_args(args)
         out = args.out or _default_out(fed.train.env)
     n = len(_spec(fed.train.env, fed.train.env_kwargs).agent_ids)
-    console.print(f"[bold]fedcomm simulate[/] {fed.train.env}, {n} agents, {fed.rounds} rounds "
+    console.print(f"[bold]fedcomm {command}[/] {fed.train.env}, {n} agents, {fed.rounds} rounds "
                   f"of {fed.batches_per_round} batches ({fed.strategy}) -> {out}")
     try:
-        result = simulate(fed, out, progress=not args.quiet, verbose=args.verbose)
-    except FederationError as e:
+        result = run(fed, out)
+    except (FederationError, RuntimeError) as e:
         console.print(f"[red]error:[/] {e}", soft_wrap=True, highlight=False)
         console.print(f"the run directory keeps every committed round: continue it with "
-                      f"fedcomm simulate --resume {out}", highlight=False)
+                      f"fedcomm {command} --resume {out}", highlight=False)
         _exit_if_stranded(1)
         return 1
     except KeyboardInterrupt:
-        console.print(f"[yellow]interrupted[/]: continue with fedcomm simulate --resume {out}",
+        console.print(f"[yellow]interrupted[/]: continue with fedcomm {command} --resume {out}",
                       highlight=False)
         _exit_if_stranded(130)
         return 130
@@ -274,6 +284,79 @@ def _run_simulate(args: argparse.Namespace) -> int:
                   f"{result.final.episodes} episodes", result.final, result.baselines,
                   result.summary)
     console.print(f"run directory: {result.run_dir}")
+    return 0
+
+
+def _run_simulate(args: argparse.Namespace) -> int:
+    from fedcomm.simulate import simulate
+
+    return _run_federated(args, "simulate", lambda fed, out: simulate(
+        fed, out, progress=not args.quiet, verbose=args.verbose))
+
+
+# -- fedcomm deploy ---------------------------------------------------------------------------
+def _add_deploy(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("deploy", help="the deployment: every party its own process",
+                       description="Run the parties as separate processes with Flower's "
+                       "SuperLink and SuperNodes (docs/deployment.md).")
+    d = p.add_subparsers(dest="deploy_command", required=True)
+    loc = d.add_parser("local", help="every party its own process on this host",
+                       description="Make certificates, tokens and SuperNode keys; start the "
+                       "SuperLink (TLS, node authentication), the simulator (mutual TLS) and "
+                       "one SuperNode per agent on loopback; flwr run the federation; write "
+                       "the same run directory as fedcomm simulate; stop every process.")
+    _add_federation_args(loc)
+    loc.add_argument("--no-restart", action="store_true",
+                     help="do not restart an agent's SuperNode that dies")
+    loc.set_defaults(func=_run_deploy_local)
+    s = d.add_parser("secrets", help="make every certificate, key and token of a deployment",
+                     description="A CA, server certificates for the SuperLink and the "
+                     "simulator, and per agent: a client certificate, a SuperNode key pair and "
+                     "a token. Hand each host its own folder.")
+    _add_env_args(s, default="speaker_listener")
+    s.add_argument("--out", type=Path, required=True)
+    s.add_argument("--superlink-host", action="append", default=[], metavar="NAME",
+                   help="a name or IP agents reach the SuperLink by (repeatable)")
+    s.add_argument("--sim-host", action="append", default=[], metavar="NAME",
+                   help="a name or IP agents reach the simulator by (repeatable)")
+    s.set_defaults(func=_run_deploy_secrets)
+    a = d.add_parser("app", help="write the Flower app directory of a run for flwr run",
+                     description="Write APP_DIR/pyproject.toml: the ServerApp and ClientApp "
+                     "of the installed fedcomm, and this run's configuration.")
+    _add_federation_args(a)
+    a.add_argument("app_dir", type=Path)
+    a.add_argument("--run-dir", required=True,
+                   help="where the ServerApp writes the run directory (SuperLink's host)")
+    a.set_defaults(func=_run_deploy_app)
+
+
+def _run_deploy_local(args: argparse.Namespace) -> int:
+    from fedcomm.deploy.local import deploy_local
+
+    return _run_federated(args, "deploy local", lambda fed, out: deploy_local(
+        fed, out, progress=not args.quiet, restart_agents=not args.no_restart,
+        console=console))
+
+
+def _run_deploy_secrets(args: argparse.Namespace) -> int:
+    from fedcomm.deploy.secrets import LOOPBACK, make_secrets
+
+    spec = _env_spec(args)
+    make_secrets(args.out, spec.agent_ids, [*args.superlink_host, *LOOPBACK],
+                 [*args.sim_host, *LOOPBACK])
+    console.print(f"wrote the CA, SuperLink and simulator certificates and, for "
+                  f"{', '.join(spec.agent_ids)}, certificates, SuperNode keys and tokens to "
+                  f"{args.out}")
+    return 0
+
+
+def _run_deploy_app(args: argparse.Namespace) -> int:
+    from fedcomm.deploy.flower_app import write_app
+
+    fed = federation_config_from_args(args)
+    write_app(args.app_dir, fed.to_json(), args.run_dir)
+    console.print(f"wrote {args.app_dir / 'pyproject.toml'}: flwr run {args.app_dir} "
+                  "<federation> --stream")
     return 0
 
 
@@ -508,6 +591,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_simulate(sub)
     _add_eval(sub)
+    _add_deploy(sub)
     _add_sim(sub)
     _add_agent(sub)
     _add_privacy_commands(sub)

@@ -18,10 +18,7 @@ import json
 import logging
 import os
 import signal
-import subprocess
-import sys
 import threading
-import time
 from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
@@ -35,6 +32,8 @@ from fedcomm.clients.rollout import collect
 from fedcomm.clients.state import StateStore
 from fedcomm.clients.team import Team
 from fedcomm.clients.transport import LocalTransport
+from fedcomm.evaluate import EvalResult
+from fedcomm.processes import SimProcess
 from fedcomm.protocol.auth import generate_tokens, write_tokens
 from fedcomm.runs import RunDir
 from fedcomm.server.checkpoint import load_checkpoint
@@ -42,62 +41,6 @@ from fedcomm.server.config import FederationConfig
 from fedcomm.server.federation import FederationError, FederationResult
 from fedcomm.sim.registry import make_env
 from fedcomm.train import EVAL_SEED
-
-JOIN_TIMEOUT_S = 180.0  # the first round waits for every Ray actor to start
-
-
-def _die_with_parent() -> None:
-    """Ask Linux to stop this child if the parent dies without cleaning up (a SIGKILL)."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):  # not Linux: the parent's cleanup is all there is
-        pass
-
-
-class SimProcess:
-    """``fedcomm sim serve`` on a free loopback port, logging to ``log``."""
-
-    def __init__(self, fed: FederationConfig, tokens: Path, log: Path) -> None:
-        train = fed.train
-        port_file = log.with_suffix(".port")
-        port_file.unlink(missing_ok=True)
-        options = [a for k, v in train.env_kwargs.items()
-                   for a in ("--env-opt", f"{k}={json.dumps(v)}")]
-        command = [sys.executable, "-m", "fedcomm.cli", "sim", "serve", "--env", train.env,
-                   *options, "--num-envs", str(train.num_envs), "--seed", str(train.seed),
-                   "--host", "127.0.0.1", "--port", "0", "--port-file", str(port_file),
-                   "--tokens", str(tokens), "--join-timeout", str(JOIN_TIMEOUT_S),
-                   "--feedback-timeout", str(JOIN_TIMEOUT_S)]
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        self._log = open(log, "a")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT,
-                                     env=env, preexec_fn=_die_with_parent)
-        deadline = time.monotonic() + 60
-        while not (port_file.exists() and port_file.read_text().strip()):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"the simulator did not start; see {log}")
-            time.sleep(0.05)
-        self.address = f"127.0.0.1:{port_file.read_text().strip()}"
-        port_file.unlink()
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
-
-    def __enter__(self) -> SimProcess:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 @contextlib.contextmanager
@@ -119,7 +62,7 @@ def _all_agents_at_once(n: int) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _terminate_as_interrupt() -> Iterator[None]:
+def terminate_as_interrupt() -> Iterator[None]:
     """Ctrl-C and SIGTERM unwind as KeyboardInterrupt, so everything started here is stopped
     either way; the errors Flower then logs about its dying actors are expected and dropped."""
     flower = logging.getLogger("flwr")
@@ -211,31 +154,40 @@ def assemble_team(run_dir: Path, fed: FederationConfig) -> Team:
     return team
 
 
+def complete_run(run_dir: Path, fed: FederationConfig) -> FederationResult:
+    """Finish a run whose rounds are done, with every agent's state on this machine (a
+    simulation, or a deployment on one host): the team for ``fedcomm eval``, communication
+    importance, the privacy report from every agent's ledger, and the learning curve."""
+    run = RunDir(run_dir)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    team = assemble_team(run_dir, fed)
+    run.save_team(team)
+    batch = collect(team, LocalTransport(make_env(fed.train.env, 256, **fed.train.env_kwargs)),
+                    seed=EVAL_SEED, greedy=True)
+    summary["importance"] = communication_importance(team, batch).tolist()
+    ledgers = {a: run_dir / "agents" / a / LEDGER for a in env_spec(fed).agent_ids}
+    report = write_run_report(run_dir, fed.to_dict(), fed.train.team, fed.train.privacy,
+                              ledgers, ppo=fed.train.ppo)
+    summary["privacy"] = report_summary(report)
+    run.write_summary(summary)
+    from fedcomm.plots import learning_curve
+
+    learning_curve(run.metrics(), summary, run_dir / "learning_curve.png",
+                   f"{fed.train.env}: federated ({fed.strategy}), noise sigma="
+                   f"{fed.train.team.noise_multiplier}")
+    return FederationResult(run_dir, EvalResult(**summary["final"]),
+                            {k: EvalResult(**v) for k, v in summary["baselines"].items()},
+                            summary, summary["rounds"], run.metrics())
+
+
 def simulate(fed: FederationConfig, out: str | Path, progress: bool = True,
              verbose: bool = False) -> FederationResult:
     """Run (or, if ``out`` holds a checkpoint, continue) a federated simulation."""
     run_dir = Path(out)
     run_dir.mkdir(parents=True, exist_ok=True)
-    spec = env_spec(fed)
     tokens = run_dir / "tokens.json"
     if not tokens.exists():
-        write_tokens(tokens, generate_tokens(spec.agent_ids))
-    with _terminate_as_interrupt(), SimProcess(fed, tokens, run_dir / "sim.log") as sim:
-        result = run_flower(fed, run_dir, sim.address, tokens, progress, verbose)
-    run = RunDir(run_dir)
-    team = assemble_team(run_dir, fed)
-    run.save_team(team)
-    batch = collect(team, LocalTransport(make_env(fed.train.env, 256, **fed.train.env_kwargs)),
-                    seed=EVAL_SEED, greedy=True)
-    result.summary["importance"] = communication_importance(team, batch).tolist()
-    ledgers = {a: run_dir / "agents" / a / LEDGER for a in spec.agent_ids}
-    report = write_run_report(run_dir, fed.to_dict(), fed.train.team, fed.train.privacy,
-                              ledgers, ppo=fed.train.ppo)
-    result.summary["privacy"] = report_summary(report)
-    run.write_summary(result.summary)
-    from fedcomm.plots import learning_curve
-
-    learning_curve(run.metrics(), result.summary, run_dir / "learning_curve.png",
-                   f"{fed.train.env}: federated ({fed.strategy}), noise sigma="
-                   f"{fed.train.team.noise_multiplier}")
-    return result
+        write_tokens(tokens, generate_tokens(env_spec(fed).agent_ids))
+    with terminate_as_interrupt(), SimProcess(fed, tokens, run_dir / "sim.log") as sim:
+        run_flower(fed, run_dir, sim.address, tokens, progress, verbose)
+    return complete_run(run_dir, fed)

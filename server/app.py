@@ -16,6 +16,8 @@ from flwr.serverapp import Grid, ServerApp
 from fedcomm.server.config import FederationConfig
 from fedcomm.server.federation import Federation, FederationError, FederationResult
 
+ERROR_FILE = "error.txt"
+
 
 def make_server_app(fed: FederationConfig | None = None, run_dir: str | Path | None = None,
                     progress: bool = True,
@@ -32,10 +34,12 @@ def make_server_app(fed: FederationConfig | None = None, run_dir: str | Path | N
     def main(grid: Grid, context: Context) -> None:
         cfg = fed or FederationConfig.from_json(str(context.run_config["fedcomm-config"]))
         out = Path(run_dir or str(context.run_config["run-dir"]))
+        (out / ERROR_FILE).unlink(missing_ok=True)
         try:
             result = Federation(grid, cfg, out, progress, stop=stop).run_rounds()
         except FederationError as e:
-            if results is None:
+            if results is None:  # a deployment: the run directory says why it stopped
+                (out / ERROR_FILE).write_text(f"{e}\n")
                 raise
             results.append(e)
             return

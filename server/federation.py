@@ -36,7 +36,8 @@ from fedcomm.train import EVAL_SEED
 PERIODIC_EVAL_STRIDE = 10_000_000  # seeds apart of two periodic evaluations
 
 POLL_S = 0.05  # seconds between polls for replies
-AGENT_PHASES = ("client_s", "restore_s", "rollout_s", "feedback_s", "update_s", "persist_s")
+AGENT_PHASES = ("start_s", "client_s", "restore_s", "rollout_s", "feedback_s", "update_s",
+                "persist_s")
 
 
 class FederationError(RuntimeError):
@@ -224,10 +225,13 @@ class Federation:
                 "agent_steps": self.env_steps * self.spec.n_agents,
                 "return_mean": statistics.fmean(_metric(m, "return_mean") for m in good),
                 "agents": len(good), "failures": len(failures), "round_time_s": round_s,
-                "aggregate_s": aggregate_s, "flower_s": round_s - phases["client_s"],
+                "aggregate_s": aggregate_s,
+                "flower_s": round_s - phases["client_s"] - phases["start_s"],
                 **phases, "train_time_s": self.train_time + round_s + aggregate_s,
                 "epsilon_max": max(_metric(m, "epsilon") for m in good),
-                "silent_agents": sum(_metric(m, "silent_batches") > 0 for m in good)}
+                "silent_agents": sum(_metric(m, "silent_batches") > 0 for m in good),
+                # every agent continued from its state of the round before
+                "restored_round_min": min(_metric(m, "restored_round") for m in good)}
 
     def _finish(self, nodes: list[int], start: float) -> FederationResult:
         fed = self.fed

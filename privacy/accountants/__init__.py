@@ -6,19 +6,37 @@
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 from .base import Accountant, round_up
 from .exact import ExactGaussianAccountant, gaussian_mu, gdp_delta, gdp_epsilon
-from .pld import PLDAccountant
-from .prv import PRVAccountant
 from .rdp import RDPAccountant
 
-ACCOUNTANTS: dict[str, type[Accountant]] = {
-    cls.name: cls
-    for cls in (RDPAccountant, PLDAccountant, PRVAccountant, ExactGaussianAccountant)
+# name -> (module, class). PLD and PRV are imported when first asked for: they bring
+# dp-accounting, SciPy and Opacus, seconds of start-up for every agent process that never
+# uses them.
+ACCOUNTANTS: dict[str, tuple[str, str]] = {
+    "rdp": ("rdp", "RDPAccountant"), "pld": ("pld", "PLDAccountant"),
+    "prv": ("prv", "PRVAccountant"), "exact": ("exact", "ExactGaussianAccountant"),
 }
 DEFAULT_ACCOUNTANT = "rdp"
+
+
+def accountant_class(name: str) -> type[Accountant]:
+    try:
+        module, cls = ACCOUNTANTS[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown accountant {name!r}; choose one of {sorted(ACCOUNTANTS)}") from None
+    return getattr(importlib.import_module(f".{module}", __name__), cls)
+
+
+def __getattr__(name: str) -> Any:
+    lazy = {cls: key for key, (_, cls) in ACCOUNTANTS.items()}
+    if name in lazy:
+        return accountant_class(lazy[name])
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def make_accountant(name: str | Accountant = DEFAULT_ACCOUNTANT, **options: Any) -> Accountant:
@@ -27,12 +45,7 @@ def make_accountant(name: str | Accountant = DEFAULT_ACCOUNTANT, **options: Any)
         if options:
             raise ValueError("options apply to an accountant name, not an instance")
         return name
-    try:
-        cls = ACCOUNTANTS[name]
-    except KeyError:
-        raise ValueError(
-            f"unknown accountant {name!r}; choose one of {sorted(ACCOUNTANTS)}") from None
-    return cls(**options)
+    return accountant_class(name)(**options)
 
 
 __all__ = [
@@ -43,6 +56,7 @@ __all__ = [
     "PLDAccountant",
     "PRVAccountant",
     "RDPAccountant",
+    "accountant_class",
     "gaussian_mu",
     "gdp_delta",
     "gdp_epsilon",

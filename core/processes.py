@@ -1,0 +1,106 @@
+"""Child processes that a command starts and must stop: on success, failure, Ctrl-C, SIGTERM.
+
+Each child runs in its own session (process group), so stopping it stops what it started in
+turn (a SuperNode's ClientApp processes, the SuperLink's ServerApp), and Linux is asked to stop
+it if the parent dies without cleaning up.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from fedcomm.server.config import FederationConfig
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to stop this child if the parent dies without cleaning up (a SIGKILL)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the parent's cleanup is all there is
+        pass
+
+
+class ChildProcess:
+    """``command`` in its own process group, its output appended to ``log``."""
+
+    def __init__(self, name: str, command: Sequence[str], log: Path,
+                 env: dict[str, str] | None = None) -> None:
+        self.name, self.command, self.log = name, list(command), log
+        self._out = open(log, "a")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(self.command, stdout=self._out, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, env={**os.environ, **(env or {})},
+                                     start_new_session=True, preexec_fn=_die_with_parent)
+
+    @property
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        """Signal the whole process group (what a crash of the host process looks like)."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, sig)
+
+    def stop(self, grace: float = 10.0) -> None:
+        """SIGTERM the group, SIGKILL it after ``grace`` seconds; idempotent."""
+        if self.alive:
+            self.kill(signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout=grace)
+        self.kill(signal.SIGKILL)  # whatever of the group is left
+        self.proc.wait()
+        self._out.close()
+
+    def tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+class SimProcess(ChildProcess):
+    """``fedcomm sim serve`` for a federated run, on a free port of ``host``.
+
+    ``tls`` are the simulator's certificate, key and the CA its clients must be signed by.
+    """
+
+    def __init__(self, fed: FederationConfig, tokens: Path, log: Path, host: str = "127.0.0.1",
+                 tls: tuple[Path, Path, Path] | None = None, timeout: float = 180.0) -> None:
+        train = fed.train
+        port_file = log.with_suffix(".port")
+        port_file.unlink(missing_ok=True)
+        options = [a for k, v in train.env_kwargs.items()
+                   for a in ("--env-opt", f"{k}={json.dumps(v)}")]
+        command = [sys.executable, "-m", "fedcomm.cli", "sim", "serve", "--env", train.env,
+                   *options, "--num-envs", str(train.num_envs), "--seed", str(train.seed),
+                   "--host", host, "--port", "0", "--port-file", str(port_file),
+                   "--tokens", str(tokens), "--join-timeout", str(timeout),
+                   "--feedback-timeout", str(timeout)]
+        if tls:
+            command += ["--tls-cert", str(tls[0]), "--tls-key", str(tls[1]),
+                        "--tls-client-ca", str(tls[2])]
+        super().__init__("sim", command, log, env={"OMP_NUM_THREADS": "1"})
+        deadline = time.monotonic() + 60
+        while not (port_file.exists() and port_file.read_text().strip()):
+            if not self.alive or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"the simulator did not start:\n{self.tail()}")
+            time.sleep(0.05)
+        self.port = int(port_file.read_text().strip())
+        self.address = f"{host}:{self.port}"
+        port_file.unlink()
+
+    def __enter__(self) -> SimProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

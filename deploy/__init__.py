@@ -1,0 +1,1 @@
+"""Running the parties as separate processes: secrets, the Flower app, launchers, manifests."""

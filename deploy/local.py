@@ -1,0 +1,284 @@
+"""``fedcomm deploy local``: the deployment, every party its own process, on this host.
+
+Flower's own components, as on many hosts: ``flower-superlink`` (TLS, SuperNode
+authentication, its state in a database so that a restart keeps the registered nodes), one
+``flower-supernode`` per agent (its own authentication key and node config: agent id, state
+directory, the simulator's address, mutual-TLS certificates and its token file), ``fedcomm sim
+serve`` (mutual TLS, one token per agent), then ``flwr run`` of the same ServerApp and ClientApp
+as in simulation. The launcher makes the secrets, follows the run's progress in its
+``metrics.jsonl``, restarts an agent's SuperNode that dies (as a process supervisor on a real
+host would), and stops every process it started on success, failure, Ctrl-C and SIGTERM.
+
+Everything lives in the run directory: the run's files as ``fedcomm simulate`` writes them,
+``agents/<id>/`` (each agent's durable state and privacy ledger) and ``deploy/`` (secrets,
+the Flower app, Flower's homes, the SuperLink database and every process's log).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from fedcomm.clients.agent import env_spec
+from fedcomm.deploy.flower_app import write_app
+from fedcomm.deploy.secrets import DeploymentSecrets, make_secrets
+from fedcomm.processes import ChildProcess, SimProcess
+from fedcomm.server.app import ERROR_FILE
+from fedcomm.server.config import FederationConfig
+from fedcomm.server.federation import FederationError, FederationResult
+from fedcomm.simulate import complete_run, terminate_as_interrupt
+
+FEDERATION = "local"  # the SuperLink connection's name in Flower's config
+MAX_RESTARTS = 3  # per agent's SuperNode in one run
+POLL_S = 0.5
+
+
+class DeploymentError(RuntimeError):
+    """A party of the deployment failed; the message says which and where its log is."""
+
+
+def tool(name: str) -> str:
+    """A console command of this environment (next to its Python), else from ``PATH``."""
+    here = Path(sys.executable).parent / name
+    if here.exists():
+        return str(here)
+    found = shutil.which(name)
+    if found is None:
+        raise DeploymentError(f"{name} is not installed: install fedcomm, which brings Flower")
+    return found
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _wait_listening(process: ChildProcess, port: int, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not process.alive:
+            break
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise DeploymentError(f"the {process.name} did not start listening on port {port}:\n"
+                          f"{process.tail()}")
+
+
+def node_config(settings: dict[str, str]) -> str:
+    """Flower's ``--node-config`` text: space-separated TOML ``key="value"`` pairs."""
+    return " ".join(f"{k}={json.dumps(str(v))}" for k, v in settings.items())
+
+
+@dataclass
+class Layout:
+    """Where a local deployment keeps its files, inside the run directory."""
+
+    run_dir: Path
+
+    @property
+    def root(self) -> Path:
+        return self.run_dir / "deploy"
+
+    @property
+    def secrets(self) -> DeploymentSecrets:
+        return DeploymentSecrets(self.root / "secrets")
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    @property
+    def flwr_home(self) -> Path:
+        """The SuperLink's and the ``flwr`` CLI's Flower home."""
+        return self.root / "flwr"
+
+    def node_home(self, agent_id: str) -> Path:
+        return self.root / "nodes" / agent_id
+
+    def state_dir(self, agent_id: str) -> Path:
+        return self.run_dir / "agents" / agent_id
+
+
+class LocalDeployment:
+    """The processes of one deployment on this host; a context manager that stops them all."""
+
+    def __init__(self, fed: FederationConfig, run_dir: Path, console: Console,
+                 restart_agents: bool = True) -> None:
+        self.fed, self.console, self.restart_agents = fed, console, restart_agents
+        self.layout = Layout(run_dir)
+        self.agents = env_spec(fed).agent_ids
+        self.nodes: dict[str, ChildProcess] = {}
+        self.restarts = dict.fromkeys(self.agents, 0)
+        self.sim: SimProcess | None = None
+        self.superlink: ChildProcess | None = None
+        self.flwr_run: ChildProcess | None = None
+        self.env = {"FLWR_HOME": str(self.layout.flwr_home),
+                    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+                    "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+    # -- start ------------------------------------------------------------------------------
+    def start(self) -> None:
+        layout = self.layout
+        layout.logs.mkdir(parents=True, exist_ok=True)
+        secrets = layout.secrets
+        if not secrets.exists():
+            make_secrets(secrets.dir, self.agents)
+        self.sim = SimProcess(self.fed, secrets.tokens, layout.logs / "sim.log",
+                              tls=(secrets.sim / "server.crt", secrets.sim / "server.key",
+                                   secrets.ca),
+                              timeout=min(180.0, self.fed.round_timeout / 2))
+        port = free_port()
+        self._write_flower_config(port)
+        self.superlink = ChildProcess("superlink", [
+            tool("flower-superlink"), "--ssl-ca-certfile", str(secrets.ca),
+            "--ssl-certfile", str(secrets.superlink / "server.crt"),
+            "--ssl-keyfile", str(secrets.superlink / "server.key"),
+            "--enable-supernode-auth", "--disable-runtime-dependency-installation",
+            "--database", str(layout.root / "superlink.db"),
+            "--host", "127.0.0.1", "--port", str(port)], layout.logs / "superlink.log", self.env)
+        _wait_listening(self.superlink, port)
+        self.superlink_address = f"127.0.0.1:{port}"
+        self._register_nodes()
+        for agent in self.agents:
+            self.nodes[agent] = self._start_node(agent)
+
+    def _write_flower_config(self, port: int) -> None:
+        home = self.layout.flwr_home
+        home.mkdir(parents=True, exist_ok=True)
+        (home / "config.toml").write_text(
+            f'[superlink]\ndefault = "{FEDERATION}"\n\n[superlink.{FEDERATION}]\n'
+            f'address = "127.0.0.1:{port}"\n'
+            f"root-certificates = {json.dumps(str(self.layout.secrets.ca))}\n")
+
+    def _flwr(self, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([tool("flwr"), *args], env={**os.environ, **self.env},
+                              capture_output=True, text=True, timeout=120)
+
+    def _register_nodes(self) -> None:
+        """Register every agent's public key with the SuperLink (kept in its database)."""
+        marker = self.layout.root / "registered.json"
+        done = set(json.loads(marker.read_text())) if marker.exists() else set()
+        for agent in self.agents:
+            if agent in done:
+                continue
+            out = self._flwr("supernode", "register",
+                             str(self.layout.secrets.agent(agent).node_pub), FEDERATION,
+                             "--name", agent)
+            if out.returncode != 0:
+                raise DeploymentError(f"registering {agent}'s SuperNode key failed:\n"
+                                      f"{out.stdout}{out.stderr}")
+            done.add(agent)
+            marker.write_text(json.dumps(sorted(done)))
+
+    def _start_node(self, agent: str) -> ChildProcess:
+        mine = self.layout.secrets.agent(agent)
+        assert self.sim is not None
+        settings = {"agent-id": agent, "state-dir": self.layout.state_dir(agent),
+                    "sim-address": f"localhost:{self.sim.port}",
+                    "token-file": mine.token_file, "sim-ca": mine.ca, "sim-cert": mine.cert,
+                    "sim-key": mine.key}
+        home = self.layout.node_home(agent)
+        home.mkdir(parents=True, exist_ok=True)
+        return ChildProcess(f"SuperNode of {agent}", [
+            tool("flower-supernode"), "--root-certificates", str(mine.ca),
+            "--superlink", self.superlink_address,
+            "--auth-supernode-private-key", str(mine.node_key),
+            "--port", str(free_port()), "--node-config", node_config(settings)],
+            self.layout.logs / f"supernode-{agent}.log", {**self.env, "FLWR_HOME": str(home)})
+
+    # -- run --------------------------------------------------------------------------------
+    def run(self, progress: bool = True) -> None:
+        """Submit the run with ``flwr run`` and follow it to its end."""
+        layout = self.layout
+        app = write_app(layout.root / "app", self.fed.to_json(), layout.run_dir.resolve())
+        self.flwr_run = ChildProcess("flwr run", [
+            tool("flwr"), "run", str(app), FEDERATION, "--stream"],
+            layout.logs / "flwr-run.log", self.env)
+        with Progress(TextColumn("[bold]{task.description}"), BarColumn(),
+                      TextColumn("{task.completed}/{task.total} rounds"),
+                      TextColumn("{task.fields[status]}"), TimeElapsedColumn(),
+                      console=self.console, disable=not progress) as bar:
+            task = bar.add_task(f"deployed {self.fed.train.env} x {len(self.agents)} agents",
+                                total=self.fed.rounds, status="starting")
+            while self.flwr_run.alive:
+                self._check_parties()
+                row = self._last_row()
+                if row:
+                    status = f"return {row['return_mean']:.2f}"
+                    if "eval_return" in row:
+                        status += f" | eval {row['eval_return']:.2f}"
+                    bar.update(task, completed=row["round"], status=status)
+                time.sleep(POLL_S)
+        error = layout.run_dir / ERROR_FILE
+        if error.exists():
+            raise FederationError(error.read_text().strip())
+        if not (layout.run_dir / "summary.json").exists():
+            raise DeploymentError(f"the run ended without a result:\n{self.flwr_run.tail()}")
+
+    def _last_row(self) -> dict | None:
+        path = self.layout.run_dir / "metrics.jsonl"
+        if not path.exists():
+            return None
+        lines = path.read_text().splitlines()
+        return json.loads(lines[-1]) if lines else None
+
+    def _check_parties(self) -> None:
+        for party in (self.sim, self.superlink):
+            if party is not None and not party.alive:
+                raise DeploymentError(f"the {party.name} stopped (exit code "
+                                      f"{party.proc.returncode}); its log is {party.log}")
+        for agent, node in self.nodes.items():
+            if node.alive:
+                continue
+            node.stop()
+            if not self.restart_agents or self.restarts[agent] >= MAX_RESTARTS:
+                raise DeploymentError(f"{node.name} stopped (exit code "
+                                      f"{node.proc.returncode}); its log is {node.log}")
+            self.restarts[agent] += 1
+            self.console.print(f"[yellow]{node.name} stopped (exit code "
+                               f"{node.proc.returncode}): restarted[/]", highlight=False)
+            self.nodes[agent] = self._start_node(agent)
+
+    # -- stop -------------------------------------------------------------------------------
+    def stop(self) -> None:
+        """Agents first, then the SuperLink, then the simulator (Flower's order)."""
+        if self.flwr_run is not None:
+            self.flwr_run.stop(grace=2)
+        for node in self.nodes.values():
+            node.stop(grace=5)
+        for party in (self.superlink, self.sim):
+            if party is not None:
+                party.stop(grace=5)
+
+    def __enter__(self) -> LocalDeployment:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def deploy_local(fed: FederationConfig, out: str | Path, progress: bool = True,
+                 restart_agents: bool = True, console: Console | None = None
+                 ) -> FederationResult:
+    """Run (or, if ``out`` holds a checkpoint, continue) a federated run deployed on this host."""
+    run_dir = Path(out)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    console = console or Console(stderr=True)
+    with terminate_as_interrupt(), LocalDeployment(fed, run_dir, console,
+                                                   restart_agents) as deployment:
+        deployment.start()
+        deployment.run(progress)
+    return complete_run(run_dir, fed)
