@@ -36,6 +36,7 @@ class ChildProcess:
     def __init__(self, name: str, command: Sequence[str], log: Path,
                  env: dict[str, str] | None = None) -> None:
         self.name, self.command, self.log = name, list(command), log
+        self.started = time.monotonic()
         self._out = open(log, "a")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(self.command, stdout=self._out, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, env={**os.environ, **(env or {})},
@@ -65,6 +66,33 @@ class ChildProcess:
             return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
         except OSError:
             return ""
+
+
+def stop_tagged(tag: str, grace: float = 5.0) -> list[int]:
+    """Stop every process whose environment has ``tag`` (``NAME=value``), wherever it runs:
+    processes that their parents started in sessions of their own (Flower's SuperExec and its
+    ServerApp) are out of reach of a process group. Linux; elsewhere nothing is found."""
+    needle = tag.encode() + b"\0"
+
+    def tagged() -> list[int]:
+        found = []
+        for proc in Path("/proc").glob("[0-9]*"):
+            try:
+                if int(proc.name) != os.getpid() and needle in (proc / "environ").read_bytes():
+                    found.append(int(proc.name))
+            except (OSError, ValueError):
+                continue
+        return found
+
+    pids = tagged()
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 0.0)):
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + wait
+        while (pids := tagged()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+    return pids
 
 
 class SimProcess(ChildProcess):

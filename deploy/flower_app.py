@@ -23,6 +23,7 @@ build-backend = "hatchling.build"
 name = "fedcomm-app"
 version = "{fedcomm.__version__}"
 description = "fedcomm: the federated run of a joint environment"
+license = "Apache-2.0"
 dependencies = ["fedcomm=={fedcomm.__version__}"]
 
 [tool.flwr.app]

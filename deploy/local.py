@@ -1,7 +1,7 @@
 """``fedcomm deploy local``: the deployment, every party its own process, on this host.
 
 Flower's own components, as on many hosts: ``flower-superlink`` (TLS, SuperNode
-authentication, its state in a database so that a restart keeps the registered nodes), one
+authentication), one
 ``flower-supernode`` per agent (its own authentication key and node config: agent id, state
 directory, the simulator's address, mutual-TLS certificates and its token file), ``fedcomm sim
 serve`` (mutual TLS, one token per agent), then ``flwr run`` of the same ServerApp and ClientApp
@@ -11,7 +11,7 @@ host would), and stops every process it started on success, failure, Ctrl-C and 
 
 Everything lives in the run directory: the run's files as ``fedcomm simulate`` writes them,
 ``agents/<id>/`` (each agent's durable state and privacy ledger) and ``deploy/`` (secrets,
-the Flower app, Flower's homes, the SuperLink database and every process's log).
+the Flower app, Flower's homes and every process's log).
 """
 
 from __future__ import annotations
@@ -32,14 +32,18 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from fedcomm.clients.agent import env_spec
 from fedcomm.deploy.flower_app import write_app
 from fedcomm.deploy.secrets import DeploymentSecrets, make_secrets
-from fedcomm.processes import ChildProcess, SimProcess
+from fedcomm.processes import ChildProcess, SimProcess, stop_tagged
 from fedcomm.server.app import ERROR_FILE
 from fedcomm.server.config import FederationConfig
 from fedcomm.server.federation import FederationError, FederationResult
 from fedcomm.simulate import complete_run, terminate_as_interrupt
 
 FEDERATION = "local"  # the SuperLink connection's name in Flower's config
-MAX_RESTARTS = 3  # per agent's SuperNode in one run
+# A SuperNode killed without signing off stays online at the SuperLink until two heartbeats
+# (30 s apart) are missed, and Flower refuses to activate it again before that: a restarted
+# node is retried for this long.
+RESTART_WINDOW_S = 150.0
+RESTART_PAUSE_S = 5.0
 POLL_S = 0.5
 
 
@@ -121,11 +125,14 @@ class LocalDeployment:
         self.layout = Layout(run_dir)
         self.agents = env_spec(fed).agent_ids
         self.nodes: dict[str, ChildProcess] = {}
-        self.restarts = dict.fromkeys(self.agents, 0)
+        self.down_since: dict[str, float] = {}  # agents whose SuperNode is being restarted
         self.sim: SimProcess | None = None
         self.superlink: ChildProcess | None = None
         self.flwr_run: ChildProcess | None = None
+        # Every process of the deployment carries the tag, Flower's own children included.
+        self.tag = f"FEDCOMM_DEPLOYMENT={run_dir.resolve()}"
         self.env = {"FLWR_HOME": str(self.layout.flwr_home),
+                    self.tag.partition("=")[0]: self.tag.partition("=")[2],
                     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
                     "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
@@ -147,7 +154,6 @@ class LocalDeployment:
             "--ssl-certfile", str(secrets.superlink / "server.crt"),
             "--ssl-keyfile", str(secrets.superlink / "server.key"),
             "--enable-supernode-auth", "--disable-runtime-dependency-installation",
-            "--database", str(layout.root / "superlink.db"),
             "--host", "127.0.0.1", "--port", str(port)], layout.logs / "superlink.log", self.env)
         _wait_listening(self.superlink, port)
         self.superlink_address = f"127.0.0.1:{port}"
@@ -168,20 +174,19 @@ class LocalDeployment:
                               capture_output=True, text=True, timeout=120)
 
     def _register_nodes(self) -> None:
-        """Register every agent's public key with the SuperLink (kept in its database)."""
-        marker = self.layout.root / "registered.json"
-        done = set(json.loads(marker.read_text())) if marker.exists() else set()
+        """Register every agent's public key with the SuperLink.
+
+        The SuperLink keeps its state in memory, so a restarted deployment registers again.
+        (With a database, the nodes of a SuperLink that was killed would stay "online" there,
+        and be refused activation, until two of their heartbeats had been missed.)
+        """
         for agent in self.agents:
-            if agent in done:
-                continue
             out = self._flwr("supernode", "register",
                              str(self.layout.secrets.agent(agent).node_pub), FEDERATION,
                              "--name", agent)
             if out.returncode != 0:
                 raise DeploymentError(f"registering {agent}'s SuperNode key failed:\n"
                                       f"{out.stdout}{out.stderr}")
-            done.add(agent)
-            marker.write_text(json.dumps(sorted(done)))
 
     def _start_node(self, agent: str) -> ChildProcess:
         mine = self.layout.secrets.agent(agent)
@@ -240,16 +245,23 @@ class LocalDeployment:
             if party is not None and not party.alive:
                 raise DeploymentError(f"the {party.name} stopped (exit code "
                                       f"{party.proc.returncode}); its log is {party.log}")
+        now = time.monotonic()
         for agent, node in self.nodes.items():
             if node.alive:
+                if now - node.started > RESTART_WINDOW_S:
+                    self.down_since.pop(agent, None)  # it is back
                 continue
             node.stop()
-            if not self.restart_agents or self.restarts[agent] >= MAX_RESTARTS:
+            first = agent not in self.down_since
+            since = self.down_since.setdefault(agent, now)
+            if not self.restart_agents or now - since > RESTART_WINDOW_S:
                 raise DeploymentError(f"{node.name} stopped (exit code "
                                       f"{node.proc.returncode}); its log is {node.log}")
-            self.restarts[agent] += 1
-            self.console.print(f"[yellow]{node.name} stopped (exit code "
-                               f"{node.proc.returncode}): restarted[/]", highlight=False)
+            if first:
+                self.console.print(f"[yellow]{node.name} stopped (exit code "
+                                   f"{node.proc.returncode}): restarting it[/]", highlight=False)
+            else:
+                time.sleep(RESTART_PAUSE_S)  # the SuperLink still holds the dead one online
             self.nodes[agent] = self._start_node(agent)
 
     # -- stop -------------------------------------------------------------------------------
@@ -262,6 +274,10 @@ class LocalDeployment:
         for party in (self.superlink, self.sim):
             if party is not None:
                 party.stop(grace=5)
+        stray = stop_tagged(self.tag)  # e.g. the ServerApp of a SuperLink that was killed
+        if stray:
+            self.console.print(f"[red]processes {stray} of the deployment could not be "
+                               "stopped[/]")
 
     def __enter__(self) -> LocalDeployment:
         return self

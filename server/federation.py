@@ -71,7 +71,9 @@ def exchange(grid: Grid, messages: list[Message], timeout: float,
              stop: threading.Event | None = None) -> tuple[list[Message], list[str]]:
     """Send ``messages`` and collect the replies: the good ones, and one line for each node
     that failed or did not answer within ``timeout``. ``stop`` ends the wait early."""
-    pending = set(grid.push_messages(messages))
+    ids = list(grid.push_messages(messages))
+    node_of = dict(zip(ids, (m.metadata.dst_node_id for m in messages)))
+    pending = set(ids)
     replies: list[Message] = []
     deadline = time.monotonic() + timeout
     while pending and time.monotonic() < deadline:
@@ -83,11 +85,14 @@ def exchange(grid: Grid, messages: list[Message], timeout: float,
         if pending:
             time.sleep(POLL_S)
     good = [m for m in replies if not m.has_error()]
-    failures = [m.error.reason or f"node {m.metadata.src_node_id} failed" for m in replies
-                if m.has_error()]
-    answered = {m.metadata.src_node_id for m in replies}
-    failures += [f"node {m.metadata.dst_node_id} did not answer within {timeout:g} s"
-                 for m in messages if m.metadata.dst_node_id not in answered]
+    failures = []
+    for m in replies:
+        if m.has_error():
+            node = node_of.get(m.metadata.reply_to_message_id)
+            reason = m.error.reason or "failed"
+            # the ClientApp's own errors name the agent; the SuperLink's name nobody
+            failures.append(reason if m.metadata.src_node_id == node else f"node {node}: {reason}")
+    failures += [f"node {node_of[i]} did not answer within {timeout:g} s" for i in sorted(pending)]
     return good, failures
 
 

@@ -15,6 +15,7 @@ import torch
 
 from fedcomm.cli import main
 from fedcomm.server.checkpoint import load_checkpoint
+from tests.processes import assert_nothing_left
 
 SMALL = ["--env", "factory", "--env-opt", "n_sensors=1", "--env-opt", "n_processors=1",
          "--env-opt", "n_actuators=1", "--num-envs", "32", "--batches-per-round", "2",
@@ -26,28 +27,6 @@ def simulate(*args: str) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen([sys.executable, "-m", "fedcomm.cli", "simulate", *args], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def processes_mentioning(text: str) -> list[str]:
-    """Command lines of live processes that mention ``text`` (e.g. a run's directory)."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
-            continue
-        if text in cmdline and str(os.getpid()) != proc.name:
-            found.append(cmdline)
-    return found
-
-
-def assert_nothing_left(run_dir: Path) -> None:
-    deadline = time.monotonic() + 15
-    while (left := processes_mentioning(str(run_dir))) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert not left, left
 
 
 def rounds_in(run_dir: Path) -> list[int]:

