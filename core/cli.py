@@ -353,6 +353,9 @@ def _run_deploy_secrets(args: argparse.Namespace) -> int:
 def _run_deploy_app(args: argparse.Namespace) -> int:
     from fedcomm.deploy.flower_app import write_app
 
+    if args.resume:
+        raise ValueError("to continue a run, submit its app again: the ServerApp goes on from "
+                         "the checkpoint in its --run-dir")
     fed = federation_config_from_args(args)
     write_app(args.app_dir, fed.to_json(), args.run_dir)
     console.print(f"wrote {args.app_dir / 'pyproject.toml'}: flwr run {args.app_dir} "

@@ -122,7 +122,7 @@ class LocalDeployment:
     def __init__(self, fed: FederationConfig, run_dir: Path, console: Console,
                  restart_agents: bool = True) -> None:
         self.fed, self.console, self.restart_agents = fed, console, restart_agents
-        self.layout = Layout(run_dir)
+        self.layout = Layout(run_dir.resolve())  # Flower wants absolute paths
         self.agents = env_spec(fed).agent_ids
         self.nodes: dict[str, ChildProcess] = {}
         self.down_since: dict[str, float] = {}  # agents whose SuperNode is being restarted
@@ -130,7 +130,7 @@ class LocalDeployment:
         self.superlink: ChildProcess | None = None
         self.flwr_run: ChildProcess | None = None
         # Every process of the deployment carries the tag, Flower's own children included.
-        self.tag = f"FEDCOMM_DEPLOYMENT={run_dir.resolve()}"
+        self.tag = f"FEDCOMM_DEPLOYMENT={self.layout.run_dir}"
         self.env = {"FLWR_HOME": str(self.layout.flwr_home),
                     self.tag.partition("=")[0]: self.tag.partition("=")[2],
                     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",

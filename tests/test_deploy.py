@@ -31,10 +31,10 @@ from tests.test_simulate import ROUND_STEPS, SMALL, rounds_in
 AGENTS = ("sensor_0", "processor_0", "actuator_0")
 
 
-def deploy(*args: str) -> subprocess.Popen:
+def deploy(*args: str, cwd: Path | None = None) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen([sys.executable, "-m", "fedcomm.cli", "deploy", "local", *SMALL,
-                             *args], env=env, stdout=subprocess.PIPE,
+                             *args], env=env, stdout=subprocess.PIPE, cwd=cwd,
                             stderr=subprocess.STDOUT, text=True)
 
 
@@ -77,7 +77,7 @@ def secret_texts(run_dir: Path) -> list[str]:
 
 def test_deploy_runs_two_rounds_over_tls_with_node_authentication(tmp_path):
     out = tmp_path / "run"
-    proc = deploy("--env-steps", str(2 * ROUND_STEPS), "--out", str(out))
+    proc = deploy("--env-steps", str(2 * ROUND_STEPS), "--out", "run", cwd=tmp_path)
     log, _ = proc.communicate(timeout=400)
     assert proc.returncode == 0, log
     assert "gap closed" in log and "Traceback" not in log
@@ -217,3 +217,15 @@ def test_deployment_refuses_unregistered_nodes_plaintext_and_wrong_tokens(tmp_pa
         # the agent itself gets past authentication (to the check of its empty message)
         assert _join_status(sim, mtls, "sensor_0", token) == grpc.StatusCode.PERMISSION_DENIED
     assert_nothing_left(tmp_path / "run")
+
+
+def test_ctrl_c_stops_every_process_of_the_deployment(tmp_path):
+    out = tmp_path / "run"
+    proc = deploy("--env-steps", str(2 * ROUND_STEPS), "--out", str(out))
+    wait_for_clientapp(out, "actuator_0")
+    proc.send_signal(signal.SIGINT)
+    log, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130, log
+    assert f"fedcomm deploy local --resume {out}" in log.replace("\n", "")
+    assert "Traceback" not in log
+    assert_nothing_left(out)

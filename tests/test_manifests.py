@@ -308,24 +308,28 @@ def k8s_agents(k8s: list[dict]) -> dict[str, dict]:
     return found
 
 
-def test_k8s_manifests_match_kubernetes_schemas() -> None:
+def validate_k8s(doc: dict, where: str) -> None:
+    """Kubernetes' own schema of the object's kind, no unknown fields allowed."""
     kv = kubernetes_validate()
+    try:
+        kv.validate(doc, kv.latest_version(), strict=True)
+        return
+    except kv.ValidationError as e:
+        error = f"{e.message} at {'.'.join(map(str, e.path))}"
+    pytest.fail(f"{where}: {doc['kind']} {doc['metadata']['name']}: {error}", pytrace=False)
+
+
+def test_k8s_manifests_match_kubernetes_schemas() -> None:
     files = manifest_files()
     assert files
     for path in files:
         for doc in yaml.safe_load_all(path.read_text()):
-            try:
-                kv.validate(doc, kv.latest_version(), strict=True)
-            except kv.ValidationError as e:
-                pytest.fail(f"{path.relative_to(REPO)}: {doc['kind']} "
-                            f"{doc['metadata']['name']}: {e.message} at "
-                            f"{'.'.join(map(str, e.path))}", pytrace=False)
+            validate_k8s(doc, str(path.relative_to(REPO)))
 
 
 def test_k8s_kustomizations_build_valid_objects(k8s: list[dict]) -> None:
-    kv = kubernetes_validate()
     for doc in k8s:
-        kv.validate(doc, kv.latest_version(), strict=True)
+        validate_k8s(doc, "kubectl kustomize")
         if doc["kind"] != "Namespace":
             assert doc["metadata"]["namespace"] == "fedcomm"
     listed = {K8S / r for r in yaml.safe_load((K8S / "kustomization.yaml").read_text())
