@@ -4,14 +4,21 @@ thread of another one (tests, single-machine simulation)."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
+import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+from google.protobuf.message import DecodeError, Message
 
-from fedcomm.protocol.v1 import joint_env_pb2_grpc as pb_grpc
+from fedcomm.protocol.v1 import joint_env_pb2 as pb
 from fedcomm.sim.service import JointEnvironmentService, SimConfig
+
+log = logging.getLogger("fedcomm.sim")
+SERVICE = pb.DESCRIPTOR.services_by_name["JointEnvironment"].full_name
 
 
 @dataclass
@@ -34,14 +41,69 @@ def message_options(max_bytes: int) -> list[tuple[str, int]]:
             ("grpc.max_send_message_length", max_bytes)]
 
 
+class RateLimitedLog:
+    """At most ``burst`` warnings per ``period`` seconds; the next one after a quiet spell says
+    how many were dropped. Anyone who can reach the port can send bad calls: they must not
+    be able to flood the log."""
+
+    def __init__(self, logger: logging.Logger, period: float = 60.0, burst: int = 5,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.logger, self.period, self.burst, self.clock = logger, period, burst, clock
+        self.window_start, self.in_window, self.dropped = -float("inf"), 0, 0
+
+    def warning(self, message: str) -> None:
+        now = self.clock()
+        if now - self.window_start >= self.period:
+            self.window_start, self.in_window = now, 0
+        if self.in_window >= self.burst:
+            self.dropped += 1
+            return
+        self.in_window += 1
+        if self.dropped:
+            message += f" ({self.dropped} similar warnings dropped)"
+            self.dropped = 0
+        self.logger.warning(message)
+
+
+def _parsing(method: Callable[[Message, grpc.aio.ServicerContext], Awaitable[Message]],
+             request_type: type[Message], bad_calls: RateLimitedLog):
+    """``method`` taking the request's raw bytes: bytes that are not a ``request_type`` get
+    INVALID_ARGUMENT with one line, instead of gRPC's UNKNOWN and a logged traceback."""
+    name = request_type.__name__
+
+    async def handle(raw: bytes, context: grpc.aio.ServicerContext) -> Message:
+        try:
+            request = request_type.FromString(raw)
+        except DecodeError as e:
+            bad_calls.warning(f"undecodable {name} from {context.peer()}: {e}")
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"the request is not a valid {name}: {e}")
+        return await method(request, context)
+
+    return handle
+
+
+def service_handler(service: JointEnvironmentService) -> grpc.GenericRpcHandler:
+    """The ``fedcomm.v1.JointEnvironment`` methods of ``service``."""
+    bad_calls = RateLimitedLog(log)
+    unary = {"Describe": (pb.DescribeRequest, pb.SimInfo), "Join": (pb.JoinRequest, pb.JoinReply),
+             "Feedback": (pb.FeedbackRequest, pb.FeedbackReply)}
+    handlers = {name: grpc.unary_unary_rpc_method_handler(
+        _parsing(getattr(service, name), request, bad_calls),
+        response_serializer=reply.SerializeToString) for name, (request, reply) in unary.items()}
+    handlers["Step"] = grpc.stream_stream_rpc_method_handler(  # frames are parsed in Step
+        service.Step, request_deserializer=pb.AgentFrame.FromString,
+        response_serializer=pb.SimFrame.SerializeToString)
+    return grpc.method_handlers_generic_handler(SERVICE, handlers)
+
+
 async def start(cfg: SimConfig, host: str = "127.0.0.1", port: int = 0,
                 tls: ServerTls | None = None, service: JointEnvironmentService | None = None
                 ) -> tuple[grpc.aio.Server, int]:
     """Start serving ``service`` (default: one for ``cfg``); returns the server and the bound
     port (``port=0`` picks a free one)."""
     server = grpc.aio.server(options=message_options(cfg.max_message_bytes))
-    pb_grpc.add_JointEnvironmentServicer_to_server(service or JointEnvironmentService(cfg),
-                                                   server)
+    server.add_generic_rpc_handlers((service_handler(service or JointEnvironmentService(cfg)),))
     address = f"{host}:{port}"
     bound = (server.add_secure_port(address, tls.credentials()) if tls
              else server.add_insecure_port(address))
