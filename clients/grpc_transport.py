@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import queue
+import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,15 +24,16 @@ from fedcomm.sim.serve import message_options
 
 
 class TransportError(RuntimeError):
-    """The simulator refused a call or the connection failed; ``code`` says how."""
+    """The simulator refused a call or the connection failed; ``code`` says how, ``call``
+    which call it was (``Describe``, ``Join``, ``Step``, ``Feedback``; empty if unknown)."""
 
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+    def __init__(self, code: grpc.StatusCode, details: str, call: str = "") -> None:
         super().__init__(f"{code.name}: {details}")
-        self.code, self.details = code, details
+        self.code, self.details, self.call = code, details, call
 
     @classmethod
-    def of(cls, e: grpc.RpcError) -> TransportError:
-        return cls(e.code(), e.details() or "")
+    def of(cls, e: grpc.RpcError, call: str = "") -> TransportError:
+        return cls(e.code(), e.details() or "", call)
 
 
 @dataclass
@@ -48,15 +51,29 @@ class ClientTls:
             certificate_chain=self.cert.read_bytes() if self.cert else None)
 
 
+# gRPC reconnects to an unreachable simulator with exponential backoff from 1 s; capped here
+# at a few seconds instead of two minutes, so that a simulator that comes up late is found soon.
+RECONNECT_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 1000),
+                     ("grpc.max_reconnect_backoff_ms", 4000)]
+
+
 class GrpcTransport(Transport):
-    """``timeout`` bounds every call in seconds, an episode batch's whole step stream included."""
+    """``timeout`` bounds every call in seconds, an episode batch's whole step stream included.
+
+    The constructor describes the simulator. While nothing answers at ``target`` (the simulator
+    is not up yet) it keeps trying for ``connect_timeout`` seconds, with gRPC's reconnection
+    backoff, and calls ``on_wait`` once with the first failure; 0 fails at once. It raises
+    TransportError if the simulator stays unreachable.
+    """
 
     def __init__(self, target: str, spec: EnvSpec, agent_id: str, token: str,
                  team_cfg: TeamConfig, tls: ClientTls | None = None, run_id: str | None = None,
-                 timeout: float = 600.0, max_message_bytes: int = 64 * 2**20) -> None:
+                 timeout: float = 600.0, max_message_bytes: int = 64 * 2**20,
+                 connect_timeout: float = 0.0,
+                 on_wait: Callable[[TransportError], None] | None = None) -> None:
         if agent_id not in spec.agent_ids:
             raise ValueError(f"no agent {agent_id!r} in {spec.name}")
-        options = message_options(max_message_bytes)
+        options = message_options(max_message_bytes) + RECONNECT_OPTIONS
         self.channel = (grpc.secure_channel(target, tls.credentials(), options) if tls
                         else grpc.insecure_channel(target, options))
         self.stub = pb_grpc.JointEnvironmentStub(self.channel)
@@ -71,7 +88,11 @@ class GrpcTransport(Transport):
         self.feedback_dp = pb.DpParams(clip_norm=team_cfg.feedback_clip,
                                        noise_multiplier=team_cfg.feedback_noise_multiplier)
         self.wire_bytes: Counter[str] = Counter()  # protobuf bytes per direction and kind
-        info = self._call(self.stub.Describe, pb.DescribeRequest())
+        try:
+            info = self._connect(target, connect_timeout, on_wait)
+        except BaseException:
+            self.channel.close()
+            raise
         self._check_describes(info)
         self.run_id = run_id or info.run_id
         self.num_envs = info.num_envs
@@ -88,14 +109,46 @@ class GrpcTransport(Transport):
                              f"{info.episode_length}-step episodes; this agent's model was "
                              f"built for {self.spec.name} with {list(self.spec.agent_ids)}")
 
+    def _connect(self, target: str, timeout: float,
+                 on_wait: Callable[[TransportError], None] | None) -> pb.SimInfo:
+        """Describe the simulator, waiting up to ``timeout`` s for it to become reachable."""
+        describe = pb.DescribeRequest()
+        if timeout <= 0:
+            return self._call(self.stub.Describe, describe)
+        deadline = time.monotonic() + timeout
+        try:
+            try:  # fails fast (UNAVAILABLE) where nothing listens; bounded where nothing answers
+                return self._call(self.stub.Describe, describe, min(timeout, self.timeout))
+            except TransportError as e:
+                if e.code is not grpc.StatusCode.UNAVAILABLE:
+                    raise
+                if on_wait is not None:
+                    on_wait(e)
+            try:  # the call waits while gRPC reconnects with backoff
+                return self._call(self.stub.Describe, describe,
+                                  max(0.001, min(deadline - time.monotonic(), self.timeout)),
+                                  wait_for_ready=True)
+            except TransportError as e:
+                if e.code is not grpc.StatusCode.DEADLINE_EXCEEDED:
+                    raise
+            # Time is up: one more try without waiting, whose failure says why.
+            return self._call(self.stub.Describe, describe, 1.0)
+        except TransportError as e:
+            if e.code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                raise
+            raise TransportError(e.code, f"nothing answered at {target} within {timeout:g} s: "
+                                         f"{e.details}", e.call) from None
+
     # -- plumbing --------------------------------------------------------------------------
-    def _call(self, method, request, timeout: float | None = None):
+    def _call(self, method, request, timeout: float | None = None,
+              wait_for_ready: bool | None = None):
         name = type(request).__name__
         self.wire_bytes[f"sent {name}"] += request.ByteSize()
         try:
-            reply = method(request, metadata=self.metadata, timeout=timeout or self.timeout)
+            reply = method(request, metadata=self.metadata, timeout=timeout or self.timeout,
+                           wait_for_ready=wait_for_ready)
         except grpc.RpcError as e:
-            raise TransportError.of(e) from None
+            raise TransportError.of(e, name.removesuffix("Request")) from None
         self.wire_bytes[f"received {type(reply).__name__}"] += reply.ByteSize()
         return reply
 
@@ -113,7 +166,7 @@ class GrpcTransport(Transport):
         try:
             frame = next(self._responses)
         except grpc.RpcError as e:
-            raise TransportError.of(e) from None
+            raise TransportError.of(e, "Step") from None
         except StopIteration:
             raise BatchTruncated("the simulator closed the step stream") from None
         body = frame.WhichOneof("body")
@@ -123,7 +176,7 @@ class GrpcTransport(Transport):
             raise BatchTruncated(frame.end.reason)
         if body != expected and not (expected == "observation" and body == "end"):
             raise TransportError(grpc.StatusCode.INTERNAL,
-                                 f"expected {expected} from the simulator, got {body}")
+                                 f"expected {expected} from the simulator, got {body}", "Step")
         return frame
 
     def _close_stream(self) -> None:

@@ -164,8 +164,7 @@ def _print_result(title: str, final, baselines: dict, summary: dict) -> None:
         table.add_row(name, f"{res.return_mean:.3f}", f"{res.return_se:.3f}")
     console.print(table)
     s = summary
-    console.print(f"gap closed (no_comm -> oracle): {s['gap_closed']:.1%}; "
-                  f"{s['env_steps']:,} env steps in {s['train_time_s']:.0f} s "
+    console.print(f"{_gap_closed(s)}; {s['env_steps']:,} env steps in {s['train_time_s']:.0f} s "
                   f"({s['agent_steps_per_s']:,.0f} agent-steps/s)")
     if "privacy" in s:
         p = s["privacy"]
@@ -177,6 +176,17 @@ def _print_result(title: str, final, baselines: dict, summary: dict) -> None:
                       f"details in privacy_report.html", highlight=False)
     if "stopped" in s:
         console.print(f"[yellow]{s['stopped']}[/]")
+
+
+def _gap_closed(summary: dict) -> str:
+    """The share of the no_comm -> oracle gap closed, or why there is none to report."""
+    if summary.get("gap_closed") is not None:
+        return f"gap closed (no_comm -> oracle): {summary['gap_closed']:.1%}"
+    missing = [m for m in summary.get("missing_baselines", []) if m in ("no_comm", "oracle")]
+    if missing:
+        return (f"gap closed: n/a ({summary['env']} has no scripted "
+                f"{'/'.join(missing)} team)")
+    return "gap closed: n/a (no_comm and oracle score the same)"
 
 
 def _eps(value: float | str | None) -> str:
@@ -485,6 +495,9 @@ def _add_agent(sub: argparse._SubParsersAction) -> None:
                        description="Load an agent's model, then per round: join the episode "
                        "batch, step it, exchange DIAL feedback, update locally.")
     p.add_argument("--sim", required=True, help="simulator address HOST:PORT")
+    p.add_argument("--connect-timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="wait this long for the simulator to come up, retrying with backoff "
+                   "(0: fail at once)")
     p.add_argument("--agent-id", required=True)
     auth = p.add_mutually_exclusive_group(required=True)
     auth.add_argument("--token", help="this agent's token")
@@ -507,15 +520,23 @@ def _add_agent(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_agent(args: argparse.Namespace) -> int:
+    import os
     from dataclasses import asdict
 
-    import torch
+    # gRPC's core would log each failed connection attempt on stderr while the agent waits for
+    # the simulator; the agent says once what failed. GRPC_VERBOSITY=INFO shows them again.
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
-    from fedcomm.clients.grpc_transport import ClientTls, GrpcTransport
+    import torch
+    from rich.markup import escape
+
+    from fedcomm.clients.grpc_transport import ClientTls, GrpcTransport, TransportError
     from fedcomm.clients.party import Party
     from fedcomm.clients.privacy import AgentPrivacy
+    from fedcomm.clients.transport import BatchTruncated
     from fedcomm.privacy.config import PrivacyConfig
     from fedcomm.protocol.auth import read_tokens
+    from fedcomm.protocol.codec import ProtocolError
     from fedcomm.runs import load_team, save_team
 
     team = load_team(args.checkpoint)
@@ -527,13 +548,20 @@ def _run_agent(args: argparse.Namespace) -> int:
     if not token:
         raise ValueError(f"no token for {args.agent_id} in {args.tokens}")
     tls = ClientTls(args.tls_ca, args.tls_cert, args.tls_key) if args.tls_ca else None
-    transport = GrpcTransport(args.sim, team.spec, args.agent_id, token, team.cfg, tls)
-    party = Party(party_team, transport, seed=args.seed)
-    cfg = PrivacyConfig(unit=args.privacy_unit, epsilon_budget=args.epsilon_budget)
-    privacy = AgentPrivacy(args.agent_id, index, team.spec, team.cfg, cfg,
-                           args.ledger or Path(f"{args.agent_id}.ledger.jsonl"),
-                           {"team": asdict(team.cfg), "privacy": asdict(cfg)})
+
+    def waiting(e: TransportError) -> None:
+        console.print(f"waiting for the simulator at {escape(args.sim)} (up to "
+                      f"{args.connect_timeout:g} s)", soft_wrap=True, highlight=False)
+
+    transport = privacy = None
     try:
+        transport = GrpcTransport(args.sim, team.spec, args.agent_id, token, team.cfg, tls,
+                                  connect_timeout=args.connect_timeout, on_wait=waiting)
+        party = Party(party_team, transport, seed=args.seed)
+        cfg = PrivacyConfig(unit=args.privacy_unit, epsilon_budget=args.epsilon_budget)
+        privacy = AgentPrivacy(args.agent_id, index, team.spec, team.cfg, cfg,
+                               args.ledger or Path(f"{args.agent_id}.ledger.jsonl"),
+                               {"team": asdict(team.cfg), "privacy": asdict(cfg)})
         for r in range(args.rounds):
             batch = len(privacy.ledger.entries) and privacy.ledger.entries[-1]["batch"] + 1
             routes = party_team.kept_routes()
@@ -549,12 +577,65 @@ def _run_agent(args: argparse.Namespace) -> int:
                             "senders": record.senders, "received": record.received,
                             "round": transport.round, "index": r},
                            args.dump / f"{args.agent_id}-{r}.pt")
+    except (TransportError, BatchTruncated, ProtocolError) as e:
+        console.print(f"[red]error:[/] {escape(_agent_failure(e, args))}", soft_wrap=True,
+                      highlight=False)
+        return 1
     finally:
-        transport.close()
-        privacy.close()
+        if transport is not None:
+            transport.close()
+        if privacy is not None:
+            privacy.close()
     if args.save:
         save_team(party_team, args.save)
     return 0
+
+
+_AGENT_ADVICE = {  # status code name -> what to do
+    "UNAVAILABLE": "is `fedcomm sim serve` still running? Start every agent again once it is",
+    "UNAUTHENTICATED": "pass this agent's token from the file the simulator serves with "
+                       "(--tokens, or --token)",
+    "NOT_FOUND": "check --agent-id",
+    "DEADLINE_EXCEEDED": "another agent stopped answering; see its output, and run every agent "
+                         "for the same --rounds",
+    "ABORTED": "see the other agents' output and the simulator's log, then start every agent "
+               "again",
+    "ALREADY_EXISTS": "is another `fedcomm agent` already running as this agent? Start each "
+                      "agent id once",
+    "INVALID_ARGUMENT": "every agent of a round must declare the same routes, seed, comm_dim "
+                        "and DP settings: start them all from the same checkpoint",
+    "FAILED_PRECONDITION": "start every agent of the environment together, against a "
+                           "simulator that is not running another round",
+    "RESOURCE_EXHAUSTED": "serve fewer --num-envs or raise the simulator's --max-message-mb",
+}
+
+
+def _agent_failure(e: Exception, args: argparse.Namespace) -> str:
+    """One line for a round the simulator refused or ended: what happened, what to do."""
+    from fedcomm.clients.grpc_transport import TransportError
+    from fedcomm.clients.transport import BatchTruncated
+
+    who = args.agent_id
+    if isinstance(e, BatchTruncated):
+        return (f"{who}: the simulator ended the episode batch early: {e}; another agent left "
+                "or broke the protocol: see its output and the simulator's log, then start "
+                "every agent of the environment again")
+    if not isinstance(e, TransportError):  # a ProtocolError: the simulator's data is malformed
+        return (f"{who}: the simulator at {args.sim} sent an invalid message: {e}; do the "
+                "simulator and this agent run the same fedcomm version?")
+    code, call = e.code.name, e.call or "call"
+    if call == "Describe" and code in ("UNAVAILABLE", "DEADLINE_EXCEEDED"):
+        return (f"{who}: cannot reach the simulator ({code}: {e.details}): is `fedcomm sim "
+                f"serve` running at {args.sim}, and do the TLS settings match (--tls-ca for a "
+                "simulator serving TLS, none for an insecure one)? To wait longer for it to "
+                "come up, raise --connect-timeout")
+    advice = _AGENT_ADVICE.get(code, "")
+    if code == "DEADLINE_EXCEEDED" and "join barrier" in e.details:
+        advice = ("another agent did not join; start every agent of the environment (one "
+                  "`fedcomm agent` per agent id) within the simulator's --join-timeout of "
+                  "each other")
+    return f"{who}: the simulator refused the {call} ({code}: {e.details})" + (
+        f"; {advice}" if advice else "")
 
 
 # -- fedcomm report / audit -------------------------------------------------------------------

@@ -89,3 +89,25 @@ def evaluate_scripted(env_name: str, policy: Scripted, episodes: int, seed: int 
     returns = [run_scripted(make_env(env_name, n, **(env_kwargs or {})), policy, seed + i * batch)
                for i, n in enumerate(_batches(episodes, batch))]
     return EvalResult.of(torch.cat(returns))
+
+
+def evaluate_baselines(env_name: str, episodes: int, seed: int = 0, batch: int = 1000,
+                       env_kwargs: dict | None = None) -> dict[str, EvalResult]:
+    """Every scripted team ``env_name`` has, in ``SCRIPTED`` order; the ones it lacks are left
+    out, so that any environment can be trained and reported (``random`` always exists)."""
+    have = make_env(env_name, 1, **(env_kwargs or {})).scripted_teams
+    return {name: evaluate_scripted(env_name, name, episodes, seed, batch, env_kwargs)
+            for name in SCRIPTED if name in have}
+
+
+def baseline_summary(final: EvalResult, baselines: dict[str, EvalResult]) -> dict:
+    """A run summary's baselines, the missing ones named, and ``gap_closed``: the share of the
+    no_comm -> oracle gap the team closes, None where it is undefined (no such teams, or no gap)."""
+    gap_closed = None
+    if "no_comm" in baselines and "oracle" in baselines:
+        low, high = baselines["no_comm"].return_mean, baselines["oracle"].return_mean
+        if high != low:
+            gap_closed = (final.return_mean - low) / (high - low)
+    return {"baselines": {k: v.to_dict() for k, v in baselines.items()},
+            "missing_baselines": [name for name in SCRIPTED if name not in baselines],
+            "gap_closed": gap_closed}

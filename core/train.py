@@ -26,7 +26,7 @@ from fedcomm.clients.privacy import LEDGER, AgentPrivacy, report_summary, write_
 from fedcomm.clients.rollout import collect
 from fedcomm.clients.team import Team, TeamConfig
 from fedcomm.clients.transport import LocalTransport
-from fedcomm.evaluate import SCRIPTED, EvalResult, evaluate_scripted, evaluate_team
+from fedcomm.evaluate import EvalResult, baseline_summary, evaluate_baselines, evaluate_team
 from fedcomm.plots import learning_curve
 from fedcomm.privacy.config import PrivacyConfig
 from fedcomm.runs import RunDir
@@ -130,18 +130,18 @@ def train(cfg: TrainConfig, out: str | Path, progress: bool = True) -> TrainResu
         p.close()
     report = write_run_report(run.path, asdict(cfg), cfg.team, cfg.privacy, ledgers,
                               mechanisms=("message",))
+    # The checkpoint first: whatever fails after it, nothing trained is lost.
+    run.save_team(team, {"value_norm": value_norm.state_dict()})
     final = evaluate()
-    baselines = {name: evaluate_scripted(cfg.env, name, cfg.eval_episodes, EVAL_SEED,
-                                         env_kwargs=cfg.env_kwargs) for name in SCRIPTED}
+    baselines = evaluate_baselines(cfg.env, cfg.eval_episodes, EVAL_SEED,
+                                   env_kwargs=cfg.env_kwargs)
     importance = communication_importance(
         team, collect(team, LocalTransport(make_env(cfg.env, 256, **cfg.env_kwargs)),
                       seed=EVAL_SEED, greedy=True))
-    gap = baselines["oracle"].return_mean - baselines["no_comm"].return_mean
     summary = {
         "env": cfg.env,
         "final": final.to_dict(),
-        "baselines": {k: v.to_dict() for k, v in baselines.items()},
-        "gap_closed": (final.return_mean - baselines["no_comm"].return_mean) / gap,
+        **baseline_summary(final, baselines),
         "iterations": it,
         "env_steps": it * per_iter,
         "train_time_s": train_time,
@@ -157,7 +157,6 @@ def train(cfg: TrainConfig, out: str | Path, progress: bool = True) -> TrainResu
     if stopped:
         summary["stopped"] = stopped
     run.write_summary(summary)
-    run.save_team(team, {"value_norm": value_norm.state_dict()})
     learning_curve(run.metrics(), summary, run.path / "learning_curve.png",
                    f"{cfg.env}: centralized, noise sigma={cfg.team.noise_multiplier}")
     return TrainResult(run.path, final, baselines, summary)

@@ -26,7 +26,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from fedcomm.clients.agent import env_spec, initial_team, shared_arrays
 from fedcomm.clients.app import CONFIG_KEY
-from fedcomm.evaluate import SCRIPTED, EvalResult, evaluate_scripted
+from fedcomm.evaluate import EvalResult, baseline_summary, evaluate_baselines
 from fedcomm.runs import RunDir
 from fedcomm.server.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from fedcomm.server.config import FederationConfig
@@ -241,10 +241,8 @@ class Federation:
     def _finish(self, nodes: list[int], start: float) -> FederationResult:
         fed = self.fed
         final = self.evaluate(nodes, fed.train.eval_episodes, self.done)
-        baselines = {name: evaluate_scripted(fed.train.env, name, fed.train.eval_episodes,
-                                             EVAL_SEED, env_kwargs=fed.train.env_kwargs)
-                     for name in SCRIPTED}
-        gap = baselines["oracle"].return_mean - baselines["no_comm"].return_mean
+        baselines = evaluate_baselines(fed.train.env, fed.train.eval_episodes, EVAL_SEED,
+                                       env_kwargs=fed.train.env_kwargs)
         metrics = self.run.metrics()
         later = [m for m in metrics if m["round"] > 1]  # the first round starts the actors
         comm = {k[len("comm."):]: torch.as_tensor(v.numpy()) for k, v in self.arrays.items()
@@ -253,8 +251,7 @@ class Federation:
         summary = {
             "env": fed.train.env, "mode": "federated", "strategy": fed.strategy,
             "final": final.to_dict(),
-            "baselines": {k: v.to_dict() for k, v in baselines.items()},
-            "gap_closed": (final.return_mean - baselines["no_comm"].return_mean) / gap,
+            **baseline_summary(final, baselines),
             "rounds": self.done, "batches_per_round": fed.batches_per_round,
             "env_steps": self.env_steps, "train_time_s": self.train_time,
             "wall_time_s": time.perf_counter() - start,

@@ -15,6 +15,7 @@ import secrets
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from functools import cached_property
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -113,6 +114,9 @@ class VecEnv(ABC):
     spec: EnvSpec
     num_envs: int
     device: torch.device
+    # The scripted reference teams this environment can play: the baselines a run reports.
+    # ``random`` needs nothing of the environment; the other two need its rules.
+    scripted_teams: ClassVar[tuple[str, ...]] = ("random", "no_comm", "oracle")
 
     @abstractmethod
     def reset(self, seed: int | None = None) -> Obs:
@@ -132,7 +136,10 @@ class VecEnv(ABC):
 
     def scripted_actions(self, policy: str, obs: Obs,
                          generator: torch.Generator | None = None) -> Actions:
-        """A scripted reference team's actions: ``oracle``, ``no_comm`` or ``random``."""
+        """A scripted reference team's actions: one of ``scripted_teams``."""
+        if policy not in self.scripted_teams:
+            raise ValueError(f"{self.spec.name} has no scripted {policy!r} team; it has "
+                             f"{', '.join(self.scripted_teams)}")
         if policy == "oracle":
             return self.oracle_actions()
         if policy == "no_comm":

@@ -21,6 +21,9 @@ def agent_type_name(agent: str) -> str:
 
 
 class Mpe2Env(VecEnv):
+    # No rules of mpe2's environments are scripted here: only the random team is generic.
+    scripted_teams = ("random",)
+
     def __init__(self, env_name: str, num_envs: int, device: str | torch.device = "cpu",
                  max_cycles: int = 25) -> None:
         try:
@@ -42,7 +45,9 @@ class Mpe2Env(VecEnv):
             if len(dims) != 1 or len(n_actions) != 1 or None in n_actions:
                 raise ValueError(f"mpe2:{env_name}: agents of type {name!r} differ in spaces or "
                                  "do not have discrete actions")
-            types.append(AgentType(name, len(agents), dims.pop(), n_actions.pop()))
+            # Plain ints: gymnasium's are numpy scalars, which a weights-only checkpoint load
+            # and JSON refuse.
+            types.append(AgentType(name, len(agents), int(dims.pop()), int(n_actions.pop())))
         self.spec = EnvSpec(f"mpe2:{env_name}", tuple(types), episode_length=max_cycles)
         self._groups = list(groups.values())
         self._order = [a for agents in self._groups for a in agents]
@@ -74,7 +79,7 @@ class Mpe2Env(VecEnv):
         ]
 
     def oracle_actions(self) -> Actions:
-        raise NotImplementedError("scripted references exist for fedcomm's ports, not for mpe2")
+        raise NotImplementedError(f"{self.spec.name} has no scripted oracle team")
 
     def no_comm_actions(self, obs: Obs) -> Actions:
-        raise NotImplementedError("scripted references exist for fedcomm's ports, not for mpe2")
+        raise NotImplementedError(f"{self.spec.name} has no scripted no_comm team")

@@ -221,6 +221,10 @@ def test_a_failing_agent_answers_with_one_line_instead_of_a_traceback(nodes, tmp
     # The others waited at the simulator's join barrier, which timed out with the reason.
     for reply in (replies[0], replies[2]):
         assert reply.has_error() and "processor_0" in reply.error.reason
+        # A TransportError is one line too, saying the simulator ended the batch and why.
+        assert "the simulator ended the batch: DEADLINE_EXCEEDED" in reply.error.reason
+        assert "join barrier timed out" in reply.error.reason
+        assert "\n" not in reply.error.reason and "Traceback" not in reply.error.reason
 
 
 def test_an_agent_out_of_budget_goes_silent_at_the_boundary_and_never_past_it(nodes, tmp_path):
