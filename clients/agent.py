@@ -16,6 +16,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -169,12 +170,16 @@ class FederatedAgent:
         for it in batches:
             lr = (annealed_lr(train.ppo.lr, it, self.fed.total_batches, time_frac)
                   if train.anneal_lr else train.ppo.lr)
-            # Written down before anything of the batch leaves; refused: the agent stays silent.
+            # Refused by the budget: the agent stays silent. Allowed: written down once the
+            # simulator admitted the batch, before anything of it leaves, so that a batch that
+            # never started (a peer missing at the join) costs nothing.
             releases = self.privacy.batch_releases(
                 routes, update_releases(train.privacy, train.ppo))
-            speaks = self.privacy.spend(releases, round=server_round, batch=it)
+            speaks = self.privacy.allows(releases, batch=it)
+            charge = partial(self.privacy.charge, releases, round=server_round, batch=it)
             record = self.party.run_batch(seed=train.seed * 1_000_000 + it, routes=routes,
-                                          lr=lr, silent=not speaks, noise=self.privacy.noise)
+                                          lr=lr, silent=not speaks, noise=self.privacy.noise,
+                                          on_joined=charge if speaks else None)
             trained += speaks
             for k, v in record.stats.items():
                 totals[k] = totals.get(k, 0.0) + v
@@ -205,10 +210,12 @@ class FederatedAgent:
             # training batches' indices).
             messages = [r for r in self.privacy.batch_releases(routes) if r.mechanism == "message"]
             episodes = seed + i * self.transport.num_envs
-            speaks = self.privacy.spend(messages, round=server_round, batch=episodes)
+            speaks = self.privacy.allows(messages, batch=episodes)
+            charge = partial(self.privacy.charge, messages, round=server_round, batch=episodes)
             rollout = collect(self.team, self.transport, seed=seed + i * self.transport.num_envs,
                               generator=generator, greedy=True, routes=routes,
-                              silent=not speaks, noise=self.privacy.noise)
+                              silent=not speaks, noise=self.privacy.noise,
+                              on_joined=charge if speaks else None)
             returns.extend(rollout.rewards.sum(dim=0)[:, 0].tolist())
         return returns
 

@@ -10,6 +10,7 @@ exchange per batch: each exchange is a private release, and the update reuses it
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -63,17 +64,19 @@ class Party:
 
     def run_batch(self, *, seed: int | None = None, routes: Tensor | None = None,
                   lr: float | None = None, update: bool = True, silent: bool = False,
-                  noise: torch.Generator | None = None) -> BatchRecord:
+                  noise: torch.Generator | None = None,
+                  on_joined: Callable[[], None] | None = None) -> BatchRecord:
         """Roll out, exchange feedback and (``update``) train on one episode batch.
 
         ``routes`` fixes the graph's kept routes for the batch (default: the team's own graph);
         ``lr`` sets the learning rate of this batch's update. A ``silent`` party (its privacy
         budget spent) acts but releases nothing: no vectors, no feedback, and it does not train.
         ``noise`` draws the privacy noise of vectors and feedback (default: the party's stream).
+        ``on_joined`` runs once the batch is admitted, before anything is sent.
         """
         t0 = time.perf_counter()
         rollout = collect(self.team, self.transport, seed=seed, generator=self.generator,
-                          routes=routes, silent=silent, noise=noise)
+                          routes=routes, silent=silent, noise=noise, on_joined=on_joined)
         t1 = time.perf_counter()
         n = self.team.spec.n_agents
         if silent:

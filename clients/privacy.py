@@ -170,6 +170,22 @@ class AgentPrivacy:
             return False
         return True
 
+    def allows(self, releases: Sequence[GaussianRelease], *, batch: int) -> bool:
+        """Whether the budget allows ``releases``; ``False``: the agent must stay silent
+        (``on_exhausted="stop"`` raises instead). Nothing is written."""
+        try:
+            self.account.check(releases, batch=batch)
+        except BudgetExhausted:
+            if self.cfg.on_exhausted == "stop":
+                raise
+            return False
+        return True
+
+    def charge(self, releases: Sequence[GaussianRelease], *, round: int, batch: int) -> None:
+        """Write ``releases`` before they happen (raises BudgetExhausted if not allowed)."""
+        if releases:
+            self.account.spend(self.ledger, releases, round=round, batch=batch)
+
     def spent(self) -> Spent:
         return self.account.spent()
 

@@ -7,6 +7,7 @@ from every receiver's loss back through those vectors into the senders' encoders
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -51,13 +52,16 @@ class Rollout:
 def collect(team: Team, transport: Transport, seed: int | None = None,
             generator: torch.Generator | None = None, greedy: bool = False,
             routes: Tensor | None = None, silent: bool = False,
-            noise: torch.Generator | None = None) -> Rollout:
+            noise: torch.Generator | None = None,
+            on_joined: Callable[[], None] | None = None) -> Rollout:
     """Run one episode batch of the team's agents through ``transport``.
 
     ``routes`` (``[K, K]`` bool) are the kept routes the router uses for the batch; by default
     those of the team's own graph. Parties of a federated round pass the global graph's, so
     that every party declares the same routes. ``silent`` agents send no vectors. ``noise``
     draws the channel noise (default: ``generator``, which samples the actions).
+    ``on_joined`` runs once the simulator admitted the batch, before anything of it is sent
+    (where the privacy ledger is written: a batch that never starts costs nothing).
     """
     if transport.agents != team.agents:
         raise ValueError(f"the transport carries agents {transport.agents}, "
@@ -65,6 +69,8 @@ def collect(team: Team, transport: Transport, seed: int | None = None,
     b, d = transport.num_envs, team.cfg.comm_dim
     noise_source = noise or generator
     obs = transport.reset(team.kept_routes() if routes is None else routes, seed, silent)
+    if on_joined is not None:
+        on_joined()
     hidden = team.initial_hidden(b)
     memory = None
     steps: list[tuple] = []

@@ -23,7 +23,6 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Console
@@ -86,28 +85,15 @@ def node_config(settings: dict[str, str]) -> str:
     return " ".join(f"{k}={json.dumps(str(v))}" for k, v in settings.items())
 
 
-@dataclass
 class Layout:
     """Where a local deployment keeps its files, inside the run directory."""
 
-    run_dir: Path
-
-    @property
-    def root(self) -> Path:
-        return self.run_dir / "deploy"
-
-    @property
-    def secrets(self) -> DeploymentSecrets:
-        return DeploymentSecrets(self.root / "secrets")
-
-    @property
-    def logs(self) -> Path:
-        return self.root / "logs"
-
-    @property
-    def flwr_home(self) -> Path:
-        """The SuperLink's and the ``flwr`` CLI's Flower home."""
-        return self.root / "flwr"
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
+        self.root = run_dir / "deploy"
+        self.secrets = DeploymentSecrets(self.root / "secrets")
+        self.logs = self.root / "logs"
+        self.flwr_home = self.root / "flwr"  # the SuperLink's and the `flwr` CLI's
 
     def node_home(self, agent_id: str) -> Path:
         return self.root / "nodes" / agent_id
@@ -228,6 +214,8 @@ class LocalDeployment:
                     bar.update(task, completed=row["round"], status=status)
                 time.sleep(POLL_S)
         error = layout.run_dir / ERROR_FILE
+        if not error.exists():
+            self._check_parties()  # `flwr run` also ends when the SuperLink dies: say so
         if error.exists():
             raise FederationError(error.read_text().strip())
         if not (layout.run_dir / "summary.json").exists():

@@ -22,7 +22,6 @@ import datetime
 import ipaddress
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
@@ -36,56 +35,25 @@ VALID_DAYS = 365
 LOOPBACK = ("localhost", "127.0.0.1")
 
 
-@dataclass(frozen=True)
 class AgentSecrets:
     """What one agent's host holds."""
 
-    dir: Path
-
-    @property
-    def ca(self) -> Path:
-        return self.dir / "ca.crt"
-
-    @property
-    def cert(self) -> Path:
-        return self.dir / "client.crt"
-
-    @property
-    def key(self) -> Path:
-        return self.dir / "client.key"
-
-    @property
-    def node_key(self) -> Path:
-        return self.dir / "node.key"
-
-    @property
-    def node_pub(self) -> Path:
-        return self.dir / "node.pub"
-
-    @property
-    def token_file(self) -> Path:
-        return self.dir / "token.json"
+    def __init__(self, folder: Path) -> None:
+        self.dir = folder
+        self.ca = folder / "ca.crt"
+        self.cert, self.key = folder / "client.crt", folder / "client.key"  # mTLS to the sim
+        self.node_key, self.node_pub = folder / "node.key", folder / "node.pub"  # SuperNode auth
+        self.token_file = folder / "token.json"
 
 
-@dataclass(frozen=True)
 class DeploymentSecrets:
-    dir: Path
+    """Every party's secrets, in one folder per party."""
 
-    @property
-    def ca(self) -> Path:
-        return self.dir / "ca.crt"
-
-    @property
-    def superlink(self) -> Path:
-        return self.dir / "superlink"
-
-    @property
-    def sim(self) -> Path:
-        return self.dir / "sim"
-
-    @property
-    def tokens(self) -> Path:
-        return self.sim / "tokens.json"
+    def __init__(self, folder: Path) -> None:
+        self.dir = folder
+        self.ca = folder / "ca.crt"
+        self.superlink, self.sim = folder / "superlink", folder / "sim"
+        self.tokens = self.sim / "tokens.json"
 
     def agent(self, agent_id: str) -> AgentSecrets:
         return AgentSecrets(self.dir / "agents" / agent_id)

@@ -225,6 +225,11 @@ def test_a_failing_agent_answers_with_one_line_instead_of_a_traceback(nodes, tmp
         assert "the simulator ended the batch: DEADLINE_EXCEEDED" in reply.error.reason
         assert "join barrier timed out" in reply.error.reason
         assert "\n" not in reply.error.reason and "Traceback" not in reply.error.reason
+    # Nothing of the batch left the agents that waited, so nothing is charged for it: the
+    # ledger is written once the simulator admits the batch.
+    for agent in ("sensor_0", "actuator_0"):
+        ledger = n.state_root / agent / LEDGER
+        assert not ledger.exists() or not read_ledger(ledger), agent
 
 
 def test_an_agent_out_of_budget_goes_silent_at_the_boundary_and_never_past_it(nodes, tmp_path):
