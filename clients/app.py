@@ -43,16 +43,17 @@ def _process_age() -> float:
         return 0.0
 
 
-_started: list[float] = []  # the start-up of this process, charged to its first message
+_handled_a_message = False
 
 
 def _start_up() -> float:
     """Seconds from process start to the first message's handler (a deployment starts a
     ClientApp process per message; a simulation's actor once), 0 for later messages."""
-    if _started:
+    global _handled_a_message
+    if _handled_a_message:
         return 0.0
-    _started.append(_process_age())
-    return _started[0]
+    _handled_a_message = True
+    return _process_age()
 
 
 def _open(msg: Message, context: Context, defaults: dict, restore_round: int

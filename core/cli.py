@@ -279,7 +279,7 @@ def _run_federated(args: argparse.Namespace, command: str, run) -> int:
                   f"of {fed.batches_per_round} batches ({fed.strategy}) -> {out}")
     try:
         result = run(fed, out)
-    except (FederationError, RuntimeError) as e:
+    except FederationError as e:  # a deployment's failures too
         console.print(f"[red]error:[/] {e}", soft_wrap=True, highlight=False)
         console.print(f"the run directory keeps every committed round: continue it with "
                       f"fedcomm {command} --resume {out}", highlight=False)

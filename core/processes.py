@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from fedcomm.server.config import FederationConfig
+from fedcomm.server.federation import FederationError
 
 
 def _die_with_parent() -> None:
@@ -121,7 +122,7 @@ class SimProcess(ChildProcess):
         while not (port_file.exists() and port_file.read_text().strip()):
             if not self.alive or time.monotonic() > deadline:
                 self.stop()
-                raise RuntimeError(f"the simulator did not start:\n{self.tail()}")
+                raise FederationError(f"the simulator did not start:\n{self.tail()}")
             time.sleep(0.05)
         self.port = int(port_file.read_text().strip())
         self.address = f"{host}:{self.port}"

@@ -12,7 +12,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from fedcomm.clients.importance import communication_importance
 from fedcomm.clients.ppo import (
@@ -29,6 +28,7 @@ from fedcomm.clients.transport import LocalTransport
 from fedcomm.evaluate import EvalResult, baseline_summary, evaluate_baselines, evaluate_team
 from fedcomm.plots import learning_curve
 from fedcomm.privacy.config import PrivacyConfig
+from fedcomm.progress import progress_bar, status
 from fedcomm.runs import RunDir
 from fedcomm.sim.registry import make_env
 
@@ -91,9 +91,7 @@ def train(cfg: TrainConfig, out: str | Path, progress: bool = True) -> TrainResu
     stopped = ""
 
     start, train_time, it = time.perf_counter(), 0.0, 0
-    with Progress(TextColumn("[bold]{task.description}"), BarColumn(),
-                  TextColumn("{task.fields[status]}"), TimeElapsedColumn(),
-                  disable=not progress, transient=False) as bar:
+    with progress_bar(progress) as bar:
         task = bar.add_task(f"train {cfg.env}", total=iterations, status="")
         for it in range(1, iterations + 1):
             t0 = time.perf_counter()
@@ -119,10 +117,7 @@ def train(cfg: TrainConfig, out: str | Path, progress: bool = True) -> TrainResu
             if cfg.eval_every and it % cfg.eval_every == 0:
                 row["eval_return"] = evaluate().return_mean
             run.append_metrics(row)
-            status = f"return {row['return_mean']:.2f}"
-            if "eval_return" in row:
-                status += f" | eval {row['eval_return']:.2f}"
-            bar.update(task, advance=1, status=status)
+            bar.update(task, advance=1, status=status(row))
             if cfg.time_budget and train_time >= cfg.time_budget:
                 break
 

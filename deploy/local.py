@@ -26,18 +26,19 @@ import time
 from pathlib import Path
 
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from fedcomm.clients.agent import env_spec
 from fedcomm.deploy.flower_app import write_app
 from fedcomm.deploy.secrets import DeploymentSecrets, make_secrets
 from fedcomm.processes import ChildProcess, SimProcess, stop_tagged
+from fedcomm.progress import progress_bar, status
 from fedcomm.server.app import ERROR_FILE
 from fedcomm.server.config import FederationConfig
 from fedcomm.server.federation import FederationError, FederationResult
 from fedcomm.simulate import complete_run, terminate_as_interrupt
 
 FEDERATION = "local"  # the SuperLink connection's name in Flower's config
+DEPLOYMENT_TAG = "FEDCOMM_DEPLOYMENT"  # environment variable naming the deployment's run
 # A SuperNode killed without signing off stays online at the SuperLink until two heartbeats
 # (30 s apart) are missed, and Flower refuses to activate it again before that: a restarted
 # node is retried for this long.
@@ -46,7 +47,7 @@ RESTART_PAUSE_S = 5.0
 POLL_S = 0.5
 
 
-class DeploymentError(RuntimeError):
+class DeploymentError(FederationError):
     """A party of the deployment failed; the message says which and where its log is."""
 
 
@@ -116,9 +117,8 @@ class LocalDeployment:
         self.superlink: ChildProcess | None = None
         self.flwr_run: ChildProcess | None = None
         # Every process of the deployment carries the tag, Flower's own children included.
-        self.tag = f"FEDCOMM_DEPLOYMENT={self.layout.run_dir}"
         self.env = {"FLWR_HOME": str(self.layout.flwr_home),
-                    self.tag.partition("=")[0]: self.tag.partition("=")[2],
+                    DEPLOYMENT_TAG: str(self.layout.run_dir),
                     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
                     "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
@@ -198,20 +198,14 @@ class LocalDeployment:
         self.flwr_run = ChildProcess("flwr run", [
             tool("flwr"), "run", str(app), FEDERATION, "--stream"],
             layout.logs / "flwr-run.log", self.env)
-        with Progress(TextColumn("[bold]{task.description}"), BarColumn(),
-                      TextColumn("{task.completed}/{task.total} rounds"),
-                      TextColumn("{task.fields[status]}"), TimeElapsedColumn(),
-                      console=self.console, disable=not progress) as bar:
+        with progress_bar(progress, self.console, "rounds") as bar:
             task = bar.add_task(f"deployed {self.fed.train.env} x {len(self.agents)} agents",
                                 total=self.fed.rounds, status="starting")
             while self.flwr_run.alive:
                 self._check_parties()
                 row = self._last_row()
                 if row:
-                    status = f"return {row['return_mean']:.2f}"
-                    if "eval_return" in row:
-                        status += f" | eval {row['eval_return']:.2f}"
-                    bar.update(task, completed=row["round"], status=status)
+                    bar.update(task, completed=row["round"], status=status(row))
                 time.sleep(POLL_S)
         error = layout.run_dir / ERROR_FILE
         if not error.exists():
@@ -262,7 +256,8 @@ class LocalDeployment:
         for party in (self.superlink, self.sim):
             if party is not None:
                 party.stop(grace=5)
-        stray = stop_tagged(self.tag)  # e.g. the ServerApp of a SuperLink that was killed
+        # e.g. the ServerApp of a SuperLink that was killed
+        stray = stop_tagged(f"{DEPLOYMENT_TAG}={self.layout.run_dir}")
         if stray:
             self.console.print(f"[red]processes {stray} of the deployment could not be "
                                "stopped[/]")

@@ -22,11 +22,11 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from fedcomm.clients.agent import env_spec, initial_team, shared_arrays
 from fedcomm.clients.app import CONFIG_KEY
 from fedcomm.evaluate import EvalResult, baseline_summary, evaluate_baselines
+from fedcomm.progress import progress_bar, status
 from fedcomm.runs import RunDir
 from fedcomm.server.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from fedcomm.server.config import FederationConfig
@@ -166,10 +166,7 @@ class Federation:
         nodes = wait_for_nodes(self.grid, n, fed.node_timeout, self.stop)
         interval = fed.eval_interval
         failed_in_a_row, message = 0, ""
-        with Progress(TextColumn("[bold]{task.description}"), BarColumn(),
-                      TextColumn("{task.completed}/{task.total} rounds"),
-                      TextColumn("{task.fields[status]}"), TimeElapsedColumn(),
-                      console=self.console, disable=not self.progress) as bar:
+        with progress_bar(self.progress, self.console, "rounds") as bar:
             task = bar.add_task(f"federated {fed.train.env} x {n} agents", total=fed.rounds,
                                 completed=self.done, status="")
             rnd = self.done + 1
@@ -212,10 +209,7 @@ class Federation:
                 self.done = rnd
                 if on_round:
                     on_round(row)
-                status = f"return {row['return_mean']:.2f}"
-                if "eval_return" in row:
-                    status += f" | eval {row['eval_return']:.2f}"
-                bar.update(task, completed=rnd, status=status)
+                bar.update(task, completed=rnd, status=status(row))
                 if fed.train.time_budget and self.train_time >= fed.train.time_budget:
                     break
                 rnd += 1

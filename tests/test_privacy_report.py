@@ -7,6 +7,7 @@ Infinite epsilons and budgets (a release without noise, an agent without a cap) 
 import json
 import math
 import re
+from pathlib import Path
 
 import pytest
 
@@ -130,13 +131,20 @@ def test_edited_epsilon_in_report_is_named(tmp_path):
             in found)
 
 
+def edit_ledger_line(path: Path, index: int, **fields: object) -> list[str]:
+    """Overwrite ``fields`` of the ledger's line ``index`` (0-based) in place, hashes left as
+    they were; returns the lines as they were before."""
+    original = path.read_text().splitlines(keepends=True)
+    entry = {**json.loads(original[index]), **fields}
+    path.write_text("".join([*original[:index], json.dumps(entry) + "\n",
+                             *original[index + 1:]]))
+    return original
+
+
 def test_edited_ledger_line_is_named(tmp_path):
     make_run(tmp_path)
     path = tmp_path / "ledgers" / "a0.jsonl"
-    original = path.read_text().splitlines(keepends=True)
-    entry = json.loads(original[2])
-    entry["noise_multiplier"] = 0.5  # less noise than was configured
-    path.write_text("".join([*original[:2], json.dumps(entry) + "\n", *original[3:]]))
+    original = edit_ledger_line(path, 2, noise_multiplier=0.5)  # less noise than configured
     result = audit(tmp_path)
     found = wheres(result)
     assert "ledgers/a0.jsonl:3" in found  # broken hash
