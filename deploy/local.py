@@ -117,7 +117,11 @@ class LocalDeployment:
         self.superlink: ChildProcess | None = None
         self.flwr_run: ChildProcess | None = None
         # Every process of the deployment carries the tag, Flower's own children included.
-        self.env = {"FLWR_HOME": str(self.layout.flwr_home),
+        # Flower starts its own commands (flower-superexec, flwr-clientapp) by name: this
+        # environment's come first on PATH, whether or not it is activated.
+        here = str(Path(sys.executable).parent)
+        self.env = {"PATH": os.pathsep.join([here, os.environ.get("PATH", "")]),
+                    "FLWR_HOME": str(self.layout.flwr_home),
                     DEPLOYMENT_TAG: str(self.layout.run_dir),
                     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
                     "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -194,7 +198,7 @@ class LocalDeployment:
     def run(self, progress: bool = True) -> None:
         """Submit the run with ``flwr run`` and follow it to its end."""
         layout = self.layout
-        app = write_app(layout.root / "app", self.fed.to_json(), layout.run_dir.resolve())
+        app = write_app(layout.root / "app", self.fed.to_json(), layout.run_dir)
         self.flwr_run = ChildProcess("flwr run", [
             tool("flwr"), "run", str(app), FEDERATION, "--stream"],
             layout.logs / "flwr-run.log", self.env)
