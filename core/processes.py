@@ -31,6 +31,15 @@ def _die_with_parent() -> None:
         pass
 
 
+def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """This process's environment plus ``extra``, with this Python environment's commands first
+    on PATH: Flower starts its own (flower-superexec, flwr-clientapp) by name, and they must be
+    the ones installed with fedcomm whether or not the environment is activated."""
+    here = str(Path(sys.executable).parent)
+    path = os.pathsep.join([here, os.environ.get("PATH", "")])
+    return {**os.environ, "PATH": path, **(extra or {})}
+
+
 class ChildProcess:
     """``command`` in its own process group, its output appended to ``log``."""
 
@@ -40,7 +49,7 @@ class ChildProcess:
         self.started = time.monotonic()
         self._out = open(log, "a")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(self.command, stdout=self._out, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, env={**os.environ, **(env or {})},
+                                     stdin=subprocess.DEVNULL, env=child_env(env),
                                      start_new_session=True, preexec_fn=_die_with_parent)
 
     @property

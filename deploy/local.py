@@ -17,7 +17,6 @@ the Flower app, Flower's homes and every process's log).
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import socket
 import subprocess
@@ -30,7 +29,7 @@ from rich.console import Console
 from fedcomm.clients.agent import env_spec
 from fedcomm.deploy.flower_app import write_app
 from fedcomm.deploy.secrets import DeploymentSecrets, make_secrets
-from fedcomm.processes import ChildProcess, SimProcess, stop_tagged
+from fedcomm.processes import ChildProcess, SimProcess, child_env, stop_tagged
 from fedcomm.progress import progress_bar, status
 from fedcomm.server.app import ERROR_FILE
 from fedcomm.server.config import FederationConfig
@@ -117,11 +116,7 @@ class LocalDeployment:
         self.superlink: ChildProcess | None = None
         self.flwr_run: ChildProcess | None = None
         # Every process of the deployment carries the tag, Flower's own children included.
-        # Flower starts its own commands (flower-superexec, flwr-clientapp) by name: this
-        # environment's come first on PATH, whether or not it is activated.
-        here = str(Path(sys.executable).parent)
-        self.env = {"PATH": os.pathsep.join([here, os.environ.get("PATH", "")]),
-                    "FLWR_HOME": str(self.layout.flwr_home),
+        self.env = {"FLWR_HOME": str(self.layout.flwr_home),
                     DEPLOYMENT_TAG: str(self.layout.run_dir),
                     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
                     "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -160,7 +155,7 @@ class LocalDeployment:
             f"root-certificates = {json.dumps(str(self.layout.secrets.ca))}\n")
 
     def _flwr(self, *args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([tool("flwr"), *args], env={**os.environ, **self.env},
+        return subprocess.run([tool("flwr"), *args], env=child_env(self.env),
                               capture_output=True, text=True, timeout=120)
 
     def _register_nodes(self) -> None:
