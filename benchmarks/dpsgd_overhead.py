@@ -24,7 +24,7 @@ from rich.console import Console
 from rich.table import Table
 
 from fedcomm.clients.dpsgd import dp_ppo_update
-from fedcomm.clients.ppo import ValueNorm, compute_targets, ppo_update
+from fedcomm.clients.ppo import ValueNorm, compute_targets, make_optimizer, ppo_update
 from fedcomm.clients.rollout import collect, party_rollout
 from fedcomm.clients.team import Team
 from fedcomm.clients.transport import LocalTransport
@@ -44,11 +44,11 @@ class Setting:
         self.rollout = party_rollout(whole, rollout, agent)
         self.targets = compute_targets(self.rollout, self.cfg.ppo, ValueNorm(1))
         self.feedback = torch.randn_like(self.rollout.noise) * 1e-2
-        self.optimizer = torch.optim.Adam(self.team.parameters(), lr=self.cfg.ppo.lr, eps=1e-5)
+        self.optimizer = make_optimizer(self.team.parameters(), self.cfg.ppo.lr)
 
     def fresh(self) -> tuple[Team, torch.optim.Optimizer]:
         team = copy.deepcopy(self.team)
-        opt = torch.optim.Adam(team.parameters(), lr=self.cfg.ppo.lr, eps=1e-5)
+        opt = make_optimizer(team.parameters(), self.cfg.ppo.lr)
         return team, opt
 
     def plain(self, seed: int) -> tuple[float, float]:

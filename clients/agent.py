@@ -29,6 +29,7 @@ from fedcomm.clients.privacy import LEDGER, AgentPrivacy, update_dp, update_rele
 from fedcomm.clients.rollout import collect
 from fedcomm.clients.state import StateStore, load_private_state, private_state_dict
 from fedcomm.clients.team import Team
+from fedcomm.device import resolve_device
 from fedcomm.protocol.auth import read_tokens
 from fedcomm.server.config import FederationConfig
 from fedcomm.sim.base import EnvSpec
@@ -54,13 +55,15 @@ def initial_team(fed: FederationConfig, spec: EnvSpec, agents: list[int] | None 
 def shared_arrays(team: Team, with_private: bool = False) -> dict[str, Tensor]:
     """What the agent sends to the server: its copy of the shared module (and, with
     ``with_private``, its single type's private networks under that type's name)."""
-    out = {SHARED + k: v.detach().clone() for k, v in team.comm.state_dict().items()}
+    out = {SHARED + k: v.detach().to("cpu", copy=True)
+           for k, v in team.comm.state_dict().items()}
     if with_private:
         name = team.spec.types[team.types[0]].name
         for k, v in team.named_parameters():
             head, _, rest = k.partition(".")
             if head != "comm":  # drop the type position: one type per agent
-                out[f"{PRIVATE}{name}.{head}.{rest.partition('.')[2]}"] = v.detach().clone()
+                out[f"{PRIVATE}{name}.{head}.{rest.partition('.')[2]}"] = v.detach().to(
+                    "cpu", copy=True)
     return out
 
 
@@ -86,12 +89,14 @@ class AgentNode:
     token: str
     state_dir: Path
     tls: ClientTls | None = None
+    device: str | None = None  # None: the run config's
 
     @classmethod
     def from_settings(cls, settings: dict, spec: EnvSpec) -> AgentNode:
         """From node settings: ``agent-id`` (or Flower's ``partition-id`` in simulation),
         ``sim-address``, ``token-file``, ``state-dir`` (or ``state-root``, one folder per
-        agent), and optionally ``sim-ca``, ``sim-cert``, ``sim-key`` for TLS to the simulator.
+        agent), and optionally ``sim-ca``, ``sim-cert``, ``sim-key`` for TLS to the simulator
+        and ``device`` (this node's, over the run config's ``--device``).
         """
         if "agent-id" in settings:
             agent_id = str(settings["agent-id"])
@@ -122,7 +127,8 @@ class AgentNode:
             tls = ClientTls(Path(settings["sim-ca"]),
                             Path(settings["sim-cert"]) if settings.get("sim-cert") else None,
                             Path(settings["sim-key"]) if settings.get("sim-key") else None)
-        return cls(agent_id, str(settings["sim-address"]), token, state_dir, tls)
+        device = str(settings["device"]) if settings.get("device") else None
+        return cls(agent_id, str(settings["sim-address"]), token, state_dir, tls, device)
 
 
 def env_spec(fed: FederationConfig) -> EnvSpec:
@@ -138,15 +144,18 @@ class FederatedAgent:
         t0 = time.perf_counter()
         self.fed, self.node, self.spec = fed, node, env_spec(fed)
         self.index = self.spec.agent_ids.index(node.agent_id)
-        team = initial_team(fed, self.spec, [self.index])
+        self.device = resolve_device(node.device or fed.train.device)
+        team = initial_team(fed, self.spec, [self.index]).to(self.device)
         self.transport = GrpcTransport(node.sim_address, self.spec, node.agent_id, node.token,
-                                       fed.train.team, node.tls, timeout=fed.round_timeout)
+                                       fed.train.team, node.tls, timeout=fed.round_timeout,
+                                       device=self.device)
         self.party = Party(team, self.transport, fed.train.ppo,
                            seed=fed.train.seed * 1000 + self.index,
                            dp=update_dp(fed.train.privacy, fed.train.ppo))
         self.store = StateStore(node.state_dir, context_state)
         self.privacy = AgentPrivacy(node.agent_id, self.index, self.spec, fed.train.team,
-                                    fed.train.privacy, node.state_dir / LEDGER, fed.to_dict())
+                                    fed.train.privacy, node.state_dir / LEDGER, fed.to_dict(),
+                                    device=self.device)
         saved = self.store.load(restore_round)
         if saved is not None:
             load_private_state(self.party, saved.state)
@@ -202,7 +211,7 @@ class FederatedAgent:
         """Greedy episodes through the simulator; this agent's return in each."""
         load_shared(self.team, arrays)
         routes = self.team.kept_routes()
-        generator = torch.Generator().manual_seed(seed)
+        generator = torch.Generator(self.device).manual_seed(seed)
         returns = []
         for i in range(batches):
             # Evaluation episodes are episodes too: their vectors are releases, keyed by their

@@ -63,14 +63,16 @@ class GrpcTransport(Transport):
     The constructor describes the simulator. While nothing answers at ``target`` (the simulator
     is not up yet) it keeps trying for ``connect_timeout`` seconds, with gRPC's reconnection
     backoff, and calls ``on_wait`` once with the first failure; 0 fails at once. It raises
-    TransportError if the simulator stays unreachable.
+    TransportError if the simulator stays unreachable. What arrives is moved to ``device``
+    (the agent's team's) once per message; what leaves is encoded from the host.
     """
 
     def __init__(self, target: str, spec: EnvSpec, agent_id: str, token: str,
                  team_cfg: TeamConfig, tls: ClientTls | None = None, run_id: str | None = None,
                  timeout: float = 600.0, max_message_bytes: int = 64 * 2**20,
                  connect_timeout: float = 0.0,
-                 on_wait: Callable[[TransportError], None] | None = None) -> None:
+                 on_wait: Callable[[TransportError], None] | None = None,
+                 device: str | torch.device = "cpu") -> None:
         if agent_id not in spec.agent_ids:
             raise ValueError(f"no agent {agent_id!r} in {spec.name}")
         options = message_options(max_message_bytes) + RECONNECT_OPTIONS
@@ -78,6 +80,7 @@ class GrpcTransport(Transport):
                         else grpc.insecure_channel(target, options))
         self.stub = pb_grpc.JointEnvironmentStub(self.channel)
         self.spec, self.agent_id, self.timeout = spec, agent_id, timeout
+        self.device = torch.device(device)
         self.metadata = call_metadata(agent_id, token)
         self.index = spec.agent_ids.index(agent_id)
         self.agents = (self.index,)
@@ -186,10 +189,10 @@ class GrpcTransport(Transport):
 
     def _obs(self, msg: pb.Observation) -> Obs:
         obs = decode(msg.obs, "observation", pb.FLOAT32, (self.num_envs, self.kind.obs_dim))
-        return [obs[:, None, :]]
+        return [obs[:, None, :].to(self.device)]
 
     def _reward(self, tensor: pb.Tensor) -> Tensor:
-        return decode(tensor, "reward", pb.FLOAT32, (self.num_envs,))[:, None]
+        return decode(tensor, "reward", pb.FLOAT32, (self.num_envs,))[:, None].to(self.device)
 
     # -- Transport -------------------------------------------------------------------------
     def reset(self, routes: Tensor, seed: int | None = None, silent: bool = False) -> Obs:
@@ -224,7 +227,7 @@ class GrpcTransport(Transport):
         if s:
             received[:, senders] = incoming.transpose(0, 1)
             mask[:, 0, senders] = delivered.T
-        return received, mask
+        return received.to(self.device), mask.to(self.device)
 
     def step(self, actions: Actions) -> TransportStep:
         msg = pb.Action(header=self._header(self.t), action=encode(actions[0][:, 0].contiguous()))
@@ -247,7 +250,8 @@ class GrpcTransport(Transport):
                                      dp=self.feedback_dp)
         reply = self._call(self.stub.Feedback, request)
         t, b = self.spec.episode_length, self.num_envs
-        return decode(reply.grad, "feedback", pb.FLOAT32, (t, b, self.comm_dim))[:, :, None, :]
+        grad = decode(reply.grad, "feedback", pb.FLOAT32, (t, b, self.comm_dim))
+        return grad[:, :, None, :].to(self.device)
 
     def close(self) -> None:
         self._close_stream()

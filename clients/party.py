@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from fedcomm.clients.feedback import privatize, receiver_feedback
-from fedcomm.clients.ppo import PPOConfig, ValueNorm, compute_targets, ppo_update
+from fedcomm.clients.ppo import PPOConfig, ValueNorm, compute_targets, make_optimizer, ppo_update
 from fedcomm.clients.rollout import Rollout, collect
 from fedcomm.clients.team import Team
 from fedcomm.clients.transport import Transport
@@ -57,9 +57,9 @@ class Party:
             raise ValueError(f"the transport carries agents {transport.agents}, "
                              f"the team holds {team.agents}")
         self.team, self.transport, self.cfg = team, transport, cfg or PPOConfig()
-        self.optimizer = torch.optim.Adam(team.parameters(), lr=self.cfg.lr, eps=1e-5)
+        self.optimizer = make_optimizer(team.parameters(), self.cfg.lr)
         self.value_norm = ValueNorm(team.n_local)
-        self.generator = torch.Generator().manual_seed(seed)
+        self.generator = torch.Generator(team.local_index.device).manual_seed(seed)
         self.dp = dp
 
     def run_batch(self, *, seed: int | None = None, routes: Tensor | None = None,
@@ -80,7 +80,7 @@ class Party:
         t1 = time.perf_counter()
         n = self.team.spec.n_agents
         if silent:
-            senders = torch.zeros(n, dtype=torch.bool)
+            senders = torch.zeros(n, dtype=torch.bool, device=rollout.rewards.device)
             sent = rollout.rewards.new_zeros(self.team.spec.episode_length, rollout.num_envs, n,
                                              self.team.cfg.comm_dim)
         else:
@@ -91,7 +91,7 @@ class Party:
             senders[self.team.local_index] = False
             sent = privatize(grads, self.team.cfg.feedback_clip,
                              self.team.cfg.feedback_noise_multiplier, noise or self.generator)
-            sent[:, :, ~senders] = 0
+            sent.masked_fill_(~senders[:, None], 0)  # [T, B, N, D]: no host sync
         received = self.transport.feedback(sent, senders)
         t2 = time.perf_counter()
         stats = {"return_mean": rollout.episode_return().mean().item()}

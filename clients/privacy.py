@@ -106,6 +106,7 @@ def update_releases(cfg: PrivacyConfig, ppo: PPOConfig) -> list[GaussianRelease]
 
 def peers(spec: EnvSpec, routes: Tensor, index: int) -> tuple[int, int]:
     """How many other agents ``index``'s vectors can reach, and how many can reach it."""
+    routes = routes.cpu()
     types = torch.tensor(spec.type_of_agent)
     others = torch.arange(spec.n_agents) != index
     k = spec.type_of_agent[index]
@@ -129,17 +130,20 @@ class AgentPrivacy:
         The agent's ledger; an existing one is verified and continued.
     run_config
         The run configuration every ledger entry is bound to by its hash.
+    device
+        Where the noise is drawn: the device the agent's vectors are on.
     """
 
     def __init__(self, agent: str, index: int, spec: EnvSpec, team: TeamConfig,
-                 cfg: PrivacyConfig, ledger_path: Path, run_config: dict[str, Any]) -> None:
+                 cfg: PrivacyConfig, ledger_path: Path, run_config: dict[str, Any],
+                 device: str | torch.device = "cpu") -> None:
         self.agent, self.index, self.spec, self.team, self.cfg = agent, index, spec, team, cfg
         ledger_path.parent.mkdir(parents=True, exist_ok=True)
         self.ledger = Ledger(ledger_path, agent, config_hash(run_config))
         budget = PrivacyBudget(cfg.epsilon_budget or math.inf, cfg.delta, cfg.accountant,
                                cfg.relation)
         self.account = PrivacyAccount.from_ledger(self.ledger.entries, budget, cfg.unit, agent)
-        self.noise = None if cfg.seeded_noise else secure_generator()
+        self.noise = None if cfg.seeded_noise else secure_generator(device=device)
 
     def batch_releases(self, routes: Tensor, extra: Sequence[GaussianRelease] = ()
                        ) -> list[GaussianRelease]:

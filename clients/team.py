@@ -107,6 +107,11 @@ class Team(nn.Module):
             group_mlp(c, [2 * h, h, 1], out_gain=1.0) for c in self.counts)
         self.register_buffer("type_of_agent", torch.tensor(spec.type_of_agent), persistent=False)
         self.register_buffer("local_index", torch.tensor(self.agents), persistent=False)
+        # Each local agent type's share of the graph's price (see ``route_cost``).
+        share = torch.zeros(len(spec.types))
+        for k, c in zip(self.types, self.counts):
+            share[k] = c / spec.types[k].count
+        self.register_buffer("route_share", share, persistent=False)
 
     @property
     def n_local(self) -> int:
@@ -168,11 +173,7 @@ class Team(nn.Module):
         strength, so every party's loss is its share of the centralized loss; were each to pay
         for the whole graph, federated averaging would price routes ``N`` times higher than
         the receivers' gain from them."""
-        counts = torch.tensor([t.count for t in self.spec.types], dtype=torch.float)
-        local = torch.zeros(len(self.spec.types))
-        local[list(self.types)] = torch.tensor(self.counts, dtype=torch.float)
-        share = (local / counts).to(self.local_index.device)
-        return (self.comm.route_strength().sum(dim=0) * share).sum()
+        return (self.comm.route_strength().sum(dim=0) * self.route_share).sum()
 
     def route(self, senders: Tensor) -> Tensor:
         """``[B or 1, n_local, N]`` what the router delivers to the local agents."""
@@ -261,7 +262,7 @@ class Team(nn.Module):
     @torch.no_grad()
     def subteam(self, agents: Sequence[int]) -> Team:
         """A team of some of this team's agents, with their weights and the shared module."""
-        sub = Team(self.spec, self.cfg, agents)
+        sub = Team(self.spec, self.cfg, agents).to(self.local_index.device)
         if not set(sub.agents) <= set(self.agents):
             raise ValueError(f"agents {agents} are not all in this team")
         own = dict(self.named_parameters())

@@ -35,6 +35,12 @@ def _default_out(env: str) -> Path:
     return Path("runs") / f"{env.replace(':', '-')}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
+def _add_device_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", metavar="{auto,cpu,cuda,cuda:N}",
+                   help="where tensors live: auto picks a CUDA GPU if torch sees one "
+                   "(default: %(default)s)")
+
+
 def _add_env_args(p: argparse.ArgumentParser, default: str = "factory") -> None:
     p.add_argument("--env", default=default,
                    help="factory, speaker_listener, platoon, mpe2:<name> (default: %(default)s)")
@@ -48,6 +54,11 @@ def _add_training_args(p: argparse.ArgumentParser, default_env: str = "factory")
     _add_env_args(p, default_env)
     p.add_argument("--out", type=Path, help="run directory (default: runs/<env>-<time>)")
     p.add_argument("--seed", type=int, default=0)
+    _add_device_arg(p)
+    p.add_argument("--preset", choices=["auto", "cpu", "gpu"], default="auto",
+                   help="the environment's settings for a CPU or for a GPU (more environments "
+                   "and minibatches); auto: the GPU preset on a CUDA device "
+                   "(default: %(default)s)")
     p.add_argument("--num-envs", type=int, help="parallel environments per episode batch")
     p.add_argument("--env-steps", type=int, help="training budget in environment steps")
     p.add_argument("--time-budget", type=float, help="stop after this many seconds of training")
@@ -99,12 +110,13 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 def train_config_from_args(args: argparse.Namespace, base: TrainConfig | None = None
                            ) -> TrainConfig:
-    from fedcomm.presets import preset
+    from fedcomm.presets import preset, preset_kind
 
-    cfg = base or preset(args.env)
+    cfg = base or preset(args.env, preset_kind(args.preset, args.device))
     if args.env_opt:
         cfg.env_kwargs = {**cfg.env_kwargs, **dict(args.env_opt)}
-    top = {"seed": args.seed, "num_envs": args.num_envs, "env_steps": args.env_steps,
+    top = {"seed": args.seed, "device": args.device, "num_envs": args.num_envs,
+           "env_steps": args.env_steps,
            "time_budget": args.time_budget, "eval_episodes": args.eval_episodes}
     team = {"noise_multiplier": args.noise, "clip": args.clip, "encoder": args.encoder,
             "hidden": args.hidden, "comm_dim": args.comm_dim,
@@ -230,9 +242,9 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
 
 
 def federation_config_from_args(args: argparse.Namespace):
-    from fedcomm.presets import federation_preset
+    from fedcomm.presets import federation_preset, preset_kind
 
-    base = federation_preset(args.env)
+    base = federation_preset(args.env, preset_kind(args.preset, args.device))
     train = train_config_from_args(args, base.train)
     fed = {"batches_per_round": args.batches_per_round, "strategy": args.strategy,
            "server_lr": args.server_lr, "server_momentum": args.server_momentum,
@@ -383,15 +395,17 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--env-opt", type=_key_value, action="append", default=[], metavar="K=V")
     p.add_argument("--episodes", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
+    _add_device_arg(p)
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=_run_eval)
 
 
 def _run_eval(args: argparse.Namespace) -> int:
+    from fedcomm.device import resolve_device
     from fedcomm.evaluate import evaluate_team
     from fedcomm.runs import load_team
 
-    team = load_team(args.run_dir)
+    team = load_team(args.run_dir, resolve_device(args.device))
     config = json.loads((args.run_dir / "config.json").read_text())
     trained = config["train"] if config.get("mode") == "federated" else config
     env = args.env or trained["env"]
@@ -417,6 +431,7 @@ def _add_sim(sub: argparse._SubParsersAction) -> None:
     _add_env_args(s)
     s.add_argument("--num-envs", type=int, default=256, help="parallel environments per batch")
     s.add_argument("--seed", type=int, default=0, help="round r resets with seed + r")
+    _add_device_arg(s)
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=50051, help="0 picks a free port")
     s.add_argument("--port-file", type=Path, help="write the bound port here once serving")
@@ -476,7 +491,7 @@ def _run_sim_serve(args: argparse.Namespace) -> int:
                     seed=args.seed, run_id=args.run_id, tokens=read_tokens(args.tokens),
                     join_timeout=args.join_timeout, step_timeout=args.step_timeout,
                     feedback_timeout=args.feedback_timeout,
-                    max_message_bytes=int(args.max_message_mb * 2**20))
+                    max_message_bytes=int(args.max_message_mb * 2**20), device=args.device)
 
     def announce(port: int) -> None:
         if args.port_file:
@@ -507,6 +522,7 @@ def _add_agent(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--no-update", action="store_true", help="roll out and exchange only")
     p.add_argument("--seed", type=int, default=0)
+    _add_device_arg(p)
     p.add_argument("--tls-ca", type=Path, help="CA of the simulator's certificate: enables TLS")
     p.add_argument("--tls-cert", type=Path, help="client certificate (mutual TLS)")
     p.add_argument("--tls-key", type=Path, help="client private key (mutual TLS)")
@@ -534,12 +550,14 @@ def _run_agent(args: argparse.Namespace) -> int:
     from fedcomm.clients.party import Party
     from fedcomm.clients.privacy import AgentPrivacy
     from fedcomm.clients.transport import BatchTruncated
+    from fedcomm.device import resolve_device
     from fedcomm.privacy.config import PrivacyConfig
     from fedcomm.protocol.auth import read_tokens
     from fedcomm.protocol.codec import ProtocolError
     from fedcomm.runs import load_team, save_team
 
-    team = load_team(args.checkpoint)
+    device = resolve_device(args.device)
+    team = load_team(args.checkpoint, device)
     if args.agent_id not in team.spec.agent_ids:
         raise ValueError(f"the checkpoint's {team.spec.name} has no agent {args.agent_id!r}")
     index = team.spec.agent_ids.index(args.agent_id)
@@ -556,12 +574,14 @@ def _run_agent(args: argparse.Namespace) -> int:
     transport = privacy = None
     try:
         transport = GrpcTransport(args.sim, team.spec, args.agent_id, token, team.cfg, tls,
-                                  connect_timeout=args.connect_timeout, on_wait=waiting)
+                                  connect_timeout=args.connect_timeout, on_wait=waiting,
+                                  device=device)
         party = Party(party_team, transport, seed=args.seed)
         cfg = PrivacyConfig(unit=args.privacy_unit, epsilon_budget=args.epsilon_budget)
         privacy = AgentPrivacy(args.agent_id, index, team.spec, team.cfg, cfg,
                                args.ledger or Path(f"{args.agent_id}.ledger.jsonl"),
-                               {"team": asdict(team.cfg), "privacy": asdict(cfg)})
+                               {"team": asdict(team.cfg), "privacy": asdict(cfg)},
+                               device=device)
         for r in range(args.rounds):
             batch = len(privacy.ledger.entries) and privacy.ledger.entries[-1]["batch"] + 1
             routes = party_team.kept_routes()

@@ -57,12 +57,14 @@ def check_compatible(trained: EnvSpec, target: EnvSpec) -> None:
 def evaluate_team(team: Team, env_name: str, episodes: int, seed: int = 0,
                   batch: int = 1000, env_kwargs: dict | None = None,
                   greedy: bool = True) -> EvalResult:
+    """The team's returns on ``env_name``, played on the device the team is on."""
+    device = team.local_index.device
     returns = []
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator(device).manual_seed(seed)
     was_training = team.training
     team.eval()
     for i, n in enumerate(_batches(episodes, batch)):
-        env = make_env(env_name, n, **(env_kwargs or {}))
+        env = make_env(env_name, n, device, **(env_kwargs or {}))
         check_compatible(team.spec, env.spec)
         returns.append(collect(team, LocalTransport(env), seed=seed + i * batch,
                                generator=generator, greedy=greedy).episode_return())
@@ -85,18 +87,21 @@ def run_scripted(env: VecEnv, policy: Scripted, seed: int) -> torch.Tensor:
 
 
 def evaluate_scripted(env_name: str, policy: Scripted, episodes: int, seed: int = 0,
-                      batch: int = 1000, env_kwargs: dict | None = None) -> EvalResult:
-    returns = [run_scripted(make_env(env_name, n, **(env_kwargs or {})), policy, seed + i * batch)
+                      batch: int = 1000, env_kwargs: dict | None = None,
+                      device: str | torch.device = "cpu") -> EvalResult:
+    returns = [run_scripted(make_env(env_name, n, device, **(env_kwargs or {})), policy,
+                            seed + i * batch)
                for i, n in enumerate(_batches(episodes, batch))]
     return EvalResult.of(torch.cat(returns))
 
 
 def evaluate_baselines(env_name: str, episodes: int, seed: int = 0, batch: int = 1000,
-                       env_kwargs: dict | None = None) -> dict[str, EvalResult]:
+                       env_kwargs: dict | None = None,
+                       device: str | torch.device = "cpu") -> dict[str, EvalResult]:
     """Every scripted team ``env_name`` has, in ``SCRIPTED`` order; the ones it lacks are left
     out, so that any environment can be trained and reported (``random`` always exists)."""
     have = make_env(env_name, 1, **(env_kwargs or {})).scripted_teams
-    return {name: evaluate_scripted(env_name, name, episodes, seed, batch, env_kwargs)
+    return {name: evaluate_scripted(env_name, name, episodes, seed, batch, env_kwargs, device)
             for name in SCRIPTED if name in have}
 
 

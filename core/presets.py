@@ -1,13 +1,22 @@
-"""Training settings per environment that reach their published or measured targets here."""
+"""Training settings per environment that reach their published or measured targets here.
+
+Each environment has a CPU preset and a GPU preset. The GPU preset steps 8x the environments per
+episode batch, and splits the batch into 8x the minibatches: the minibatch size and the gradient
+steps per environment step stay the CPU preset's, so learning per environment step stays close to
+it (BENCHMARKS.md), while the device steps thousands of environments at once.
+"""
 
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Literal
 
 from fedcomm.clients.ppo import PPOConfig
 from fedcomm.clients.team import TeamConfig
 from fedcomm.server.config import FederationConfig
 from fedcomm.train import TrainConfig
+
+Kind = Literal["cpu", "gpu"]
 
 PRESETS: dict[str, TrainConfig] = {
     "speaker_listener": TrainConfig(
@@ -22,6 +31,13 @@ PRESETS: dict[str, TrainConfig] = {
         env="platoon", num_envs=512, env_steps=5_000_000, ppo=PPOConfig(lr=3e-3)),
 }
 
+# What the GPU preset changes: environments per batch, minibatches, learning rate.
+GPU_PRESETS: dict[str, dict] = {
+    "speaker_listener": {"num_envs": 4096, "minibatches": 32, "lr": 3e-3},
+    "factory": {"num_envs": 4096, "minibatches": 32, "lr": 3e-3},
+    "platoon": {"num_envs": 4096, "minibatches": 32, "lr": 3e-3},
+}
+
 
 # Federated runs: the centralized preset with the channel noise as is and no further DP on the
 # feedback (noiseless, and clipped far above any gradient seen: the gradient the centralized
@@ -31,16 +47,34 @@ FEDERATED_STEPS = {"speaker_listener": 5_000_000}
 UNCLIPPED = 1e6
 
 
-def federation_preset(env: str) -> FederationConfig:
+def preset_kind(choice: str, device: str) -> Kind:
+    """``auto``: the GPU preset where the run's device is a GPU, else the CPU preset."""
+    if choice in ("cpu", "gpu"):
+        return choice  # type: ignore[return-value]
+    if choice != "auto":
+        raise ValueError(f"preset must be auto, cpu or gpu, got {choice!r}")
+    from fedcomm.device import resolve_device
+
+    return "gpu" if resolve_device(device).type == "cuda" else "cpu"
+
+
+def federation_preset(env: str, kind: Kind = "cpu") -> FederationConfig:
     """The federated run of ``env``: the centralized preset, federated with FedAvg."""
-    train = preset(env)
+    train = preset(env, kind)
     train.env_steps = FEDERATED_STEPS.get(env, train.env_steps)
     train.team = replace(train.team, feedback_noise_multiplier=0.0, feedback_clip=UNCLIPPED)
     return FederationConfig(train=train)
 
 
-def preset(env: str) -> TrainConfig:
-    """A fresh copy of the preset for ``env`` (a generic one for environments without)."""
+def preset(env: str, kind: Kind = "cpu") -> TrainConfig:
+    """A fresh copy of the ``kind`` preset for ``env`` (a generic one for environments
+    without)."""
     base = PRESETS.get(env, TrainConfig(env=env))
-    return replace(base, env_kwargs=dict(base.env_kwargs), team=replace(base.team),
-                   ppo=replace(base.ppo))
+    cfg = replace(base, env_kwargs=dict(base.env_kwargs), team=replace(base.team),
+                  ppo=replace(base.ppo))
+    if kind == "gpu":
+        gpu = GPU_PRESETS.get(env, {"num_envs": 8 * cfg.num_envs,
+                                    "minibatches": 8 * cfg.ppo.minibatches, "lr": cfg.ppo.lr})
+        cfg = replace(cfg, num_envs=gpu["num_envs"],
+                      ppo=replace(cfg.ppo, minibatches=gpu["minibatches"], lr=gpu["lr"]))
+    return cfg

@@ -120,8 +120,9 @@ class SimProcess(ChildProcess):
                    for a in ("--env-opt", f"{k}={json.dumps(v)}")]
         command = [sys.executable, "-m", "fedcomm.cli", "sim", "serve", "--env", train.env,
                    *options, "--num-envs", str(train.num_envs), "--seed", str(train.seed),
-                   "--host", host, "--port", "0", "--port-file", str(port_file),
-                   "--tokens", str(tokens), "--join-timeout", str(timeout),
+                   "--device", train.device, "--host", host, "--port", "0",
+                   "--port-file", str(port_file), "--tokens", str(tokens),
+                   "--join-timeout", str(timeout),
                    "--feedback-timeout", str(timeout)]
         if tls:
             command += ["--tls-cert", str(tls[0]), "--tls-key", str(tls[1]),

@@ -75,12 +75,22 @@ class RunDir:
         save_team(team, self.path / CHECKPOINT, extra)
 
 
+def on_cpu(x: Any) -> Any:
+    """Tensors (in dicts) moved to the host: a checkpoint loads on any machine, GPU or not."""
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu()
+    if isinstance(x, dict):
+        return {k: on_cpu(v) for k, v in x.items()}
+    return x
+
+
 def save_team(team: Team, path: str | Path, extra: dict | None = None) -> None:
-    torch.save({**team.save_config(), "state_dict": team.state_dict(), **(extra or {})}, path)
+    torch.save(on_cpu({**team.save_config(), "state_dict": team.state_dict(), **(extra or {})}),
+               path)
 
 
-def load_team(source: str | Path) -> Team:
-    """A team from a checkpoint file or a run directory holding one."""
+def load_team(source: str | Path, device: str | torch.device = "cpu") -> Team:
+    """A team from a checkpoint file or a run directory holding one, on ``device``."""
     path = Path(source)
     if path.is_dir() or not path.suffix:
         path = path / CHECKPOINT
@@ -89,4 +99,4 @@ def load_team(source: str | Path) -> Team:
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     team = Team(EnvSpec.from_dict(ckpt["spec"]), TeamConfig(**ckpt["team"]), ckpt["agents"])
     team.load_state_dict(ckpt["state_dict"])
-    return team
+    return team.to(device)

@@ -32,6 +32,7 @@ from fedcomm.clients.rollout import collect
 from fedcomm.clients.state import StateStore
 from fedcomm.clients.team import Team
 from fedcomm.clients.transport import LocalTransport
+from fedcomm.device import resolve_device
 from fedcomm.evaluate import EvalResult
 from fedcomm.processes import SimProcess
 from fedcomm.protocol.auth import generate_tokens, write_tokens
@@ -95,6 +96,17 @@ def _quiet_flower(verbose: bool) -> Iterator[None]:
         logger.setLevel(level)
 
 
+def backend_config(n_agents: int, device: torch.device, verbose: bool = False) -> dict:
+    """Flower's simulation backend: one actor per agent, all of them at once, each with one CPU
+    and, on a GPU, an equal share of one device (fractional GPUs)."""
+    gpu = device.type == "cuda"
+    return {"client_resources": {"num_cpus": 1, "num_gpus": 1 / n_agents if gpu else 0.0},
+            "init_args": {"num_cpus": n_agents, "num_gpus": 1 if gpu else 0,
+                          "include_dashboard": False,
+                          "logging_level": logging.INFO if verbose else logging.ERROR,
+                          "log_to_driver": verbose}}
+
+
 def run_flower(fed: FederationConfig, run_dir: Path, sim_address: str, tokens: Path,
                progress: bool, verbose: bool) -> FederationResult:
     """The ServerApp and every agent's ClientApp on Flower's simulation engine."""
@@ -108,14 +120,15 @@ def run_flower(fed: FederationConfig, run_dir: Path, sim_address: str, tokens: P
     results: list = []
     stop = threading.Event()
     server_app = make_server_app(fed, run_dir, progress, results, stop)
-    client_app = make_client_app({"sim-address": sim_address, "token-file": str(tokens),
-                                  "state-root": str(run_dir / "agents")})
+    device = resolve_device(fed.train.device)
+    defaults = {"sim-address": sim_address, "token-file": str(tokens),
+                "state-root": str(run_dir / "agents")}
+    if device.type == "cuda":  # Ray sets each actor's CUDA_VISIBLE_DEVICES to its share
+        defaults["device"] = "cuda"
+    client_app = make_client_app(defaults)
     os.environ["OMP_NUM_THREADS"] = "1"  # inherited by the actors: one thread per agent
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # no GPUs are asked for
-    backend = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-               "init_args": {"num_cpus": n, "include_dashboard": False,
-                             "logging_level": logging.INFO if verbose else logging.ERROR,
-                             "log_to_driver": verbose}}
+    backend = backend_config(n, device, verbose)
     try:
         with _all_agents_at_once(n), _quiet_flower(verbose):
             run_simulation(server_app=server_app, client_app=client_app, num_supernodes=n,

@@ -19,12 +19,14 @@ from fedcomm.clients.ppo import (
     ValueNorm,
     annealed_lr,
     compute_targets,
+    make_optimizer,
     ppo_update,
 )
 from fedcomm.clients.privacy import LEDGER, AgentPrivacy, report_summary, write_run_report
 from fedcomm.clients.rollout import collect
 from fedcomm.clients.team import Team, TeamConfig
 from fedcomm.clients.transport import LocalTransport
+from fedcomm.device import describe, resolve_device
 from fedcomm.evaluate import EvalResult, baseline_summary, evaluate_baselines, evaluate_team
 from fedcomm.plots import learning_curve
 from fedcomm.privacy.config import PrivacyConfig
@@ -43,6 +45,7 @@ class TrainConfig:
     env_steps: int = 10_000_000
     time_budget: float | None = None  # seconds of training; stops early when reached
     seed: int = 0
+    device: str = "auto"  # auto, cpu, cuda or cuda:N (fedcomm.device)
     anneal_lr: bool = True
     eval_every: int = 25  # iterations between greedy evaluations (0: only at the end)
     eval_episodes: int = 1000
@@ -68,13 +71,14 @@ class TrainResult:
 def train(cfg: TrainConfig, out: str | Path, progress: bool = True) -> TrainResult:
     run = RunDir(out)
     run.write_config(asdict(cfg))
+    device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
-    env = make_env(cfg.env, cfg.num_envs, **cfg.env_kwargs)
+    env = make_env(cfg.env, cfg.num_envs, device, **cfg.env_kwargs)
     transport = LocalTransport(env)
-    team = Team(env.spec, cfg.team)
-    optimizer = torch.optim.Adam(team.parameters(), lr=cfg.ppo.lr, eps=1e-5)
-    value_norm = ValueNorm(env.spec.n_agents)
-    generator = torch.Generator().manual_seed(cfg.seed)
+    team = Team(env.spec, cfg.team).to(device)  # initialised on the CPU: the same on any device
+    optimizer = make_optimizer(team.parameters(), cfg.ppo.lr)
+    value_norm = ValueNorm(env.spec.n_agents).to(device)
+    generator = torch.Generator(device).manual_seed(cfg.seed)
     per_iter = cfg.num_envs * env.spec.episode_length
     iterations = max(1, cfg.env_steps // per_iter)
 
@@ -85,7 +89,8 @@ def train(cfg: TrainConfig, out: str | Path, progress: bool = True) -> TrainResu
     # The vectors agents exchange in training are accounted per agent as they would be between
     # parties; one process holds every agent, so the run stops when any budget is spent.
     ledgers = {a: run.path / "agents" / a / LEDGER for a in env.spec.agent_ids}
-    privacy = [AgentPrivacy(a, i, env.spec, cfg.team, cfg.privacy, ledgers[a], asdict(cfg))
+    privacy = [AgentPrivacy(a, i, env.spec, cfg.team, cfg.privacy, ledgers[a], asdict(cfg),
+                            device=device)
                for i, a in enumerate(env.spec.agent_ids)]
     noise = privacy[0].noise
     stopped = ""
@@ -129,12 +134,13 @@ def train(cfg: TrainConfig, out: str | Path, progress: bool = True) -> TrainResu
     run.save_team(team, {"value_norm": value_norm.state_dict()})
     final = evaluate()
     baselines = evaluate_baselines(cfg.env, cfg.eval_episodes, EVAL_SEED,
-                                   env_kwargs=cfg.env_kwargs)
+                                   env_kwargs=cfg.env_kwargs, device=device)
     importance = communication_importance(
-        team, collect(team, LocalTransport(make_env(cfg.env, 256, **cfg.env_kwargs)),
+        team, collect(team, LocalTransport(make_env(cfg.env, 256, device, **cfg.env_kwargs)),
                       seed=EVAL_SEED, greedy=True))
     summary = {
         "env": cfg.env,
+        "device": describe(device),
         "final": final.to_dict(),
         **baseline_summary(final, baselines),
         "iterations": it,

@@ -155,6 +155,14 @@ class VecEnv(ABC):
             for t in self.spec.types
         ]
 
+    @property
+    def checks_action_range(self) -> bool:
+        """Whether ``step`` checks the actions' range: on the host, where it is free. On an
+        accelerator it would make every step wait for the device; actions from outside the
+        process reach an environment through the simulator service, which checks them on the
+        host before they move."""
+        return self.device.type == "cpu"
+
     def check_actions(self, actions: Actions) -> None:
         """Fail loudly on actions of the wrong shape or range, before they corrupt the state."""
         if len(actions) != len(self.spec.types):
@@ -164,8 +172,16 @@ class VecEnv(ABC):
             if a.shape != (self.num_envs, t.count):
                 raise ValueError(f"actions for {t.name!r}: expected shape "
                                  f"{(self.num_envs, t.count)}, got {tuple(a.shape)}")
-            if a.numel() and (int(a.min()) < 0 or int(a.max()) >= t.n_actions):
+            if (self.checks_action_range and a.numel()
+                    and (int(a.min()) < 0 or int(a.max()) >= t.n_actions)):
                 raise ValueError(f"actions for {t.name!r} must lie in [0, {t.n_actions})")
+
+
+def one_hot(index: Tensor, n: int) -> Tensor:
+    """``float32`` one-hot rows of ``index`` (values in ``[0, n)``). Unlike
+    ``torch.nn.functional.one_hot`` it never reads the indices on the host to check their range,
+    on any device, so the step loop can be checked for host reads on the CPU."""
+    return (index[..., None] == torch.arange(n, device=index.device)).to(torch.float32)
 
 
 def make_generator(seed: int | None, device: torch.device) -> torch.Generator:

@@ -23,7 +23,16 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fedcomm.sim.base import Actions, AgentType, EnvSpec, Obs, Step, VecEnv, make_generator
+from fedcomm.sim.base import (
+    Actions,
+    AgentType,
+    EnvSpec,
+    Obs,
+    Step,
+    VecEnv,
+    make_generator,
+    one_hot,
+)
 
 SERVICE = 0  # actuator action 0; action p + 1 makes product p
 
@@ -79,7 +88,7 @@ class Factory(VecEnv):
         b, m, p = self.num_envs, self.n_machines, self.n_products
         fault = self.fault.float()[:, None, :] * self.sensor_mask[None]
         sensor = torch.cat([self.sensor_mask[None].expand(b, -1, -1), fault], dim=2)
-        orders = torch.nn.functional.one_hot(self.order, p).float()  # [B, M, P]
+        orders = one_hot(self.order, p)  # [B, M, P]
         seen = orders[:, None] * self.processor_mask[None, :, :, None]  # [B, n_proc, M, P]
         processor = torch.cat([self.processor_mask[None].expand(b, -1, -1),
                                seen.reshape(b, -1, m * p)], dim=2)

@@ -27,6 +27,7 @@ import torch
 from google.protobuf.message import DecodeError
 from torch import Tensor
 
+from fedcomm.device import resolve_device
 from fedcomm.protocol.auth import claimed_identity, token_matches
 from fedcomm.protocol.codec import ProtocolError, check_norms, decode, encode, invalid
 from fedcomm.protocol.v1 import joint_env_pb2 as pb
@@ -52,6 +53,7 @@ class SimConfig:
     step_timeout: float = 30.0  # seconds for every agent to answer within one phase of a step
     feedback_timeout: float = 60.0
     max_message_bytes: int = 64 * 2**20
+    device: str = "auto"  # where the environment steps (fedcomm.device); the wire is the host's
 
 
 class Phase(Enum):
@@ -127,7 +129,7 @@ class Round:
 class JointEnvironmentService(pb_grpc.JointEnvironmentServicer):
     def __init__(self, cfg: SimConfig) -> None:
         self.cfg = cfg
-        self.env = make_env(cfg.env, cfg.num_envs, **cfg.env_kwargs)
+        self.env = make_env(cfg.env, cfg.num_envs, resolve_device(cfg.device), **cfg.env_kwargs)
         self.spec = self.env.spec
         missing = set(self.spec.agent_ids) - set(cfg.tokens)
         if missing:
@@ -336,6 +338,7 @@ class JointEnvironmentService(pb_grpc.JointEnvironmentServicer):
         try:
             await self._await_streams(rnd)
             obs = self.env.reset(self.cfg.seed + rnd.number if rnd.seed is None else rnd.seed)
+            obs = [o.cpu() for o in obs]  # one transfer per step from an accelerator
             reward: Tensor | None = None
             rnd.delivered = torch.zeros(self.spec.n_agents, self.spec.n_agents, dtype=torch.bool)
             for t in range(self.spec.episode_length):
@@ -344,8 +347,9 @@ class JointEnvironmentService(pb_grpc.JointEnvironmentServicer):
                 self._route(rnd, t, torch.stack([vectors[i] for i in sorted(vectors)], dim=1))
                 actions = await self._gather(rnd, t, "action")
                 flat = torch.stack([actions[i] for i in sorted(actions)], dim=1)
+                flat = flat.to(self.env.device)  # checked on the host (_check_frame)
                 step = self.env.step(list(flat.split([k.count for k in self.spec.types], 1)))
-                obs, reward = step.obs, step.reward
+                obs, reward = [o.cpu() for o in step.obs], step.reward.cpu()
             for slot in rnd.slots.values():
                 end = pb.EpisodeEnd(header=self._header(rnd.number, t + 1),
                                     reward=encode(reward[:, slot.index].contiguous()))

@@ -14,7 +14,16 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fedcomm.sim.base import Actions, AgentType, EnvSpec, Obs, Step, VecEnv, make_generator
+from fedcomm.sim.base import (
+    Actions,
+    AgentType,
+    EnvSpec,
+    Obs,
+    Step,
+    VecEnv,
+    make_generator,
+    one_hot,
+)
 
 N_LANDMARKS = 3
 DIM_C = 3
@@ -99,7 +108,7 @@ class SpeakerListener(VecEnv):
         self.listener_pos = self.listener_pos + self.listener_vel * DT
         force = self._moves.index_select(0, move)
         self.listener_vel = self.listener_vel * (1 - DAMPING) + force * DT
-        self.comm = torch.nn.functional.one_hot(say, DIM_C).to(torch.float32)
+        self.comm = one_hot(say, DIM_C)
         self.t += 1
         dist2 = ((self.listener_pos - self.goal_pos()) ** 2).sum(dim=1)
         reward = (-dist2)[:, None].expand(self.num_envs, 2)

@@ -1,0 +1,181 @@
+"""``--device``: every tensor of a rollout on one device, a step loop that never waits for it,
+GPU presets, checkpoints that load anywhere.
+
+The CPU tests cover the code a GPU runs: ``DeviceDiscipline`` counts, on the CPU, the calls that
+would make the loop wait for an accelerator. The tests marked ``cuda`` run the same paths on a
+GPU and are reported as skipped where torch sees none.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedcomm.cli import build_parser, main, train_config_from_args
+from fedcomm.clients.ppo import PPOConfig, ValueNorm, compute_targets, make_optimizer, ppo_update
+from fedcomm.clients.rollout import collect
+from fedcomm.clients.team import Team, TeamConfig
+from fedcomm.clients.transport import LocalTransport
+from fedcomm.device import resolve_device
+from fedcomm.evaluate import evaluate_team
+from fedcomm.presets import PRESETS, preset
+from fedcomm.runs import load_team, save_team
+from fedcomm.sim.base import VecEnv
+from fedcomm.sim.registry import make_env
+from fedcomm.train import TrainConfig, train
+from tests.device_checks import DeviceDiscipline
+
+CUDA = torch.cuda.is_available()
+def cuda(test):
+    return pytest.mark.cuda(pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU: torch sees "
+                                               "none")(test))
+
+TEAMS = {  # each environment with the model variants whose steps differ
+    "speaker_listener": TeamConfig(),
+    "factory": TeamConfig(encoder="superposition"),
+    "platoon": TeamConfig(recurrent=True, accumulate=True),
+}
+
+
+def test_device_names() -> None:
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if CUDA else "cpu")
+    for bad in ("gpu", "cuda:x", "mps", ""):
+        with pytest.raises(ValueError, match="auto, cpu, cuda or cuda:N"):
+            resolve_device(bad)
+    if CUDA:
+        with pytest.raises(ValueError, match="CUDA device"):
+            resolve_device(f"cuda:{torch.cuda.device_count()}")
+    else:
+        with pytest.raises(ValueError, match=r"sees no CUDA device.*--device cpu"):
+            resolve_device("cuda")
+
+
+def test_cli_refuses_a_missing_gpu(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
+    if CUDA:
+        pytest.skip("torch sees a GPU here")
+    for argv in (["train", "--device", "cuda", "--out", str(tmp_path / "t")],
+                 ["eval", str(tmp_path), "--device", "cuda:1"],
+                 ["train", "--device", "tpu", "--out", str(tmp_path / "t")]):
+        assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 3 and "sees no CUDA device" in err and "'tpu'" in err
+    assert not (tmp_path / "t").exists()
+
+
+def _discipline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Take the accelerator's path on the CPU: the environments skip the range check, which
+    reads the actions on the host (the simulator service checks them before they move)."""
+    monkeypatch.setattr(VecEnv, "checks_action_range", property(lambda self: False))
+
+
+@pytest.mark.parametrize("env_name", sorted(TEAMS))
+def test_step_loop_never_waits_for_the_device(env_name: str,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    _discipline(monkeypatch)
+    env = make_env(env_name, 16, "cpu")
+    torch.manual_seed(0)
+    team = Team(env.spec, TEAMS[env_name])
+    generator = torch.Generator("cpu").manual_seed(0)
+    with DeviceDiscipline() as checks:
+        rollout = collect(team, LocalTransport(env), seed=1, generator=generator)
+    assert checks.syncs == [] and checks.undeviced == []
+    value_norm, optimizer = ValueNorm(env.spec.n_agents), make_optimizer(team.parameters(), 1e-3)
+    with DeviceDiscipline() as checks:  # the update too: fused Adam, no per-minibatch reads
+        targets = compute_targets(rollout, PPOConfig(), value_norm)
+        ppo_update(team, optimizer, rollout, PPOConfig(minibatches=2), targets, generator)
+    assert checks.syncs == [] and checks.undeviced == []
+
+
+def test_discipline_catches_what_it_looks_for() -> None:
+    """The checks above could not pass by seeing nothing."""
+    x = torch.arange(4.0, device="cpu")
+    with DeviceDiscipline() as checks:
+        x.sum().item()
+        _ = x[x > 1]
+        torch.zeros(3)
+        int(x.max())
+    assert checks.syncs == ["aten._local_scalar_dense.default", "aten.index.Tensor",
+                            "aten._local_scalar_dense.default"]
+    assert checks.undeviced == ["zeros"]
+
+
+def test_gpu_presets_keep_the_learning_per_step() -> None:
+    """More environments per batch, the same minibatch size and gradient steps per step."""
+    for env in PRESETS:
+        cpu, gpu = preset(env, "cpu"), preset(env, "gpu")
+        assert gpu.num_envs >= 8 * cpu.num_envs
+        assert gpu.num_envs // gpu.ppo.minibatches == cpu.num_envs // cpu.ppo.minibatches
+        assert gpu.ppo.epochs == cpu.ppo.epochs and gpu.env_steps == cpu.env_steps
+        assert replace(gpu, num_envs=cpu.num_envs, ppo=cpu.ppo) == cpu
+
+
+def test_preset_choice() -> None:
+    def cfg(*argv: str) -> TrainConfig:
+        return train_config_from_args(build_parser().parse_args(
+            ["train", "--env", "speaker_listener", *argv]))
+
+    assert cfg("--preset", "gpu").num_envs == 4096
+    assert cfg("--preset", "gpu").ppo.minibatches == 32
+    assert cfg("--device", "cpu").num_envs == 512  # auto: the CPU preset on the CPU
+    assert cfg("--preset", "gpu", "--num-envs", "2048").num_envs == 2048  # options still win
+    assert cfg().num_envs == (4096 if CUDA else 512)
+    assert cfg("--device", "cpu").device == "cpu"
+
+
+def test_simulation_shares_one_gpu_among_the_agents() -> None:
+    from fedcomm.simulate import backend_config  # Flower: not needed by the other tests
+
+    gpu = backend_config(3, torch.device("cuda"))
+    assert gpu["client_resources"]["num_gpus"] * 3 <= gpu["init_args"]["num_gpus"] == 1
+    assert gpu["init_args"]["num_cpus"] == 3
+    cpu = backend_config(3, torch.device("cpu"))
+    assert cpu["client_resources"]["num_gpus"] == cpu["init_args"]["num_gpus"] == 0
+
+
+def test_checkpoints_hold_host_tensors(tmp_path: Path) -> None:
+    env = make_env("factory", 4)
+    team = Team(env.spec)
+    save_team(team, tmp_path / "team.pt", {"value_norm": ValueNorm(7).state_dict()})
+    saved = torch.load(tmp_path / "team.pt", weights_only=True)
+    assert all(v.device.type == "cpu" for v in saved["state_dict"].values())
+    loaded = load_team(tmp_path, "meta")
+    assert {p.device.type for p in loaded.parameters()} == {"meta"}
+
+
+# -- on a GPU ---------------------------------------------------------------------------------
+@cuda
+@pytest.mark.parametrize("env_name", sorted(TEAMS))
+def test_gpu_step_loop_is_asynchronous(env_name: str) -> None:
+    """CUDA's own sync detector: any synchronising call in the loop raises."""
+    env = make_env(env_name, 64, "cuda")
+    team = Team(env.spec, TEAMS[env_name]).cuda()
+    generator = torch.Generator("cuda").manual_seed(0)
+    transport = LocalTransport(env)
+    collect(team, transport, seed=0, generator=generator)  # warm-up: lazy initialisation
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        rollout = collect(team, transport, seed=1, generator=generator)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    tensors = [*rollout.obs, *rollout.actions, rollout.noise, rollout.rewards, rollout.values]
+    assert {t.device.type for t in tensors} == {"cuda"}
+
+
+@cuda
+def test_gpu_training_checkpoint_evaluates_the_same_on_the_cpu(tmp_path: Path) -> None:
+    cfg = replace(preset("speaker_listener", "gpu"), env_steps=3_000_000, device="cuda",
+                  eval_every=0)
+    result = train(cfg, tmp_path / "run", progress=False)
+    assert result.summary["device"].startswith("cuda")
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["device"] == "cuda"
+    on_cpu = evaluate_team(load_team(tmp_path / "run"), "speaker_listener", 1000, seed=5)
+    on_gpu = evaluate_team(load_team(tmp_path / "run", "cuda"), "speaker_listener", 1000,
+                           seed=5)
+    se = (on_cpu.return_se**2 + on_gpu.return_se**2) ** 0.5
+    assert abs(on_cpu.return_mean - on_gpu.return_mean) < 3 * se
+    assert on_gpu.return_mean > result.baselines["no_comm"].return_mean  # it learned
