@@ -23,16 +23,24 @@ from fedcomm.clients.transport import LocalTransport
 from fedcomm.device import resolve_device
 from fedcomm.evaluate import evaluate_team
 from fedcomm.presets import PRESETS, preset
+from fedcomm.protocol.auth import generate_tokens, write_tokens
 from fedcomm.runs import load_team, save_team
 from fedcomm.sim.base import VecEnv
+from fedcomm.sim.factory import factory_spec
 from fedcomm.sim.registry import make_env
 from fedcomm.train import TrainConfig, train
+from tests.conftest import fedcomm
 from tests.device_checks import DeviceDiscipline
 
 CUDA = torch.cuda.is_available()
+NEEDS_GPU = [pytest.mark.cuda,
+             pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU: torch sees none")]
+
+
 def cuda(test):
-    return pytest.mark.cuda(pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU: torch sees "
-                                               "none")(test))
+    for mark in NEEDS_GPU:
+        test = mark(test)
+    return test
 
 TEAMS = {  # each environment with the model variants whose steps differ
     "speaker_listener": TeamConfig(),
@@ -179,3 +187,30 @@ def test_gpu_training_checkpoint_evaluates_the_same_on_the_cpu(tmp_path: Path) -
     se = (on_cpu.return_se**2 + on_gpu.return_se**2) ** 0.5
     assert abs(on_cpu.return_mean - on_gpu.return_mean) < 3 * se
     assert on_gpu.return_mean > result.baselines["no_comm"].return_mean  # it learned
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=NEEDS_GPU)])
+def test_agents_and_simulator_on_a_device(device: str, tmp_path: Path, sim_process) -> None:
+    """``fedcomm sim serve --device`` and one ``fedcomm agent --device`` per agent: two
+    training rounds over gRPC, each party's tensors on its device, the wire on the host."""
+    options = {"n_sensors": 1, "n_processors": 1, "n_actuators": 1, "episode_length": 3}
+    spec = factory_spec(**options)
+    torch.manual_seed(0)
+    save_team(Team(spec, TeamConfig(hidden=8, comm_dim=4)), tmp_path / "team.pt")
+    write_tokens(tmp_path / "tokens.json", generate_tokens(spec.agent_ids))
+    address = sim_process("--env", "factory", *(a for k, v in options.items()
+                                                 for a in ("--env-opt", f"{k}={v}")),
+                          "--num-envs", "32", "--tokens", str(tmp_path / "tokens.json"),
+                          "--device", device)
+    agents = [fedcomm("agent", "--sim", address, "--agent-id", agent, "--device", device,
+                      "--tokens", str(tmp_path / "tokens.json"), "--rounds", "2",
+                      "--checkpoint", str(tmp_path / "team.pt"),
+                      "--ledger", str(tmp_path / f"{agent}.ledger.jsonl"),
+                      "--save", str(tmp_path / f"{agent}.pt"))
+              for agent in spec.agent_ids]
+    outputs = [proc.communicate(timeout=120)[0] for proc in agents]
+    assert [proc.returncode for proc in agents] == [0, 0, 0], outputs
+    assert all(out.count("round") == 2 for out in outputs), outputs
+    trained = load_team(tmp_path / f"{spec.agent_ids[0]}.pt").state_dict()
+    before = load_team(tmp_path / "team.pt").subteam([0]).state_dict()
+    assert any(not torch.equal(trained[k], before[k]) for k in before)  # it trained
