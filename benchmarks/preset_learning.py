@@ -58,6 +58,32 @@ def first_reaching(curve: list, target: float) -> tuple[int, float] | None:
     return next(((steps, secs) for steps, secs, ret in curve if ret >= target), None)
 
 
+def plot(runs: list[dict], env: str, targets: list[float], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    colors, labelled = {"cpu": "C0", "gpu": "C1"}, set()
+    for r in runs:  # one line per run, one legend entry per preset
+        steps, _, returns = zip(*r["curve"])
+        label = None
+        if r["preset"] not in labelled:
+            labelled.add(r["preset"])
+            label = f"{r['preset']} preset: {r['num_envs']} envs x {r['minibatches']} minibatches"
+        ax.plot([s / 1e6 for s in steps], returns, marker=".", color=colors[r["preset"]],
+                label=label)
+    for t in targets:
+        ax.axhline(t, color="grey", lw=0.8, ls="--")
+    ax.set_xlabel("environment steps (millions)")
+    ax.set_ylabel("greedy return, 1000 episodes")
+    ax.set_title(f"{env}: learning per environment step")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--env", default="speaker_listener")
@@ -68,6 +94,7 @@ def main() -> None:
     parser.add_argument("--targets", nargs="+", type=float, default=[-9.0, -8.0])
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     parser.add_argument("--json", help="write every run's curve here")
+    parser.add_argument("--plot", help="draw the curves to this image")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -76,6 +103,8 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(runs, f, indent=2)
+    if args.plot:
+        plot(runs, args.env, args.targets, args.plot)
 
     console = Console(width=140)
     table = Table(title=f"{args.env}: greedy return (1000 episodes) at matched environment "
