@@ -10,6 +10,7 @@ global module continues from that round: a round the server never committed is d
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import re
@@ -45,7 +46,13 @@ def load_private_state(party: Party, state: dict) -> None:
                          f"(missing {missing}, unexpected {unexpected})")
     party.optimizer.load_state_dict(state["optimizer"])
     party.value_norm.load_state_dict(state["value_norm"])
-    party.generator.set_state(state["generator"])
+    try:
+        party.generator.set_state(state["generator"])
+    except RuntimeError:  # written on another kind of device: CPU and CUDA states differ
+        # The stream samples actions and minibatches only (privacy noise has its own source):
+        # continue it from a seed derived from the saved state, the same on every restore.
+        digest = hashlib.sha256(state["generator"].numpy().tobytes()).digest()
+        party.generator.manual_seed(int.from_bytes(digest[:8], "little") >> 1)
 
 
 @dataclass

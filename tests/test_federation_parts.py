@@ -95,6 +95,21 @@ def test_private_state_round_trips_exactly(tmp_path):
     assert torch.equal(party.generator.get_state(), fresh.generator.get_state())
 
 
+def test_private_state_moves_between_devices():
+    """A GPU's generator state (16 bytes) does not fit a CPU generator: the agent continues
+    with a stream seeded from it, the same on every restore, and everything else exact."""
+    party = make_party(2)
+    state = private_state_dict(party)
+    state["generator"] = torch.arange(16, dtype=torch.uint8)  # a CUDA generator's state
+    streams = []
+    for _ in range(2):
+        fresh = make_party(2, seed=99)
+        load_private_state(fresh, state)
+        streams.append(torch.rand(4, generator=fresh.generator))
+    assert torch.equal(*streams)
+    assert not torch.equal(streams[0], torch.rand(4, generator=make_party(2, seed=99).generator))
+
+
 def test_the_store_restores_the_latest_committed_round(tmp_path):
     context = RecordDict()
     store = StateStore(tmp_path, context)
