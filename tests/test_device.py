@@ -116,7 +116,7 @@ def test_gpu_presets_keep_the_learning_per_step() -> None:
     """More environments per batch, the same minibatch size and gradient steps per step."""
     for env in PRESETS:
         cpu, gpu = preset(env, "cpu"), preset(env, "gpu")
-        assert gpu.num_envs >= 8 * cpu.num_envs
+        assert gpu.num_envs >= 4 * cpu.num_envs
         assert gpu.num_envs // gpu.ppo.minibatches == cpu.num_envs // cpu.ppo.minibatches
         assert gpu.ppo.epochs == cpu.ppo.epochs and gpu.env_steps == cpu.env_steps
         assert replace(gpu, num_envs=cpu.num_envs, ppo=cpu.ppo) == cpu
@@ -127,11 +127,11 @@ def test_preset_choice() -> None:
         return train_config_from_args(build_parser().parse_args(
             ["train", "--env", "speaker_listener", *argv]))
 
-    assert cfg("--preset", "gpu").num_envs == 4096
-    assert cfg("--preset", "gpu").ppo.minibatches == 32
+    assert cfg("--preset", "gpu").num_envs == 2048
+    assert cfg("--preset", "gpu").ppo.minibatches == 16
     assert cfg("--device", "cpu").num_envs == 512  # auto: the CPU preset on the CPU
     assert cfg("--preset", "gpu", "--num-envs", "2048").num_envs == 2048  # options still win
-    assert cfg().num_envs == (4096 if CUDA else 512)
+    assert cfg().num_envs == (2048 if CUDA else 512)
     assert cfg("--device", "cpu").device == "cpu"
 
 
