@@ -20,10 +20,11 @@ def communication_importance(team: Team, rollout: Rollout) -> Tensor:
     spec = team.spec
     n, k = spec.n_agents, len(spec.types)
     pair = (team.type_of_agent[:, None] * k + team.type_of_agent[None, :]).flatten()  # [i, j]
-    total = torch.zeros(k * k)
-    count = torch.zeros(k * k)
+    device = team.local_index.device
+    total = torch.zeros(k * k, device=device)
+    count = torch.zeros(k * k, device=device)
     hidden, memory = team.initial_hidden(rollout.num_envs), None
-    eye = torch.eye(n, dtype=torch.bool)
+    eye = torch.eye(n, dtype=torch.bool, device=device)
     for t in range(rollout.rewards.shape[0]):
         out = team([o[t] for o in rollout.obs], hidden, rollout.noise[t], memory=memory)
         hidden, memory = out.hidden, memory_of(out.extras)

@@ -58,8 +58,9 @@ class Party:
                              f"the team holds {team.agents}")
         self.team, self.transport, self.cfg = team, transport, cfg or PPOConfig()
         self.optimizer = make_optimizer(team.parameters(), self.cfg.lr)
-        self.value_norm = ValueNorm(team.n_local)
-        self.generator = torch.Generator(team.local_index.device).manual_seed(seed)
+        device = team.local_index.device
+        self.value_norm = ValueNorm(team.n_local).to(device)
+        self.generator = torch.Generator(device).manual_seed(seed)
         self.dp = dp
 
     def run_batch(self, *, seed: int | None = None, routes: Tensor | None = None,

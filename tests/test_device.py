@@ -16,8 +16,10 @@ import pytest
 import torch
 
 from fedcomm.cli import build_parser, main, train_config_from_args
+from fedcomm.clients.feedback import privatize, receiver_feedback
+from fedcomm.clients.importance import communication_importance
 from fedcomm.clients.ppo import PPOConfig, ValueNorm, compute_targets, make_optimizer, ppo_update
-from fedcomm.clients.rollout import collect
+from fedcomm.clients.rollout import collect, party_rollout
 from fedcomm.clients.team import Team, TeamConfig
 from fedcomm.clients.transport import LocalTransport
 from fedcomm.device import resolve_device
@@ -96,6 +98,28 @@ def test_step_loop_never_waits_for_the_device(env_name: str,
     with DeviceDiscipline() as checks:  # the update too: fused Adam, no per-minibatch reads
         targets = compute_targets(rollout, PPOConfig(), value_norm)
         ppo_update(team, optimizer, rollout, PPOConfig(minibatches=2), targets, generator)
+    assert checks.syncs == [] and checks.undeviced == []
+
+
+def test_a_partys_feedback_and_the_importance_stay_on_the_device(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """What a federated party does after its rollout (feedback, clipping and noise, the update
+    with received feedback) and the importance measurement at the end of training."""
+    _discipline(monkeypatch)
+    env = make_env("factory", 8, "cpu")
+    torch.manual_seed(0)
+    whole = Team(env.spec)
+    generator = torch.Generator("cpu").manual_seed(0)
+    rollout = collect(whole, LocalTransport(env), seed=1, generator=generator)
+    party = whole.subteam([6])  # an actuator: it hears sensors and processors
+    mine = party_rollout(whole, rollout, 6)
+    value_norm, optimizer = ValueNorm(1), make_optimizer(party.parameters(), 1e-3)
+    cfg = PPOConfig(minibatches=2)
+    with DeviceDiscipline() as checks:
+        targets = compute_targets(mine, cfg, value_norm)
+        sent = privatize(receiver_feedback(party, mine, targets, cfg), 1.0, 0.5, generator)
+        ppo_update(party, optimizer, mine, cfg, targets, generator, feedback=sent[:, :, [6]])
+        communication_importance(whole, rollout)
     assert checks.syncs == [] and checks.undeviced == []
 
 
