@@ -9,6 +9,7 @@ GPU and are reported as skipped where torch sees none.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -39,10 +40,11 @@ NEEDS_GPU = [pytest.mark.cuda,
              pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU: torch sees none")]
 
 
-def cuda(test):
+def cuda(test: Callable) -> Callable:
     for mark in NEEDS_GPU:
         test = mark(test)
     return test
+
 
 TEAMS = {  # each environment with the model variants whose steps differ
     "speaker_listener": TeamConfig(),
