@@ -2,9 +2,10 @@
 
 Each environment has a CPU preset and a GPU preset. The GPU preset steps 4x the environments per
 episode batch and splits the batch into 4x the minibatches: the minibatch size and the gradient
-steps per environment step stay the CPU preset's. On speaker_listener it then learns as much per
-environment step as the CPU preset; 8x (4096 environments in 32 minibatches) needed 1.7x the
-steps to reach -9.0, since each batch's policy moves the same bounded distance (BENCHMARKS.md).
+steps per environment step stay the CPU preset's. On speaker_listener it is about 1M steps behind
+the CPU preset early on and level from 6M steps; 8x (4096 environments in 32 minibatches)
+needed 1.7x the steps to reach -9.0, since each batch's policy moves a bounded distance
+(BENCHMARKS.md).
 """
 
 from __future__ import annotations
