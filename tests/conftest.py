@@ -16,7 +16,9 @@ FEDCOMM = [sys.executable, "-m", "fedcomm.cli"]
 
 def fedcomm(*args: str, **kwargs) -> subprocess.Popen:
     """Start ``fedcomm ARGS`` as its own process."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    # PYTHONFAULTHANDLER: a process that hangs dumps every thread's stack on SIGABRT.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+           "PYTHONFAULTHANDLER": "1"}
     return subprocess.Popen([*FEDCOMM, *args], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, **kwargs)
 

@@ -104,7 +104,13 @@ def servers():
 
 
 def output(proc: subprocess.Popen) -> str:
-    out, _ = proc.communicate(timeout=TIMEOUT)
+    """The agent's whole output once it exits; if it hangs, a failure showing where."""
+    try:
+        out, _ = proc.communicate(timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGABRT)  # the fault handler prints every thread's stack
+        out, _ = proc.communicate(timeout=10)
+        pytest.fail(f"the agent still ran after {TIMEOUT:g} s; its output and stacks:\n{out}")
     return out
 
 
