@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -14,13 +15,21 @@ import pytest
 FEDCOMM = [sys.executable, "-m", "fedcomm.cli"]
 
 
+def _interruptible() -> None:
+    """Ctrl-C as in a terminal's foreground. A shell without job control starts background
+    commands with SIGINT ignored, their children inherit that, and Python then never raises
+    KeyboardInterrupt: pytest run that way would see an agent ignore the test's SIGINT."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def fedcomm(*args: str, **kwargs) -> subprocess.Popen:
     """Start ``fedcomm ARGS`` as its own process."""
     # PYTHONFAULTHANDLER: a process that hangs dumps every thread's stack on SIGABRT.
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
            "PYTHONFAULTHANDLER": "1"}
     return subprocess.Popen([*FEDCOMM, *args], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, **kwargs)
+                            stderr=subprocess.STDOUT, text=True, preexec_fn=_interruptible,
+                            **kwargs)
 
 
 def wait_for_file(path: Path, proc: subprocess.Popen, timeout: float = 60.0) -> str:
