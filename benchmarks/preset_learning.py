@@ -22,6 +22,8 @@ from rich.console import Console
 from rich.table import Table
 
 from fedcomm.presets import preset
+from fedcomm.runs import RunDir
+from fedcomm.sim.registry import make_env
 from fedcomm.train import train
 
 EVAL_EVERY_STEPS = 1_000_000
@@ -29,28 +31,18 @@ EVAL_EVERY_STEPS = 1_000_000
 
 def run(env: str, kind: str, seed: int, env_steps: int, device: str) -> dict:
     cfg = replace(preset(env, kind), seed=seed, env_steps=env_steps, device=device)
-    cfg.eval_every = max(1, round(EVAL_EVERY_STEPS / _steps_per_iteration(cfg)))
+    per_iteration = cfg.num_envs * make_env(env, 1, **cfg.env_kwargs).spec.episode_length
+    cfg.eval_every = max(1, round(EVAL_EVERY_STEPS / per_iteration))
     with tempfile.TemporaryDirectory() as out:
         result = train(cfg, out, progress=True)
         curve = [(r["env_steps"], r["train_time_s"], r["eval_return"])
-                 for r in _metrics(out) if "eval_return" in r]
+                 for r in RunDir(out).metrics() if "eval_return" in r]
     curve.append((result.summary["env_steps"], result.summary["train_time_s"],
                   result.final.return_mean))
     return {"preset": kind, "seed": seed, "num_envs": cfg.num_envs,
             "minibatches": cfg.ppo.minibatches, "lr": cfg.ppo.lr, "curve": curve,
             "device": result.summary["device"],
             "env_steps_per_s": result.summary["env_steps_per_s"]}
-
-
-def _steps_per_iteration(cfg) -> int:
-    from fedcomm.sim.registry import make_env
-
-    return cfg.num_envs * make_env(cfg.env, 1, **cfg.env_kwargs).spec.episode_length
-
-
-def _metrics(out: str) -> list[dict]:
-    with open(f"{out}/metrics.jsonl") as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def first_reaching(curve: list, target: float) -> tuple[int, float] | None:

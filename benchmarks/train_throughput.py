@@ -94,7 +94,7 @@ def main() -> None:
         table.add_column(col, justify="right")
     report = []
     for key, loop in loops.items():
-        name = key[0]
+        name = loop.cfg.env
         roll = statistics.median(s[0] for s in samples[key])
         upd = statistics.median(s[1] for s in samples[key])
         total = statistics.median(s[0] + s[1] for s in samples[key])

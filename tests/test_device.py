@@ -171,12 +171,8 @@ def test_simulation_shares_one_gpu_among_the_agents() -> None:
     assert cpu["client_resources"]["num_gpus"] == cpu["init_args"]["num_gpus"] == 0
 
 
-def test_checkpoints_hold_host_tensors(tmp_path: Path) -> None:
-    env = make_env("factory", 4)
-    team = Team(env.spec)
-    save_team(team, tmp_path / "team.pt", {"value_norm": ValueNorm(7).state_dict()})
-    saved = torch.load(tmp_path / "team.pt", weights_only=True)
-    assert all(v.device.type == "cpu" for v in saved["state_dict"].values())
+def test_checkpoints_load_onto_any_device(tmp_path: Path) -> None:
+    save_team(Team(make_env("factory", 4).spec), tmp_path / "team.pt")
     loaded = load_team(tmp_path, "meta")
     assert {p.device.type for p in loaded.parameters()} == {"meta"}
 
