@@ -15,11 +15,16 @@ import pytest
 FEDCOMM = [sys.executable, "-m", "fedcomm.cli"]
 
 
-def _interruptible() -> None:
-    """Ctrl-C as in a terminal's foreground. A shell without job control starts background
-    commands with SIGINT ignored, their children inherit that, and Python then never raises
-    KeyboardInterrupt: pytest run that way would see an agent ignore the test's SIGINT."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
+def pytest_configure(config: pytest.Config) -> None:
+    """Ctrl-C as in a terminal's foreground, for the processes the tests start and interrupt.
+
+    A shell without job control starts background commands with SIGINT ignored, and an ignored
+    signal stays ignored across exec, so Python in every child would never raise
+    KeyboardInterrupt. A handled one is reset to the default at exec: handle it here. (Not in a
+    ``preexec_fn``: forking Python with gRPC's threads running can abort the child.)
+    """
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def fedcomm(*args: str, **kwargs) -> subprocess.Popen:
@@ -28,8 +33,7 @@ def fedcomm(*args: str, **kwargs) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
            "PYTHONFAULTHANDLER": "1"}
     return subprocess.Popen([*FEDCOMM, *args], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, preexec_fn=_interruptible,
-                            **kwargs)
+                            stderr=subprocess.STDOUT, text=True, **kwargs)
 
 
 def wait_for_file(path: Path, proc: subprocess.Popen, timeout: float = 60.0) -> str:
