@@ -29,7 +29,7 @@ PARTS = ("round_time_s", "flower_s", "start_s", "client_s", "restore_s", "rollou
 
 def run(command: list[str], out: Path, options: list[str]) -> dict[str, float]:
     if not (out / "summary.json").exists():
-        subprocess.run([sys.executable, "-m", "fedcomm.cli", *command, *options, "--out",
+        subprocess.run([sys.executable, "-m", "fedcomm", *command, *options, "--out",
                         str(out), "--quiet"], check=True)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     later = rows[1:] or rows

@@ -26,8 +26,8 @@ from rich.table import Table
 from fedcomm.clients.dpsgd import dp_ppo_update
 from fedcomm.clients.ppo import ValueNorm, compute_targets, make_optimizer, ppo_update
 from fedcomm.clients.rollout import collect, party_rollout
-from fedcomm.clients.team import Team
 from fedcomm.clients.transport import LocalTransport
+from fedcomm.models.team import Team
 from fedcomm.presets import preset
 from fedcomm.sim.registry import make_env
 

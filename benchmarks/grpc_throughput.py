@@ -32,12 +32,12 @@ from rich.console import Console
 from rich.table import Table
 
 from fedcomm.clients.rollout import collect
-from fedcomm.clients.team import Team, TeamConfig
 from fedcomm.clients.transport import LocalTransport, Transport
+from fedcomm.config import TeamConfig
+from fedcomm.models.team import Team, load_team
 from fedcomm.protocol.auth import generate_tokens, write_tokens
 from fedcomm.protocol.codec import decode, encode
 from fedcomm.protocol.v1 import joint_env_pb2 as pb
-from fedcomm.runs import load_team, save_team
 from fedcomm.sim.factory import Factory
 
 FACTORY = {"n_sensors": 1, "n_processors": 1, "n_actuators": 1}
@@ -113,7 +113,7 @@ def over_grpc(team_path: Path, tokens: dict, tmp: Path, num_envs: int, rounds: i
     token_file, port_file = tmp / "tokens.json", tmp / f"port-{num_envs}-{time.time_ns()}"
     write_tokens(token_file, tokens)
     opts = [a for k, v in FACTORY.items() for a in ("--env-opt", f"{k}={v}")]
-    server = spawn("-m", "fedcomm.cli", "sim", "serve", "--env", "factory", *opts,
+    server = spawn("-m", "fedcomm", "sim", "serve", "--env", "factory", *opts,
                    "--num-envs", str(num_envs), "--port", "0", "--port-file", str(port_file),
                    "--tokens", str(token_file))
     try:
@@ -180,7 +180,7 @@ def main() -> None:
     samples: dict[tuple[str, int], list[dict]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         team_path = Path(tmp) / "team.pt"
-        save_team(team, team_path)
+        team.save(team_path)
         for _ in range(args.repeats):
             for b in args.batch_sizes:
                 local = measure(team, LocalTransport(Factory(b, **FACTORY)), args.rounds)

@@ -21,10 +21,10 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from fedcomm.modes.centralized import train
 from fedcomm.presets import preset
-from fedcomm.runs import RunDir
+from fedcomm.rundir import RunDir
 from fedcomm.sim.registry import make_env
-from fedcomm.train import train
 
 EVAL_EVERY_STEPS = 1_000_000
 

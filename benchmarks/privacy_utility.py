@@ -28,7 +28,7 @@ def run(eps: float, out: Path, extra: list[str]) -> Path:
     if (run_dir / "summary.json").exists():
         return run_dir
     noise = ["--noise", "0"] if math.isinf(eps) else ["--message-epsilon", f"{eps:g}"]
-    cmd = [sys.executable, "-m", "fedcomm.cli", "simulate", "--env", "speaker_listener",
+    cmd = [sys.executable, "-m", "fedcomm", "simulate", "--env", "speaker_listener",
            *noise, "--quiet", "--out", str(run_dir), *extra]
     print(" ".join(cmd[2:]), flush=True)
     subprocess.run(cmd, check=True)

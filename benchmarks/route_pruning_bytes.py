@@ -26,10 +26,9 @@ from fedcomm.clients.grpc_transport import GrpcTransport
 from fedcomm.clients.importance import communication_importance
 from fedcomm.clients.party import Party
 from fedcomm.clients.rollout import collect
-from fedcomm.clients.team import Team
 from fedcomm.clients.transport import LocalTransport
+from fedcomm.models.team import Team, load_team
 from fedcomm.protocol.auth import generate_tokens
-from fedcomm.runs import load_team
 from fedcomm.sim.factory import Factory
 from fedcomm.sim.serve import SimServer
 from fedcomm.sim.service import SimConfig

@@ -25,9 +25,9 @@ from rich.table import Table
 
 from fedcomm.clients.ppo import ValueNorm, compute_targets, make_optimizer, ppo_update
 from fedcomm.clients.rollout import collect
-from fedcomm.clients.team import Team
 from fedcomm.clients.transport import LocalTransport
 from fedcomm.device import describe, resolve_device
+from fedcomm.models.team import Team
 from fedcomm.presets import preset
 from fedcomm.sim.registry import make_env
 

@@ -28,10 +28,10 @@ from fedcomm.clients.ppo import annealed_lr
 from fedcomm.clients.privacy import LEDGER, AgentPrivacy, update_dp, update_releases
 from fedcomm.clients.rollout import collect
 from fedcomm.clients.state import StateStore, load_private_state, private_state_dict
-from fedcomm.clients.team import Team
+from fedcomm.config import FederationConfig
 from fedcomm.device import resolve_device
+from fedcomm.models.team import Team
 from fedcomm.protocol.auth import read_tokens
-from fedcomm.server.config import FederationConfig
 from fedcomm.sim.base import EnvSpec
 from fedcomm.sim.registry import make_env
 

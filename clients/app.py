@@ -26,7 +26,7 @@ from flwr.common.constant import ErrorCode
 from fedcomm.clients.agent import AgentNode, FederatedAgent, env_spec
 from fedcomm.clients.grpc_transport import TransportError
 from fedcomm.clients.transport import BatchTruncated
-from fedcomm.server.config import FederationConfig
+from fedcomm.config import FederationConfig
 
 CONFIG_KEY = "fedcomm.config"
 

@@ -32,9 +32,10 @@ from opacus.optimizers import DPOptimizer
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
-from fedcomm.clients.ppo import PPOConfig, Targets, ppo_loss
+from fedcomm.clients.ppo import Targets, ppo_loss
 from fedcomm.clients.rollout import Rollout
-from fedcomm.clients.team import Team
+from fedcomm.config import PPOConfig
+from fedcomm.models.team import Team
 
 
 def dp_steps(cfg: PPOConfig, sample_rate: float) -> int:

@@ -14,10 +14,11 @@ from dataclasses import replace
 import torch
 from torch import Tensor
 
-from fedcomm.clients.comm import clip_norm
-from fedcomm.clients.ppo import PPOConfig, Targets, ppo_loss
+from fedcomm.clients.ppo import Targets, ppo_loss
 from fedcomm.clients.rollout import Rollout
-from fedcomm.clients.team import Team
+from fedcomm.config import PPOConfig
+from fedcomm.models.comm import clip_norm
+from fedcomm.models.team import Team
 
 
 def feedback_loss_config(cfg: PPOConfig) -> PPOConfig:

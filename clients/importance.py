@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from fedcomm.clients.rollout import Rollout
-from fedcomm.clients.team import Team, memory_of
+from fedcomm.models.team import Team, memory_of
 
 
 @torch.no_grad()

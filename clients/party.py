@@ -17,10 +17,11 @@ import torch
 from torch import Tensor
 
 from fedcomm.clients.feedback import privatize, receiver_feedback
-from fedcomm.clients.ppo import PPOConfig, ValueNorm, compute_targets, make_optimizer, ppo_update
+from fedcomm.clients.ppo import ValueNorm, compute_targets, make_optimizer, ppo_update
 from fedcomm.clients.rollout import Rollout, collect
-from fedcomm.clients.team import Team
 from fedcomm.clients.transport import Transport
+from fedcomm.config import PPOConfig
+from fedcomm.models.team import Team
 
 
 @dataclass(frozen=True)

@@ -15,27 +15,8 @@ import torch
 from torch import Tensor, nn
 
 from fedcomm.clients.rollout import Rollout, replay
-from fedcomm.clients.team import Team, TeamOutput, log_probs
-
-
-@dataclass
-class PPOConfig:
-    lr: float = 1e-3
-    epochs: int = 4
-    minibatches: int = 4
-    clip_coef: float = 0.2
-    gamma: float = 0.99
-    gae_lambda: float = 0.95
-    ent_coef: float = 0.01
-    vf_coef: float = 0.5
-    max_grad_norm: float = 0.5
-    graph_cost: float = 1e-3  # price per unit of route strength: unused routes get pruned
-    # Whether the receivers' value loss is part of the DIAL feedback a federated party sends.
-    # Off: feedback is computed once per batch and reused in every minibatch of every epoch, and
-    # the critics' error it carries is stale after the first step (critics fit fast), so the
-    # senders' encoders keep being pushed to fix errors that are already gone; on factory this
-    # drowns the policy signal and communication is never learned.
-    feedback_value: bool = False
+from fedcomm.config import PPOConfig
+from fedcomm.models.team import Team, TeamOutput, log_probs
 
 
 class ValueNorm(nn.Module):

@@ -20,8 +20,7 @@ import torch
 from torch import Tensor
 
 from fedcomm.clients.party import DpSgd
-from fedcomm.clients.ppo import PPOConfig
-from fedcomm.clients.team import TeamConfig
+from fedcomm.config import PPOConfig, TeamConfig
 from fedcomm.privacy.budget import BudgetExhausted, PrivacyAccount, PrivacyBudget, Spent
 from fedcomm.privacy.calibrate import noise_for_epsilon
 from fedcomm.privacy.config import PrivacyConfig

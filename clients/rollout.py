@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from fedcomm.clients.team import Team, TeamOutput, log_probs, memory_of, sample_actions
 from fedcomm.clients.transport import Transport
+from fedcomm.models.team import Team, TeamOutput, log_probs, memory_of, sample_actions
 
 
 @dataclass

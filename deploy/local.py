@@ -27,14 +27,14 @@ from pathlib import Path
 from rich.console import Console
 
 from fedcomm.clients.agent import env_spec
+from fedcomm.config import FederationConfig
 from fedcomm.deploy.flower_app import write_app
 from fedcomm.deploy.secrets import DeploymentSecrets, make_secrets
-from fedcomm.processes import ChildProcess, SimProcess, child_env, stop_tagged
+from fedcomm.modes.processes import ChildProcess, SimProcess, child_env, stop_tagged
+from fedcomm.modes.simulation import complete_run, terminate_as_interrupt
 from fedcomm.progress import progress_bar, status
 from fedcomm.server.app import ERROR_FILE
-from fedcomm.server.config import FederationConfig
 from fedcomm.server.federation import FederationError, FederationResult
-from fedcomm.simulate import complete_run, terminate_as_interrupt
 
 FEDERATION = "local"  # the SuperLink connection's name in Flower's config
 DEPLOYMENT_TAG = "FEDCOMM_DEPLOYMENT"  # environment variable naming the deployment's run

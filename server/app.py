@@ -13,7 +13,7 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedcomm.server.config import FederationConfig
+from fedcomm.config import FederationConfig
 from fedcomm.server.federation import Federation, FederationError, FederationResult
 
 ERROR_FILE = "error.txt"

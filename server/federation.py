@@ -23,15 +23,14 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 from rich.console import Console
 
+from fedcomm.baselines import EVAL_SEED, EvalResult, baseline_summary, evaluate_baselines
 from fedcomm.clients.agent import env_spec, initial_team, shared_arrays
 from fedcomm.clients.app import CONFIG_KEY
-from fedcomm.evaluate import EvalResult, baseline_summary, evaluate_baselines
+from fedcomm.config import FederationConfig
 from fedcomm.progress import progress_bar, status
-from fedcomm.runs import RunDir
+from fedcomm.rundir import RunDir
 from fedcomm.server.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from fedcomm.server.config import FederationConfig
 from fedcomm.server.strategy import load_strategy_state, make_strategy, strategy_state
-from fedcomm.train import EVAL_SEED
 
 PERIODIC_EVAL_STRIDE = 10_000_000  # seeds apart of two periodic evaluations
 

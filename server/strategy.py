@@ -15,7 +15,7 @@ from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
-from fedcomm.server.config import FederationConfig
+from fedcomm.config import FederationConfig
 
 WEIGHT_KEY = "num-examples"  # environment steps an agent trained on in the round
 STATE_ATTRS = ("m_t", "v_t", "momentum_vector")  # FedAdam's moments, FedAvgM's momentum

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-FEDCOMM = [sys.executable, "-m", "fedcomm.cli"]
+FEDCOMM = [sys.executable, "-m", "fedcomm"]
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -22,12 +22,12 @@ import torch
 
 from fedcomm.clients.grpc_transport import GrpcTransport
 from fedcomm.clients.party import Party
-from fedcomm.clients.team import Team, TeamConfig
+from fedcomm.config import TeamConfig
+from fedcomm.models.team import Team, load_team
 from fedcomm.protocol.auth import call_metadata, write_tokens
 from fedcomm.protocol.codec import encode
 from fedcomm.protocol.v1 import joint_env_pb2 as pb
 from fedcomm.protocol.v1 import joint_env_pb2_grpc as pb_grpc
-from fedcomm.runs import load_team, save_team
 from fedcomm.sim.factory import factory_spec
 from fedcomm.sim.serve import SimServer
 from fedcomm.sim.service import JointEnvironmentService, SimConfig
@@ -60,9 +60,8 @@ def files(tmp_path: Path) -> Path:
     """A checkpoint of the whole team (``team.pt``), one whose graph sends nothing
     (``mute.pt``), and the token file."""
     torch.manual_seed(0)
-    save_team(Team(SPEC, TEAM_CFG), tmp_path / "team.pt")
-    save_team(Team(SPEC, TeamConfig(hidden=8, comm_dim=4, communicate=False)),
-              tmp_path / "mute.pt")
+    Team(SPEC, TEAM_CFG).save(tmp_path / "team.pt")
+    Team(SPEC, TeamConfig(hidden=8, comm_dim=4, communicate=False)).save(tmp_path / "mute.pt")
     write_tokens(tmp_path / "tokens.json", TOKENS)
     return tmp_path
 

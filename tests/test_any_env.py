@@ -5,11 +5,12 @@ import json
 
 import pytest
 
-from fedcomm import train as train_module
-from fedcomm.cli import main
-from fedcomm.evaluate import EvalResult, baseline_summary, evaluate_baselines, evaluate_scripted
-from fedcomm.runs import load_team
-from fedcomm.train import TrainConfig, train
+from fedcomm.baselines import EvalResult, baseline_summary, evaluate_baselines, evaluate_scripted
+from fedcomm.commands import main
+from fedcomm.config import TrainConfig
+from fedcomm.models.team import load_team
+from fedcomm.modes import centralized as train_module
+from fedcomm.modes.centralized import train
 
 MPE2_TINY = ["--num-envs", "8", "--env-steps", "800", "--eval-episodes", "16", "--quiet"]
 

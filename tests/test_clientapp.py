@@ -19,26 +19,24 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, R
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.supercore.task_identity import TaskIdentity
 
+from fedcomm.baselines import EVAL_SEED
 from fedcomm.clients.agent import env_spec, initial_team, shared_arrays
 from fedcomm.clients.app import CONFIG_KEY, make_client_app
 from fedcomm.clients.dpsgd import dp_steps
-from fedcomm.clients.ppo import PPOConfig
 from fedcomm.clients.privacy import LEDGER, AgentPrivacy, update_releases, write_run_report
 from fedcomm.clients.rollout import collect
 from fedcomm.clients.state import StateStore
-from fedcomm.clients.team import TeamConfig
 from fedcomm.clients.transport import LocalTransport
+from fedcomm.config import FederationConfig, PPOConfig, TeamConfig, TrainConfig
 from fedcomm.privacy.audit import audit
 from fedcomm.privacy.config import PrivacyConfig
 from fedcomm.privacy.ledger import read_ledger
 from fedcomm.protocol.auth import write_tokens
 from fedcomm.protocol.codec import decode
 from fedcomm.protocol.v1 import joint_env_pb2 as pb
-from fedcomm.server.config import FederationConfig
 from fedcomm.sim.registry import make_env
 from fedcomm.sim.serve import SimServer
 from fedcomm.sim.service import JointEnvironmentService, SimConfig
-from fedcomm.train import EVAL_SEED, TrainConfig
 
 B = 16
 FACTORY = {"n_sensors": 1, "n_processors": 1, "n_actuators": 1}

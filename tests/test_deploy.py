@@ -16,16 +16,16 @@ from pathlib import Path
 import grpc
 from rich.console import Console
 
-from fedcomm.cli import build_parser, federation_config_from_args, main
+from fedcomm.baselines import EVAL_SEED
 from fedcomm.clients.grpc_transport import ClientTls
+from fedcomm.commands import build_parser, federation_config_from_args, main
 from fedcomm.deploy.local import LocalDeployment, free_port, tool
 from fedcomm.deploy.secrets import make_secrets
-from fedcomm.processes import ChildProcess
+from fedcomm.modes.processes import ChildProcess
 from fedcomm.protocol.auth import call_metadata
 from fedcomm.protocol.v1 import joint_env_pb2 as pb
 from fedcomm.protocol.v1 import joint_env_pb2_grpc as pb_grpc
 from fedcomm.server.checkpoint import load_checkpoint
-from fedcomm.train import EVAL_SEED
 from tests.processes import assert_nothing_left, processes_mentioning
 from tests.test_simulate import ROUND_STEPS, SMALL, rounds_in
 
@@ -34,7 +34,7 @@ AGENTS = ("sensor_0", "processor_0", "actuator_0")
 
 def deploy(*args: str, cwd: Path | None = None) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-m", "fedcomm.cli", "deploy", "local", *SMALL,
+    return subprocess.Popen([sys.executable, "-m", "fedcomm", "deploy", "local", *SMALL,
                              *args], env=env, stdout=subprocess.PIPE, cwd=cwd,
                             stderr=subprocess.STDOUT, text=True)
 
@@ -151,7 +151,7 @@ def test_killed_superlink_resumes_from_the_checkpoint(tmp_path):
     assert_nothing_left(out)
     assert rounds_in(out) == [1] and load_checkpoint(out).round == 1
 
-    proc = subprocess.run([sys.executable, "-m", "fedcomm.cli", "deploy", "local", "--resume",
+    proc = subprocess.run([sys.executable, "-m", "fedcomm", "deploy", "local", "--resume",
                            str(out), "--quiet"], capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

@@ -16,22 +16,22 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedcomm.cli import build_parser, main, train_config_from_args
+from fedcomm.clients.evaluate import evaluate_team
 from fedcomm.clients.feedback import privatize, receiver_feedback
 from fedcomm.clients.importance import communication_importance
-from fedcomm.clients.ppo import PPOConfig, ValueNorm, compute_targets, make_optimizer, ppo_update
+from fedcomm.clients.ppo import ValueNorm, compute_targets, make_optimizer, ppo_update
 from fedcomm.clients.rollout import collect, party_rollout
-from fedcomm.clients.team import Team, TeamConfig
 from fedcomm.clients.transport import LocalTransport
+from fedcomm.commands import build_parser, main, train_config_from_args
+from fedcomm.config import PPOConfig, TeamConfig, TrainConfig
 from fedcomm.device import resolve_device
-from fedcomm.evaluate import evaluate_team
+from fedcomm.models.team import Team, load_team
+from fedcomm.modes.centralized import train
 from fedcomm.presets import PRESETS, preset
 from fedcomm.protocol.auth import generate_tokens, write_tokens
-from fedcomm.runs import load_team, save_team
 from fedcomm.sim.base import VecEnv
 from fedcomm.sim.factory import factory_spec
 from fedcomm.sim.registry import make_env
-from fedcomm.train import TrainConfig, train
 from tests.conftest import fedcomm
 from tests.device_checks import DeviceDiscipline
 
@@ -162,7 +162,7 @@ def test_preset_choice() -> None:
 
 
 def test_simulation_shares_one_gpu_among_the_agents() -> None:
-    from fedcomm.simulate import backend_config  # Flower: not needed by the other tests
+    from fedcomm.modes.simulation import backend_config  # Flower: not needed by the other tests
 
     gpu = backend_config(3, torch.device("cuda"))
     assert gpu["client_resources"]["num_gpus"] * 3 <= gpu["init_args"]["num_gpus"] == 1
@@ -172,7 +172,7 @@ def test_simulation_shares_one_gpu_among_the_agents() -> None:
 
 
 def test_checkpoints_load_onto_any_device(tmp_path: Path) -> None:
-    save_team(Team(make_env("factory", 4).spec), tmp_path / "team.pt")
+    Team(make_env("factory", 4).spec).save(tmp_path / "team.pt")
     loaded = load_team(tmp_path, "meta")
     assert {p.device.type for p in loaded.parameters()} == {"meta"}
 
@@ -218,7 +218,7 @@ def test_agents_and_simulator_on_a_device(device: str, tmp_path: Path, sim_proce
     options = {"n_sensors": 1, "n_processors": 1, "n_actuators": 1, "episode_length": 3}
     spec = factory_spec(**options)
     torch.manual_seed(0)
-    save_team(Team(spec, TeamConfig(hidden=8, comm_dim=4)), tmp_path / "team.pt")
+    Team(spec, TeamConfig(hidden=8, comm_dim=4)).save(tmp_path / "team.pt")
     write_tokens(tmp_path / "tokens.json", generate_tokens(spec.agent_ids))
     address = sim_process("--env", "factory", *(a for k, v in options.items()
                                                  for a in ("--env-opt", f"{k}={v}")),

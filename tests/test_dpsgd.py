@@ -8,17 +8,11 @@ import pytest
 import torch
 
 from fedcomm.clients.dpsgd import dp_ppo_update, dp_steps, episode_gradients
-from fedcomm.clients.ppo import (
-    PPOConfig,
-    Targets,
-    ValueNorm,
-    compute_targets,
-    ppo_loss,
-    ppo_update,
-)
+from fedcomm.clients.ppo import Targets, ValueNorm, compute_targets, ppo_loss, ppo_update
 from fedcomm.clients.rollout import Rollout, collect, party_rollout
-from fedcomm.clients.team import Team, TeamConfig
 from fedcomm.clients.transport import LocalTransport
+from fedcomm.config import PPOConfig, TeamConfig
+from fedcomm.models.team import Team
 from fedcomm.sim.factory import Factory
 
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from fedcomm.evaluate import evaluate_scripted
+from fedcomm.baselines import evaluate_scripted
 from fedcomm.sim.factory import SERVICE, Factory
 from fedcomm.sim.registry import make_env
 

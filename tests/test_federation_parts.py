@@ -11,18 +11,17 @@ from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
 from fedcomm.clients.agent import env_spec, initial_team, load_shared, shared_arrays
 from fedcomm.clients.party import Party
 from fedcomm.clients.state import StateStore, load_private_state, private_state_dict
-from fedcomm.clients.team import Team, TeamConfig
 from fedcomm.clients.transport import Transport
+from fedcomm.config import FederationConfig, TeamConfig, TrainConfig
+from fedcomm.models.team import Team
+from fedcomm.modes.simulation import assemble_team
 from fedcomm.server.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from fedcomm.server.config import FederationConfig
 from fedcomm.server.strategy import (
     aggregate_by_group,
     load_strategy_state,
     make_strategy,
     strategy_state,
 )
-from fedcomm.simulate import assemble_team
-from fedcomm.train import TrainConfig
 
 FED = FederationConfig(train=TrainConfig(env="factory", num_envs=8, env_steps=8 * 25 * 10,
                                          team=TeamConfig(hidden=8, comm_dim=4)),

@@ -5,10 +5,11 @@ import pytest
 import torch
 
 from fedcomm.clients.feedback import in_process_feedback, privatize, receiver_feedback
-from fedcomm.clients.ppo import PPOConfig, ValueNorm, compute_targets, ppo_loss
+from fedcomm.clients.ppo import ValueNorm, compute_targets, ppo_loss
 from fedcomm.clients.rollout import collect, party_rollout
-from fedcomm.clients.team import Team, TeamConfig
 from fedcomm.clients.transport import LocalTransport
+from fedcomm.config import PPOConfig, TeamConfig
+from fedcomm.models.team import Team
 from fedcomm.sim.factory import Factory
 from fedcomm.sim.platoon import Platoon
 

@@ -7,10 +7,10 @@ in-process trainer computes for the same batch, in one autograd graph.
 import torch
 
 from fedcomm.clients.feedback import in_process_feedback
-from fedcomm.clients.ppo import PPOConfig, ValueNorm, compute_targets
+from fedcomm.clients.ppo import ValueNorm, compute_targets
 from fedcomm.clients.rollout import Rollout, replay
-from fedcomm.clients.team import Team, TeamConfig
-from fedcomm.runs import save_team
+from fedcomm.config import PPOConfig, TeamConfig
+from fedcomm.models.team import Team
 from fedcomm.sim.factory import factory_spec
 from tests.conftest import fedcomm, finish
 
@@ -23,7 +23,7 @@ def test_three_agent_processes_match_the_in_process_trainer(tmp_path, sim_proces
     torch.manual_seed(0)
     cfg = TeamConfig(noise_multiplier=0.0, feedback_noise_multiplier=0.0, feedback_clip=1e6)
     whole = Team(spec, cfg)
-    save_team(whole, tmp_path / "team.pt")
+    whole.save(tmp_path / "team.pt")
     tokens = tmp_path / "tokens.json"
     env_opts = [a for opt in FACTORY for a in ("--env-opt", opt)]
     list(finish([fedcomm("sim", "tokens", "--env", "factory", *env_opts, "--out", str(tokens))]))

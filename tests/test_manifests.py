@@ -29,8 +29,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fedcomm.cli import build_parser, federation_config_from_args
 from fedcomm.clients.agent import AgentNode, env_spec
+from fedcomm.commands import build_parser, federation_config_from_args
 from fedcomm.deploy.local import DeploymentError, tool
 from fedcomm.deploy.secrets import make_secrets
 from fedcomm.protocol.auth import read_tokens

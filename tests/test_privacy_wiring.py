@@ -14,9 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedcomm.cli import main
 from fedcomm.clients.feedback import privatize
-from fedcomm.clients.ppo import PPOConfig
 from fedcomm.clients.privacy import (
     LEDGER,
     AgentPrivacy,
@@ -24,7 +22,9 @@ from fedcomm.clients.privacy import (
     message_noise,
     update_releases,
 )
-from fedcomm.clients.team import Team, TeamConfig
+from fedcomm.commands import main
+from fedcomm.config import PPOConfig, TeamConfig
+from fedcomm.models.team import Team
 from fedcomm.privacy.audit import audit
 from fedcomm.privacy.config import PrivacyConfig
 from fedcomm.privacy.ledger import read_ledger
@@ -85,7 +85,7 @@ KILLED_AFTER_WRITING = """
 import os, signal, sys, torch
 from pathlib import Path
 from fedcomm.clients.privacy import AgentPrivacy
-from fedcomm.clients.team import TeamConfig
+from fedcomm.models.team import TeamConfig
 from fedcomm.privacy.config import PrivacyConfig
 from fedcomm.sim.registry import make_env
 spec = make_env("factory", 1, n_sensors=1, n_processors=1, n_actuators=1).spec

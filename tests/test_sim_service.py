@@ -35,7 +35,8 @@ from hypothesis import strategies as st
 
 from fedcomm.clients.grpc_transport import ClientTls, GrpcTransport, TransportError
 from fedcomm.clients.party import Party
-from fedcomm.clients.team import Team, TeamConfig
+from fedcomm.config import TeamConfig
+from fedcomm.models.team import Team
 from fedcomm.protocol.auth import call_metadata
 from fedcomm.protocol.codec import NUMPY, encode
 from fedcomm.protocol.v1 import joint_env_pb2 as pb

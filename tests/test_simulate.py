@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from fedcomm.cli import main
+from fedcomm.commands import main
 from fedcomm.server.checkpoint import load_checkpoint
 from tests.processes import assert_nothing_left
 
@@ -25,7 +25,7 @@ ROUND_STEPS = 2 * 32 * 25
 
 def simulate(*args: str) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-m", "fedcomm.cli", "simulate", *args], env=env,
+    return subprocess.Popen([sys.executable, "-m", "fedcomm", "simulate", *args], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 

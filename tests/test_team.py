@@ -3,12 +3,13 @@
 import pytest
 import torch
 
-from fedcomm.clients.comm import clip_norm
 from fedcomm.clients.importance import communication_importance
-from fedcomm.clients.layers import GroupLinear
 from fedcomm.clients.rollout import collect, replay
-from fedcomm.clients.team import Team, TeamConfig, log_probs
 from fedcomm.clients.transport import LocalTransport
+from fedcomm.config import TeamConfig
+from fedcomm.models.comm import clip_norm
+from fedcomm.models.layers import GroupLinear
+from fedcomm.models.team import Team, log_probs
 from fedcomm.sim.base import AgentType, EnvSpec
 from fedcomm.sim.factory import Factory, factory_spec
 from fedcomm.sim.router import delivery_mask

@@ -4,10 +4,12 @@ import json
 
 import pytest
 
-from fedcomm.cli import main
-from fedcomm.evaluate import evaluate_scripted, evaluate_team
-from fedcomm.runs import load_team
-from fedcomm.train import EVAL_SEED, TrainConfig, train
+from fedcomm.baselines import EVAL_SEED, evaluate_scripted
+from fedcomm.clients.evaluate import evaluate_team
+from fedcomm.commands import main
+from fedcomm.config import TrainConfig
+from fedcomm.models.team import load_team
+from fedcomm.modes.centralized import train
 
 TINY = ["--env-steps", "2000", "--num-envs", "16", "--eval-episodes", "20", "--quiet"]
 

@@ -17,7 +17,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from fedcomm.server.config import FederationConfig
+from fedcomm.config import FederationConfig
 from fedcomm.server.federation import FederationError
 
 
@@ -118,7 +118,7 @@ class SimProcess(ChildProcess):
         port_file.unlink(missing_ok=True)
         options = [a for k, v in train.env_kwargs.items()
                    for a in ("--env-opt", f"{k}={json.dumps(v)}")]
-        command = [sys.executable, "-m", "fedcomm.cli", "sim", "serve", "--env", train.env,
+        command = [sys.executable, "-m", "fedcomm", "sim", "serve", "--env", train.env,
                    *options, "--num-envs", str(train.num_envs), "--seed", str(train.seed),
                    "--device", train.device, "--host", host, "--port", "0",
                    "--port-file", str(port_file), "--tokens", str(tokens),

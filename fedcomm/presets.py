@@ -13,10 +13,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Literal
 
-from fedcomm.clients.ppo import PPOConfig
-from fedcomm.clients.team import TeamConfig
-from fedcomm.server.config import FederationConfig
-from fedcomm.train import TrainConfig
+from fedcomm.config import FederationConfig, PPOConfig, TeamConfig, TrainConfig
 
 Kind = Literal["cpu", "gpu"]
 

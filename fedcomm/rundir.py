@@ -1,4 +1,4 @@
-"""A run directory: what a run writes, and how a trained team is loaded back.
+"""A run directory: what a run writes.
 
 Layout: ``config.json`` (everything needed to repeat the run), ``metrics.jsonl`` (one JSON object
 per iteration), ``summary.json`` (final figures and measured baselines), ``team.pt`` (the
@@ -13,13 +13,6 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-
-import torch
-
-from fedcomm.clients.team import Team, TeamConfig
-from fedcomm.sim.base import EnvSpec
-
-CHECKPOINT = "team.pt"
 
 
 def _finite(x: Any) -> Any:
@@ -71,32 +64,3 @@ class RunDir:
     def summary(self) -> dict:
         return json.loads((self.path / "summary.json").read_text())
 
-    def save_team(self, team: Team, extra: dict | None = None) -> None:
-        save_team(team, self.path / CHECKPOINT, extra)
-
-
-def on_cpu(x: Any) -> Any:
-    """Tensors (in dicts) moved to the host: a checkpoint loads on any machine, GPU or not."""
-    if isinstance(x, torch.Tensor):
-        return x.detach().cpu()
-    if isinstance(x, dict):
-        return {k: on_cpu(v) for k, v in x.items()}
-    return x
-
-
-def save_team(team: Team, path: str | Path, extra: dict | None = None) -> None:
-    torch.save(on_cpu({**team.save_config(), "state_dict": team.state_dict(), **(extra or {})}),
-               path)
-
-
-def load_team(source: str | Path, device: str | torch.device = "cpu") -> Team:
-    """A team from a checkpoint file or a run directory holding one, on ``device``."""
-    path = Path(source)
-    if path.is_dir() or not path.suffix:
-        path = path / CHECKPOINT
-    if not path.exists():
-        raise FileNotFoundError(f"no checkpoint at {path}: is {source} a fedcomm run directory?")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    team = Team(EnvSpec.from_dict(ckpt["spec"]), TeamConfig(**ckpt["team"]), ckpt["agents"])
-    team.load_state_dict(ckpt["state_dict"])
-    return team.to(device)

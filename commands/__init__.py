@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 if TYPE_CHECKING:
-    from fedcomm.train import TrainConfig
+    from fedcomm.config import TrainConfig
 
 console = Console(stderr=True)
 STRATEGY_NAMES = ("fedavg", "fedavgm", "fedadam")
@@ -155,7 +155,7 @@ def _given(d: dict) -> dict:
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from fedcomm.train import train
+    from fedcomm.modes.centralized import train
 
     cfg = train_config_from_args(args)
     out = args.out or _default_out(cfg.env)
@@ -273,7 +273,7 @@ def _exit_if_stranded(code: int) -> None:
 
 def _run_federated(args: argparse.Namespace, command: str, run) -> int:
     """A federated run, simulated or deployed: ``run(fed, out)`` returns its result."""
-    from fedcomm.server.config import FederationConfig
+    from fedcomm.config import FederationConfig
     from fedcomm.server.federation import FederationError
 
     if args.resume:
@@ -310,7 +310,7 @@ def _run_federated(args: argparse.Namespace, command: str, run) -> int:
 
 
 def _run_simulate(args: argparse.Namespace) -> int:
-    from fedcomm.simulate import simulate
+    from fedcomm.modes.simulation import simulate
 
     return _run_federated(args, "simulate", lambda fed, out: simulate(
         fed, out, progress=not args.quiet, verbose=args.verbose))
@@ -401,9 +401,9 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_eval(args: argparse.Namespace) -> int:
+    from fedcomm.clients.evaluate import evaluate_team
     from fedcomm.device import resolve_device
-    from fedcomm.evaluate import evaluate_team
-    from fedcomm.runs import load_team
+    from fedcomm.models.team import load_team
 
     team = load_team(args.run_dir, resolve_device(args.device))
     config = json.loads((args.run_dir / "config.json").read_text())
@@ -551,10 +551,10 @@ def _run_agent(args: argparse.Namespace) -> int:
     from fedcomm.clients.privacy import AgentPrivacy
     from fedcomm.clients.transport import BatchTruncated
     from fedcomm.device import resolve_device
+    from fedcomm.models.team import load_team
     from fedcomm.privacy.config import PrivacyConfig
     from fedcomm.protocol.auth import read_tokens
     from fedcomm.protocol.codec import ProtocolError
-    from fedcomm.runs import load_team, save_team
 
     device = resolve_device(args.device)
     team = load_team(args.checkpoint, device)
@@ -607,7 +607,7 @@ def _run_agent(args: argparse.Namespace) -> int:
         if privacy is not None:
             privacy.close()
     if args.save:
-        save_team(party_team, args.save)
+        party_team.save(args.save)
     return 0
 
 

@@ -12,48 +12,22 @@ the router delivers to it, then policy logits and a value from features and cont
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from fedcomm.clients.comm import CommModule, clip_norm
-from fedcomm.clients.layers import GroupGRUCell, group_mlp
+from fedcomm.config import TeamConfig
+from fedcomm.models.comm import CommModule, clip_norm
+from fedcomm.models.layers import GroupGRUCell, group_mlp
 from fedcomm.sim.base import EnvSpec, Obs
 from fedcomm.sim.router import delivery_mask, priority
 
-
-@dataclass
-class TeamConfig:
-    hidden: int = 64
-    comm_dim: int = 16
-    encoder: str = "mlp"  # or "superposition"
-    n_superpositions: int = 8
-    recurrent: bool = False
-    clip: float = 1.0  # C: every knowledge vector is clipped to this L2 norm
-    noise_multiplier: float = 0.5  # sigma: channel noise std is sigma * C per coordinate
-    # Feedback gradients a receiver releases in federated training: clipped per episode to this
-    # norm, noised with this multiplier.
-    feedback_clip: float = 1.0
-    feedback_noise_multiplier: float = 0.5
-    communicate: bool = True  # False delivers nothing: the no-communication ablation
-    # Each receiver hears, from each sender, the running mean of that sender's vectors delivered
-    # to it so far in the episode: evidence that repeats across steps accumulates, and the noise
-    # of T releases averages out. Post-processing of what was released: no privacy cost.
-    accumulate: bool = False
-    prune_threshold: float = 0.3  # routes whose strength falls below this are not sent
-    graph_init: float = 1.0  # initial route logit (strength sigmoid(1) = 0.73)
-
-    def __post_init__(self) -> None:
-        if not (0 < self.clip < math.inf and 0 < self.feedback_clip < math.inf):
-            raise ValueError("clip norms must be positive and finite")
-        if min(self.noise_multiplier, self.feedback_noise_multiplier) < 0:
-            raise ValueError("noise multipliers must be non-negative")
-        if self.hidden < 1 or self.comm_dim < 1:
-            raise ValueError("hidden and comm_dim must be positive")
-
+SHARED = "comm."  # the shared module's parameters; every other one is private
+TEAM_FILE = "team.pt"  # a run directory's trained team
 
 Memory = tuple[Tensor, Tensor]  # with ``accumulate``: delivered sums and counts so far
 
@@ -259,28 +233,120 @@ class Team(nn.Module):
         logits, values, extras = self.respond(feats, messages, received, delivered, memory)
         return TeamOutput(logits, values, messages, hidden, extras)
 
+    # -- what of the team is whose: the layout of its parameters -------------------------------
+    # The shared module's parameters are ``comm.<path>``; every private one is
+    # ``<network>.<type position>.<path>`` with one row per agent of that type (``layers``).
+    # Only these methods read that layout.
+    def shared_state(self) -> dict[str, Tensor]:
+        """Host copies of the shared communication module: what an agent sends to the server."""
+        return {SHARED + k: v.detach().to("cpu", copy=True)
+                for k, v in self.comm.state_dict().items()}
+
+    @torch.no_grad()
+    def load_shared_state(self, state: dict[str, Tensor]) -> None:
+        """Load the shared module from ``state``'s ``comm.*`` entries (others are ignored)."""
+        self.comm.load_state_dict({k[len(SHARED):]: v for k, v in state.items()
+                                   if k.startswith(SHARED)})
+
+    def private_state(self) -> dict[str, Tensor]:
+        """Everything but the shared module: the local agents' private networks."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith(SHARED)}
+
+    def load_private_state(self, state: dict[str, Tensor]) -> None:
+        """Load the private networks; ``ValueError`` if ``state`` is another team's."""
+        try:
+            missing, unexpected = self.load_state_dict(state, strict=False)
+        except RuntimeError as e:  # shapes differ
+            raise ValueError(f"the saved private state does not fit this agent's model: {e}"
+                             ) from None
+        if unexpected or any(not k.startswith(SHARED) for k in missing):
+            raise ValueError(f"the saved private state does not fit this agent's model "
+                             f"(missing {missing}, unexpected {unexpected})")
+
+    def _slot(self, agent: int) -> tuple[int, int]:
+        """Where ``agent``'s private weights are: its type's position here, and its row."""
+        if agent not in self.agents:
+            raise ValueError(f"agent {agent} is not in this team (agents {self.agents})")
+        k = self.spec.type_of_agent[agent]
+        members = [i for i in self.agents if self.spec.type_of_agent[i] == k]
+        return self.types.index(k), members.index(agent)
+
+    def _private_params(self) -> list[tuple[str, int, str, Tensor]]:
+        """``(network, type position, path, parameter)`` of every private parameter."""
+        out = []
+        for name, param in self.named_parameters():
+            head, _, rest = name.partition(".")
+            if head != "comm":
+                pos, _, path = rest.partition(".")
+                out.append((head, int(pos), path, param))
+        return out
+
+    def agent_state(self, agent: int) -> dict[str, Tensor]:
+        """``agent``'s private networks as a team holding only that agent names them."""
+        pos, row = self._slot(agent)
+        return {f"{head}.0.{path}": param.detach()[row:row + 1]
+                for head, p, path, param in self._private_params() if p == pos}
+
+    @torch.no_grad()
+    def load_agent_state(self, agent: int, state: dict[str, Tensor]) -> None:
+        """Load ``agent``'s private networks from ``agent_state`` output (of any team)."""
+        pos, row = self._slot(agent)
+        for head, p, path, param in self._private_params():
+            if p == pos:
+                param[row].copy_(state[f"{head}.0.{path}"][0])
+
+    def type_state(self) -> dict[str, Tensor]:
+        """Host copies of a one-type team's private networks, named without the type
+        position: the same names in every party of that type (for averaging them)."""
+        if len(self.types) != 1:
+            raise ValueError("type_state is for a team of one agent type")
+        return {f"{head}.{path}": param.detach().to("cpu", copy=True)
+                for head, _, path, param in self._private_params()}
+
+    @torch.no_grad()
+    def load_type_state(self, state: dict[str, Tensor]) -> None:
+        """Load what ``type_state`` names; entries it lacks keep their values."""
+        for head, _, path, param in self._private_params():
+            if f"{head}.{path}" in state:
+                param.copy_(state[f"{head}.{path}"])
+
     @torch.no_grad()
     def subteam(self, agents: Sequence[int]) -> Team:
         """A team of some of this team's agents, with their weights and the shared module."""
         sub = Team(self.spec, self.cfg, agents).to(self.local_index.device)
         if not set(sub.agents) <= set(self.agents):
             raise ValueError(f"agents {agents} are not all in this team")
-        own = dict(self.named_parameters())
-        for name, param in sub.named_parameters():
-            head, _, rest = name.partition(".")
-            if head == "comm":
-                param.copy_(own[name])
-                continue
-            pos, _, rest = rest.partition(".")
-            k = sub.types[int(pos)]
-            members = [i for i in self.agents if self.spec.type_of_agent[i] == k]
-            rows = [members.index(i) for i in sub.agents if self.spec.type_of_agent[i] == k]
-            source = own[f"{head}.{self.types.index(k)}.{rest}"]
-            param.copy_(source[rows])
+        sub.load_shared_state(self.shared_state())
+        for agent in sub.agents:
+            sub.load_agent_state(agent, self.agent_state(agent))
         return sub
 
-    def save_config(self) -> dict:
-        return {"spec": self.spec.to_dict(), "team": asdict(self.cfg), "agents": self.agents}
+    def save(self, path: str | Path, extra: dict | None = None) -> None:
+        """A checkpoint of host tensors, which loads on any device (``load_team``)."""
+        torch.save(_on_cpu({"spec": self.spec.to_dict(), "team": asdict(self.cfg),
+                            "agents": self.agents, "state_dict": self.state_dict(),
+                            **(extra or {})}), path)
+
+
+def _on_cpu(x: Any) -> Any:
+    if isinstance(x, Tensor):
+        return x.detach().cpu()
+    if isinstance(x, dict):
+        return {k: _on_cpu(v) for k, v in x.items()}
+    return x
+
+
+def load_team(source: str | Path, device: str | torch.device = "cpu") -> Team:
+    """A team from a checkpoint file, or a run directory holding ``team.pt``, on ``device``."""
+    path = Path(source)
+    if path.is_dir() or not path.suffix:
+        path = path / TEAM_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"no checkpoint at {path}: is {source} a fedcomm run directory?")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    team = Team(EnvSpec.from_dict(ckpt["spec"]), TeamConfig(**ckpt["team"]), ckpt["agents"])
+    team.load_state_dict(ckpt["state_dict"])
+    return team.to(device)
 
 
 def log_probs(logits: list[Tensor], actions: list[Tensor]) -> tuple[Tensor, Tensor]:

@@ -8,56 +8,25 @@ the fast loop for research.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
+from fedcomm.baselines import EVAL_SEED, EvalResult, baseline_summary, evaluate_baselines
+from fedcomm.clients.evaluate import evaluate_team
 from fedcomm.clients.importance import communication_importance
-from fedcomm.clients.ppo import (
-    PPOConfig,
-    ValueNorm,
-    annealed_lr,
-    compute_targets,
-    make_optimizer,
-    ppo_update,
-)
+from fedcomm.clients.ppo import ValueNorm, annealed_lr, compute_targets, make_optimizer, ppo_update
 from fedcomm.clients.privacy import LEDGER, AgentPrivacy, report_summary, write_run_report
 from fedcomm.clients.rollout import collect
-from fedcomm.clients.team import Team, TeamConfig
 from fedcomm.clients.transport import LocalTransport
+from fedcomm.config import TrainConfig
 from fedcomm.device import describe, resolve_device
-from fedcomm.evaluate import EvalResult, baseline_summary, evaluate_baselines, evaluate_team
+from fedcomm.models.team import TEAM_FILE, Team
 from fedcomm.plots import learning_curve
-from fedcomm.privacy.config import PrivacyConfig
 from fedcomm.progress import progress_bar, status
-from fedcomm.runs import RunDir
+from fedcomm.rundir import RunDir
 from fedcomm.sim.registry import make_env
-
-EVAL_SEED = 1_000_000_000  # evaluation episodes never reuse a training seed
-
-
-@dataclass
-class TrainConfig:
-    env: str = "speaker_listener"
-    env_kwargs: dict = field(default_factory=dict)
-    num_envs: int = 512
-    env_steps: int = 10_000_000
-    time_budget: float | None = None  # seconds of training; stops early when reached
-    seed: int = 0
-    device: str = "auto"  # auto, cpu, cuda or cuda:N (fedcomm.device)
-    anneal_lr: bool = True
-    eval_every: int = 25  # iterations between greedy evaluations (0: only at the end)
-    eval_episodes: int = 1000
-    team: TeamConfig = field(default_factory=TeamConfig)
-    ppo: PPOConfig = field(default_factory=PPOConfig)
-    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> TrainConfig:
-        d = dict(d)
-        return cls(team=TeamConfig(**d.pop("team", {})), ppo=PPOConfig(**d.pop("ppo", {})),
-                   privacy=PrivacyConfig(**d.pop("privacy", {})), **d)
 
 
 @dataclass
@@ -131,7 +100,7 @@ def train(cfg: TrainConfig, out: str | Path, progress: bool = True) -> TrainResu
     report = write_run_report(run.path, asdict(cfg), cfg.team, cfg.privacy, ledgers,
                               mechanisms=("message",))
     # The checkpoint first: whatever fails after it, nothing trained is lost.
-    run.save_team(team, {"value_norm": value_norm.state_dict()})
+    team.save(run.path / TEAM_FILE, {"value_norm": value_norm.state_dict()})
     final = evaluate()
     baselines = evaluate_baselines(cfg.env, cfg.eval_episodes, EVAL_SEED,
                                    env_kwargs=cfg.env_kwargs, device=device)

@@ -25,23 +25,22 @@ from pathlib import Path
 
 import torch
 
+from fedcomm.baselines import EVAL_SEED, EvalResult
 from fedcomm.clients.agent import env_spec, load_shared
 from fedcomm.clients.importance import communication_importance
 from fedcomm.clients.privacy import LEDGER, report_summary, write_run_report
 from fedcomm.clients.rollout import collect
 from fedcomm.clients.state import StateStore
-from fedcomm.clients.team import Team
 from fedcomm.clients.transport import LocalTransport
+from fedcomm.config import FederationConfig
 from fedcomm.device import resolve_device
-from fedcomm.evaluate import EvalResult
-from fedcomm.processes import SimProcess
+from fedcomm.models.team import TEAM_FILE, Team
+from fedcomm.modes.processes import SimProcess
 from fedcomm.protocol.auth import generate_tokens, write_tokens
-from fedcomm.runs import RunDir
+from fedcomm.rundir import RunDir
 from fedcomm.server.checkpoint import load_checkpoint
-from fedcomm.server.config import FederationConfig
 from fedcomm.server.federation import FederationError, FederationResult
 from fedcomm.sim.registry import make_env
-from fedcomm.train import EVAL_SEED
 
 
 @contextlib.contextmanager
@@ -174,7 +173,7 @@ def complete_run(run_dir: Path, fed: FederationConfig) -> FederationResult:
     run = RunDir(run_dir)
     summary = json.loads((run_dir / "summary.json").read_text())
     team = assemble_team(run_dir, fed)
-    run.save_team(team)
+    team.save(run.path / TEAM_FILE)
     batch = collect(team, LocalTransport(make_env(fed.train.env, 256, **fed.train.env_kwargs)),
                     seed=EVAL_SEED, greedy=True)
     summary["importance"] = communication_importance(team, batch).tolist()

@@ -1,8 +1,9 @@
-"""Evaluation: a trained team or a scripted reference, on any environment with the same spec.
+"""The scripted reference teams of an environment and what a trained team is measured against.
 
-An episode's return is the sum of its rewards averaged over agents. Trained teams act greedily
-and their vectors carry the channel noise they were trained with: the privacy mechanism is part of
-execution, not only of training.
+Each environment with scripted teams has a random team, a team without communication and a
+full-information oracle; the share of the no_comm -> oracle gap a trained team closes is the
+measured value of its communication. An episode's return is the sum of its rewards averaged
+over agents.
 """
 
 from __future__ import annotations
@@ -13,14 +14,12 @@ from typing import Literal
 
 import torch
 
-from fedcomm.clients.rollout import collect
-from fedcomm.clients.team import Team
-from fedcomm.clients.transport import LocalTransport
-from fedcomm.sim.base import EnvSpec, VecEnv
+from fedcomm.sim.base import VecEnv
 from fedcomm.sim.registry import make_env
 
 Scripted = Literal["random", "no_comm", "oracle"]
 SCRIPTED: tuple[Scripted, ...] = ("random", "no_comm", "oracle")
+EVAL_SEED = 1_000_000_000  # evaluation episodes never reuse a training seed
 
 
 @dataclass
@@ -39,37 +38,8 @@ class EvalResult:
         return asdict(self)
 
 
-def _batches(episodes: int, batch: int) -> list[int]:
+def batches(episodes: int, batch: int) -> list[int]:
     return [min(batch, episodes - s) for s in range(0, episodes, batch)]
-
-
-def check_compatible(trained: EnvSpec, target: EnvSpec) -> None:
-    """A team runs on another environment only if agents, observations and actions line up."""
-    if trained.types != target.types:
-        def show(spec: EnvSpec) -> str:
-            return ", ".join(f"{t.count} {t.name} (obs {t.obs_dim}, actions {t.n_actions})"
-                             for t in spec.types)
-
-        raise ValueError(f"the team was trained on {trained.name} [{show(trained)}], which does "
-                         f"not match {target.name} [{show(target)}]")
-
-
-def evaluate_team(team: Team, env_name: str, episodes: int, seed: int = 0,
-                  batch: int = 1000, env_kwargs: dict | None = None,
-                  greedy: bool = True) -> EvalResult:
-    """The team's returns on ``env_name``, played on the device the team is on."""
-    device = team.local_index.device
-    returns = []
-    generator = torch.Generator(device).manual_seed(seed)
-    was_training = team.training
-    team.eval()
-    for i, n in enumerate(_batches(episodes, batch)):
-        env = make_env(env_name, n, device, **(env_kwargs or {}))
-        check_compatible(team.spec, env.spec)
-        returns.append(collect(team, LocalTransport(env), seed=seed + i * batch,
-                               generator=generator, greedy=greedy).episode_return())
-    team.train(was_training)
-    return EvalResult.of(torch.cat(returns))
 
 
 @torch.no_grad()
@@ -91,7 +61,7 @@ def evaluate_scripted(env_name: str, policy: Scripted, episodes: int, seed: int 
                       device: str | torch.device = "cpu") -> EvalResult:
     returns = [run_scripted(make_env(env_name, n, device, **(env_kwargs or {})), policy,
                             seed + i * batch)
-               for i, n in enumerate(_batches(episodes, batch))]
+               for i, n in enumerate(batches(episodes, batch))]
     return EvalResult.of(torch.cat(returns))
 
 

@@ -1,0 +1,203 @@
+"""What a run is: its whole configuration, in one leaf that every party and mode shares.
+
+A ``TrainConfig`` is the environment, the models (``TeamConfig``), PPO (``PPOConfig``), the
+privacy settings and the budget in environment steps: the centralized trainer runs it as is.
+A ``FederationConfig`` adds how rounds are federated, so a federated run and its centralized
+reference differ only in what federation changes. The agents and the server both read it (the
+ServerApp sends it with every round) and neither imports the other; this module imports only
+the environments and the privacy settings.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from typing import Literal
+
+from fedcomm.privacy.config import PrivacyConfig
+from fedcomm.sim.base import EnvSpec
+
+
+def env_spec(env: str, env_kwargs: dict | None = None) -> EnvSpec:
+    """The spec of environment ``env`` with options ``env_kwargs``: its agents, their types,
+    observation and action sizes, and the episode length."""
+    return _spec(env, json.dumps(env_kwargs or {}, sort_keys=True))
+
+
+@lru_cache(maxsize=32)
+def _spec(env: str, env_kwargs: str) -> EnvSpec:
+    from fedcomm.sim.registry import make_env  # the environments load on first use
+
+    return make_env(env, 1, **json.loads(env_kwargs)).spec
+
+
+@dataclass
+class TeamConfig:
+    hidden: int = 64
+    comm_dim: int = 16
+    encoder: str = "mlp"  # or "superposition"
+    n_superpositions: int = 8
+    recurrent: bool = False
+    clip: float = 1.0  # C: every knowledge vector is clipped to this L2 norm
+    noise_multiplier: float = 0.5  # sigma: channel noise std is sigma * C per coordinate
+    # Feedback gradients a receiver releases in federated training: clipped per episode to this
+    # norm, noised with this multiplier.
+    feedback_clip: float = 1.0
+    feedback_noise_multiplier: float = 0.5
+    communicate: bool = True  # False delivers nothing: the no-communication ablation
+    # Each receiver hears, from each sender, the running mean of that sender's vectors delivered
+    # to it so far in the episode: evidence that repeats across steps accumulates, and the noise
+    # of T releases averages out. Post-processing of what was released: no privacy cost.
+    accumulate: bool = False
+    prune_threshold: float = 0.3  # routes whose strength falls below this are not sent
+    graph_init: float = 1.0  # initial route logit (strength sigmoid(1) = 0.73)
+
+    def __post_init__(self) -> None:
+        if not (0 < self.clip < math.inf and 0 < self.feedback_clip < math.inf):
+            raise ValueError("clip norms must be positive and finite")
+        if min(self.noise_multiplier, self.feedback_noise_multiplier) < 0:
+            raise ValueError("noise multipliers must be non-negative")
+        if self.hidden < 1 or self.comm_dim < 1:
+            raise ValueError("hidden and comm_dim must be positive")
+
+
+@dataclass
+class PPOConfig:
+    lr: float = 1e-3
+    epochs: int = 4
+    minibatches: int = 4
+    clip_coef: float = 0.2
+    gamma: float = 0.99
+    gae_lambda: float = 0.95
+    ent_coef: float = 0.01
+    vf_coef: float = 0.5
+    max_grad_norm: float = 0.5
+    graph_cost: float = 1e-3  # price per unit of route strength: unused routes get pruned
+    # Whether the receivers' value loss is part of the DIAL feedback a federated party sends.
+    # Off: feedback is computed once per batch and reused in every minibatch of every epoch, and
+    # the critics' error it carries is stale after the first step (critics fit fast), so the
+    # senders' encoders keep being pushed to fix errors that are already gone; on factory this
+    # drowns the policy signal and communication is never learned.
+    feedback_value: bool = False
+
+
+@dataclass
+class TrainConfig:
+    """A run of the centralized trainer, and the part of a federated run that says what is
+    trained: environment, models, PPO, privacy and the budget in environment steps."""
+
+    env: str = "speaker_listener"
+    env_kwargs: dict = field(default_factory=dict)
+    num_envs: int = 512
+    env_steps: int = 10_000_000
+    time_budget: float | None = None  # seconds of training; stops early when reached
+    seed: int = 0
+    device: str = "auto"  # auto, cpu, cuda or cuda:N (fedcomm.device)
+    anneal_lr: bool = True
+    eval_every: int = 25  # iterations between greedy evaluations (0: only at the end)
+    eval_episodes: int = 1000
+    team: TeamConfig = field(default_factory=TeamConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+
+    @property
+    def spec(self) -> EnvSpec:
+        return env_spec(self.env, self.env_kwargs)
+
+    @property
+    def batch_steps(self) -> int:
+        """Environment steps of one episode batch (one iteration of the centralized trainer)."""
+        return self.num_envs * self.spec.episode_length
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        """From ``to_dict`` output, or a run directory's ``config.json``."""
+        d = dict(d)
+        return cls(team=TeamConfig(**d.pop("team", {})), ppo=PPOConfig(**d.pop("ppo", {})),
+                   privacy=PrivacyConfig(**d.pop("privacy", {})), **d)
+
+
+Strategy = Literal["fedavg", "fedavgm", "fedadam"]
+OnFailure = Literal["stop", "continue"]
+STRATEGIES: tuple[str, ...] = ("fedavg", "fedavgm", "fedadam")
+
+
+@dataclass
+class FederationConfig:
+    """A federated run: what is trained (``train``), and how its rounds are federated. A round
+    is ``batches_per_round`` episode batches per agent."""
+
+    train: TrainConfig = field(default_factory=TrainConfig)
+    batches_per_round: int = 8  # episode batches each agent trains on between aggregations
+    strategy: Strategy = "fedavg"
+    server_lr: float = 1.0  # FedAvgM's and FedAdam's server learning rate
+    server_momentum: float = 0.0  # FedAvgM
+    # Average each type's private modules among the agents of that type too (off: they never
+    # leave their agent). Weaker privacy: the server then sees every agent's private networks.
+    aggregate_private: bool = False
+    # A round in which an agent fails or does not answer: stop the run, or aggregate the
+    # replies that came and go on (the joint environment retries everyone next round).
+    on_agent_failure: OnFailure = "stop"
+    max_failed_rounds: int = 3  # with "continue": consecutive failed rounds before stopping
+    round_timeout: float = 900.0  # seconds for every reply of a round
+    node_timeout: float = 120.0  # seconds for every agent's node to be connected
+    eval_every: int = 0  # rounds between greedy evaluations; 0: as often as the trainer's
+
+    def __post_init__(self) -> None:
+        if isinstance(self.train, dict):
+            self.train = TrainConfig.from_dict(self.train)
+        if self.batches_per_round < 1:
+            raise ValueError("batches_per_round must be at least 1")
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"unknown strategy {self.strategy!r}: use "
+                             f"{', '.join(STRATEGIES)}")
+        if self.on_agent_failure not in ("stop", "continue"):
+            raise ValueError("on_agent_failure is 'stop' or 'continue'")
+        if min(self.round_timeout, self.node_timeout) <= 0:
+            raise ValueError("timeouts must be positive")
+
+    @property
+    def spec(self) -> EnvSpec:
+        return self.train.spec
+
+    @property
+    def total_batches(self) -> int:
+        return max(1, self.train.env_steps // self.train.batch_steps)
+
+    @property
+    def rounds(self) -> int:
+        return math.ceil(self.total_batches / self.batches_per_round)
+
+    @property
+    def eval_interval(self) -> int:
+        """Rounds between evaluations: the trainer's interval in batches, rounded up."""
+        if self.eval_every:
+            return self.eval_every
+        if not self.train.eval_every:
+            return 0
+        return max(1, math.ceil(self.train.eval_every / self.batches_per_round))
+
+    def batches_in(self, server_round: int) -> range:
+        """The (1-based) global batch numbers of a round: the last round may be shorter."""
+        first = (server_round - 1) * self.batches_per_round + 1
+        return range(first, min(first + self.batches_per_round, self.total_batches + 1))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> FederationConfig:
+        """From ``to_dict`` output, or a run directory's ``config.json`` (which adds ``mode``)."""
+        return cls(**{k: v for k, v in d.items() if k != "mode"})
+
+    @classmethod
+    def from_json(cls, text: str) -> FederationConfig:
+        return cls.from_dict(json.loads(text))

@@ -1,0 +1,1 @@
+"""The agents' models: per-type private networks and the shared communication module."""
