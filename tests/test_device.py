@@ -156,7 +156,12 @@ def test_preset_choice() -> None:
     assert cfg("--preset", "gpu").num_envs == 2048
     assert cfg("--preset", "gpu").ppo.minibatches == 16
     assert cfg("--device", "cpu").num_envs == 512  # auto: the CPU preset on the CPU
-    assert cfg("--preset", "gpu", "--num-envs", "2048").num_envs == 2048  # options still win
+    # Options still win over either preset: 1000 is no preset's value, so an ignored flag
+    # would leave 512 or 2048.
+    assert 1000 not in {preset(env, kind).num_envs for env in PRESETS for kind in ("cpu", "gpu")}
+    for kind in ("cpu", "gpu"):
+        assert cfg("--preset", kind, "--num-envs", "1000").num_envs == 1000
+        assert cfg("--preset", kind, "--minibatches", "5").ppo.minibatches == 5
     assert cfg().num_envs == (2048 if CUDA else 512)
     assert cfg("--device", "cpu").device == "cpu"
 

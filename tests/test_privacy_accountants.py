@@ -6,6 +6,7 @@ exists) and agree with the reference table to 1e-2 relative; PLD runs with a 1e-
 """
 
 import math
+from itertools import pairwise
 
 import numpy as np
 import pytest
@@ -172,4 +173,45 @@ def test_rounding_is_upward():
     assert round_up(2.5) == 2.5
     for value in np.random.default_rng(0).uniform(0, 100, 1000):
         assert value <= round_up(value) < value + 1.01e-6
-    assert gdp_epsilon(1.0, 1e-5) >= 0
+
+
+def profile(mu: float, eps: float) -> float:
+    """delta(eps) of mu-GDP, ``Phi(-eps/mu + mu/2) - e^eps Phi(-eps/mu - mu/2)``, with the
+    standard library's erfc (not scipy's ndtr, which the product uses)."""
+    def phi(x: float) -> float:
+        return 0.5 * math.erfc(-x / math.sqrt(2))
+
+    return phi(-eps / mu + mu / 2) - math.exp(eps) * phi(-eps / mu - mu / 2)
+
+
+def reference_epsilon(mu: float, delta: float) -> float:
+    """The eps where ``profile`` crosses ``delta``, by 200 halvings of [0, 1000]."""
+    lo, hi = 0.0, 1000.0
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if profile(mu, mid) > delta else (lo, mid)
+    return hi
+
+
+def test_gdp_epsilon_inverts_the_gaussian_privacy_profile():
+    """The exact accountant's epsilon is where delta(eps) of mu-GDP meets delta, at every mu
+    and delta here (mpmath at 50 digits gives mu=1, delta=1e-5: 4.3771781), never below it;
+    and it grows with mu and shrinks with delta."""
+    assert gdp_epsilon(1.0, 1e-5) == pytest.approx(4.3771781, abs=1e-6)
+    assert gdp_epsilon(0.5, 1e-3) == pytest.approx(1.3522762, abs=1e-6)
+    assert gdp_epsilon(5.0, 1e-8) == pytest.approx(39.8911467, abs=1e-6)
+    mus, deltas = (0.1, 0.3, 0.5, 1.0, 2.0, 5.0, 10.0), (1e-3, 1e-5, 1e-8)
+    for mu in mus:
+        for delta in deltas:
+            eps = gdp_epsilon(mu, delta)
+            ref = reference_epsilon(mu, delta)
+            assert eps == pytest.approx(ref, rel=1e-8, abs=1e-9), (mu, delta)
+            assert profile(mu, eps) <= delta * (1 + 1e-8)
+    for delta in deltas:
+        by_mu = [gdp_epsilon(mu, delta) for mu in mus]
+        assert all(a < b for a, b in pairwise(by_mu))
+    for mu in mus:
+        by_delta = [gdp_epsilon(mu, delta) for delta in deltas]
+        assert all(a < b for a, b in pairwise(by_delta))
+    assert gdp_epsilon(0.0, 1e-5) == 0.0 and gdp_epsilon(math.inf, 1e-5) == math.inf
+    assert gdp_epsilon(0.01, 0.5) == 0.0  # delta(0) = 2 Phi(mu/2) - 1 is already below 0.5

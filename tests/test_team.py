@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from fedcomm.clients.importance import communication_importance
-from fedcomm.clients.rollout import collect, replay
+from fedcomm.clients.rollout import Rollout, collect, replay
 from fedcomm.clients.transport import LocalTransport
 from fedcomm.config import TeamConfig
 from fedcomm.models.comm import clip_norm
@@ -60,18 +60,63 @@ def test_receiver_loss_reaches_sender_only_through_the_channel(encoder, recurren
     assert all(g.abs().sum() == 0 for g in speaker_private_grads(team))
 
 
-def test_detached_vectors_carry_no_gradient():
-    """The article's ``torch.no_grad()`` on messages would leave the speaker untrained."""
+def encoder_grads(team: Team) -> list[torch.Tensor]:
+    return [p.grad if p.grad is not None else torch.zeros_like(p)
+            for p in team.comm.encoder.parameters()]
+
+
+def listener_policy_loss(team: Team, rollout: Rollout) -> torch.Tensor:
+    """The listener's policy output alone: no speaker term, no value term."""
+    logp, _ = log_probs(replay(team, rollout).logits, rollout.actions)
+    return -logp[..., LISTENER].mean()
+
+
+def speaker_listener_batch(cfg: TeamConfig) -> tuple[Team, Rollout]:
     torch.manual_seed(0)
-    team = Team(SL_SPEC, TeamConfig())
-    obs = SpeakerListener(8).reset(seed=1)
-    feats, _ = team.encode_obs(obs, None)
-    messages = team.speak(feats).detach()
-    weights = team.delivery_weights(messages, team.route(messages))
-    context = team.comm.listen(feats, messages[:, None], weights)
-    logits, _ = team.act(feats, context)
-    logits[LISTENER].sum().backward()
-    assert all(g.abs().sum() == 0 for g in speaker_private_grads(team))
+    team = Team(SL_SPEC, cfg)
+    rollout = collect(team, LocalTransport(SpeakerListener(16)), seed=1,
+                      generator=torch.Generator().manual_seed(0))
+    return team, rollout
+
+
+@pytest.mark.parametrize("encoder", ["mlp", "superposition"])
+@pytest.mark.parametrize(("recurrent", "accumulate"), [(False, False), (True, False),
+                                                       (False, True)])
+def test_receivers_policy_loss_trains_the_senders_encoder(encoder: str, recurrent: bool,
+                                                          accumulate: bool) -> None:
+    """The article's bug, vectors computed under ``torch.no_grad()``, leaves the speaker's
+    encoder untrained. Here a batch collected without gradients and replayed for the update
+    gives every encoder parameter a gradient from the listener's policy loss alone, which
+    only the speaker's vector carries (the listener hears no vector of its own)."""
+    team, rollout = speaker_listener_batch(
+        TeamConfig(encoder=encoder, recurrent=recurrent, accumulate=accumulate))
+    listener_policy_loss(team, rollout).backward()
+    assert all(g.abs().sum() > 0 for g in encoder_grads(team))
+
+    # The same through one ``Team.forward`` step, where it arrives by the speaker's vector.
+    team.zero_grad()
+    obs = [o[0] for o in rollout.obs]
+    out = team(obs, team.initial_hidden(16), rollout.noise[0])
+    loss = out.logits[LISTENER].pow(2).sum()
+    by_vector = torch.autograd.grad(loss, out.messages, retain_graph=True)[0]
+    assert by_vector[:, SPEAKER].abs().sum() > 0 and by_vector[:, LISTENER].abs().sum() == 0
+    loss.backward()
+    assert all(g.abs().sum() > 0 for g in encoder_grads(team))
+
+
+@pytest.mark.parametrize(("recurrent", "accumulate"), [(False, False), (True, False),
+                                                       (False, True)])
+def test_without_communication_no_loss_reaches_the_encoder(recurrent: bool,
+                                                           accumulate: bool) -> None:
+    """``communicate=False``: every agent's policy and value loss together leave the encoder
+    without gradient, so the gradient above came through the channel."""
+    team, rollout = speaker_listener_batch(
+        TeamConfig(communicate=False, recurrent=recurrent, accumulate=accumulate))
+    out = replay(team, rollout)
+    logp, _ = log_probs(out.logits, rollout.actions)
+    (logp.sum() + out.values.pow(2).sum()).backward()
+    assert all(g.abs().sum() == 0 for g in encoder_grads(team))
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in team.policy.parameters())
 
 
 def test_clip_bounds_every_vector_and_leaves_short_ones_alone():
