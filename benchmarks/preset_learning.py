@@ -37,12 +37,12 @@ def run(env: str, kind: str, seed: int, env_steps: int, device: str) -> dict:
         result = train(cfg, out, progress=True)
         curve = [(r["env_steps"], r["train_time_s"], r["eval_return"])
                  for r in RunDir(out).metrics() if "eval_return" in r]
-    curve.append((result.summary["env_steps"], result.summary["train_time_s"],
+    curve.append((result.summary.env_steps, result.summary.train_time_s,
                   result.final.return_mean))
     return {"preset": kind, "seed": seed, "num_envs": cfg.num_envs,
             "minibatches": cfg.ppo.minibatches, "lr": cfg.ppo.lr, "curve": curve,
-            "device": result.summary["device"],
-            "env_steps_per_s": result.summary["env_steps_per_s"]}
+            "device": result.summary.device,
+            "env_steps_per_s": result.summary.env_steps_per_s}
 
 
 def first_reaching(curve: list, target: float) -> tuple[int, float] | None:

@@ -16,19 +16,26 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 
-from fedcomm.clients.agent import AgentNode, FederatedAgent, env_spec
-from fedcomm.clients.grpc_transport import TransportError
-from fedcomm.clients.transport import BatchTruncated
+from fedcomm.clients.agent import FederatedAgent
+from fedcomm.clients.failures import failure_line
+from fedcomm.clients.node import AgentNode
 from fedcomm.config import FederationConfig
-
-CONFIG_KEY = "fedcomm.config"
+from fedcomm.protocol.round import (
+    ARRAYS,
+    CONFIG,
+    METRICS,
+    EvaluateInstruction,
+    EvaluateReply,
+    TrainInstruction,
+)
 
 
 def _process_age() -> float:
@@ -56,14 +63,13 @@ def _start_up() -> float:
     return _process_age()
 
 
-def _open(msg: Message, context: Context, defaults: dict, restore_round: int
-          ) -> tuple[FederatedAgent, dict[str, torch.Tensor], ConfigRecord]:
+def _open(msg: Message, context: Context, defaults: dict, config: str, restore_round: int
+          ) -> tuple[FederatedAgent, dict[str, torch.Tensor]]:
     torch.set_num_threads(1)  # agents share the machine's cores with their peers
-    config = msg.content["config"]
-    fed = FederationConfig.from_json(str(config[CONFIG_KEY]))
-    node = AgentNode.from_settings({**defaults, **dict(context.node_config)}, env_spec(fed))
-    arrays = msg.content["arrays"].to_torch_state_dict()
-    return FederatedAgent(fed, node, context.state, restore_round), arrays, config
+    fed = FederationConfig.from_json(config)
+    node = AgentNode.from_settings({**defaults, **dict(context.node_config)}, fed.spec)
+    arrays = msg.content[ARRAYS].to_torch_state_dict()
+    return FederatedAgent(fed, node, context.state, restore_round), arrays
 
 
 def _who(msg: Message, context: Context) -> str:
@@ -72,49 +78,42 @@ def _who(msg: Message, context: Context) -> str:
     if "agent-id" in node:
         return str(node["agent-id"])
     try:
-        fed = FederationConfig.from_json(str(msg.content["config"][CONFIG_KEY]))
-        return env_spec(fed).agent_ids[int(node["partition-id"])]
+        fed = FederationConfig.from_json(str(msg.content[CONFIG]["config"]))
+        return fed.spec.agent_ids[int(node["partition-id"])]
     except Exception:  # the message itself may be what is wrong
         return f"node {context.node_id}"
 
 
-def _failure(msg: Message, context: Context, e: Exception) -> Message:
-    who = _who(msg, context)
-    if isinstance(e, TransportError | BatchTruncated):
-        reason = f"{who}: the simulator ended the batch: {e}"
-    else:
-        reason = f"{who}: {type(e).__name__}: {e}"
+def _failure(msg: Message, context: Context, e: Exception, defaults: dict) -> Message:
+    settings = {**defaults, **dict(context.node_config)}
+    reason = failure_line(_who(msg, context), e, str(settings.get("sim-address", "?")))
     return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason),
                    reply_to=msg)
 
 
 def _train(msg: Message, context: Context, defaults: dict) -> Message:
     start_up, start = _start_up(), time.perf_counter()
-    server_round = int(msg.content["config"]["server-round"])
-    agent, arrays, config = _open(msg, context, defaults, restore_round=server_round - 1)
+    todo = TrainInstruction.from_record(msg.content[CONFIG])
+    agent, arrays = _open(msg, context, defaults, todo.config, todo.server_round - 1)
     try:
-        shared, metrics = agent.train_round(server_round, arrays,
-                                            float(config.get("time-frac", 0.0)))
+        shared, reply = agent.train_round(todo.server_round, arrays, todo.time_frac)
     finally:
         agent.close()
-    metrics |= {"agent": agent.index, "client_s": time.perf_counter() - start,
-                "start_s": start_up}
-    return Message(RecordDict({"arrays": ArrayRecord(shared), "metrics": MetricRecord(metrics)}),
+    reply = replace(reply, timings=reply.timings | {"client_s": time.perf_counter() - start,
+                                                    "start_s": start_up})
+    return Message(RecordDict({ARRAYS: ArrayRecord(shared), METRICS: reply.to_record()}),
                    reply_to=msg)
 
 
 def _evaluate(msg: Message, context: Context, defaults: dict) -> Message:
-    config = msg.content["config"]
-    server_round = int(config["server-round"])
-    agent, arrays, config = _open(msg, context, defaults, restore_round=server_round)
+    todo = EvaluateInstruction.from_record(msg.content[CONFIG])
+    agent, arrays = _open(msg, context, defaults, todo.config, todo.server_round)
     try:
-        returns = agent.evaluate(arrays, int(config["eval-batches"]), int(config["eval-seed"]),
-                                 server_round)
+        returns = agent.evaluate(arrays, todo.batches, todo.seed, todo.server_round)
     finally:
         agent.close()
-    metrics = MetricRecord({"num-examples": len(returns), "agent": agent.index,
-                            "returns": returns})
-    return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+    reply = EvaluateReply(agent.index, returns)
+    return Message(RecordDict({METRICS: reply.to_record()}), reply_to=msg)
 
 
 def _answering_failures(handler: Callable[[Message, Context, dict], Message],
@@ -123,7 +122,7 @@ def _answering_failures(handler: Callable[[Message, Context, dict], Message],
         try:
             return handler(msg, context, defaults)
         except Exception as e:  # the server hears why; the node stays up for the next round
-            return _failure(msg, context, e)
+            return _failure(msg, context, e, defaults)
 
     return handle
 

@@ -160,26 +160,19 @@ class AgentPrivacy:
                                         count=reached_by))
         return out + list(extra)
 
-    def spend(self, releases: Sequence[GaussianRelease], *, round: int, batch: int) -> bool:
-        """Check and write ``releases`` before they happen; ``False``: the budget does not
-        allow them and the agent must stay silent (``on_exhausted="stop"`` raises instead)."""
-        if not releases:
-            return True
-        try:
-            self.account.spend(self.ledger, releases, round=round, batch=batch)
-        except BudgetExhausted:
-            if self.cfg.on_exhausted == "stop":
-                raise
-            return False
-        return True
+    @property
+    def next_batch(self) -> int:
+        """The batch number after the last one in the ledger (0 for an empty ledger)."""
+        entries = self.ledger.entries
+        return entries[-1]["batch"] + 1 if entries else 0
 
     def allows(self, releases: Sequence[GaussianRelease], *, batch: int) -> bool:
         """Whether the budget allows ``releases``; ``False``: the agent must stay silent
-        (``on_exhausted="stop"`` raises instead). Nothing is written."""
+        (``on_budget_spent="stop"`` raises instead). Nothing is written."""
         try:
             self.account.check(releases, batch=batch)
         except BudgetExhausted:
-            if self.cfg.on_exhausted == "stop":
+            if self.cfg.on_budget_spent == "stop":
                 raise
             return False
         return True

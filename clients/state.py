@@ -29,21 +29,13 @@ _FILE = re.compile(r"state-r(\d+)\.pt")
 
 def private_state_dict(party: Party) -> dict:
     """The party's private networks (the team without its shared module) and training state."""
-    team = {k: v for k, v in party.team.state_dict().items() if not k.startswith("comm.")}
-    return {"team": team, "optimizer": party.optimizer.state_dict(),
+    return {"team": party.team.private_state(), "optimizer": party.optimizer.state_dict(),
             "value_norm": party.value_norm.state_dict(),
             "generator": party.generator.get_state()}
 
 
 def load_private_state(party: Party, state: dict) -> None:
-    try:
-        missing, unexpected = party.team.load_state_dict(state["team"], strict=False)
-    except RuntimeError as e:  # shapes differ
-        raise ValueError(f"the saved private state does not fit this agent's model: {e}"
-                         ) from None
-    if unexpected or any(not k.startswith("comm.") for k in missing):
-        raise ValueError(f"the saved private state does not fit this agent's model "
-                         f"(missing {missing}, unexpected {unexpected})")
+    party.team.load_private_state(state["team"])
     party.optimizer.load_state_dict(state["optimizer"])
     party.value_norm.load_state_dict(state["value_norm"])
     try:

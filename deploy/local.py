@@ -26,7 +26,6 @@ from pathlib import Path
 
 from rich.console import Console
 
-from fedcomm.clients.agent import env_spec
 from fedcomm.config import FederationConfig
 from fedcomm.deploy.flower_app import write_app
 from fedcomm.deploy.secrets import DeploymentSecrets, make_secrets
@@ -34,7 +33,8 @@ from fedcomm.modes.processes import ChildProcess, SimProcess, child_env, stop_ta
 from fedcomm.modes.simulation import complete_run, terminate_as_interrupt
 from fedcomm.progress import progress_bar, status
 from fedcomm.server.app import ERROR_FILE
-from fedcomm.server.federation import FederationError, FederationResult
+from fedcomm.server.federation import FederationError
+from fedcomm.summary import RunResult
 
 FEDERATION = "local"  # the SuperLink connection's name in Flower's config
 DEPLOYMENT_TAG = "FEDCOMM_DEPLOYMENT"  # environment variable naming the deployment's run
@@ -109,7 +109,7 @@ class LocalDeployment:
                  restart_agents: bool = True) -> None:
         self.fed, self.console, self.restart_agents = fed, console, restart_agents
         self.layout = Layout(run_dir.resolve())  # Flower wants absolute paths
-        self.agents = env_spec(fed).agent_ids
+        self.agents = fed.spec.agent_ids
         self.nodes: dict[str, ChildProcess] = {}
         self.down_since: dict[str, float] = {}  # agents whose SuperNode is being restarted
         self.sim: SimProcess | None = None
@@ -270,7 +270,7 @@ class LocalDeployment:
 
 def deploy_local(fed: FederationConfig, out: str | Path, progress: bool = True,
                  restart_agents: bool = True, console: Console | None = None
-                 ) -> FederationResult:
+                 ) -> RunResult:
     """Run (or, if ``out`` holds a checkpoint, continue) a federated run deployed on this host."""
     run_dir = Path(out)
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -14,6 +14,7 @@ from typing import Literal
 
 import torch
 
+from fedcomm.jsonfile import number
 from fedcomm.sim.base import VecEnv
 from fedcomm.sim.registry import make_env
 
@@ -36,6 +37,11 @@ class EvalResult:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> EvalResult:
+        """From ``to_dict`` output as JSON holds it (an undefined standard error is null)."""
+        return cls(float(d["return_mean"]), number(d["return_se"]), int(d["episodes"]))
 
 
 def batches(episodes: int, batch: int) -> list[int]:

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+if TYPE_CHECKING:
+    from fedcomm.summary import RunSummary
+
 BASELINE_STYLE = {"random": ":", "no_comm": "--", "oracle": "-."}
 
 
-def learning_curve(metrics: list[dict], summary: dict, path: Path, title: str) -> None:
+def learning_curve(metrics: list[dict], summary: RunSummary, path: Path, title: str) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.2))
     steps = [m["env_steps"] for m in metrics]
     ax.plot(steps, [m["return_mean"] for m in metrics], color="tab:blue", alpha=0.5,
@@ -21,9 +25,9 @@ def learning_curve(metrics: list[dict], summary: dict, path: Path, title: str) -
     if evals:
         ax.plot([m["env_steps"] for m in evals], [m["eval_return"] for m in evals], "o-",
                 color="tab:blue", ms=3, label="evaluation (greedy)")
-    for name, res in summary.get("baselines", {}).items():
-        ax.axhline(res["return_mean"], color="gray", ls=BASELINE_STYLE.get(name, "-"), lw=1,
-                   label=f"{name} {res['return_mean']:.2f}")
+    for name, res in summary.baselines.items():
+        ax.axhline(res.return_mean, color="gray", ls=BASELINE_STYLE.get(name, "-"), lw=1,
+                   label=f"{name} {res.return_mean:.2f}")
     ax.set_xlabel("environment steps")
     ax.set_ylabel("return per agent")
     ax.set_title(title)

@@ -12,6 +12,7 @@ the router delivers to it, then policy logits and a value from features and cont
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,6 +29,7 @@ from fedcomm.sim.router import delivery_mask, priority
 
 SHARED = "comm."  # the shared module's parameters; every other one is private
 TEAM_FILE = "team.pt"  # a run directory's trained team
+_GLOBAL_RNG = threading.Lock()  # initialisers draw from torch's process-wide generator
 
 Memory = tuple[Tensor, Tensor]  # with ``accumulate``: delivered sums and counts so far
 
@@ -86,6 +88,16 @@ class Team(nn.Module):
         for k, c in zip(self.types, self.counts):
             share[k] = c / spec.types[k].count
         self.register_buffer("route_share", share, persistent=False)
+
+    @classmethod
+    def initial(cls, spec: EnvSpec, cfg: TeamConfig, seed: int,
+                agents: Sequence[int] | None = None) -> Team:
+        """A run's initial team for ``seed`` (or its ``agents``' part): the same weights for
+        the server, every agent and the centralized trainer."""
+        with _GLOBAL_RNG, torch.random.fork_rng():
+            torch.manual_seed(seed)
+            team = cls(spec, cfg)
+        return team if agents is None else team.subteam(agents)
 
     @property
     def n_local(self) -> int:
@@ -238,15 +250,14 @@ class Team(nn.Module):
     # ``<network>.<type position>.<path>`` with one row per agent of that type (``layers``).
     # Only these methods read that layout.
     def shared_state(self) -> dict[str, Tensor]:
-        """Host copies of the shared communication module: what an agent sends to the server."""
-        return {SHARED + k: v.detach().to("cpu", copy=True)
-                for k, v in self.comm.state_dict().items()}
+        """Host copies of the shared communication module, by path in it: what an agent sends
+        to the server."""
+        return {k: v.detach().to("cpu", copy=True) for k, v in self.comm.state_dict().items()}
 
     @torch.no_grad()
     def load_shared_state(self, state: dict[str, Tensor]) -> None:
-        """Load the shared module from ``state``'s ``comm.*`` entries (others are ignored)."""
-        self.comm.load_state_dict({k[len(SHARED):]: v for k, v in state.items()
-                                   if k.startswith(SHARED)})
+        """Load the shared module from ``shared_state`` output."""
+        self.comm.load_state_dict(state)
 
     def private_state(self) -> dict[str, Tensor]:
         """Everything but the shared module: the local agents' private networks."""

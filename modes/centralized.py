@@ -8,12 +8,12 @@ the fast loop for research.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
-from fedcomm.baselines import EVAL_SEED, EvalResult, baseline_summary, evaluate_baselines
+from fedcomm.baselines import EVAL_SEED, EvalResult, evaluate_baselines
 from fedcomm.clients.evaluate import evaluate_team
 from fedcomm.clients.importance import communication_importance
 from fedcomm.clients.ppo import ValueNorm, annealed_lr, compute_targets, make_optimizer, ppo_update
@@ -27,17 +27,10 @@ from fedcomm.plots import learning_curve
 from fedcomm.progress import progress_bar, status
 from fedcomm.rundir import RunDir
 from fedcomm.sim.registry import make_env
+from fedcomm.summary import RunResult, RunSummary
 
 
-@dataclass
-class TrainResult:
-    run_dir: Path
-    final: EvalResult
-    baselines: dict[str, EvalResult]
-    summary: dict
-
-
-def train(cfg: TrainConfig, out: str | Path, progress: bool = True) -> TrainResult:
+def train(cfg: TrainConfig, out: str | Path, progress: bool = True) -> RunResult:
     run = RunDir(out)
     run.write_config(asdict(cfg))
     device = resolve_device(cfg.device)
@@ -74,11 +67,14 @@ def train(cfg: TrainConfig, out: str | Path, progress: bool = True) -> TrainResu
             for group in optimizer.param_groups:
                 group["lr"] = lr
             routes = team.kept_routes()
-            if not all(p.spend([r for r in p.batch_releases(routes) if r.mechanism == "message"],
-                               round=it, batch=it) for p in privacy):
+            messages = [[r for r in p.batch_releases(routes) if r.mechanism == "message"]
+                        for p in privacy]
+            if not all(p.allows(m, batch=it) for p, m in zip(privacy, messages)):
                 stopped = f"privacy budget spent: training stopped before iteration {it}"
                 it -= 1
                 break
+            for p, m in zip(privacy, messages):
+                p.charge(m, round=it, batch=it)
             rollout = collect(team, transport, seed=cfg.seed * 1_000_000 + it,
                               generator=generator, noise=noise)
             targets = compute_targets(rollout, cfg.ppo, value_norm)
@@ -107,26 +103,15 @@ def train(cfg: TrainConfig, out: str | Path, progress: bool = True) -> TrainResu
     importance = communication_importance(
         team, collect(team, LocalTransport(make_env(cfg.env, 256, device, **cfg.env_kwargs)),
                       seed=EVAL_SEED, greedy=True))
-    summary = {
-        "env": cfg.env,
-        "device": describe(device),
-        "final": final.to_dict(),
-        **baseline_summary(final, baselines),
-        "iterations": it,
-        "env_steps": it * per_iter,
-        "train_time_s": train_time,
-        "wall_time_s": time.perf_counter() - start,
-        "env_steps_per_s": it * per_iter / max(train_time, 1e-9),
-        "agent_steps_per_s": it * per_iter * env.spec.n_agents / max(train_time, 1e-9),
-        "agent_types": [t.name for t in env.spec.types],
-        "route_strength": team.comm.route_strength().tolist(),
-        "kept_routes": team.comm.kept_routes(cfg.team.prune_threshold).tolist(),
-        "importance": importance.tolist(),
-        "privacy": report_summary(report),
-    }
-    if stopped:
-        summary["stopped"] = stopped
+    summary = RunSummary.of(
+        env=cfg.env, mode="centralized", device=describe(device), final=final,
+        baselines=baselines, iterations=it, env_steps=it * per_iter, train_time_s=train_time,
+        wall_time_s=time.perf_counter() - start, n_agents=env.spec.n_agents,
+        agent_types=[t.name for t in env.spec.types],
+        route_strength=team.comm.route_strength().detach().cpu(),
+        prune_threshold=cfg.team.prune_threshold, importance=importance.tolist(),
+        privacy=report_summary(report), stopped=stopped or None)
     run.write_summary(summary)
     learning_curve(run.metrics(), summary, run.path / "learning_curve.png",
                    f"{cfg.env}: centralized, noise sigma={cfg.team.noise_multiplier}")
-    return TrainResult(run.path, final, baselines, summary)
+    return RunResult(run.path, summary, run.metrics())

@@ -14,7 +14,6 @@ their agents.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import signal
@@ -25,8 +24,7 @@ from pathlib import Path
 
 import torch
 
-from fedcomm.baselines import EVAL_SEED, EvalResult
-from fedcomm.clients.agent import env_spec, load_shared
+from fedcomm.baselines import EVAL_SEED
 from fedcomm.clients.importance import communication_importance
 from fedcomm.clients.privacy import LEDGER, report_summary, write_run_report
 from fedcomm.clients.rollout import collect
@@ -37,10 +35,12 @@ from fedcomm.device import resolve_device
 from fedcomm.models.team import TEAM_FILE, Team
 from fedcomm.modes.processes import SimProcess
 from fedcomm.protocol.auth import generate_tokens, write_tokens
+from fedcomm.protocol.round import shared_part
 from fedcomm.rundir import RunDir
 from fedcomm.server.checkpoint import load_checkpoint
-from fedcomm.server.federation import FederationError, FederationResult
+from fedcomm.server.federation import FederationError
 from fedcomm.sim.registry import make_env
+from fedcomm.summary import RunResult
 
 
 @contextlib.contextmanager
@@ -107,7 +107,7 @@ def backend_config(n_agents: int, device: torch.device, verbose: bool = False) -
 
 
 def run_flower(fed: FederationConfig, run_dir: Path, sim_address: str, tokens: Path,
-               progress: bool, verbose: bool) -> FederationResult:
+               progress: bool, verbose: bool) -> RunResult:
     """The ServerApp and every agent's ClientApp on Flower's simulation engine."""
     import ray
     from flwr.simulation import run_simulation
@@ -115,7 +115,7 @@ def run_flower(fed: FederationConfig, run_dir: Path, sim_address: str, tokens: P
     from fedcomm.clients.app import make_client_app
     from fedcomm.server.app import make_server_app
 
-    n = env_spec(fed).n_agents
+    n = fed.spec.n_agents
     results: list = []
     stop = threading.Event()
     server_app = make_server_app(fed, run_dir, progress, results, stop)
@@ -148,58 +148,48 @@ def assemble_team(run_dir: Path, fed: FederationConfig) -> Team:
     ckpt = load_checkpoint(run_dir)
     if ckpt is None:
         raise FileNotFoundError(f"no checkpoint in {run_dir}")
-    spec = env_spec(fed)
-    team = Team(spec, fed.train.team)
-    load_shared(team, {k: torch.from_numpy(v) for k, v in ckpt.arrays.items()})
-    own = dict(team.named_parameters())
-    with torch.no_grad():
-        for i, agent in enumerate(spec.agent_ids):
-            saved = StateStore(run_dir / "agents" / agent, {}).load(ckpt.round)
-            if saved is None:
-                raise FileNotFoundError(f"no private state of {agent} in {run_dir}/agents")
-            k = spec.type_of_agent[i]
-            row = [j for j in range(spec.n_agents) if spec.type_of_agent[j] == k].index(i)
-            for name, value in saved.state["team"].items():
-                head, _, rest = name.partition(".")
-                _, _, rest = rest.partition(".")  # the agent's own model has one type, at 0
-                own[f"{head}.{team.types.index(k)}.{rest}"][row].copy_(value[0])
+    team = Team(fed.spec, fed.train.team)
+    team.load_shared_state(shared_part({k: torch.from_numpy(v) for k, v in ckpt.arrays.items()}))
+    for i, agent in enumerate(fed.spec.agent_ids):
+        saved = StateStore(run_dir / "agents" / agent, {}).load(ckpt.round)
+        if saved is None:
+            raise FileNotFoundError(f"no private state of {agent} in {run_dir}/agents")
+        team.load_agent_state(i, saved.state["team"])  # the agent's own one-agent team's
     return team
 
 
-def complete_run(run_dir: Path, fed: FederationConfig) -> FederationResult:
+def complete_run(run_dir: Path, fed: FederationConfig) -> RunResult:
     """Finish a run whose rounds are done, with every agent's state on this machine (a
     simulation, or a deployment on one host): the team for ``fedcomm eval``, communication
     importance, the privacy report from every agent's ledger, and the learning curve."""
     run = RunDir(run_dir)
-    summary = json.loads((run_dir / "summary.json").read_text())
+    summary = run.summary()
     team = assemble_team(run_dir, fed)
     team.save(run.path / TEAM_FILE)
     batch = collect(team, LocalTransport(make_env(fed.train.env, 256, **fed.train.env_kwargs)),
                     seed=EVAL_SEED, greedy=True)
-    summary["importance"] = communication_importance(team, batch).tolist()
-    ledgers = {a: run_dir / "agents" / a / LEDGER for a in env_spec(fed).agent_ids}
+    summary.importance = communication_importance(team, batch).tolist()
+    ledgers = {a: run_dir / "agents" / a / LEDGER for a in fed.spec.agent_ids}
     report = write_run_report(run_dir, fed.to_dict(), fed.train.team, fed.train.privacy,
                               ledgers, ppo=fed.train.ppo)
-    summary["privacy"] = report_summary(report)
+    summary.privacy = report_summary(report)
     run.write_summary(summary)
     from fedcomm.plots import learning_curve
 
     learning_curve(run.metrics(), summary, run_dir / "learning_curve.png",
                    f"{fed.train.env}: federated ({fed.strategy}), noise sigma="
                    f"{fed.train.team.noise_multiplier}")
-    return FederationResult(run_dir, EvalResult(**summary["final"]),
-                            {k: EvalResult(**v) for k, v in summary["baselines"].items()},
-                            summary, summary["rounds"], run.metrics())
+    return RunResult(run_dir, summary, run.metrics())
 
 
 def simulate(fed: FederationConfig, out: str | Path, progress: bool = True,
-             verbose: bool = False) -> FederationResult:
+             verbose: bool = False) -> RunResult:
     """Run (or, if ``out`` holds a checkpoint, continue) a federated simulation."""
     run_dir = Path(out)
     run_dir.mkdir(parents=True, exist_ok=True)
     tokens = run_dir / "tokens.json"
     if not tokens.exists():
-        write_tokens(tokens, generate_tokens(env_spec(fed).agent_ids))
+        write_tokens(tokens, generate_tokens(fed.spec.agent_ids))
     with terminate_as_interrupt(), SimProcess(fed, tokens, run_dir / "sim.log") as sim:
         run_flower(fed, run_dir, sim.address, tokens, progress, verbose)
     return complete_run(run_dir, fed)

@@ -34,7 +34,7 @@ class PrivacyConfig:
         ``None``: use the configured noise multiplier.
     accountant
         ``"rdp"`` (default), ``"pld"`` or ``"prv"``: the accountant budgets are checked with.
-    on_exhausted
+    on_budget_spent
         An agent whose next batch would exceed its budget goes ``"silent"`` (acts, releases
         nothing, the run goes on without its vectors, feedback and updates) or ``"stop"``s the
         run.
@@ -56,7 +56,7 @@ class PrivacyConfig:
     feedback_epsilon: float | None = None
     update_epsilon: float | None = None
     accountant: str = "rdp"
-    on_exhausted: Literal["silent", "stop"] = "silent"
+    on_budget_spent: Literal["silent", "stop"] = "silent"
     seeded_noise: bool = False
     update_noise_multiplier: float | None = None
     update_clip: float = 1.0
@@ -81,5 +81,6 @@ class PrivacyConfig:
         if self.update_sample_rate is not None and not 0 < self.update_sample_rate <= 1:
             raise ValueError(f"update_sample_rate must lie in (0, 1], got "
                              f"{self.update_sample_rate}")
-        if self.on_exhausted not in ("silent", "stop"):
-            raise ValueError(f"on_exhausted must be silent or stop, got {self.on_exhausted!r}")
+        if self.on_budget_spent not in ("silent", "stop"):
+            raise ValueError(f"on_budget_spent must be silent or stop, got "
+                             f"{self.on_budget_spent!r}")

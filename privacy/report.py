@@ -61,6 +61,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from fedcomm.jsonfile import INF, read_json, to_json
+
 from .accountants import Accountant, make_accountant
 from .budget import PrivacyBudget, remaining_budget
 from .events import GaussianRelease, Relation, check_relation, merge
@@ -77,7 +79,6 @@ from .ledger import (
 SCHEMA = "fedcomm.privacy_report/1"
 REPORT_NAME = "privacy_report.json"
 HTML_NAME = "privacy_report.html"
-INF = "inf"
 ROUNDING = "epsilon rounded up to 1e-6; remaining budget rounded down to 1e-6"
 
 
@@ -109,23 +110,12 @@ def strict_json(obj: Any, where: str = "report") -> Any:
     Applied to the whole report so that the dictionary :func:`build_report` returns is the
     one a reader gets back from the file, whatever ``RunInfo.extra`` holds.
     """
-    if isinstance(obj, float) and not math.isfinite(obj):
-        if obj == math.inf:
-            return INF
-        raise ValueError(f"{where}: a report cannot state {obj!r}")
-    if isinstance(obj, Mapping):
-        return {k: strict_json(v, f"{where}.{k}") for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [strict_json(v, f"{where}[{i}]") for i, v in enumerate(obj)]
-    return obj
+    return to_json(obj, nan=False, where=where)
 
 
 def load_report(path: Path | str) -> dict[str, Any]:
     """Read a report file as strict JSON (``Infinity``/``NaN`` literals are refused)."""
-    def refuse(constant: str) -> None:
-        raise ValueError(f"{constant} is not JSON; the report states infinity as {INF!r}")
-
-    return json.loads(Path(path).read_text(), parse_constant=refuse)
+    return read_json(path)
 
 
 @dataclass(frozen=True)

@@ -14,14 +14,15 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedcomm.config import FederationConfig
-from fedcomm.server.federation import Federation, FederationError, FederationResult
+from fedcomm.server.federation import Federation, FederationError
+from fedcomm.summary import RunResult
 
 ERROR_FILE = "error.txt"
 
 
 def make_server_app(fed: FederationConfig | None = None, run_dir: str | Path | None = None,
                     progress: bool = True,
-                    results: list[FederationResult | FederationError] | None = None,
+                    results: list[RunResult | FederationError] | None = None,
                     stop: threading.Event | None = None) -> ServerApp:
     """A ServerApp for ``fed`` writing to ``run_dir`` (both default to the run config).
 

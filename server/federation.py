@@ -15,42 +15,41 @@ import statistics
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 from rich.console import Console
 
-from fedcomm.baselines import EVAL_SEED, EvalResult, baseline_summary, evaluate_baselines
-from fedcomm.clients.agent import env_spec, initial_team, shared_arrays
-from fedcomm.clients.app import CONFIG_KEY
+from fedcomm.baselines import EVAL_SEED, EvalResult, evaluate_baselines
 from fedcomm.config import FederationConfig
+from fedcomm.models.team import Team
 from fedcomm.progress import progress_bar, status
+from fedcomm.protocol.round import (
+    AGENT_PHASES,
+    ARRAYS,
+    CONFIG,
+    EvaluateInstruction,
+    EvaluateReply,
+    TrainInstruction,
+    TrainReply,
+    module_arrays,
+    shared_part,
+)
 from fedcomm.rundir import RunDir
 from fedcomm.server.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from fedcomm.server.strategy import load_strategy_state, make_strategy, strategy_state
+from fedcomm.summary import RunResult, RunSummary
 
 PERIODIC_EVAL_STRIDE = 10_000_000  # seeds apart of two periodic evaluations
 
 POLL_S = 0.05  # seconds between polls for replies
-AGENT_PHASES = ("start_s", "client_s", "restore_s", "rollout_s", "feedback_s", "update_s",
-                "persist_s")
 
 
 class FederationError(RuntimeError):
     """The run cannot go on; the message says why and what to do."""
-
-
-@dataclass
-class FederationResult:
-    run_dir: Path
-    final: EvalResult
-    baselines: dict[str, EvalResult]
-    summary: dict
-    rounds: int = 0
-    metrics: list[dict] = field(default_factory=list)
 
 
 def wait_for_nodes(grid: Grid, n: int, timeout: float,
@@ -95,27 +94,39 @@ def exchange(grid: Grid, messages: list[Message], timeout: float,
     return good, failures
 
 
-def _metric(reply: Message, key: str) -> float:
-    return float(next(iter(reply.content.metric_records.values()))[key])
+@dataclass
+class RoundReplies:
+    """What came back from a round's train messages."""
+
+    messages: list[Message]  # the good replies, arrays and metrics
+    replies: list[TrainReply]  # their metrics, typed
+    failures: list[str]  # one line per agent that failed or did not answer
+    seconds: float
 
 
 class Federation:
-    """One run of the loop; ``resume`` continues from the run directory's checkpoint."""
+    """One run of the loop; ``resume`` continues from the run directory's checkpoint.
+
+    Each round reads like Flower's ``Strategy.start``: configure and send the train messages,
+    receive the replies (``train_round``), aggregate them (``aggregate``), evaluate now and
+    then (``evaluate``) and record the round (``commit``: one metrics line, then the
+    checkpoint).
+    """
 
     def __init__(self, grid: Grid, fed: FederationConfig, run_dir: str | Path,
                  progress: bool = True, console: Console | None = None,
                  stop: threading.Event | None = None) -> None:
         self.grid, self.fed, self.run = grid, fed, RunDir(run_dir)
         self.stop = stop
-        self.spec = env_spec(fed)
+        self.spec = fed.spec
         self.console = console or Console(stderr=True)
         self.progress = progress
         self.strategy = make_strategy(fed, self.spec.n_agents)
+        self.failed_in_a_row = 0
         ckpt = load_checkpoint(self.run.path)
         if ckpt is None:
             self.run.write_config({"mode": "federated", **fed.to_dict()})
-            team = initial_team(fed, self.spec)
-            self.arrays = ArrayRecord(shared_arrays(team, fed.aggregate_private))
+            self.arrays = ArrayRecord(initial_arrays(fed))
             self.done, self.env_steps, self.train_time = 0, 0, 0.0
         else:
             if FederationConfig.from_dict(ckpt.config).to_dict() != fed.to_dict():
@@ -127,16 +138,97 @@ class Federation:
             self.train_time = ckpt.train_time_s
             self.run.keep_metrics(lambda row: row.get("round", 0) <= ckpt.round)
 
-    # -- one round --------------------------------------------------------------------------
-    def _round_config(self) -> ConfigRecord:
-        budget = self.fed.train.time_budget
-        return ConfigRecord({CONFIG_KEY: self.fed.to_json(),
-                             "time-frac": self.train_time / budget if budget else 0.0})
+    # -- the run ----------------------------------------------------------------------------
+    def run_rounds(self, on_round: Callable[[dict], None] | None = None) -> RunResult:
+        fed, n = self.fed, self.spec.n_agents
+        start = time.perf_counter()
+        nodes = wait_for_nodes(self.grid, n, fed.node_timeout, self.stop)
+        with progress_bar(self.progress, self.console, "rounds") as bar:
+            task = bar.add_task(f"federated {fed.train.env} x {n} agents", total=fed.rounds,
+                                completed=self.done, status="")
+            rnd = self.done + 1
+            while rnd <= fed.rounds:
+                nodes = wait_for_nodes(self.grid, n, fed.node_timeout, self.stop)
+                replies = self.train_round(rnd)
+                if not replies.messages:
+                    continue  # the same round again: nothing was aggregated
+                row = self.aggregate(rnd, replies)
+                if self.evaluates_after(rnd):
+                    row |= self.evaluate_periodically(nodes, rnd)
+                row["wall_time_s"] = time.perf_counter() - start
+                self.commit(rnd, row)
+                if on_round:
+                    on_round(row)
+                bar.update(task, completed=rnd, status=status(row))
+                if fed.train.time_budget and self.train_time >= fed.train.time_budget:
+                    break
+                rnd += 1
+        return self._finish(nodes, start)
 
-    def train_round(self, rnd: int) -> tuple[list[Message], list[str]]:
-        messages = list(self.strategy.configure_train(rnd, self.arrays, self._round_config(),
+    # -- configure, send and receive --------------------------------------------------------
+    def train_round(self, rnd: int) -> RoundReplies:
+        """Send the round's train messages and collect the replies. A failed agent stops the
+        run or, with ``on_agent_failure="continue"``, is left out of the round; a round with
+        no reply at all is run again, up to ``max_failed_rounds`` times in a row."""
+        budget = self.fed.train.time_budget
+        todo = TrainInstruction(self.fed.to_json(), rnd,
+                                self.train_time / budget if budget else 0.0)
+        t0 = time.perf_counter()
+        messages = list(self.strategy.configure_train(rnd, self.arrays, todo.to_record(),
                                                       self.grid))
-        return exchange(self.grid, messages, self.fed.round_timeout, self.stop)
+        good, failures = exchange(self.grid, messages, self.fed.round_timeout, self.stop)
+        replies = RoundReplies(good, [TrainReply.from_message(m) for m in good], failures,
+                               time.perf_counter() - t0)
+        if failures:
+            message = f"round {rnd}: " + "; ".join(failures)
+            if self.fed.on_agent_failure == "stop":
+                raise FederationError(message)
+            self.console.print(f"[yellow]warning:[/] {message}", highlight=False)
+            if not good:
+                self.failed_in_a_row += 1
+                if self.failed_in_a_row >= self.fed.max_failed_rounds:
+                    raise FederationError(f"{self.failed_in_a_row} rounds in a row failed; "
+                                          f"the last: {message}")
+        if good:
+            self.failed_in_a_row = 0
+        return replies
+
+    # -- aggregate ---------------------------------------------------------------------------
+    def aggregate(self, rnd: int, replies: RoundReplies) -> dict:
+        """The new global module from the replies; returns the round's metrics row."""
+        t0 = time.perf_counter()
+        arrays, _ = self.strategy.aggregate_train(rnd, replies.messages)
+        if arrays is not None:  # None: every agent was silent, its budget spent
+            self.arrays = arrays
+        aggregate_s = time.perf_counter() - t0
+        got = replies.replies
+        batches = max(r.batches for r in got)  # the same for every agent
+        self.env_steps += batches * self.fed.train.batch_steps
+        phases = {k: max(r.timings.get(k, 0.0) for r in got) for k in AGENT_PHASES}
+        row = {"round": rnd, "env_steps": self.env_steps,
+               "agent_steps": self.env_steps * self.spec.n_agents,
+               "return_mean": statistics.fmean(r.return_mean for r in got),
+               "agents": len(got), "failures": len(replies.failures),
+               "round_time_s": replies.seconds, "aggregate_s": aggregate_s,
+               "flower_s": replies.seconds - phases["client_s"] - phases["start_s"],
+               **phases, "train_time_s": self.train_time + replies.seconds + aggregate_s,
+               "epsilon_max": max(r.epsilon for r in got),
+               "silent_agents": sum(r.silent_batches > 0 for r in got),
+               # every agent continued from its state of the round before
+               "restored_round_min": min(r.restored_round for r in got)}
+        self.train_time = row["train_time_s"]
+        return row
+
+    # -- evaluate ----------------------------------------------------------------------------
+    def evaluates_after(self, rnd: int) -> bool:
+        interval = self.fed.eval_interval
+        return bool(interval) and rnd % interval == 0 and rnd < self.fed.rounds
+
+    def evaluate_periodically(self, nodes: list[int], rnd: int) -> dict:
+        t0 = time.perf_counter()
+        result = self.evaluate(nodes, self.fed.train.eval_episodes, rnd,
+                               seed=EVAL_SEED + rnd * PERIODIC_EVAL_STRIDE)
+        return {"eval_return": result.return_mean, "eval_s": time.perf_counter() - t0}
 
     def evaluate(self, nodes: list[int], episodes: int, rnd: int, seed: int = EVAL_SEED
                  ) -> EvalResult:
@@ -147,116 +239,56 @@ class Federation:
         seeds, so that no episode's vectors are released twice.
         """
         batches = math.ceil(episodes / self.fed.train.num_envs)
-        config = ConfigRecord({CONFIG_KEY: self.fed.to_json(), "server-round": rnd,
-                               "eval-batches": batches, "eval-seed": seed})
-        messages = [Message(RecordDict({"arrays": self.arrays, "config": config}),
+        todo = EvaluateInstruction(self.fed.to_json(), rnd, batches, seed)
+        messages = [Message(RecordDict({ARRAYS: self.arrays, CONFIG: todo.to_record()}),
                             dst_node_id=n, message_type=MessageType.EVALUATE) for n in nodes]
         good, failures = exchange(self.grid, messages, self.fed.round_timeout, self.stop)
         if failures or len(good) != self.spec.n_agents:
             raise FederationError("evaluation failed: " + "; ".join(failures))
-        returns = torch.tensor([list(next(iter(m.content.metric_records.values()))["returns"])
-                                for m in good])
+        returns = torch.tensor([EvaluateReply.from_message(m).returns for m in good])
         return EvalResult.of(returns.mean(dim=0))
 
-    # -- the run ----------------------------------------------------------------------------
-    def run_rounds(self, on_round: Callable[[dict], None] | None = None) -> FederationResult:
-        fed, n = self.fed, self.spec.n_agents
-        start = time.perf_counter()
-        nodes = wait_for_nodes(self.grid, n, fed.node_timeout, self.stop)
-        interval = fed.eval_interval
-        failed_in_a_row, message = 0, ""
-        with progress_bar(self.progress, self.console, "rounds") as bar:
-            task = bar.add_task(f"federated {fed.train.env} x {n} agents", total=fed.rounds,
-                                completed=self.done, status="")
-            rnd = self.done + 1
-            while rnd <= fed.rounds:
-                nodes = wait_for_nodes(self.grid, n, fed.node_timeout, self.stop)
-                t0 = time.perf_counter()
-                good, failures = self.train_round(rnd)
-                t1 = time.perf_counter()
-                if failures:
-                    message = f"round {rnd}: " + "; ".join(failures)
-                    if fed.on_agent_failure == "stop":
-                        raise FederationError(message)
-                    self.console.print(f"[yellow]warning:[/] {message}", highlight=False)
-                if not good:
-                    failed_in_a_row += 1
-                    if failed_in_a_row >= fed.max_failed_rounds:
-                        raise FederationError(f"{failed_in_a_row} rounds in a row failed; "
-                                              f"the last: {message}")
-                    continue  # the same round again: nothing was aggregated
-                failed_in_a_row = 0
-                arrays, _ = self.strategy.aggregate_train(rnd, good)
-                if arrays is not None:  # None: every agent was silent, its budget spent
-                    self.arrays = arrays
-                t2 = time.perf_counter()
-                row = self._row(rnd, good, failures, t1 - t0, t2 - t1)
-                self.train_time += t2 - t0
-                if interval and rnd % interval == 0 and rnd < fed.rounds:
-                    t3 = time.perf_counter()
-                    row["eval_return"] = self.evaluate(
-                        nodes, fed.train.eval_episodes, rnd,
-                        seed=EVAL_SEED + rnd * PERIODIC_EVAL_STRIDE).return_mean
-                    row["eval_s"] = time.perf_counter() - t3
-                row["wall_time_s"] = time.perf_counter() - start
-                t4 = time.perf_counter()
-                self.run.append_metrics(row)  # before the checkpoint: a resume drops it
-                save_checkpoint(self.run.path, Checkpoint(
-                    rnd, {k: v.numpy() for k, v in self.arrays.items()}, fed.to_dict(),
-                    strategy_state(self.strategy), self.env_steps, self.train_time))
-                row["checkpoint_s"] = time.perf_counter() - t4
-                self.done = rnd
-                if on_round:
-                    on_round(row)
-                bar.update(task, completed=rnd, status=status(row))
-                if fed.train.time_budget and self.train_time >= fed.train.time_budget:
-                    break
-                rnd += 1
-        return self._finish(nodes, start)
+    # -- record ------------------------------------------------------------------------------
+    def commit(self, rnd: int, row: dict) -> None:
+        """The round's metrics line, then its checkpoint: a round is committed once its
+        checkpoint is on disk (a resume drops metrics lines past it)."""
+        t0 = time.perf_counter()
+        self.run.append_metrics(row)
+        save_checkpoint(self.run.path, Checkpoint(
+            rnd, {k: v.numpy() for k, v in self.arrays.items()}, self.fed.to_dict(),
+            strategy_state(self.strategy), self.env_steps, self.train_time))
+        row["checkpoint_s"] = time.perf_counter() - t0
+        self.done = rnd
 
-    def _row(self, rnd: int, good: list[Message], failures: list[str], round_s: float,
-             aggregate_s: float) -> dict:
-        batches = max(int(_metric(m, "batches")) for m in good)  # the same for every agent
-        self.env_steps += batches * self.fed.train.num_envs * self.spec.episode_length
-        phases = {k: max(_metric(m, k) for m in good) for k in AGENT_PHASES}
-        return {"round": rnd, "env_steps": self.env_steps,
-                "agent_steps": self.env_steps * self.spec.n_agents,
-                "return_mean": statistics.fmean(_metric(m, "return_mean") for m in good),
-                "agents": len(good), "failures": len(failures), "round_time_s": round_s,
-                "aggregate_s": aggregate_s,
-                "flower_s": round_s - phases["client_s"] - phases["start_s"],
-                **phases, "train_time_s": self.train_time + round_s + aggregate_s,
-                "epsilon_max": max(_metric(m, "epsilon") for m in good),
-                "silent_agents": sum(_metric(m, "silent_batches") > 0 for m in good),
-                # every agent continued from its state of the round before
-                "restored_round_min": min(_metric(m, "restored_round") for m in good)}
-
-    def _finish(self, nodes: list[int], start: float) -> FederationResult:
+    def _finish(self, nodes: list[int], start: float) -> RunResult:
         fed = self.fed
         final = self.evaluate(nodes, fed.train.eval_episodes, self.done)
         baselines = evaluate_baselines(fed.train.env, fed.train.eval_episodes, EVAL_SEED,
                                        env_kwargs=fed.train.env_kwargs)
         metrics = self.run.metrics()
         later = [m for m in metrics if m["round"] > 1]  # the first round starts the actors
-        comm = {k[len("comm."):]: torch.as_tensor(v.numpy()) for k, v in self.arrays.items()
-                if k.startswith("comm.")}
-        strength = torch.sigmoid(comm["graph"])
-        summary = {
-            "env": fed.train.env, "mode": "federated", "strategy": fed.strategy,
-            "final": final.to_dict(),
-            **baseline_summary(final, baselines),
-            "rounds": self.done, "batches_per_round": fed.batches_per_round,
-            "env_steps": self.env_steps, "train_time_s": self.train_time,
-            "wall_time_s": time.perf_counter() - start,
-            "env_steps_per_s": self.env_steps / max(self.train_time, 1e-9),
-            "agent_steps_per_s": self.env_steps * self.spec.n_agents
-            / max(self.train_time, 1e-9),
-            "agent_types": [t.name for t in self.spec.types],
-            "route_strength": strength.tolist(),
-            "kept_routes": (strength > fed.train.team.prune_threshold).tolist(),
-            "round_time": {k: statistics.median(m[k] for m in later) if later else None
-                           for k in ("round_time_s", "flower_s", "aggregate_s",
-                                     *AGENT_PHASES)},
-        }
+        graph = torch.as_tensor(shared_part(self.arrays)["graph"].numpy())
+        summary = RunSummary.of(
+            env=fed.train.env, mode="federated", final=final, baselines=baselines,
+            env_steps=self.env_steps, train_time_s=self.train_time,
+            wall_time_s=time.perf_counter() - start, n_agents=self.spec.n_agents,
+            agent_types=[t.name for t in self.spec.types],
+            route_strength=torch.sigmoid(graph), prune_threshold=fed.train.team.prune_threshold,
+            rounds=self.done, strategy=fed.strategy, batches_per_round=fed.batches_per_round,
+            round_time={k: statistics.median(m[k] for m in later) if later else None
+                        for k in ("round_time_s", "flower_s", "aggregate_s", *AGENT_PHASES)})
         self.run.write_summary(summary)
-        return FederationResult(self.run.path, final, baselines, summary, self.done, metrics)
+        return RunResult(self.run.path, summary, metrics)
+
+
+def initial_arrays(fed: FederationConfig) -> dict[str, torch.Tensor]:
+    """The global module of round 1: the run's initial team's shared module (and, when the run
+    averages them, each type's private networks as its first agent starts with them)."""
+    spec, train = fed.spec, fed.train
+    team = Team.initial(spec, train.team, train.seed)
+    private = {}
+    if fed.aggregate_private:
+        for k, kind in enumerate(spec.types):
+            first = spec.type_of_agent.index(k)
+            private[kind.name] = team.subteam([first]).type_state()
+    return module_arrays(team.shared_state(), private)

@@ -16,15 +16,9 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from fedcomm.config import FederationConfig
+from fedcomm.protocol.round import WEIGHT_KEY, key_group
 
-WEIGHT_KEY = "num-examples"  # environment steps an agent trained on in the round
 STATE_ATTRS = ("m_t", "v_t", "momentum_vector")  # FedAdam's moments, FedAvgM's momentum
-
-
-def key_group(key: str) -> str:
-    """``comm`` for the shared module, ``type.<name>`` for a type's private networks."""
-    head, _, rest = key.partition(".")
-    return head if head != "type" else f"type.{rest.partition('.')[0]}"
 
 
 def aggregate_by_group(contents: list[RecordDict], weight_key: str) -> ArrayRecord:

@@ -15,24 +15,26 @@ from pathlib import Path
 
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, Context, Message, MessageType, RecordDict
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedcomm.baselines import EVAL_SEED
-from fedcomm.clients.agent import env_spec, initial_team, shared_arrays
-from fedcomm.clients.app import CONFIG_KEY, make_client_app
+from fedcomm.clients.agent import global_arrays
+from fedcomm.clients.app import make_client_app
 from fedcomm.clients.dpsgd import dp_steps
 from fedcomm.clients.privacy import LEDGER, AgentPrivacy, update_releases, write_run_report
 from fedcomm.clients.rollout import collect
 from fedcomm.clients.state import StateStore
 from fedcomm.clients.transport import LocalTransport
 from fedcomm.config import FederationConfig, PPOConfig, TeamConfig, TrainConfig
+from fedcomm.models.team import Team
 from fedcomm.privacy.audit import audit
 from fedcomm.privacy.config import PrivacyConfig
 from fedcomm.privacy.ledger import read_ledger
 from fedcomm.protocol.auth import write_tokens
 from fedcomm.protocol.codec import decode
+from fedcomm.protocol.round import EvaluateInstruction, TrainInstruction
 from fedcomm.protocol.v1 import joint_env_pb2 as pb
 from fedcomm.sim.registry import make_env
 from fedcomm.sim.serve import SimServer
@@ -90,7 +92,7 @@ class Nodes:
                  port: int) -> None:
         self.fed, self.service = fed, service
         self.state_root = tmp / "agents"
-        self.spec = env_spec(fed)
+        self.spec = fed.spec
         tokens = tmp / "tokens.json"
         write_tokens(tokens, service.cfg.tokens)
         self.app = make_client_app({"sim-address": f"127.0.0.1:{port}",
@@ -100,9 +102,11 @@ class Nodes:
                                  state=RecordDict(), run_config={})
                          for i in range(self.spec.n_agents)]
 
-    def send(self, kind: str, arrays: dict[str, torch.Tensor], **config: object
-             ) -> list[Message]:
-        record = ConfigRecord({CONFIG_KEY: self.fed.to_json(), **config})
+    def send(self, kind: str, arrays: dict[str, torch.Tensor], server_round: int,
+             batches: int = 0, seed: int = 0) -> list[Message]:
+        config = self.fed.to_json()
+        record = (TrainInstruction(config, server_round) if kind == MessageType.TRAIN
+                  else EvaluateInstruction(config, server_round, batches, seed)).to_record()
         messages = [Message(RecordDict({"arrays": ArrayRecord(arrays), "config": record}),
                             dst_node_id=c.node_id, message_type=kind) for c in self.contexts]
         with ThreadPoolExecutor(len(messages)) as pool:
@@ -118,7 +122,7 @@ def server_identity():
 @pytest.fixture
 def nodes(tmp_path: Path):
     def start(fed: FederationConfig = FED, join_timeout: float = 20.0) -> Nodes:
-        spec = env_spec(fed)
+        spec = fed.spec
         cfg = SimConfig(env="factory", env_kwargs=FACTORY, num_envs=B, run_id="clientapp-test",
                         tokens={a: f"token-{a}" for a in spec.agent_ids},
                         join_timeout=join_timeout, step_timeout=20, feedback_timeout=20)
@@ -135,8 +139,8 @@ def nodes(tmp_path: Path):
 
 def test_only_the_shared_module_metrics_vectors_feedback_and_actions_leave_an_agent(nodes):
     n = nodes()
-    team = initial_team(FED, n.spec)
-    replies = n.send(MessageType.TRAIN, shared_arrays(team), **{"server-round": 1})
+    team = Team.initial(n.spec, FED.train.team, FED.train.seed)
+    replies = n.send(MessageType.TRAIN, global_arrays(team), server_round=1)
 
     comm_keys = {f"comm.{k}" for k in team.comm.state_dict()}
     for i, reply in enumerate(replies):
@@ -179,9 +183,9 @@ def test_a_federated_evaluation_measures_what_the_team_would_in_process(nodes):
     fed = replace(FED, train=replace(FED.train, team=replace(FED.train.team,
                                                              noise_multiplier=0.0)))
     n = nodes(fed)
-    team = initial_team(fed, n.spec)
-    replies = n.send(MessageType.EVALUATE, shared_arrays(team),
-                     **{"server-round": 0, "eval-batches": 2, "eval-seed": EVAL_SEED})
+    team = Team.initial(n.spec, fed.train.team, fed.train.seed)
+    replies = n.send(MessageType.EVALUATE, global_arrays(team),
+                     server_round=0, batches=2, seed=EVAL_SEED)
     returns = torch.tensor([list(r.content["metrics"]["returns"]) for r in replies])
     assert returns.shape == (3, 2 * B)
 
@@ -194,24 +198,24 @@ def test_a_federated_evaluation_measures_what_the_team_would_in_process(nodes):
 
 def test_a_restarted_node_resumes_from_its_own_durable_state(nodes):
     n = nodes()
-    team = initial_team(FED, n.spec)
-    first = n.send(MessageType.TRAIN, shared_arrays(team), **{"server-round": 1})
+    team = Team.initial(n.spec, FED.train.team, FED.train.seed)
+    first = n.send(MessageType.TRAIN, global_arrays(team), server_round=1)
     assert all(r.content["metrics"]["restored_round"] == 0 for r in first)
     for context in n.contexts:  # every SuperNode restarts: its context state is gone
         context.state = RecordDict()
-    second = n.send(MessageType.TRAIN, shared_arrays(team), **{"server-round": 2})
+    second = n.send(MessageType.TRAIN, global_arrays(team), server_round=2)
     assert all(not r.has_error() for r in second)
     assert all(r.content["metrics"]["restored_round"] == 1 for r in second)
     # A round the server never committed is not restored: round 2 again starts from round 1.
-    again = n.send(MessageType.TRAIN, shared_arrays(team), **{"server-round": 2})
+    again = n.send(MessageType.TRAIN, global_arrays(team), server_round=2)
     assert all(r.content["metrics"]["restored_round"] == 1 for r in again)
 
 
 def test_a_failing_agent_answers_with_one_line_instead_of_a_traceback(nodes, tmp_path):
     n = nodes(join_timeout=2.0)
     n.contexts[1].node_config = {**n.contexts[1].node_config, "token-file": str(tmp_path / "no")}
-    team = initial_team(FED, n.spec)
-    replies = n.send(MessageType.TRAIN, shared_arrays(team), **{"server-round": 1})
+    team = Team.initial(n.spec, FED.train.team, FED.train.seed)
+    replies = n.send(MessageType.TRAIN, global_arrays(team), server_round=1)
     assert replies[1].has_error()
     assert replies[1].error.reason.startswith("processor_0: ")
     assert "cannot read the token file" in replies[1].error.reason
@@ -219,8 +223,8 @@ def test_a_failing_agent_answers_with_one_line_instead_of_a_traceback(nodes, tmp
     # The others waited at the simulator's join barrier, which timed out with the reason.
     for reply in (replies[0], replies[2]):
         assert reply.has_error() and "processor_0" in reply.error.reason
-        # A TransportError is one line too, saying the simulator ended the batch and why.
-        assert "the simulator ended the batch: DEADLINE_EXCEEDED" in reply.error.reason
+        # A TransportError is one line too, saying which call the simulator refused and why.
+        assert "the simulator refused the Join (DEADLINE_EXCEEDED" in reply.error.reason
         assert "join barrier timed out" in reply.error.reason
         assert "\n" not in reply.error.reason and "Traceback" not in reply.error.reason
     # Nothing of the batch left the agents that waited, so nothing is charged for it: the
@@ -234,7 +238,7 @@ def test_an_agent_out_of_budget_goes_silent_at_the_boundary_and_never_past_it(no
     # A budget over each agent's whole history that one batch fits into and two do not; the
     # update is trained with DP-SGD, so that everything released has a finite epsilon.
     private = PrivacyConfig(unit="history", update_noise_multiplier=1.0)
-    probe = AgentPrivacy("sensor_0", 0, env_spec(FED), FED.train.team, private,
+    probe = AgentPrivacy("sensor_0", 0, FED.spec, FED.train.team, private,
                          tmp_path / "probe.jsonl", {})
     one_batch = probe.account.budget.epsilon_of(probe.batch_releases(
         torch.ones(3, 3) > 0, update_releases(private, FED.train.ppo)))
@@ -242,8 +246,8 @@ def test_an_agent_out_of_budget_goes_silent_at_the_boundary_and_never_past_it(no
     private = replace(private, epsilon_budget=budget)
     fed = replace(FED, train=replace(FED.train, privacy=private))
     n = nodes(fed)
-    replies = n.send(MessageType.TRAIN, shared_arrays(initial_team(fed, n.spec)),
-                     **{"server-round": 1})
+    team = Team.initial(n.spec, fed.train.team, fed.train.seed)
+    replies = n.send(MessageType.TRAIN, global_arrays(team), server_round=1)
 
     ledgers = {}
     for agent, reply in zip(n.spec.agent_ids, replies, strict=True):

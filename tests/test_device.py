@@ -206,7 +206,7 @@ def test_gpu_training_checkpoint_evaluates_the_same_on_the_cpu(tmp_path: Path) -
     cfg = replace(preset("speaker_listener", "gpu"), env_steps=3_000_000, device="cuda",
                   eval_every=0)
     result = train(cfg, tmp_path / "run", progress=False)
-    assert result.summary["device"].startswith("cuda")
+    assert result.summary.device.startswith("cuda")
     assert json.loads((tmp_path / "run" / "config.json").read_text())["device"] == "cuda"
     on_cpu = evaluate_team(load_team(tmp_path / "run"), "speaker_listener", 1000, seed=5)
     on_gpu = evaluate_team(load_team(tmp_path / "run", "cuda"), "speaker_listener", 1000,

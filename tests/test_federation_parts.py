@@ -8,7 +8,7 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
 
-from fedcomm.clients.agent import env_spec, initial_team, load_shared, shared_arrays
+from fedcomm.clients.agent import global_arrays, load_global
 from fedcomm.clients.party import Party
 from fedcomm.clients.state import StateStore, load_private_state, private_state_dict
 from fedcomm.clients.transport import Transport
@@ -26,7 +26,7 @@ from fedcomm.server.strategy import (
 FED = FederationConfig(train=TrainConfig(env="factory", num_envs=8, env_steps=8 * 25 * 10,
                                          team=TeamConfig(hidden=8, comm_dim=4)),
                        batches_per_round=3)
-SPEC = env_spec(FED)
+SPEC = FED.spec
 
 
 class Unconnected(Transport):
@@ -46,7 +46,7 @@ class Unconnected(Transport):
 
 
 def make_party(index: int, seed: int = 0) -> Party:
-    team = initial_team(FED, SPEC, [index])
+    team = Team.initial(SPEC, FED.train.team, FED.train.seed, [index])
     return Party(team, Unconnected(team), FED.train.ppo, seed=seed)
 
 
@@ -134,22 +134,22 @@ def test_a_private_state_of_another_model_is_refused():
 # -- what crosses to the server -------------------------------------------------------------
 def test_an_agent_sends_its_shared_module_and_loads_the_global_one():
     party = make_party(0)
-    sent = shared_arrays(party.team)
+    sent = global_arrays(party.team)
     assert set(sent) == {f"comm.{k}" for k in party.team.comm.state_dict()}
     other = make_party(5)
     perturb(other)
-    load_shared(other.team, sent)
+    load_global(other.team, sent)
     for k, v in other.team.comm.state_dict().items():
         assert torch.equal(v, sent[f"comm.{k}"])
 
 
 def test_with_private_aggregation_an_agent_also_sends_its_types_networks():
     party = make_party(3)  # the second processor
-    sent = shared_arrays(party.team, with_private=True)
+    sent = global_arrays(party.team, with_private=True)
     private = {k for k in sent if not k.startswith("comm.")}
     assert private and all(k.startswith("type.processor.") for k in private)
     other = make_party(2)  # the first processor takes the average of its type
-    load_shared(other.team, sent)
+    load_global(other.team, sent)
     for (k, a), b in zip(party.team.named_parameters(), other.team.parameters()):
         assert torch.equal(a, b), k
 
@@ -172,7 +172,7 @@ def test_each_key_group_is_averaged_over_the_replies_that_carry_it():
 
 
 def test_the_route_price_is_shared_so_parties_add_up_to_the_centralized_loss():
-    whole = initial_team(FED, SPEC)
+    whole = Team.initial(SPEC, FED.train.team, FED.train.seed)
     parts = sum(whole.subteam([i]).route_cost() for i in range(SPEC.n_agents))
     torch.testing.assert_close(parts, whole.comm.route_strength().sum())
 
@@ -199,7 +199,7 @@ def test_a_checkpoint_keeps_the_module_and_the_server_optimizer_state(tmp_path):
 
 
 def test_the_team_is_assembled_from_the_global_module_and_each_agents_state(tmp_path):
-    whole = initial_team(FED, SPEC)
+    whole = Team.initial(SPEC, FED.train.team, FED.train.seed)
     with torch.no_grad():
         for p in whole.parameters():
             p.add_(torch.randn_like(p))  # a "trained" team the agents hold in parts
@@ -208,7 +208,7 @@ def test_the_team_is_assembled_from_the_global_module_and_each_agents_state(tmp_
         part.team.load_state_dict(whole.subteam([i]).state_dict())
         StateStore(tmp_path / "agents" / agent, RecordDict()).save(3, private_state_dict(part))
     save_checkpoint(tmp_path, Checkpoint(3, {k: v.numpy() for k, v in
-                                             shared_arrays(whole).items()}, FED.to_dict()))
+                                             global_arrays(whole).items()}, FED.to_dict()))
     assembled = assemble_team(tmp_path, FED)
     for (k, a), b in zip(whole.state_dict().items(), assembled.state_dict().values()):
         assert torch.equal(a, b), k

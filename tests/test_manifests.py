@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fedcomm.clients.agent import AgentNode, env_spec
+from fedcomm.clients.node import AgentNode
 from fedcomm.commands import build_parser, federation_config_from_args
 from fedcomm.deploy.local import DeploymentError, tool
 from fedcomm.deploy.secrets import make_secrets
@@ -525,7 +525,7 @@ def check_submission(script: str, sim_command: list[str]) -> None:
     sim = check_sim(sim_command)
     assert (fed.train.env, fed.train.env_kwargs) == (sim.env, dict(sim.env_opt))
     assert fed.train.num_envs == sim.num_envs and fed.train.seed == sim.seed
-    assert env_spec(fed).agent_ids == AGENTS
+    assert fed.spec.agent_ids == AGENTS
     assert args.run_dir.startswith("/runs/")
 
 

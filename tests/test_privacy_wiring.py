@@ -91,8 +91,9 @@ from fedcomm.sim.registry import make_env
 spec = make_env("factory", 1, n_sensors=1, n_processors=1, n_actuators=1).spec
 privacy = AgentPrivacy("sensor_0", 0, spec, TeamConfig(), PrivacyConfig(unit="history"),
                        Path(sys.argv[1]), {"run": 1})
-assert privacy.spend(privacy.batch_releases(torch.ones(3, 3, dtype=torch.bool)), round=1,
-                     batch=0)
+releases = privacy.batch_releases(torch.ones(3, 3, dtype=torch.bool))
+assert privacy.allows(releases, batch=0)
+privacy.charge(releases, round=1, batch=0)
 os.kill(os.getpid(), signal.SIGKILL)  # after the ledger write, before anything is sent
 """
 
@@ -109,7 +110,7 @@ def test_an_agent_killed_between_ledger_write_and_send_still_counts_the_release(
     assert restarted.spent().composed > 0
     # and the next batch composes with it
     before = restarted.spent().composed
-    restarted.spend(restarted.batch_releases(ALL_ROUTES), round=2, batch=1)
+    restarted.charge(restarted.batch_releases(ALL_ROUTES), round=2, batch=1)
     assert restarted.spent().composed > before
 
 
@@ -195,4 +196,4 @@ def test_every_mechanism_can_be_set_by_a_target_epsilon_and_costs_at_most_that(t
 
 def test_a_noise_multiplier_and_a_target_epsilon_for_the_same_mechanism_are_refused(capsys):
     assert main(["train", "--noise", "0.5", "--message-epsilon", "8", "--quiet"]) == 2
-    assert "give --noise or --message-epsilon, not both" in "".join(capsys.readouterr())
+    assert "give --noise-multiplier or --message-epsilon, not both" in "".join(capsys.readouterr())

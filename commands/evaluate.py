@@ -1,0 +1,45 @@
+"""``fedcomm eval``: a trained run's team on an environment, greedy, the channel noise on."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from fedcomm.commands.options import add_device, key_value, parser_of
+from fedcomm.commands.output import console
+
+
+def add(sub: argparse._SubParsersAction) -> None:
+    p = parser_of(sub, "eval", help="evaluate a trained run on an environment",
+                  description="Evaluate a run's checkpoint (greedy actions, channel noise "
+                  "on). --env mpe2:<name> runs the original mpe2 environment.")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--env", help="environment (default: the one the run trained on)")
+    p.add_argument("--env-opt", type=key_value, action="append", default=[], metavar="K=V")
+    p.add_argument("--episodes", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=0)
+    add_device(p)
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from fedcomm.clients.evaluate import evaluate_team
+    from fedcomm.device import resolve_device
+    from fedcomm.models.team import load_team
+
+    team = load_team(args.run_dir, resolve_device(args.device))
+    config = json.loads((args.run_dir / "config.json").read_text())
+    trained = config["train"] if config.get("mode") == "federated" else config
+    env = args.env or trained["env"]
+    env_kwargs = (dict(args.env_opt) if args.env
+                  else {**trained["env_kwargs"], **dict(args.env_opt)})
+    batch = 100 if env.startswith("mpe2:") else 1000
+    result = evaluate_team(team, env, args.episodes, args.seed, batch=batch, env_kwargs=env_kwargs)
+    if args.json:
+        print(json.dumps(result.to_dict()))
+    else:
+        console.print(f"{env}: return {result.return_mean:.3f} ± {result.return_se:.3f} "
+                      f"(s.e., {result.episodes} episodes)")
+    return 0

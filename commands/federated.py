@@ -1,0 +1,70 @@
+"""What ``simulate`` and ``deploy local`` share: a federated run from flags or a run directory,
+its failures and Ctrl-C, and its result."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+from fedcomm.commands.options import default_out, federation_config_from_args
+from fedcomm.commands.output import console, print_result
+from fedcomm.config import FederationConfig
+from fedcomm.summary import RunResult
+
+
+def exit_if_stranded(code: int) -> None:
+    """Exit now if threads of the simulation engine outlived it.
+
+    After an interrupted run Flower's message threads stay blocked on Ray actors that are
+    already gone, and the interpreter would wait for them at exit forever. Everything of the
+    run is on disk and every process it started is stopped by then.
+    """
+    if any(t.is_alive() and not t.daemon for t in threading.enumerate()
+           if t is not threading.main_thread()):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def config_and_out(args: argparse.Namespace, command: str) -> tuple[FederationConfig, Path]:
+    """The run's configuration and directory: from the flags, or a resumed run's own."""
+    if args.resume:
+        config = args.resume / "config.json"
+        if not config.exists():
+            raise FileNotFoundError(f"no config.json in {args.resume}: is it a run directory "
+                                    f"of fedcomm {command}?")
+        return FederationConfig.from_json(config.read_text()), args.resume
+    fed = federation_config_from_args(args)
+    return fed, args.out or default_out(fed.train.env)
+
+
+def run_federated(args: argparse.Namespace, command: str,
+                  run: Callable[[FederationConfig, Path], RunResult]) -> int:
+    """A federated run, simulated or deployed: ``run(fed, out)`` returns its result."""
+    from fedcomm.server.federation import FederationError
+
+    fed, out = config_and_out(args, command)
+    console.print(f"[bold]fedcomm {command}[/] {fed.train.env}, {fed.spec.n_agents} agents, "
+                  f"{fed.rounds} rounds of {fed.batches_per_round} batches ({fed.strategy}) "
+                  f"-> {out}")
+    try:
+        result = run(fed, out)
+    except FederationError as e:  # a deployment's failures too
+        console.print(f"[red]error:[/] {e}", soft_wrap=True, highlight=False)
+        console.print(f"the run directory keeps every committed round: continue it with "
+                      f"fedcomm {command} --resume {out}", highlight=False)
+        exit_if_stranded(1)
+        return 1
+    except KeyboardInterrupt:
+        console.print(f"[yellow]interrupted[/]: continue with fedcomm {command} --resume {out}",
+                      highlight=False)
+        exit_if_stranded(130)
+        return 130
+    print_result(f"{fed.train.env}: federated, mean return per agent over "
+                 f"{result.final.episodes} episodes", result.summary)
+    console.print(f"run directory: {result.run_dir}")
+    return 0

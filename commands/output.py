@@ -1,0 +1,54 @@
+"""What the commands print: one console, the result table of a finished run."""
+
+from __future__ import annotations
+
+import math
+
+from rich.console import Console
+from rich.table import Table
+
+from fedcomm.jsonfile import number
+from fedcomm.summary import RunSummary
+
+console = Console(stderr=True)
+
+
+def print_result(title: str, summary: RunSummary) -> None:
+    """The trained team's return beside the scripted teams', the gap it closed, what it cost
+    and what it spent in privacy."""
+    table = Table(title=title)
+    table.add_column("team")
+    table.add_column("return", justify="right")
+    table.add_column("± s.e.", justify="right")
+    for name, res in [("trained", summary.final), *summary.baselines.items()]:
+        table.add_row(name, f"{res.return_mean:.3f}", f"{res.return_se:.3f}")
+    console.print(table)
+    s = summary
+    console.print(f"{gap_closed_text(s)}; {s.env_steps:,} env steps in {s.train_time_s:.0f} s "
+                  f"({s.agent_steps_per_s:,.0f} agent-steps/s)")
+    if s.privacy is not None:
+        p = s.privacy
+        per = ", ".join(f"{k} {eps_text(v)}" for k, v in p["epsilon"].items())
+        console.print(f"privacy, largest over agents (per {p['unit']}, "
+                      f"{p['relation'].replace('_', '-')}, delta {p['delta']:g}): {per}; "
+                      f"composed {eps_text(p['composed'])}; "
+                      f"{'within budget' if p['within_budget'] else '[red]OVER BUDGET[/]'}; "
+                      f"details in privacy_report.html", highlight=False)
+    if s.stopped:
+        console.print(f"[yellow]{s.stopped}[/]")
+
+
+def gap_closed_text(summary: RunSummary) -> str:
+    """The share of the no_comm -> oracle gap closed, or why there is none to report."""
+    if summary.gap_closed is not None:
+        return f"gap closed (no_comm -> oracle): {summary.gap_closed:.1%}"
+    missing = [m for m in summary.missing_baselines if m in ("no_comm", "oracle")]
+    if missing:
+        return (f"gap closed: n/a ({summary.env} has no scripted "
+                f"{'/'.join(missing)} team)")
+    return "gap closed: n/a (no_comm and oracle score the same)"
+
+
+def eps_text(value: float | str) -> str:
+    value = number(value)
+    return "inf (no DP)" if value == math.inf else f"epsilon {value:.3g}"

@@ -1,0 +1,81 @@
+"""``fedcomm sim serve`` and ``fedcomm sim tokens``: the simulator, on its own."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from fedcomm.commands.options import add_device, add_env, env_spec_of, parser_of
+from fedcomm.commands.output import console
+
+
+def add(sub: argparse._SubParsersAction) -> None:
+    p = parser_of(sub, "sim", help="the simulator: the joint environment and the router")
+    sim = p.add_subparsers(dest="sim_command", required=True)
+    s = parser_of(sim, "serve", help="serve the joint environment over gRPC",
+                  description="Host the fedcomm.v1 JointEnvironment service: agents join "
+                  "episode batches, step them over a stream, and exchange DIAL feedback.")
+    add_env(s)
+    s.add_argument("--num-envs", type=int, default=256, help="parallel environments per batch")
+    s.add_argument("--seed", type=int, default=0, help="round r resets with seed + r")
+    add_device(s)
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=50051, help="0 picks a free port")
+    s.add_argument("--port-file", type=Path, help="write the bound port here once serving")
+    s.add_argument("--tokens", type=Path, required=True,
+                   help="JSON {agent_id: token} (see `fedcomm sim tokens`)")
+    s.add_argument("--run-id", default="fedcomm")
+    s.add_argument("--tls-cert", type=Path, help="server certificate (PEM): enables TLS")
+    s.add_argument("--tls-key", type=Path, help="server private key (PEM)")
+    s.add_argument("--tls-client-ca", type=Path, help="require client certificates from this CA")
+    s.add_argument("--join-timeout", type=float, default=60.0)
+    s.add_argument("--step-timeout", type=float, default=30.0)
+    s.add_argument("--feedback-timeout", type=float, default=60.0)
+    s.add_argument("--max-message-mb", type=float, default=64.0)
+    s.set_defaults(func=run_serve)
+    t = parser_of(sim, "tokens", help="write a fresh token per agent of an environment")
+    add_env(t)
+    t.add_argument("--out", type=Path, required=True)
+    t.set_defaults(func=run_tokens)
+
+
+def run_tokens(args: argparse.Namespace) -> int:
+    from fedcomm.protocol.auth import generate_tokens, write_tokens
+
+    spec = env_spec_of(args)
+    write_tokens(args.out, generate_tokens(spec.agent_ids))
+    console.print(f"wrote tokens for {', '.join(spec.agent_ids)} to {args.out}")
+    return 0
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    import logging
+
+    from rich.logging import RichHandler
+
+    from fedcomm.protocol.auth import read_tokens
+    from fedcomm.sim.serve import ServerTls, serve_forever
+    from fedcomm.sim.service import SimConfig
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s",
+                        handlers=[RichHandler(console=console, show_path=False)])
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise ValueError("TLS needs both --tls-cert and --tls-key")
+    if args.tls_client_ca and not args.tls_cert:
+        raise ValueError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
+    tls = ServerTls(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None
+    cfg = SimConfig(env=args.env, env_kwargs=dict(args.env_opt), num_envs=args.num_envs,
+                    seed=args.seed, run_id=args.run_id, tokens=read_tokens(args.tokens),
+                    join_timeout=args.join_timeout, step_timeout=args.step_timeout,
+                    feedback_timeout=args.feedback_timeout,
+                    max_message_bytes=int(args.max_message_mb * 2**20), device=args.device)
+
+    def announce(port: int) -> None:
+        if args.port_file:
+            args.port_file.write_text(str(port))
+        console.print(f"[bold]fedcomm sim[/] serving {cfg.env} x {cfg.num_envs} on "
+                      f"{args.host}:{port} ({'TLS' if tls else 'insecure'}"
+                      f"{', mutual' if args.tls_client_ca else ''})")
+
+    serve_forever(cfg, args.host, args.port, tls, on_start=announce)
+    return 0

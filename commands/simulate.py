@@ -1,0 +1,26 @@
+"""``fedcomm simulate``: the federated system on one machine."""
+
+from __future__ import annotations
+
+import argparse
+
+from fedcomm.commands.federated import run_federated
+from fedcomm.commands.options import add_federation, parser_of
+
+
+def add(sub: argparse._SubParsersAction) -> None:
+    p = parser_of(sub, "simulate", help="the federated system on one machine (Flower + Ray)",
+                  description="Run every agent as a Flower ClientApp on Flower's simulation "
+                  "engine, the simulator on loopback and the ServerApp that aggregates the "
+                  "shared communication module; write a run directory. With no arguments: "
+                  "the embedded default, a speaker_listener team.")
+    add_federation(p)
+    p.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from fedcomm.modes.simulation import simulate
+
+    return run_federated(args, "simulate", lambda fed, out: simulate(
+        fed, out, progress=not args.quiet, verbose=args.verbose))

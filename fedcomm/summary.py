@@ -1,0 +1,118 @@
+"""What a finished run says about itself (``summary.json``): one type for every mode.
+
+The centralized trainer and a federated run (simulated or deployed) write the same summary:
+the trained team's greedy return against the scripted baselines and the share of the
+no_comm -> oracle gap it closes, what training cost, the graph it learned, the communication
+importance it measured, and what it spent in privacy. Fields a mode does not have are left out
+of the file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from fedcomm.baselines import EvalResult, baseline_summary
+
+Mode = Literal["centralized", "federated"]
+
+
+@dataclass
+class RunSummary:
+    """A finished run's figures.
+
+    Parameters
+    ----------
+    env, mode
+        The environment and how it was trained.
+    final, baselines
+        The trained team's greedy evaluation, and each scripted team's on the same seeds.
+    missing_baselines, gap_closed
+        The scripted teams the environment lacks, and the share of the no_comm -> oracle gap
+        closed (``None`` where either is missing or they score the same).
+    env_steps, train_time_s, wall_time_s, env_steps_per_s, agent_steps_per_s
+        What training took: environment steps, seconds in training (evaluations excluded),
+        seconds in all, and the rates.
+    agent_types, route_strength, kept_routes
+        The learned communication graph, sender type by receiver type.
+    iterations
+        Centralized: episode batches trained.
+    rounds, strategy, batches_per_round, round_time
+        Federated: rounds done, the aggregation, and the median seconds of each part of a
+        round (rounds after the first).
+    device, importance, privacy, stopped
+        Where it ran; each sender type's counterfactual importance to each receiver type;
+        the privacy report's figures (``clients.privacy.report_summary``); why training
+        stopped early, if it did.
+    """
+
+    env: str
+    mode: Mode
+    final: EvalResult
+    baselines: dict[str, EvalResult]
+    missing_baselines: list[str]
+    gap_closed: float | None
+    env_steps: int
+    train_time_s: float
+    wall_time_s: float
+    env_steps_per_s: float
+    agent_steps_per_s: float
+    agent_types: list[str]
+    route_strength: list[list[float]]
+    kept_routes: list[list[bool]]
+    iterations: int | None = None
+    rounds: int | None = None
+    strategy: str | None = None
+    batches_per_round: int | None = None
+    round_time: dict[str, float | None] | None = None
+    device: str | None = None
+    importance: list[list[float]] | None = None
+    privacy: dict[str, Any] | None = None
+    stopped: str | None = None
+
+    @classmethod
+    def of(cls, *, final: EvalResult, baselines: dict[str, EvalResult], env_steps: int,
+           train_time_s: float, n_agents: int, route_strength: torch.Tensor,
+           prune_threshold: float, **rest: Any) -> RunSummary:
+        """A summary with what follows from the figures computed: the gap closed, the rates
+        and the kept routes."""
+        gap = baseline_summary(final, baselines)
+        rate = env_steps / max(train_time_s, 1e-9)
+        return cls(final=final, baselines=baselines,
+                   missing_baselines=gap["missing_baselines"], gap_closed=gap["gap_closed"],
+                   env_steps=env_steps, train_time_s=train_time_s, env_steps_per_s=rate,
+                   agent_steps_per_s=rate * n_agents, route_strength=route_strength.tolist(),
+                   kept_routes=(route_strength > prune_threshold).tolist(), **rest)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {k: v for k, v in asdict(self).items() if v is not None}
+        out["gap_closed"] = self.gap_closed  # stated even where undefined
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RunSummary:
+        known = {f.name for f in fields(cls)}
+        d = {k: v for k, v in d.items() if k in known}
+        return cls(**{**d, "final": EvalResult.from_dict(d["final"]),
+                      "baselines": {k: EvalResult.from_dict(v)
+                                    for k, v in d["baselines"].items()}})
+
+
+@dataclass
+class RunResult:
+    """A finished run: where it is and what it says about itself."""
+
+    run_dir: Path
+    summary: RunSummary
+    metrics: list[dict[str, Any]]
+
+    @property
+    def final(self) -> EvalResult:
+        return self.summary.final
+
+    @property
+    def baselines(self) -> dict[str, EvalResult]:
+        return self.summary.baselines
