@@ -1,1 +1,2 @@
-"""The agents: their models, the communication channel and the PPO update."""
+"""The agent: its runtime under a privacy budget, rollouts, PPO and DIAL feedback over a
+transport, its Flower ClientApp and its durable state."""

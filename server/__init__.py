@@ -1,1 +1,1 @@
-"""fedcomm.server."""
+"""The coordinator: the Flower ServerApp, its round loop, strategies and checkpoints."""

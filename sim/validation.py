@@ -132,7 +132,8 @@ def frame_body(frame: pb.AgentFrame, kind: str, t: int) -> Message:
     """The ``kind`` ("vector" or "action") message the step loop waits for at step ``t``."""
     body = frame.WhichOneof("body")
     if body != kind:
-        raise invalid(f"expected a {kind} at step {t}, got {body or 'an empty frame'}")
+        article = "an" if kind[0] in "aeiou" else "a"
+        raise invalid(f"expected {article} {kind} at step {t}, got {body or 'an empty frame'}")
     return getattr(frame, kind)
 
 

@@ -1027,7 +1027,7 @@ def dp_params(agreed: pb.DpParams) -> st.SearchStrategy[pb.DpParams]:
                                        noise_multiplier=st.floats())
 
 
-# Only the dtypes the protocol names: decode() raises ValueError on others (see
+# Only the dtypes the protocol names: decode() refuses others with INVALID_ARGUMENT (see
 # test_a_tensor_of_an_unknown_dtype_is_refused).
 DTYPES = [pb.FLOAT32, pb.INT64, pb.BOOL, pb.DTYPE_UNSPECIFIED]
 VALUES = {pb.FLOAT32: st.floats(-1, 1, width=32) | st.floats(width=32),
