@@ -34,7 +34,13 @@ from fedcomm.clients.grpc_transport import GrpcTransport
 from fedcomm.clients.node import AgentNode
 from fedcomm.clients.party import BatchRecord, Party
 from fedcomm.clients.ppo import annealed_lr
-from fedcomm.clients.privacy import LEDGER, AgentPrivacy, update_dp, update_releases
+from fedcomm.clients.privacy import (
+    LEDGER,
+    AgentPrivacy,
+    composition_of_config,
+    update_dp,
+    update_releases,
+)
 from fedcomm.clients.rollout import collect
 from fedcomm.clients.state import StateStore, load_private_state, private_state_dict
 from fedcomm.config import FederationConfig
@@ -151,7 +157,8 @@ class FederatedAgent:
         party = Party(team, transport, train.ppo, seed=train.seed * 1000 + self.index,
                       dp=update_dp(train.privacy, train.ppo))
         privacy = AgentPrivacy(node.agent_id, self.index, self.spec, train.team, train.privacy,
-                               node.state_dir / LEDGER, fed.to_dict(), device=self.device)
+                               node.state_dir / LEDGER, fed.to_dict(), device=self.device,
+                               composition=composition_of_config(fed.to_dict()))
         self.agent = Agent(party, privacy, update_releases(train.privacy, train.ppo))
         self.store = StateStore(node.state_dir, context_state)
         saved = self.store.load(restore_round)

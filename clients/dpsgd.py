@@ -33,22 +33,10 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 from fedcomm.clients.ppo import Targets, ppo_loss
+from fedcomm.clients.privacy import check_sample_rate, dp_steps
 from fedcomm.clients.rollout import Rollout
 from fedcomm.config import PPOConfig
 from fedcomm.models.team import Team
-
-
-def dp_steps(cfg: PPOConfig, sample_rate: float) -> int:
-    """DP-SGD steps of one update, known before it runs (the ledger is written first): an
-    epoch is ``round(1 / sample_rate)`` steps, so each episode is sampled once per epoch in
-    expectation, as each is once per epoch of ``ppo_update``."""
-    check_sample_rate(sample_rate)
-    return cfg.epochs * max(1, round(1 / sample_rate))
-
-
-def check_sample_rate(sample_rate: float) -> None:
-    if not 0 < sample_rate <= 1:
-        raise ValueError(f"the sample rate must be in (0, 1], got {sample_rate}")
 
 
 class _EpisodeLoss(nn.Module):

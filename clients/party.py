@@ -18,19 +18,11 @@ from torch import Tensor
 
 from fedcomm.clients.feedback import privatize, receiver_feedback
 from fedcomm.clients.ppo import ValueNorm, compute_targets, make_optimizer, ppo_update
+from fedcomm.clients.privacy import DpSgd
 from fedcomm.clients.rollout import Rollout, collect
 from fedcomm.clients.transport import Transport
 from fedcomm.config import PPOConfig
 from fedcomm.models.team import Team
-
-
-@dataclass(frozen=True)
-class DpSgd:
-    """DP-SGD settings of a party's update (``clients/dpsgd.py``)."""
-
-    noise_multiplier: float
-    clip: float
-    sample_rate: float
 
 
 @dataclass

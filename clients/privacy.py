@@ -11,57 +11,72 @@ under-count one. An agent whose next batch would exceed its budget releases noth
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from dataclasses import replace
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
-from fedcomm.clients.party import DpSgd
 from fedcomm.config import PPOConfig, TeamConfig
 from fedcomm.privacy.budget import BudgetExhausted, PrivacyAccount, PrivacyBudget, Spent
-from fedcomm.privacy.calibrate import noise_for_epsilon
 from fedcomm.privacy.config import PrivacyConfig
-from fedcomm.privacy.events import GaussianRelease, gaussian_release
-from fedcomm.privacy.ledger import Ledger, config_hash
+from fedcomm.privacy.events import GaussianRelease, Relation, gaussian_release
+from fedcomm.privacy.ledger import Composition, Ledger, config_hash
 from fedcomm.privacy.noise import secure_generator
 from fedcomm.sim.base import EnvSpec
 
 LEDGER = "ledger.jsonl"
+Training = Literal["dp_sgd", "plain", "none"]
 
 
-def message_noise(cfg: PrivacyConfig, spec: EnvSpec) -> float:
-    """The smallest noise multiplier whose ``T`` vectors per episode cost ``message_epsilon``."""
-    assert cfg.message_epsilon is not None
-    return noise_for_epsilon(cfg.message_epsilon, cfg.delta, count=spec.episode_length,
-                             relation=cfg.relation, accountant=cfg.accountant)
+@dataclass(frozen=True)
+class DpSgd:
+    """DP-SGD settings of a party's update (``clients/dpsgd.py``)."""
+
+    noise_multiplier: float
+    clip: float
+    sample_rate: float
 
 
-def calibrated(team: TeamConfig, ppo: PPOConfig, cfg: PrivacyConfig, spec: EnvSpec
-               ) -> tuple[TeamConfig, PrivacyConfig]:
-    """The channel and update noise multipliers that meet the configured target epsilons.
+def composition_for(training: Training) -> Composition:
+    """Which releases compose for an episode, given how the agent trains.
 
-    Feedback is calibrated for an agent that every other agent's vectors reach (``N - 1``
-    releases per episode), the update for one batch's DP-SGD steps.
+    Every network of an agent shapes a release: its feature network, GRU and encoder its
+    vectors; its gate, decoder, policy and (through the advantages) value networks the feedback
+    it sends and the update. DP-SGD (``clients/dpsgd.py``) trains all of them, so under it, and
+    without training, an episode's own batch is what composes; plain PPO trains them on the
+    episode without DP, so every later release depends on it and all compose.
     """
-    def noise(target: float, **release: float) -> float:
-        return noise_for_epsilon(target, cfg.delta, relation=cfg.relation,
-                                 accountant=cfg.accountant, **release)
+    return "all" if training == "plain" else "batch"
 
-    if cfg.message_epsilon is not None:
-        team = replace(team, noise_multiplier=message_noise(cfg, spec))
-    if cfg.feedback_epsilon is not None:
-        team = replace(team, feedback_noise_multiplier=noise(cfg.feedback_epsilon,
-                                                             count=spec.n_agents - 1))
-    if cfg.update_epsilon is not None:
-        from fedcomm.clients.dpsgd import dp_steps
 
-        q = update_sample_rate(cfg, ppo)
-        cfg = replace(cfg, update_noise_multiplier=noise(
-            cfg.update_epsilon, sample_rate=q, count=dp_steps(ppo, q)))
-    return team, cfg
+def training_of(config: Mapping[str, Any]) -> Training:
+    """How a run's agents train, from its configuration (``config.json``, a report's)."""
+    if "training" in config:  # fedcomm agent
+        return config["training"]
+    if "batches_per_round" in config:  # federated
+        dp = config["train"]["privacy"].get("update_noise_multiplier") is not None
+        return "dp_sgd" if dp else "plain"
+    return "plain"  # the centralized trainer: PPO on every network
+
+
+def composition_of_config(config: Mapping[str, Any]) -> Composition:
+    return composition_for(training_of(config))
+
+
+def dp_steps(cfg: PPOConfig, sample_rate: float) -> int:
+    """DP-SGD steps of one update, known before it runs (the ledger is written first): an
+    epoch is ``round(1 / sample_rate)`` steps, so each episode is sampled once per epoch in
+    expectation, as each is once per epoch of ``ppo_update``."""
+    check_sample_rate(sample_rate)
+    return cfg.epochs * max(1, round(1 / sample_rate))
+
+
+def check_sample_rate(sample_rate: float) -> None:
+    if not 0 < sample_rate <= 1:
+        raise ValueError(f"the sample rate must be in (0, 1], got {sample_rate}")
 
 
 def declared_mechanisms(team: TeamConfig, cfg: PrivacyConfig, ppo: PPOConfig | None = None
@@ -97,10 +112,24 @@ def update_releases(cfg: PrivacyConfig, ppo: PPOConfig) -> list[GaussianRelease]
     dp = update_dp(cfg, ppo)
     if dp is None:
         return [gaussian_release("update", 0.0, ppo.max_grad_norm, relation=cfg.relation)]
-    from fedcomm.clients.dpsgd import dp_steps
-
     return [gaussian_release("update", dp.noise_multiplier, dp.clip, relation=cfg.relation,
                              sample_rate=dp.sample_rate, count=dp_steps(ppo, dp.sample_rate))]
+
+
+def batch_releases(spec: EnvSpec, team: TeamConfig, relation: Relation, routes: Tensor,
+                   index: int, extra: Sequence[GaussianRelease] = ()) -> list[GaussianRelease]:
+    """Everything agent ``index`` releases in one episode batch under ``routes``: ``T``
+    vectors per episode if its vectors reach another agent, one feedback gradient per
+    episode for each agent whose vectors reach it, and ``extra`` (its DP-SGD steps)."""
+    reach, reached_by = peers(spec, routes, index)
+    out = []
+    if reach:
+        out.append(gaussian_release("message", team.noise_multiplier, team.clip,
+                                    relation=relation, count=spec.episode_length))
+    if reached_by:
+        out.append(gaussian_release("feedback", team.feedback_noise_multiplier,
+                                    team.feedback_clip, relation=relation, count=reached_by))
+    return out + list(extra)
 
 
 def peers(spec: EnvSpec, routes: Tensor, index: int) -> tuple[int, int]:
@@ -131,34 +160,27 @@ class AgentPrivacy:
         The run configuration every ledger entry is bound to by its hash.
     device
         Where the noise is drawn: the device the agent's vectors are on.
+    composition
+        Which of its releases compose for a unit (``composition_for`` its training).
     """
 
     def __init__(self, agent: str, index: int, spec: EnvSpec, team: TeamConfig,
                  cfg: PrivacyConfig, ledger_path: Path, run_config: dict[str, Any],
-                 device: str | torch.device = "cpu") -> None:
+                 device: str | torch.device = "cpu", composition: Composition = "batch") -> None:
         self.agent, self.index, self.spec, self.team, self.cfg = agent, index, spec, team, cfg
         ledger_path.parent.mkdir(parents=True, exist_ok=True)
         self.ledger = Ledger(ledger_path, agent, config_hash(run_config))
-        budget = PrivacyBudget(cfg.epsilon_budget or math.inf, cfg.delta, cfg.accountant,
-                               cfg.relation)
-        self.account = PrivacyAccount.from_ledger(self.ledger.entries, budget, cfg.unit, agent)
+        budget = PrivacyBudget(cfg.budget, cfg.delta, cfg.accountant, cfg.relation)
+        self.account = PrivacyAccount.from_ledger(self.ledger.entries, budget, cfg.unit, agent,
+                                                  composition)
         self.noise = None if cfg.seeded_noise else secure_generator(device=device)
 
     def batch_releases(self, routes: Tensor, extra: Sequence[GaussianRelease] = ()
                        ) -> list[GaussianRelease]:
         """Everything the agent releases in one episode batch under ``routes``, plus ``extra``
         (its DP-SGD steps)."""
-        reach, reached_by = peers(self.spec, routes, self.index)
-        out = []
-        if reach:
-            out.append(gaussian_release("message", self.team.noise_multiplier, self.team.clip,
-                                        relation=self.cfg.relation,
-                                        count=self.spec.episode_length))
-        if reached_by:
-            out.append(gaussian_release("feedback", self.team.feedback_noise_multiplier,
-                                        self.team.feedback_clip, relation=self.cfg.relation,
-                                        count=reached_by))
-        return out + list(extra)
+        return batch_releases(self.spec, self.team, self.cfg.relation, routes, self.index,
+                              extra)
 
     @property
     def next_batch(self) -> int:
@@ -192,14 +214,19 @@ class AgentPrivacy:
 def write_run_report(run_dir: Path, run_config: dict[str, Any], team: TeamConfig,
                      cfg: PrivacyConfig, ledgers: dict[str, Path],
                      mechanisms: Sequence[str] = ("message", "feedback", "update"),
-                     ppo: PPOConfig | None = None) -> dict[str, Any]:
-    """``privacy_report.json`` and ``privacy_report.html`` of a finished (or stopped) run."""
+                     ppo: PPOConfig | None = None,
+                     extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """``privacy_report.json`` and ``privacy_report.html`` of a finished (or stopped) run;
+    ``extra`` adds to what the report states about the run (its silent batches)."""
     from fedcomm.privacy.report import RunInfo, build_report, render_html, write_report
 
     declared = declared_mechanisms(team, cfg, ppo or PPOConfig())
-    run = RunInfo(config=run_config, delta=cfg.delta, budget=cfg.epsilon_budget or math.inf,
+    stated = {"split": cfg.split} if cfg.split else {}
+    run = RunInfo(config=run_config, delta=cfg.delta, budget=cfg.budget,
                   mechanisms={k: declared[k] for k in mechanisms}, accountant=cfg.accountant,
-                  unit=cfg.unit, relation=cfg.relation)
+                  unit=cfg.unit, relation=cfg.relation,
+                  composition=composition_of_config(run_config),
+                  extra={**stated, **(extra or {})})
     report = build_report({a: p for a, p in ledgers.items() if p.exists()}, run, run_dir)
     write_report(report, run_dir)
     render_html(report, run_dir / "privacy_report.html")
@@ -214,7 +241,9 @@ def report_summary(report: dict[str, Any]) -> dict[str, Any]:
     for agent in agents:
         for name, section in agent["mechanisms"].items():
             per_mechanism[name] = max(per_mechanism.get(name, 0.0), float(section["epsilon"]))
-    return {"unit": run["unit"], "relation": run["relation"], "delta": run["delta"],
-            "epsilon": per_mechanism,
+    budgets = [float(a["budget"]["epsilon"]) for a in agents]
+    return {"unit": run["unit"], "composition": run.get("composition", "batch"),
+            "relation": run["relation"], "delta": run["delta"], "epsilon": per_mechanism,
+            "budget": min(budgets, default=math.inf), "split": run.get("split"),
             "composed": max((float(a["composed"]["epsilon"]) for a in agents), default=0.0),
             "within_budget": report["verdict"]["within_budget"]}

@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     from fedcomm.clients.failures import AGENT_ADVICE, failure_line
     from fedcomm.clients.grpc_transport import ClientTls, GrpcTransport, TransportError
     from fedcomm.clients.party import Party
-    from fedcomm.clients.privacy import AgentPrivacy
+    from fedcomm.clients.privacy import AgentPrivacy, composition_for
     from fedcomm.clients.transport import BatchTruncated
     from fedcomm.device import resolve_device
     from fedcomm.models.team import load_team
@@ -88,10 +88,12 @@ def run(args: argparse.Namespace) -> int:
                                   connect_timeout=args.connect_timeout, on_wait=waiting,
                                   device=device)
         cfg = PrivacyConfig(unit=args.privacy_unit, epsilon_budget=args.epsilon_budget)
+        training = "none" if args.no_update else "plain"
         privacy = AgentPrivacy(args.agent_id, index, team.spec, team.cfg, cfg,
                                args.ledger or Path(f"{args.agent_id}.ledger.jsonl"),
-                               {"team": asdict(team.cfg), "privacy": asdict(cfg)},
-                               device=device)
+                               {"team": asdict(team.cfg), "privacy": asdict(cfg),
+                                "training": training},
+                               device=device, composition=composition_for(training))
         agent = Agent(Party(party_team, transport, seed=args.seed), privacy)
         for r in range(args.rounds):
             batch = agent.train_batch(round=r, batch=privacy.next_batch,

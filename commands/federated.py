@@ -45,9 +45,11 @@ def config_and_out(args: argparse.Namespace, command: str) -> tuple[FederationCo
 def run_federated(args: argparse.Namespace, command: str,
                   run: Callable[[FederationConfig, Path], RunResult]) -> int:
     """A federated run, simulated or deployed: ``run(fed, out)`` returns its result."""
+    from fedcomm.clients.privacy_plan import Schedule, check_fits
     from fedcomm.server.federation import FederationError
 
     fed, out = config_and_out(args, command)
+    check_fits(fed.train, Schedule.of(fed))  # before anything starts: exit 2, one line
     console.print(f"[bold]fedcomm {command}[/] {fed.train.env}, {fed.spec.n_agents} agents, "
                   f"{fed.rounds} rounds of {fed.batches_per_round} batches ({fed.strategy}) "
                   f"-> {out}")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -68,22 +68,29 @@ TRAINING_FLAGS = (
 
 PRIVACY_FLAGS = (
     _flag("--message-epsilon", path="privacy.message_epsilon", type=float,
-          help="calibrate the channel noise so one episode's vectors cost this epsilon"),
+          help="calibrate the channel noise so that the vectors that compose for one unit "
+          "cost this epsilon (with --epsilon: their fixed share)"),
     _flag("--feedback-epsilon", path="privacy.feedback_epsilon", type=float,
-          help="calibrate the feedback noise to this epsilon per episode"),
+          help="calibrate the feedback noise to this epsilon per unit (with --epsilon: its "
+          "fixed share)"),
     _flag("--update-epsilon", path="privacy.update_epsilon", type=float,
-          help="calibrate DP-SGD of a federated agent's update to this epsilon per episode "
-          "(turns DP-SGD on)"),
+          help="calibrate DP-SGD of a federated agent's update to this epsilon per unit "
+          "(turns DP-SGD on; with --epsilon: its fixed share)"),
+    _flag("--epsilon", path="privacy.epsilon", type=float,
+          help="one privacy budget per unit covering every release: split over the mechanisms "
+          "in use (a federated run gets DP-SGD), each calibrated, the run refused if it "
+          "cannot fit"),
     _flag("--epsilon-budget", path="privacy.epsilon_budget", type=float,
-          help="each agent's epsilon budget per privacy unit (default: none)"),
+          help="each agent's epsilon cap per privacy unit (default: --epsilon, else none)"),
     _flag("--delta", path="privacy.delta", type=float,
           help="delta of every epsilon (default: 1e-5)"),
     _flag("--privacy-unit", path="privacy.unit", choices=["episode", "history"],
           help="one episode of one agent (default), or its whole history in the run"),
     _flag("--relation", path="privacy.relation", choices=["replace_one", "add_remove"],
           help="neighbouring relation (default: replace_one, sensitivity 2C)"),
-    _flag("--accountant", path="privacy.accountant", choices=["rdp", "pld", "prv"],
-          help="default: rdp"),
+    _flag("--accountant", path="privacy.accountant", choices=["pld", "rdp", "prv"],
+          help="calibrates, checks budgets and reports: pld (default, tight), rdp (fast, a "
+          "few percent loose), prv"),
     _flag("--on-budget-spent", path="privacy.on_budget_spent", choices=["silent", "stop"],
           help="an agent out of budget goes silent (default) or stops the run"),
     _flag("--update-noise-multiplier", "--update-noise",
@@ -214,31 +221,39 @@ def _refuse_both(values: dict[str, Any], names: dict[str, str]) -> None:
 FLAG_NAMES = {f.path: f.names[0] for f in (*TRAINING_FLAGS, *PRIVACY_FLAGS, *FEEDBACK_FLAGS)}
 
 
-def train_config_from_args(args: argparse.Namespace, base: TrainConfig | None = None
-                           ) -> TrainConfig:
-    """The environment's preset (or ``base``) with every given training flag applied, and the
-    noise calibrated to any target epsilon."""
-    from fedcomm.clients.privacy import calibrated
-    from fedcomm.presets import preset, preset_kind
-
+def _with_flags(args: argparse.Namespace, base: TrainConfig) -> TrainConfig:
     values = given(args, TRAIN)
     _refuse_both(values, FLAG_NAMES)
-    cfg = base or preset(args.env, preset_kind(args.preset, values.get("device", "auto")))
     if args.env_opt:
-        cfg = replace(cfg, env_kwargs={**cfg.env_kwargs, **dict(args.env_opt)})
-    cfg = with_values(cfg, values)
-    team, privacy = calibrated(cfg.team, cfg.ppo, cfg.privacy, cfg.spec)
-    return replace(cfg, team=team, privacy=privacy)
+        base = replace(base, env_kwargs={**base.env_kwargs, **dict(args.env_opt)})
+    return with_values(base, values)
+
+
+def _preset_kind(args: argparse.Namespace) -> str:
+    from fedcomm.presets import preset_kind
+
+    return preset_kind(args.preset, given(args, TRAIN).get("device", "auto"))
+
+
+def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The environment's preset with every given training flag applied and the noise of the
+    centralized run calibrated to any target epsilon."""
+    from fedcomm.clients.privacy_plan import Schedule, calibrate
+    from fedcomm.presets import preset
+
+    cfg = _with_flags(args, preset(args.env, _preset_kind(args)))
+    return calibrate(cfg, Schedule.of(cfg))
 
 
 def federation_config_from_args(args: argparse.Namespace) -> FederationConfig:
-    """The environment's federated preset with every given flag applied."""
-    from fedcomm.presets import federation_preset, preset_kind
+    """The environment's federated preset with every given flag applied and the noise of the
+    federated run calibrated to any target epsilon."""
+    from fedcomm.clients.privacy_plan import Schedule, calibrate
+    from fedcomm.presets import federation_preset
 
-    base = federation_preset(args.env, preset_kind(args.preset,
-                                                   given(args, TRAIN).get("device", "auto")))
-    train = train_config_from_args(args, base.train)
-    return with_values(replace(base, train=train), given(args, FED))
+    base = federation_preset(args.env, _preset_kind(args))
+    fed = with_values(replace(base, train=_with_flags(args, base.train)), given(args, FED))
+    return replace(fed, train=calibrate(fed.train, Schedule.of(fed)))
 
 
 def env_spec_of(args: argparse.Namespace) -> Any:
@@ -248,4 +263,3 @@ def env_spec_of(args: argparse.Namespace) -> Any:
     return env_spec(args.env, dict(args.env_opt))
 
 
-__all__: Sequence[str] = ("federation_config_from_args", "train_config_from_args")

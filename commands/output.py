@@ -27,15 +27,34 @@ def print_result(title: str, summary: RunSummary) -> None:
     console.print(f"{gap_closed_text(s)}; {s.env_steps:,} env steps in {s.train_time_s:.0f} s "
                   f"({s.agent_steps_per_s:,.0f} agent-steps/s)")
     if s.privacy is not None:
-        p = s.privacy
-        per = ", ".join(f"{k} {eps_text(v)}" for k, v in p["epsilon"].items())
-        console.print(f"privacy, largest over agents (per {p['unit']}, "
-                      f"{p['relation'].replace('_', '-')}, delta {p['delta']:g}): {per}; "
-                      f"composed {eps_text(p['composed'])}; "
-                      f"{'within budget' if p['within_budget'] else '[red]OVER BUDGET[/]'}; "
-                      f"details in privacy_report.html", highlight=False)
+        console.print(privacy_text(s.privacy), highlight=False)
+    if s.silent_batches:
+        batches = s.rounds * (s.batches_per_round or 1) if s.rounds else None
+        console.print("[red]silent (privacy budget spent):[/] " + ", ".join(
+            f"{agent} in {n}" + (f" of {batches}" if batches else "") + " training batches"
+            for agent, n in s.silent_batches.items()), highlight=False)
     if s.stopped:
         console.print(f"[yellow]{s.stopped}[/]")
+
+
+UNIT_TEXT = {("episode", "batch"): "per episode: its batch's releases (DP-SGD makes the later "
+                                   "ones post-processing)",
+             ("episode", "all"): "per episode, every release of the run composing (the "
+                                 "networks train on it without DP-SGD)",
+             ("history", "batch"): "per agent's whole history",
+             ("history", "all"): "per agent's whole history"}
+
+
+def privacy_text(p: dict) -> str:
+    """The privacy line of a result: what holds for which unit, per mechanism and composed."""
+    unit = UNIT_TEXT[p["unit"], p.get("composition", "batch")]
+    per = ", ".join(f"{k} {eps_text(v)}" for k, v in p["epsilon"].items())
+    budget = number(p.get("budget", "inf"))
+    verdict = "within budget" if p["within_budget"] else "[red]OVER BUDGET[/]"
+    cap = f" of budget {budget:g}" if budget != math.inf else ""
+    return (f"privacy, largest over agents ({unit}; {p['relation'].replace('_', '-')}, delta "
+            f"{p['delta']:g}): each alone {per}; composed {eps_text(p['composed'])}{cap}, "
+            f"{verdict}; details in privacy_report.html")
 
 
 def gap_closed_text(summary: RunSummary) -> str:

@@ -32,6 +32,8 @@ def run_report(args: argparse.Namespace) -> int:
 
 
 def run_audit(args: argparse.Namespace) -> int:
+    from fedcomm.clients.privacy import composition_of_config
     from fedcomm.privacy.commands import audit_command
 
-    return audit_command(args.path, args.empirical, console)
+    return audit_command(args.path, args.empirical, console,
+                         composition=composition_of_config)

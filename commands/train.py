@@ -18,9 +18,11 @@ def add(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from fedcomm.clients.privacy_plan import Schedule, check_fits
     from fedcomm.modes.centralized import train
 
     cfg = train_config_from_args(args)
+    check_fits(cfg, Schedule.of(cfg))  # before anything is written: exit 2, one line
     out = args.out or default_out(cfg.env)
     console.print(f"[bold]fedcomm train[/] {cfg.env} -> {out}")
     result = train(cfg, out, progress=not args.quiet)

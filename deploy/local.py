@@ -26,6 +26,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from fedcomm.clients.privacy_plan import Schedule, check_fits
 from fedcomm.config import FederationConfig
 from fedcomm.deploy.flower_app import write_app
 from fedcomm.deploy.secrets import DeploymentSecrets, make_secrets
@@ -271,7 +272,10 @@ class LocalDeployment:
 def deploy_local(fed: FederationConfig, out: str | Path, progress: bool = True,
                  restart_agents: bool = True, console: Console | None = None
                  ) -> RunResult:
-    """Run (or, if ``out`` holds a checkpoint, continue) a federated run deployed on this host."""
+    """Run (or, if ``out`` holds a checkpoint, continue) a federated run deployed on this host;
+    a run that cannot fit its privacy budget is refused (``ValueError``) before anything
+    starts."""
+    check_fits(fed.train, Schedule.of(fed))
     run_dir = Path(out)
     run_dir.mkdir(parents=True, exist_ok=True)
     console = console or Console(stderr=True)

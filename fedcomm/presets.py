@@ -44,6 +44,7 @@ GPU_PRESETS: dict[str, dict] = {
 # steps: the `fedcomm simulate` default, which fits in ten minutes here.
 FEDERATED_STEPS = {"speaker_listener": 5_000_000}
 UNCLIPPED = 1e6
+PRIVATE_FEEDBACK_CLIP = 0.05  # the feedback clip where a budget calibrates the feedback noise
 
 
 def preset_kind(choice: str, device: str) -> Kind:

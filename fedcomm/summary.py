@@ -43,6 +43,9 @@ class RunSummary:
     rounds, strategy, batches_per_round, round_time
         Federated: rounds done, the aggregation, and the median seconds of each part of a
         round (rounds after the first).
+    silent_batches
+        Federated: per agent that stayed silent (its privacy budget spent), the training
+        batches in which it did.
     device, importance, privacy, stopped
         Where it ran; each sender type's counterfactual importance to each receiver type;
         the privacy report's figures (``clients.privacy.report_summary``); why training
@@ -68,6 +71,7 @@ class RunSummary:
     strategy: str | None = None
     batches_per_round: int | None = None
     round_time: dict[str, float | None] | None = None
+    silent_batches: dict[str, int] | None = None
     device: str | None = None
     importance: list[list[float]] | None = None
     privacy: dict[str, Any] | None = None

@@ -94,10 +94,10 @@ class Team(nn.Module):
                 agents: Sequence[int] | None = None) -> Team:
         """A run's initial team for ``seed`` (or its ``agents``' part): the same weights for
         the server, every agent and the centralized trainer."""
-        with _GLOBAL_RNG, torch.random.fork_rng():
+        with _GLOBAL_RNG, torch.random.fork_rng():  # a subteam draws initial weights too
             torch.manual_seed(seed)
             team = cls(spec, cfg)
-        return team if agents is None else team.subteam(agents)
+            return team if agents is None else team.subteam(agents)
 
     @property
     def n_local(self) -> int:

@@ -17,7 +17,14 @@ from fedcomm.baselines import EVAL_SEED, EvalResult, evaluate_baselines
 from fedcomm.clients.evaluate import evaluate_team
 from fedcomm.clients.importance import communication_importance
 from fedcomm.clients.ppo import ValueNorm, annealed_lr, compute_targets, make_optimizer, ppo_update
-from fedcomm.clients.privacy import LEDGER, AgentPrivacy, report_summary, write_run_report
+from fedcomm.clients.privacy import (
+    LEDGER,
+    AgentPrivacy,
+    composition_for,
+    report_summary,
+    write_run_report,
+)
+from fedcomm.clients.privacy_plan import Schedule, check_fits
 from fedcomm.clients.rollout import collect
 from fedcomm.clients.transport import LocalTransport
 from fedcomm.config import TrainConfig
@@ -31,6 +38,7 @@ from fedcomm.summary import RunResult, RunSummary
 
 
 def train(cfg: TrainConfig, out: str | Path, progress: bool = True) -> RunResult:
+    check_fits(cfg, Schedule.of(cfg))  # before anything is written
     run = RunDir(out)
     run.write_config(asdict(cfg))
     device = resolve_device(cfg.device)
@@ -52,7 +60,7 @@ def train(cfg: TrainConfig, out: str | Path, progress: bool = True) -> RunResult
     # parties; one process holds every agent, so the run stops when any budget is spent.
     ledgers = {a: run.path / "agents" / a / LEDGER for a in env.spec.agent_ids}
     privacy = [AgentPrivacy(a, i, env.spec, cfg.team, cfg.privacy, ledgers[a], asdict(cfg),
-                            device=device)
+                            device=device, composition=composition_for("plain"))
                for i, a in enumerate(env.spec.agent_ids)]
     noise = privacy[0].noise
     stopped = ""

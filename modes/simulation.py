@@ -27,6 +27,7 @@ import torch
 from fedcomm.baselines import EVAL_SEED
 from fedcomm.clients.importance import communication_importance
 from fedcomm.clients.privacy import LEDGER, report_summary, write_run_report
+from fedcomm.clients.privacy_plan import Schedule, check_fits
 from fedcomm.clients.rollout import collect
 from fedcomm.clients.state import StateStore
 from fedcomm.clients.transport import LocalTransport
@@ -171,7 +172,8 @@ def complete_run(run_dir: Path, fed: FederationConfig) -> RunResult:
     summary.importance = communication_importance(team, batch).tolist()
     ledgers = {a: run_dir / "agents" / a / LEDGER for a in fed.spec.agent_ids}
     report = write_run_report(run_dir, fed.to_dict(), fed.train.team, fed.train.privacy,
-                              ledgers, ppo=fed.train.ppo)
+                              ledgers, ppo=fed.train.ppo,
+                              extra={"silent_batches": summary.silent_batches or {}})
     summary.privacy = report_summary(report)
     run.write_summary(summary)
     from fedcomm.plots import learning_curve
@@ -184,7 +186,9 @@ def complete_run(run_dir: Path, fed: FederationConfig) -> RunResult:
 
 def simulate(fed: FederationConfig, out: str | Path, progress: bool = True,
              verbose: bool = False) -> RunResult:
-    """Run (or, if ``out`` holds a checkpoint, continue) a federated simulation."""
+    """Run (or, if ``out`` holds a checkpoint, continue) a federated simulation; a run that
+    cannot fit its privacy budget is refused (``ValueError``) before anything starts."""
+    check_fits(fed.train, Schedule.of(fed))
     run_dir = Path(out)
     run_dir.mkdir(parents=True, exist_ok=True)
     tokens = run_dir / "tokens.json"

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,7 +42,14 @@ import dp_accounting
 from dp_accounting.pld import pld_privacy_accountant
 
 from .events import RELATION_FACTOR
-from .ledger import LedgerError, config_hash, read_ledger, release_from_entry, verify_chain
+from .ledger import (
+    LedgerError,
+    config_hash,
+    group_key,
+    read_ledger,
+    release_from_entry,
+    verify_chain,
+)
 from .report import (
     REPORT_NAME,
     SCHEMA,
@@ -143,9 +150,14 @@ def _load(path: Path | str) -> tuple[Path, dict[str, Any] | None, AuditResult]:
     return path, report, result
 
 
-def audit(report_path: Path | str, *, rel_tol: float = REL_TOL,
-          abs_tol: float = ABS_TOL) -> AuditResult:
-    """Re-verify the report at ``report_path`` (the file, or the run folder holding it)."""
+def audit(report_path: Path | str, *, rel_tol: float = REL_TOL, abs_tol: float = ABS_TOL,
+          composition: Callable[[Mapping[str, Any]], str] | None = None) -> AuditResult:
+    """Re-verify the report at ``report_path`` (the file, or the run folder holding it).
+
+    ``composition`` derives from the run's configuration which releases compose for a unit
+    (``"batch"`` or ``"all"``, :data:`~fedcomm.privacy.ledger.Composition`); the report's claim
+    must be that one. It is the caller's, who knows how the configured agents train.
+    """
     path, report, result = _load(report_path)
     if report is None:
         return result
@@ -159,6 +171,16 @@ def audit(report_path: Path | str, *, rel_tol: float = REL_TOL,
         return result
     if config_hash(run["config"]) != run["config_hash"]:
         result.fail(f"{name}:run.config_hash", "is not the hash of run.config")
+    if composition is not None:
+        try:
+            expected = composition(run["config"])
+        except (KeyError, TypeError, ValueError) as exc:
+            result.fail(f"{name}:run.config", f"cannot tell how its agents train: {exc!r}")
+        else:
+            if info.composition != expected:
+                result.fail(f"{name}:run.composition",
+                            f"claims {info.composition!r}, the run's configuration gives "
+                            f"{expected!r}")
     for agent, section in agents.items():
         _audit_agent(result, path, agent, section, report, info, rel_tol, abs_tol)
     expected = verdict(agents)
@@ -239,7 +261,8 @@ def _check_independent(result: AuditResult, here: str, agent: str,
     def worst(selected: list[Mapping[str, Any]], relation: str) -> float:
         groups: dict[Any, list[Mapping[str, Any]]] = {}
         for e in selected:
-            groups.setdefault(e["batch"] if run["unit"] == "episode" else None, []).append(e)
+            key = group_key(run["unit"], run.get("composition", "batch"), e["batch"])
+            groups.setdefault(key, []).append(e)
         return max((independent_epsilon(g, relation, run["delta"]) for g in groups.values()),
                    default=0.0)
 

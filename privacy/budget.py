@@ -6,12 +6,17 @@ exceed the budget, so the spent epsilon never passes the budget. The composed fi
 under the budget's neighbouring relation; releases recorded under another relation (DP-SGD
 under add/remove, as Opacus accounts it) are re-analysed under it.
 
-What composes depends on the privacy unit:
+What composes depends on the privacy unit and on how the agent trains (``composition``):
 
-* ``"episode"``: every episode is used in exactly one batch (the caller's contract), so the
-  releases that can depend on one episode are those of its batch: the T vector releases, the
-  feedback release and the DP-SGD steps of that batch. The check is per batch, and the spent
+* ``"episode"`` with composition ``"batch"``: every episode is used in exactly one batch (the
+  caller's contract) and every network that shapes a release trains on it only under DP-SGD,
+  so the releases that can depend on one episode are those of its batch: the T vector
+  releases, the feedback release and the DP-SGD steps of that batch; later releases depend on
+  it only through DP-SGD's output (post-processing). The check is per batch, and the spent
   epsilon is the largest over batches.
+* ``"episode"`` with composition ``"all"``: a network that shapes releases trains on the
+  episode without DP, so every later release can depend on it (its mean can move anywhere in
+  the clip ball): all the agent's releases compose.
 * ``"history"``: the unit is everything the agent holds, so all its releases over the run
   compose.
 
@@ -28,10 +33,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .accountants import Accountant, make_accountant
+from .accountants import DEFAULT_ACCOUNTANT, Accountant, make_accountant
 from .accountants.base import EPS_DECIMALS, check_delta
 from .events import GaussianRelease, Relation, check_relation, common_relation
-from .ledger import UNITS, Ledger, Unit, release_from_entry
+from .ledger import UNITS, Composition, Ledger, Unit, group_key, release_from_entry
 
 
 class BudgetExhausted(Exception):
@@ -91,7 +96,7 @@ class PrivacyBudget:
 
     epsilon: float
     delta: float
-    accountant: str | Accountant = "rdp"
+    accountant: str | Accountant = DEFAULT_ACCOUNTANT
     relation: Relation = "replace_one"
 
     def __post_init__(self) -> None:
@@ -141,17 +146,22 @@ class PrivacyAccount:
         The privacy unit, ``"episode"`` or ``"history"`` (module docstring).
     agent
         Name used in messages and in the ledger check of :meth:`from_ledger`.
+    composition
+        For the unit ``"episode"``: ``"batch"`` or ``"all"`` (module docstring).
     """
 
-    def __init__(self, budget: PrivacyBudget, unit: Unit = "episode", agent: str = "") -> None:
+    def __init__(self, budget: PrivacyBudget, unit: Unit = "episode", agent: str = "",
+                 composition: Composition = "batch") -> None:
         if unit not in UNITS:
             raise ValueError(f"unit must be one of {UNITS}, got {unit!r}")
+        group_key(unit, composition, 0)  # validates the composition
         self.budget, self.unit, self.agent = budget, unit, agent
+        self.composition = composition
         self._groups: dict[int | None, list[GaussianRelease]] = {}
         self._cache: dict[int | None, tuple[float, dict[str, float]]] = {}
 
     def _key(self, batch: int) -> int | None:
-        return batch if self.unit == "episode" else None
+        return group_key(self.unit, self.composition, batch)
 
     def releases(self, batch: int = 0) -> list[GaussianRelease]:
         """Releases that compose with a release in ``batch`` (all of them for ``history``)."""
@@ -196,9 +206,10 @@ class PrivacyAccount:
 
     @classmethod
     def from_ledger(cls, entries: Iterable[Mapping[str, Any]], budget: PrivacyBudget,
-                    unit: Unit = "episode", agent: str = "") -> PrivacyAccount:
+                    unit: Unit = "episode", agent: str = "",
+                    composition: Composition = "batch") -> PrivacyAccount:
         """Rebuild the account from ledger entries (after a restart)."""
-        account = cls(budget, unit, agent)
+        account = cls(budget, unit, agent, composition)
         for number, entry in enumerate(entries, 1):
             if entry["unit"] != unit:
                 raise ValueError(f"ledger line {number} has unit {entry['unit']!r}, not {unit!r}")

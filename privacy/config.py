@@ -25,15 +25,26 @@ class PrivacyConfig:
         ``"replace_one"`` (sensitivity 2C) or ``"add_remove"`` (C).
     delta
         Delta of every epsilon.
+    epsilon
+        One budget for the run: each agent's epsilon per unit, covering every release. It is
+        split over the mechanisms in use (vectors, feedback, the DP-SGD update, which it turns
+        on in a federated run), each calibrated to its share (``split``), and it caps what an
+        agent may spend unless ``epsilon_budget`` says otherwise.
     epsilon_budget
-        Each agent's epsilon budget for the unit; ``None``: accounted and reported, not capped.
+        Each agent's epsilon cap for the unit; ``None``: ``epsilon`` if set, else accounted and
+        reported but not capped.
     message_epsilon, feedback_epsilon, update_epsilon
         Calibrate the noise multiplier of the knowledge vectors, of the feedback (for an agent
-        that every other agent's vectors reach) and of the DP-SGD update so that one unit's
-        releases of that mechanism in one batch cost at most this (rounded to the safe side);
-        ``None``: use the configured noise multiplier.
+        that every other agent's vectors reach) and of the DP-SGD update so that that
+        mechanism's releases that compose for one unit cost at most this (rounded to the safe
+        side); with ``epsilon``, they fix those mechanisms' shares and the others share the
+        rest. ``None``: use the configured noise multiplier (or ``epsilon``'s split).
+    split
+        What the calibration gave each mechanism: its epsilon alone for one unit (set by
+        ``clients.privacy_plan.calibrate``; stated in the report).
     accountant
-        ``"rdp"`` (default), ``"pld"`` or ``"prv"``: the accountant budgets are checked with.
+        ``"pld"`` (default, tight), ``"rdp"`` (fast, a few percent loose) or ``"prv"``: the
+        accountant noise is calibrated, budgets checked and the report computed with.
     on_budget_spent
         An agent whose next batch would exceed its budget goes ``"silent"`` (acts, releases
         nothing, the run goes on without its vectors, feedback and updates) or ``"stop"``s the
@@ -51,16 +62,24 @@ class PrivacyConfig:
     unit: Literal["episode", "history"] = "episode"
     relation: Literal["replace_one", "add_remove"] = "replace_one"
     delta: float = 1e-5
+    epsilon: float | None = None
     epsilon_budget: float | None = None
     message_epsilon: float | None = None
     feedback_epsilon: float | None = None
     update_epsilon: float | None = None
-    accountant: str = "rdp"
+    accountant: str = "pld"
     on_budget_spent: Literal["silent", "stop"] = "silent"
     seeded_noise: bool = False
     update_noise_multiplier: float | None = None
     update_clip: float = 1.0
     update_sample_rate: float | None = None
+    split: dict[str, float] | None = None
+
+    @property
+    def budget(self) -> float:
+        """Each agent's cap per unit (``inf``: not capped)."""
+        cap = self.epsilon_budget if self.epsilon_budget is not None else self.epsilon
+        return math.inf if cap is None else cap
 
     def __post_init__(self) -> None:
         if self.unit not in UNITS:
@@ -68,7 +87,8 @@ class PrivacyConfig:
         check_relation(self.relation)
         if not 0 < self.delta < 1:
             raise ValueError(f"delta must lie in (0, 1), got {self.delta}")
-        for name in ("epsilon_budget", "message_epsilon", "feedback_epsilon", "update_epsilon"):
+        for name in ("epsilon", "epsilon_budget", "message_epsilon", "feedback_epsilon",
+                     "update_epsilon"):
             value = getattr(self, name)
             if value is not None and not (value > 0 and math.isfinite(value)):
                 raise ValueError(f"{name} must be positive and finite, got {value}")

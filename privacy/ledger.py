@@ -48,6 +48,21 @@ log = logging.getLogger(__name__)
 
 Unit = Literal["episode", "history"]
 UNITS: tuple[str, ...] = get_args(Unit)
+Composition = Literal["batch", "all"]
+COMPOSITIONS: tuple[str, ...] = get_args(Composition)
+"""Which releases compose for an episode: ``"batch"``, those of the one batch that used it
+(every network that shapes a release trains on it only under DP-SGD, so later releases are
+post-processing); ``"all"``, every release (a network that shapes releases trains on it
+without DP, so every later release can depend on it)."""
+
+
+def group_key(unit: Unit, composition: Composition, batch: int) -> int | None:
+    """The group of releases that compose with a release of ``batch``: its batch, or ``None``
+    for all of an agent's releases (the unit ``history``, or an episode whose networks train
+    without DP)."""
+    if composition not in COMPOSITIONS:
+        raise ValueError(f"composition must be one of {COMPOSITIONS}, got {composition!r}")
+    return batch if unit == "episode" and composition == "batch" else None
 GENESIS = "0" * 64
 FIELDS: tuple[str, ...] = (
     "seq", "time", "agent", "round", "batch", "mechanism", "unit", "relation",

@@ -63,14 +63,17 @@ from typing import Any
 
 from fedcomm.jsonfile import INF, read_json, to_json
 
-from .accountants import Accountant, make_accountant
+from .accountants import DEFAULT_ACCOUNTANT, Accountant, make_accountant
 from .budget import PrivacyBudget, remaining_budget
 from .events import GaussianRelease, Relation, check_relation, merge
 from .ledger import (
+    COMPOSITIONS,
     UNITS,
+    Composition,
     LedgerError,
     Unit,
     config_hash,
+    group_key,
     read_ledger,
     release_from_entry,
     verify_chain,
@@ -145,9 +148,10 @@ class RunInfo:
     delta: float
     budget: float | Mapping[str, float]
     mechanisms: Mapping[str, Mapping[str, Any]]
-    accountant: str | Accountant = "rdp"
+    accountant: str | Accountant = DEFAULT_ACCOUNTANT
     unit: Unit = "episode"
     relation: Relation = "replace_one"
+    composition: Composition = "batch"
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     def budget_for(self, agent: str) -> float:
@@ -170,11 +174,11 @@ class _Cached:
         return self.cache[key]
 
 
-def _groups(items: Sequence[tuple[dict, GaussianRelease]], unit: str
-            ) -> dict[int | None, list[tuple[dict, GaussianRelease]]]:
+def _groups(items: Sequence[tuple[dict, GaussianRelease]], unit: Unit,
+            composition: Composition) -> dict[int | None, list[tuple[dict, GaussianRelease]]]:
     groups: dict[int | None, list[tuple[dict, GaussianRelease]]] = {}
     for entry, release in items:
-        groups.setdefault(entry["batch"] if unit == "episode" else None, []).append(
+        groups.setdefault(group_key(unit, composition, entry["batch"]), []).append(
             (entry, release))
     return groups
 
@@ -186,14 +190,14 @@ def _thin(rounds: list[int], points: int) -> list[int]:
     return sorted({rounds[math.floor(i * step)] for i in range(points - 1)} | {rounds[-1]})
 
 
-def epsilon_curve(items: Sequence[tuple[dict, GaussianRelease]], unit: str,
+def epsilon_curve(items: Sequence[tuple[dict, GaussianRelease]], unit: Unit,
                   epsilon: Callable[[list[GaussianRelease]], float],
-                  points: int) -> list[dict[str, Any]]:
+                  points: int, composition: Composition = "batch") -> list[dict[str, Any]]:
     """Spent epsilon after each round: the largest over groups of the releases so far.
 
     Values are floats (possibly ``inf``); :func:`agent_section` encodes them for JSON.
     """
-    groups = _groups(items, unit)
+    groups = _groups(items, unit, composition)
     rounds = sorted({entry["round"] for entry, _ in items})
     curve = []
     for r in _thin(rounds, points):
@@ -225,7 +229,7 @@ def agent_section(entries: Sequence[dict[str, Any]], run: RunInfo, budget: float
         relation = relations.pop() if len(relations) == 1 else run.relation
         eps = _Cached(lambda rs, rel=relation: acc.epsilon([r.as_relation(rel) for r in rs],
                                                           run.delta))
-        curve = epsilon_curve(mine, run.unit, eps, curve_points)
+        curve = epsilon_curve(mine, run.unit, eps, curve_points, run.composition)
         parameters: dict[tuple, dict[str, Any]] = {}
         for e, _ in mine:
             key = (e["noise_multiplier"], e["clip"], e["sensitivity"], e["sample_rate"])
@@ -242,7 +246,8 @@ def agent_section(entries: Sequence[dict[str, Any]], run: RunInfo, budget: float
             "count": sum(e["count"] for e, _ in mine),
             "parameters": list(parameters.values()), "epsilon_over_rounds": _encoded(curve),
         }
-    curve = epsilon_curve(items, run.unit, composed_eps, curve_points) if items else []
+    curve = (epsilon_curve(items, run.unit, composed_eps, curve_points, run.composition)
+             if items else [])
     eps = curve[-1]["epsilon"] if curve else 0.0
     return {
         "budget": {"epsilon": encode_eps(budget), "delta": run.delta},
@@ -274,6 +279,8 @@ def build_report(ledgers: Mapping[str, Path | str], run: RunInfo, report_dir: Pa
     """
     if run.unit not in UNITS:
         raise ValueError(f"unit must be one of {UNITS}, got {run.unit!r}")
+    if run.composition not in COMPOSITIONS:
+        raise ValueError(f"composition must be one of {COMPOSITIONS}, got {run.composition!r}")
     check_relation(run.relation)
     if curve_points < 2:
         raise ValueError("curve_points must be at least 2")
@@ -297,7 +304,7 @@ def build_report(ledgers: Mapping[str, Path | str], run: RunInfo, report_dir: Pa
         "run": {
             "config": dict(run.config), "config_hash": config_hash(run.config),
             "accountant": accountant.describe(), "delta": run.delta, "unit": run.unit,
-            "relation": run.relation,
+            "composition": run.composition, "relation": run.relation,
             "mechanisms": {k: dict(v) for k, v in run.mechanisms.items()},
             "curve_points": curve_points, "rounding": ROUNDING, **dict(run.extra),
         },
@@ -333,22 +340,31 @@ def run_info_from_report(report: Mapping[str, Any]) -> RunInfo:
         config=run["config"], delta=run["delta"], budget=budget,
         mechanisms=run["mechanisms"],
         accountant=make_accountant(run["accountant"]["name"], **options),
-        unit=run["unit"], relation=run["relation"],
+        unit=run["unit"], relation=run["relation"], composition=run.get("composition", "batch"),
         extra={k: v for k, v in run.items() if k not in _RUN_FIELDS})
 
 
-_RUN_FIELDS = frozenset({"config", "config_hash", "accountant", "delta", "unit", "relation",
-                         "mechanisms", "curve_points", "rounding"})
+_RUN_FIELDS = frozenset({"config", "config_hash", "accountant", "delta", "unit", "composition",
+                         "relation", "mechanisms", "curve_points", "rounding"})
 
 
 # --- HTML -----------------------------------------------------------------------------------
 
 _UNIT_WORDS = {
-    "episode": ("one episode of the agent's experience (its observations and actions in one "
-                "episode). Every episode is used in one training batch, so the releases that "
-                "compose are those of that batch: the message vectors, the feedback and the "
-                "DP-SGD steps of the batch."),
-    "history": "the agent's whole history: all its releases over the run compose.",
+    ("episode", "batch"): (
+        "one episode of the agent's experience (its observations and actions in one episode). "
+        "Every episode is used in one training batch, and every network that shapes a release "
+        "(the sender's feature network, GRU and encoder for vectors; the receiver's networks "
+        "for feedback) trains on it only under DP-SGD, so later releases depend on it only "
+        "through DP-SGD's output: the releases that compose are those of its batch, the "
+        "vectors, the feedback and the DP-SGD steps."),
+    ("episode", "all"): (
+        "one episode of the agent's experience (its observations and actions in one episode). "
+        "The networks that shape the releases train on it without DP-SGD, so every later "
+        "release can depend on it (a vector's mean can move anywhere in the clip ball): every "
+        "release of the run composes, and the figure is that of all of them."),
+    ("history", "batch"): "the agent's whole history: all its releases over the run compose.",
+    ("history", "all"): "the agent's whole history: all its releases over the run compose.",
 }
 _RELATION_WORDS = {
     "replace_one": ("replace-one: the guarantee compares two histories that differ in one unit "
@@ -360,7 +376,7 @@ _RELATION_WORDS = {
 
 def _assumptions(run: Mapping[str, Any]) -> list[str]:
     return [
-        f"Privacy unit: {_UNIT_WORDS[run['unit']]}",
+        f"Privacy unit: {_UNIT_WORDS[run['unit'], run.get('composition', 'batch')]}",
         f"Neighbouring relation: {_RELATION_WORDS[run['relation']]} Mechanisms accounted "
         "under another relation alone (DP-SGD under add/remove, as Opacus does) are "
         "re-analysed under this one for the composed figure.",
@@ -378,6 +394,9 @@ def _assumptions(run: Mapping[str, Any]) -> list[str]:
         "only through group privacy, which multiplies epsilon.",
         f"Accountant: {run['accountant']['name']}; every epsilon is at delta = {run['delta']:g}"
         f" and is an upper bound ({run['rounding']}).",
+        *([("One budget split over the mechanisms, each calibrated to its epsilon alone: "
+            + ", ".join(f"{k} {v:.3f}" for k, v in run["split"].items())
+            + "; together they compose to at most the budget.")] if run.get("split") else []),
     ]
 
 
@@ -447,6 +466,16 @@ def _unbounded(report: Mapping[str, Any]) -> list[str]:
             "privacy guarantee) for: " + html.escape(", ".join(agents)) + "</p>"]
 
 
+def _silent(run: Mapping[str, Any]) -> list[str]:
+    """A warning naming agents that stayed silent: their budget refused those batches."""
+    silent = run.get("silent_batches") or {}
+    if not silent:
+        return []
+    return ["<p class='bad'>Silent (the budget refused their releases, so they released "
+            "nothing and did not train): " + html.escape(", ".join(
+                f"{a} in {n} training batches" for a, n in silent.items())) + "</p>"]
+
+
 def render_html(report: Mapping[str, Any], path: Path | str) -> Path:
     """Write a self-contained HTML page for ``report``: verdict, assumptions, plots, tables."""
     e = html.escape
@@ -464,6 +493,7 @@ def render_html(report: Mapping[str, Any], path: Path | str) -> Path:
         *_unbounded(report),
         f"<p>Schema {e(report['schema'])}, created {e(report['created'])}, run configuration "
         f"hash <code>{e(run['config_hash'])}</code>.</p>",
+        *_silent(run),
         "<h2>Assumptions</h2><ul>"
         + "".join(f"<li>{e(text)}</li>" for text in _assumptions(run)) + "</ul>",
     ]

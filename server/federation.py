@@ -214,6 +214,8 @@ class Federation:
                **phases, "train_time_s": self.train_time + replies.seconds + aggregate_s,
                "epsilon_max": max(r.epsilon for r in got),
                "silent_agents": sum(r.silent_batches > 0 for r in got),
+               "silent": {self.spec.agent_ids[r.agent]: r.silent_batches for r in got
+                          if r.silent_batches},
                # every agent continued from its state of the round before
                "restored_round_min": min(r.restored_round for r in got)}
         self.train_time = row["train_time_s"]
@@ -268,6 +270,10 @@ class Federation:
         metrics = self.run.metrics()
         later = [m for m in metrics if m["round"] > 1]  # the first round starts the actors
         graph = torch.as_tensor(shared_part(self.arrays)["graph"].numpy())
+        silent: dict[str, int] = {}
+        for m in metrics:
+            for agent, n in m.get("silent", {}).items():
+                silent[agent] = silent.get(agent, 0) + n
         summary = RunSummary.of(
             env=fed.train.env, mode="federated", final=final, baselines=baselines,
             env_steps=self.env_steps, train_time_s=self.train_time,
@@ -275,6 +281,7 @@ class Federation:
             agent_types=[t.name for t in self.spec.types],
             route_strength=torch.sigmoid(graph), prune_threshold=fed.train.team.prune_threshold,
             rounds=self.done, strategy=fed.strategy, batches_per_round=fed.batches_per_round,
+            silent_batches=silent,
             round_time={k: statistics.median(m[k] for m in later) if later else None
                         for k in ("round_time_s", "flower_s", "aggregate_s", *AGENT_PHASES)})
         self.run.write_summary(summary)

@@ -7,8 +7,9 @@ import math
 import pytest
 import torch
 
-from fedcomm.clients.dpsgd import dp_ppo_update, dp_steps, episode_gradients
+from fedcomm.clients.dpsgd import dp_ppo_update, episode_gradients
 from fedcomm.clients.ppo import Targets, ValueNorm, compute_targets, ppo_loss, ppo_update
+from fedcomm.clients.privacy import dp_steps
 from fedcomm.clients.rollout import Rollout, collect, party_rollout
 from fedcomm.clients.transport import LocalTransport
 from fedcomm.config import PPOConfig, TeamConfig

@@ -41,6 +41,6 @@ def test_sensitivity_factor_scales_the_noise():
 
 
 def test_invalid_target():
-    with pytest.raises(ValueError, match="target_eps"):
+    with pytest.raises(ValueError, match="target epsilon must be positive"):
         noise_for_epsilon(0.0, 1e-5)
     assert noise_for_epsilon(float("inf"), 1e-5) == 0.0

@@ -15,15 +15,10 @@ import pytest
 import torch
 
 from fedcomm.clients.feedback import privatize
-from fedcomm.clients.privacy import (
-    LEDGER,
-    AgentPrivacy,
-    calibrated,
-    message_noise,
-    update_releases,
-)
+from fedcomm.clients.privacy import LEDGER, AgentPrivacy, update_releases
+from fedcomm.clients.privacy_plan import Schedule, calibrate
 from fedcomm.commands import main
-from fedcomm.config import PPOConfig, TeamConfig
+from fedcomm.config import PPOConfig, TeamConfig, TrainConfig
 from fedcomm.models.team import Team
 from fedcomm.privacy.audit import audit
 from fedcomm.privacy.config import PrivacyConfig
@@ -70,15 +65,37 @@ def test_outside_tests_the_noise_comes_from_a_cryptographically_seeded_stream(tm
     assert agent(True, "c").noise is None  # the party's own, seeded stream
 
 
-def test_calibrated_message_noise_costs_at_most_the_target_per_episode(tmp_path):
-    cfg = PrivacyConfig(message_epsilon=8.0)
-    sigma = message_noise(cfg, SPEC)
-    privacy = AgentPrivacy("sensor_0", 0, SPEC, TeamConfig(noise_multiplier=sigma), cfg,
-                           tmp_path / LEDGER, {"run": 1})
+FACTORY_1 = {"n_sensors": 1, "n_processors": 1, "n_actuators": 1}
+
+
+def calibrated(privacy: PrivacyConfig, federated: bool = True, batches: int = 10
+               ) -> TrainConfig:
+    train = TrainConfig(env="factory", env_kwargs=FACTORY_1, privacy=privacy)
+    return calibrate(train, Schedule(federated, batches))
+
+
+def test_under_dp_sgd_the_calibrated_vectors_of_one_episode_cost_at_most_the_target(tmp_path):
+    train = calibrated(PrivacyConfig(message_epsilon=8.0, update_epsilon=4.0))
+    privacy = AgentPrivacy("sensor_0", 0, SPEC, train.team, train.privacy, tmp_path / LEDGER,
+                           {"run": 1})
     messages = [r for r in privacy.batch_releases(ALL_ROUTES) if r.mechanism == "message"]
     assert messages[0].count == SPEC.episode_length
     spent = privacy.account.budget.epsilon_of(messages)
-    assert 7.9 < spent <= 8.0
+    assert 7.9 < spent <= 8.0 and train.privacy.split["message"] == pytest.approx(spent)
+
+
+def test_without_dp_sgd_the_target_covers_every_vector_of_the_run(tmp_path):
+    """Plain PPO trains the sender's networks on every episode: all later vectors depend on it,
+    so the target is calibrated for all the run's vectors, not one batch's."""
+    under_dp = calibrated(PrivacyConfig(message_epsilon=8.0, update_epsilon=4.0))
+    plain = calibrated(PrivacyConfig(message_epsilon=8.0), batches=10)
+    privacy = AgentPrivacy("sensor_0", 0, SPEC, plain.team, plain.privacy, tmp_path / LEDGER,
+                           {"run": 1}, composition="all")
+    message = next(r for r in privacy.batch_releases(ALL_ROUTES) if r.mechanism == "message")
+    budget = privacy.account.budget
+    assert 7.9 < budget.epsilon_of([message.with_count(10 * message.count)]) <= 8.0
+    assert budget.epsilon_of([message]) < 4.0  # one batch's share of the run's
+    assert plain.team.noise_multiplier > 2.5 * under_dp.team.noise_multiplier
 
 
 KILLED_AFTER_WRITING = """
@@ -160,30 +177,25 @@ def replace_value(entry: dict, key: str, value: object) -> dict:
     return {**entry, key: value}
 
 
-def test_a_spent_budget_stops_the_centralized_trainer_at_the_boundary(tmp_path, capsys):
+def test_a_run_that_cannot_fit_its_budget_is_refused_before_anything_is_written(tmp_path,
+                                                                                capsys):
     out = tmp_path / "run"
     args = ["train", "--env", "factory", "--env-opt", "n_sensors=1", "--env-opt",
             "n_processors=1", "--env-opt", "n_actuators=1", "--num-envs", "16", "--env-steps",
-            str(6 * 16 * 25), "--eval-episodes", "16", "--hidden", "16", "--quiet",
-            "--message-epsilon", "4", "--privacy-unit", "history", "--epsilon-budget", "7",
-            "--out", str(out)]
-    assert main(args) == 0
-    summary = json.loads((out / "summary.json").read_text())
-    assert "privacy budget spent" in summary["stopped"]
-    assert summary["iterations"] < 6
-    report = json.loads((out / "privacy_report.json").read_text())
-    for section in report["agents"].values():
-        assert float(section["composed"]["epsilon"]) <= 7.0
-        assert section["composed"]["within_budget"]
-    assert report["verdict"]["within_budget"] and audit(out).ok
-    assert "privacy budget spent" in "".join(capsys.readouterr())
-
+            str(6 * 16 * 25), "--quiet", "--noise-multiplier", "3", "--privacy-unit",
+            "history", "--epsilon-budget", "7", "--out", str(out)]
+    assert main(args) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1
+    assert lines[0].startswith("error: this run cannot fit its privacy budget 7")
+    assert "planned message" in "".join(lines) and "--epsilon" in "".join(lines)
+    assert not out.exists()
 
 
 def test_every_mechanism_can_be_set_by_a_target_epsilon_and_costs_at_most_that(tmp_path):
-    cfg = PrivacyConfig(message_epsilon=8.0, feedback_epsilon=2.0, update_epsilon=3.0)
-    ppo = PPOConfig()
-    team, cfg = calibrated(TeamConfig(), ppo, cfg, SPEC)
+    train = calibrated(PrivacyConfig(message_epsilon=8.0, feedback_epsilon=2.0,
+                                     update_epsilon=3.0))
+    team, cfg, ppo = train.team, train.privacy, PPOConfig()
     privacy = AgentPrivacy("actuator_0", 2, SPEC, team, cfg, tmp_path / LEDGER, {"run": 1})
     releases = privacy.batch_releases(ALL_ROUTES, update_releases(cfg, ppo))
     by_mechanism = {r.mechanism: r for r in releases}

@@ -1,7 +1,8 @@
 """Accountants: one per file behind the :class:`Accountant` interface, and a registry.
 
-``rdp`` (the default) is fast and a few percent loose; ``pld`` and ``prv`` are tight to about
-1e-2; ``exact`` is the exact mu-GDP composition and accepts unsampled releases only.
+``pld`` (the default) is tight to about 1e-3; ``rdp`` is fast and a few percent loose, the
+fallback; ``prv`` is tight to about 1e-2; ``exact`` is the exact mu-GDP composition and accepts
+unsampled releases only.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ ACCOUNTANTS: dict[str, tuple[str, str]] = {
     "rdp": ("rdp", "RDPAccountant"), "pld": ("pld", "PLDAccountant"),
     "prv": ("prv", "PRVAccountant"), "exact": ("exact", "ExactGaussianAccountant"),
 }
-DEFAULT_ACCOUNTANT = "rdp"
+DEFAULT_ACCOUNTANT = "pld"
 
 
 def accountant_class(name: str) -> type[Accountant]:

@@ -44,10 +44,12 @@ class Accountant(abc.ABC):
 
     Subclasses implement :meth:`_epsilon` (and optionally :meth:`_delta`) on releases that are
     already merged (identical releases folded into one ``count``), non-empty and noisy; the
-    public methods handle validation, the trivial cases and rounding.
+    public methods handle validation, the trivial cases and rounding. Epsilons are kept per
+    merged sequence and delta: an agent's batches release the same thing again and again.
     """
 
     name: ClassVar[str]
+    CACHE_SIZE: ClassVar[int] = 4096
 
     def epsilon(self, releases: Sequence[GaussianRelease], delta: float) -> float:
         """Smallest epsilon this accountant can certify for ``releases`` at ``delta``.
@@ -61,7 +63,13 @@ class Accountant(abc.ABC):
             return 0.0
         if any(r.noise_multiplier == 0 for r in releases):
             return math.inf
-        return round_up(float(self._epsilon(releases, delta)))
+        key = (tuple(sorted(releases, key=repr)), delta)
+        cache = self.__dict__.setdefault("_cache", {})
+        if key not in cache:
+            if len(cache) >= self.CACHE_SIZE:
+                cache.pop(next(iter(cache)))
+            cache[key] = round_up(float(self._epsilon(releases, delta)))
+        return cache[key]
 
     def delta(self, releases: Sequence[GaussianRelease], epsilon: float) -> float:
         """Smallest delta this accountant can certify for ``releases`` at ``epsilon``."""

@@ -1,0 +1,227 @@
+"""What a run will release, worked out before it starts: what composes for one privacy unit,
+each mechanism's noise calibrated, and a run that cannot fit its budget refused.
+
+The plan is that of the agent that releases the most, with every route kept (pruning only
+removes releases): per episode batch its vectors, its feedback and its update (DP-SGD steps in a
+federated run; without DP-SGD one release without noise, epsilon infinite). What composes for
+one unit follows from how the agents train (``composition_for``): an episode's own batch
+under DP-SGD, every release of the run under plain PPO (then also the vectors of the
+evaluation episodes played through the simulator).
+
+``calibrate`` sets the noise multipliers: each mechanism with a target epsilon gets the least
+noise that meets it alone; one budget ``epsilon`` is split over the mechanisms in use (shares in
+``DEFAULT_SHARES``, a mechanism's target fixing its own) and turns DP-SGD on in a federated run.
+``check_fits`` refuses, with one line, a configuration whose planned releases exceed the cap.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import torch
+from torch import Tensor
+
+from fedcomm.clients.privacy import (
+    Training,
+    batch_releases,
+    composition_for,
+    update_releases,
+    update_sample_rate,
+)
+from fedcomm.config import FederationConfig, TrainConfig
+from fedcomm.presets import PRIVATE_FEEDBACK_CLIP, UNCLIPPED
+from fedcomm.privacy.accountants import make_accountant
+from fedcomm.privacy.budget import PrivacyBudget, mechanism_epsilons
+from fedcomm.privacy.calibrate import Mechanism, search_epsilon, smallest_noise, split_budget
+from fedcomm.privacy.events import GaussianRelease, gaussian_release
+from fedcomm.privacy.ledger import Composition
+
+DEFAULT_SHARES = {"message": 0.5, "feedback": 0.25, "update": 0.25}
+"""How one budget is split: each mechanism's own epsilon in proportion, scaled until all of them
+compose to the budget."""
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """How many episode batches a run's agents train on, and play for evaluation through the
+    simulator (a federated run's evaluations release vectors; the centralized trainer's
+    happen in process and release nothing)."""
+
+    federated: bool
+    train_batches: int
+    eval_batches: int = 0
+
+    @classmethod
+    def of(cls, cfg: TrainConfig | FederationConfig) -> Schedule:
+        if isinstance(cfg, TrainConfig):
+            return cls(False, max(1, cfg.env_steps // cfg.batch_steps))
+        per_evaluation = math.ceil(cfg.train.eval_episodes / cfg.train.num_envs)
+        interval = cfg.eval_interval
+        periodic = (cfg.rounds - 1) // interval if interval else 0
+        return cls(True, cfg.total_batches, per_evaluation * (periodic + 1))
+
+
+def training(train: TrainConfig, schedule: Schedule) -> Training:
+    """How the planned run's agents train: DP-SGD where a federated update is private."""
+    private = schedule.federated and train.privacy.update_noise_multiplier is not None
+    return "dp_sgd" if private else "plain"
+
+
+def initial_routes(train: TrainConfig) -> Tensor:
+    """The routes of the first round: all of them, unless the team does not communicate or
+    starts with every route below the pruning threshold."""
+    k = len(train.spec.types)
+    keep = (train.team.communicate
+            and 1 / (1 + math.exp(-train.team.graph_init)) > train.team.prune_threshold)
+    return torch.full((k, k), keep, dtype=torch.bool)
+
+
+def unit_releases(train: TrainConfig, schedule: Schedule, index: int) -> list[GaussianRelease]:
+    """What composes for one unit of agent ``index`` in the planned run."""
+    extra = update_releases(train.privacy, train.ppo) if schedule.federated else []
+    routes = initial_routes(train)
+    batch = batch_releases(train.spec, train.team, train.privacy.relation, routes, index, extra)
+    if not schedule.federated:  # one process: only the vectors cross between agents
+        batch = [r for r in batch if r.mechanism == "message"]
+    composition = composition_for(training(train, schedule))
+    if train.privacy.unit == "episode" and composition == "batch":
+        return batch
+    messages = [r for r in batch if r.mechanism == "message"]
+    return ([r.with_count(r.count * schedule.train_batches) for r in batch]
+            + [r.with_count(r.count * schedule.eval_batches) for r in messages
+               if schedule.eval_batches])
+
+
+@dataclass(frozen=True)
+class PrivacyPlan:
+    """The planned run's epsilon for one unit: per mechanism alone and composed, each the
+    largest over agents, against the cap."""
+
+    unit: str
+    composition: Composition
+    relation: str
+    delta: float
+    budget: float
+    epsilon: dict[str, float]
+    composed: float
+
+    @property
+    def fits(self) -> bool:
+        return self.composed <= self.budget
+
+    def describe(self) -> str:
+        """The unit and what composes for it, in words."""
+        if self.unit == "history":
+            return "per agent's whole history"
+        if self.composition == "batch":
+            return "per episode (its batch's releases; later ones are post-processing of DP-SGD)"
+        return ("per episode, every release of the run composing (the networks that shape the "
+                "releases train on it without DP-SGD)")
+
+    def refusal(self) -> str:
+        mechanisms = ", ".join(f"{k} {_eps(v)}" for k, v in self.epsilon.items())
+        advice = ("set --epsilon to split one budget over every mechanism (it turns DP-SGD on)"
+                  if self.composed == math.inf else
+                  "set --epsilon to calibrate every mechanism to the budget, raise "
+                  "--epsilon-budget, or train fewer --env-steps")
+        return (f"this run cannot fit its privacy budget {self.budget:g} {self.describe()}: "
+                f"planned {mechanisms}; composed {_eps(self.composed)}; {advice}")
+
+
+def _eps(value: float) -> str:
+    return "inf (no noise)" if value == math.inf else f"{value:.3g}"
+
+
+def plan(train: TrainConfig, schedule: Schedule) -> PrivacyPlan:
+    cfg = train.privacy
+    budget = PrivacyBudget(cfg.budget, cfg.delta, cfg.accountant, cfg.relation)
+    per_mechanism: dict[str, float] = {}
+    composed = 0.0
+    for index in range(train.spec.n_agents):
+        releases = unit_releases(train, schedule, index)
+        composed = max(composed, budget.epsilon_of(releases))
+        for name, eps in mechanism_epsilons(releases, budget).items():
+            per_mechanism[name] = max(per_mechanism.get(name, 0.0), eps)
+    return PrivacyPlan(cfg.unit, composition_for(training(train, schedule)), cfg.relation,
+                       cfg.delta, cfg.budget, per_mechanism, composed)
+
+
+def check_fits(train: TrainConfig, schedule: Schedule) -> PrivacyPlan:
+    """The plan, or ``ValueError`` with one line if the run cannot fit its budget."""
+    planned = plan(train, schedule)
+    if not planned.fits:
+        raise ValueError(planned.refusal())
+    return planned
+
+
+def calibrate(train: TrainConfig, schedule: Schedule) -> TrainConfig:
+    """``train`` with the noise of every mechanism that has a target (or a share of
+    ``epsilon``) calibrated, and ``privacy.split`` stating each one's epsilon alone."""
+    cfg = train.privacy
+    targets = {"message": cfg.message_epsilon, "feedback": cfg.feedback_epsilon,
+               "update": cfg.update_epsilon}
+    if cfg.epsilon is None and all(t is None for t in targets.values()):
+        return train
+    if schedule.federated and (cfg.epsilon is not None or cfg.update_epsilon is not None):
+        # the update is calibrated: DP-SGD, and so the episode's own batch composes
+        train = replace(train, privacy=replace(cfg, update_noise_multiplier=1.0))
+    if (train.team.feedback_clip >= UNCLIPPED
+            and (cfg.epsilon is not None or cfg.feedback_epsilon is not None)):
+        train = replace(train, team=replace(train.team, feedback_clip=PRIVATE_FEEDBACK_CLIP))
+    mechanisms = _mechanisms(train, schedule, targets)
+    if cfg.epsilon is not None:
+        split = split_budget(cfg.epsilon, cfg.delta, mechanisms, cfg.accountant, cfg.relation)
+        noise, stated = split.noise, split.epsilon
+    else:
+        acc = make_accountant(cfg.accountant)
+        chosen = [m for m in mechanisms if m.target is not None]
+        noise = {m.name: smallest_noise(lambda s, m=m: search_epsilon(
+            m.releases(s), cfg.delta, acc, cfg.relation), m.target) for m in chosen}
+        # stated by the run's accountant, which is what its report states
+        stated = {m.name: _alone(train, m, noise[m.name]) for m in chosen}
+    team, privacy = train.team, train.privacy
+    if "message" in noise:
+        team = replace(team, noise_multiplier=noise["message"])
+    if "feedback" in noise:
+        team = replace(team, feedback_noise_multiplier=noise["feedback"])
+    if "update" in noise:
+        privacy = replace(privacy, update_noise_multiplier=noise["update"])
+    return replace(train, team=team, privacy=replace(privacy, split=stated))
+
+
+def _alone(train: TrainConfig, m: Mechanism, sigma: float) -> float:
+    budget = PrivacyBudget(math.inf, train.privacy.delta, train.privacy.accountant,
+                           train.privacy.relation)
+    return budget.epsilon_of(m.releases(sigma))
+
+
+def _mechanisms(train: TrainConfig, schedule: Schedule, targets: dict[str, float | None]
+                ) -> list[Mechanism]:
+    """The mechanisms the planned run uses, each as what composes of it for the unit of the
+    agent that releases most of it, at a noise multiplier."""
+    spec, cfg = train.spec, train.privacy
+    counts: dict[str, int] = {}
+    for index in range(spec.n_agents):
+        mine: dict[str, int] = {}
+        for r in unit_releases(train, schedule, index):
+            mine[r.mechanism] = mine.get(r.mechanism, 0) + r.count
+        for name, n in mine.items():
+            counts[name] = max(counts.get(name, 0), n)
+    q = update_sample_rate(cfg, train.ppo)
+    make = {
+        "message": lambda s, n: [gaussian_release("message", s, train.team.clip,
+                                                  relation=cfg.relation, count=n)],
+        "feedback": lambda s, n: [gaussian_release("feedback", s, train.team.feedback_clip,
+                                                   relation=cfg.relation, count=n)],
+        "update": lambda s, n: [gaussian_release("update", s, cfg.update_clip,
+                                                 relation=cfg.relation, sample_rate=q,
+                                                 count=n)],
+    }
+    out = []
+    for name, count in counts.items():
+        if name == "update" and cfg.update_noise_multiplier is None:
+            continue  # plain PPO: nothing to calibrate (its epsilon is infinite)
+        out.append(Mechanism(name, lambda s, name=name, count=count: make[name](s, count),
+                             DEFAULT_SHARES[name], targets[name]))
+    return out
