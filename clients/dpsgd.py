@@ -36,7 +36,7 @@ from fedcomm.clients.ppo import Targets, ppo_loss
 from fedcomm.clients.privacy import check_sample_rate, dp_steps
 from fedcomm.clients.rollout import Rollout
 from fedcomm.config import PPOConfig
-from fedcomm.models.team import Team
+from fedcomm.models.team import SHARED, Team
 
 
 class _EpisodeLoss(nn.Module):
@@ -100,12 +100,37 @@ def episode_gradients(team: Team, rollout: Rollout, targets: Targets, cfg: PPOCo
     return {k[len(prefix):]: g for k, g in grads.items()}, stats
 
 
+def clip_groups(grads: dict[str, Tensor], clip: float, shared_share: float
+                ) -> dict[str, Tensor]:
+    """Each episode's gradient with its shared-module part clipped to ``clip *
+    sqrt(shared_share)`` and its private part to ``clip * sqrt(1 - shared_share)``."""
+    if not 0 < shared_share < 1:
+        raise ValueError(f"the shared module's share must lie in (0, 1), got {shared_share}")
+    out = {}
+    for shared in (True, False):
+        names = [k for k in grads if k.startswith(SHARED) == shared]
+        if not names:
+            continue
+        bound = clip * math.sqrt(shared_share if shared else 1 - shared_share)
+        norm = torch.stack([grads[k].flatten(1).norm(dim=1) for k in names]).norm(dim=0)
+        scale = (bound / norm.clamp(min=bound))  # [B]: 1 below the bound
+        out |= {k: grads[k] * scale.view(-1, *[1] * (grads[k].dim() - 1)) for k in names}
+    return out
+
+
 def dp_ppo_update(team: Team, optimizer: torch.optim.Optimizer, rollout: Rollout,
                   cfg: PPOConfig, targets: Targets, *, noise_multiplier: float, clip: float,
                   sample_rate: float, generator: torch.Generator | None,
                   noise_generator: torch.Generator | None,
-                  feedback: Tensor | None = None) -> tuple[dict[str, float], int]:
+                  feedback: Tensor | None = None,
+                  shared_share: float | None = None) -> tuple[dict[str, float], int]:
     """``ppo_update``'s epochs as DP-SGD steps over Poisson samples of episodes.
+
+    ``shared_share`` clips each episode's gradient in two parts: the shared module's to norm
+    ``clip * sqrt(shared_share)`` and the private networks' to ``clip * sqrt(1 -
+    shared_share)``, so their sum still has norm at most ``clip`` (the same sensitivity and
+    noise) but the shared module's small gradient is not drowned by the policy's, whose norm
+    is tens of times larger. ``None`` clips the whole gradient to ``clip``.
 
     Each step is one sampled Gaussian release (rate ``sample_rate``, noise multiplier
     ``noise_multiplier``, L2 sensitivity ``clip`` under add/remove of an episode); the
@@ -142,10 +167,12 @@ def dp_ppo_update(team: Team, optimizer: torch.optim.Optimizer, rollout: Rollout
                 grads, episode_stats = episode_gradients(
                     team, rollout.select(envs), part, cfg,
                     None if feedback is None else feedback[:, envs])
+                if shared_share is not None:
+                    grads = clip_groups(grads, clip, shared_share)
                 for p in params:
                     p.grad_sample = grads[own[id(p)]]
                 norms = torch.stack([g.flatten(1).norm(dim=1) for g in grads.values()])
-                episode_stats["dp_clip_frac"] = (norms.norm(dim=0) > clip).float()
+                episode_stats["dp_clip_frac"] = (norms.norm(dim=0) > clip * (1 - 1e-6)).float()
                 for k, v in episode_stats.items():
                     stats.setdefault(k, []).append(v.mean().item())
             else:

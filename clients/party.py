@@ -52,7 +52,10 @@ class Party:
         self.team, self.transport, self.cfg = team, transport, cfg or PPOConfig()
         self.optimizer = make_optimizer(team.parameters(), self.cfg.lr)
         device = team.local_index.device
-        self.value_norm = ValueNorm(team.n_local).to(device)
+        # Under DP-SGD the normaliser is never updated: it starts from a scale that depends on
+        # no episode, returns of the order of one reward per step.
+        scale = team.spec.episode_length if dp is not None else 1.0
+        self.value_norm = ValueNorm(team.n_local, scale).to(device)
         self.generator = torch.Generator(device).manual_seed(seed)
         self.dp = dp
 
@@ -103,7 +106,8 @@ class Party:
                     self.team, self.optimizer, rollout, self.cfg, targets,
                     noise_multiplier=self.dp.noise_multiplier, clip=self.dp.clip,
                     sample_rate=self.dp.sample_rate, generator=self.generator,
-                    noise_generator=noise or self.generator, feedback=received)
+                    noise_generator=noise or self.generator, feedback=received,
+                    shared_share=self.dp.shared_share)
                 stats |= update | {"dp_steps": steps}
         stats |= {"rollout_s": t1 - t0, "feedback_s": t2 - t1,
                   "update_s": time.perf_counter() - t2}

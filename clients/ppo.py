@@ -20,12 +20,17 @@ from fedcomm.models.team import Team, TeamOutput, log_probs
 
 
 class ValueNorm(nn.Module):
-    """Running mean and variance of each agent's returns."""
+    """Running mean and variance of each agent's returns.
 
-    def __init__(self, n_agents: int) -> None:
+    ``scale`` sets the initial standard deviation: the statistics a normaliser starts from, and
+    keeps under DP-SGD, where it is never updated (the statistics of a batch's returns would
+    carry every episode into each one's targets).
+    """
+
+    def __init__(self, n_agents: int, scale: float = 1.0) -> None:
         super().__init__()
         self.register_buffer("mean", torch.zeros(n_agents))
-        self.register_buffer("var", torch.ones(n_agents))
+        self.register_buffer("var", torch.full((n_agents,), float(scale) ** 2))
         self.register_buffer("count", torch.tensor(1e-4))
 
     def update(self, x: Tensor) -> None:

@@ -38,6 +38,7 @@ class DpSgd:
     noise_multiplier: float
     clip: float
     sample_rate: float
+    shared_share: float | None = None  # of the squared clip, for the shared module's part
 
 
 def composition_for(training: Training) -> Composition:
@@ -103,7 +104,8 @@ def update_dp(cfg: PrivacyConfig, ppo: PPOConfig) -> DpSgd | None:
     """The DP-SGD settings of a federated agent's update, if it is private."""
     if cfg.update_noise_multiplier is None:
         return None
-    return DpSgd(cfg.update_noise_multiplier, cfg.update_clip, update_sample_rate(cfg, ppo))
+    return DpSgd(cfg.update_noise_multiplier, cfg.update_clip, update_sample_rate(cfg, ppo),
+                 cfg.update_shared_share)
 
 
 def update_releases(cfg: PrivacyConfig, ppo: PPOConfig) -> list[GaussianRelease]:

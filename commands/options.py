@@ -98,6 +98,9 @@ PRIVACY_FLAGS = (
           help="DP-SGD noise multiplier of a federated agent's update (default: off)"),
     _flag("--update-clip", path="privacy.update_clip", type=float,
           help="DP-SGD per-episode clip norm (default 1)"),
+    _flag("--update-shared-share", path="privacy.update_shared_share", type=float,
+          help="clip the shared module's part of each episode's DP-SGD gradient apart, to "
+          "this share of the squared clip"),
 )
 
 FEEDBACK_FLAGS = (  # federated only: the centralized trainer has no feedback exchange

@@ -24,10 +24,9 @@ class GroupLinear(nn.Module):
             nn.init.orthogonal_(w, gain=gain)
 
     def forward(self, x: Tensor) -> Tensor:
-        lead = x.shape[:-2]
-        g, i = x.shape[-2:]
-        y = torch.bmm(x.reshape(-1, g, i).transpose(0, 1), self.weight).transpose(0, 1)
-        y = y.reshape(*lead, g, -1)
+        # One batched matmul over the groups; as an einsum it stays one under vmap too (the
+        # per-episode gradients of DP-SGD), where a bmm would copy the weights per episode.
+        y = torch.einsum("...gi,gio->...go", x, self.weight)
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:

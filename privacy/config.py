@@ -39,6 +39,10 @@ class PrivacyConfig:
         mechanism's releases that compose for one unit cost at most this (rounded to the safe
         side); with ``epsilon``, they fix those mechanisms' shares and the others share the
         rest. ``None``: use the configured noise multiplier (or ``epsilon``'s split).
+    update_shared_share
+        Clip each episode's DP-SGD gradient in two parts: the shared module's to
+        ``update_clip * sqrt(share)``, the private networks' to the rest (the same sensitivity
+        as one clip); ``None``: one clip for the whole gradient.
     split
         What the calibration gave each mechanism: its epsilon alone for one unit (set by
         ``clients.privacy_plan.calibrate``; stated in the report).
@@ -73,6 +77,7 @@ class PrivacyConfig:
     update_noise_multiplier: float | None = None
     update_clip: float = 1.0
     update_sample_rate: float | None = None
+    update_shared_share: float | None = None
     split: dict[str, float] | None = None
 
     @property
@@ -101,6 +106,9 @@ class PrivacyConfig:
         if self.update_sample_rate is not None and not 0 < self.update_sample_rate <= 1:
             raise ValueError(f"update_sample_rate must lie in (0, 1], got "
                              f"{self.update_sample_rate}")
+        if self.update_shared_share is not None and not 0 < self.update_shared_share < 1:
+            raise ValueError(f"update_shared_share must lie in (0, 1), got "
+                             f"{self.update_shared_share}")
         if self.on_budget_spent not in ("silent", "stop"):
             raise ValueError(f"on_budget_spent must be silent or stop, got "
                              f"{self.on_budget_spent!r}")

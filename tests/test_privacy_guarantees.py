@@ -1,0 +1,105 @@
+"""Every epsilon a federated run states holds for its unit, through ``fedcomm simulate`` as a
+user runs it (real Ray, real gRPC): vectors calibrated per batch are not stated per episode
+when plain PPO trains the networks that shape them; under DP-SGD their episode's batch is what
+composes; one budget ``--epsilon`` is split, calibrated, stated and verified by the audit."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from fedcomm.clients.privacy import LEDGER, composition_of_config
+from fedcomm.commands import main
+from fedcomm.privacy.audit import audit, independent_epsilon
+from fedcomm.privacy.calibrate import noise_for_epsilon
+from fedcomm.privacy.ledger import read_ledger
+from fedcomm.privacy.report import build_report, run_info_from_report, write_report
+
+SMALL = ["--env", "speaker_listener", "--num-envs", "16", "--env-steps", str(4 * 16 * 25),
+         "--batches-per-round", "2", "--eval-episodes", "16", "--hidden", "16", "--quiet"]
+AGENTS = ("speaker_0", "listener_0")
+PER_BATCH_8 = noise_for_epsilon(8.0, 1e-5, count=25)  # one episode's 25 vectors: epsilon 8
+
+
+def simulate(out: Path, *args: str) -> str:
+    proc = subprocess.run([sys.executable, "-m", "fedcomm", "simulate", *SMALL, *args,
+                           "--out", str(out)], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "COLUMNS": "400"})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout + proc.stderr
+
+
+def messages(run: Path, agent: str) -> list[dict]:
+    return [e for e in read_ledger(run / "agents" / agent / LEDGER)
+            if e["mechanism"] == "message"]
+
+
+@pytest.fixture(scope="module")
+def plain_run(tmp_path_factory) -> tuple[Path, str]:
+    """Vectors whose noise costs epsilon 8 per batch, every network trained by plain PPO."""
+    out = tmp_path_factory.mktemp("plain") / "run"
+    return out, simulate(out, "--noise-multiplier", str(PER_BATCH_8))
+
+
+def test_without_dp_sgd_a_per_batch_vector_epsilon_is_not_stated_per_episode(plain_run):
+    out, log = plain_run
+    report = json.loads((out / "privacy_report.json").read_text())
+    assert report["run"]["composition"] == "all"
+    for agent in AGENTS:
+        stated = float(report["agents"][agent]["mechanisms"]["message"]["epsilon"])
+        entries = messages(out, agent)
+        one_batch = independent_epsilon(entries[:1], "replace_one", 1e-5)
+        assert one_batch == pytest.approx(8.0, abs=0.05)
+        # every vector of the run composes: 4 training batches and the evaluation's
+        assert len(entries) > 4 and stated >= independent_epsilon(entries, "replace_one", 1e-5)
+        assert stated > 2 * one_batch
+        assert report["agents"][agent]["composed"]["epsilon"] == "inf"  # a plain update
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["privacy"]["composition"] == "all"
+    assert summary["privacy"]["epsilon"]["message"] > 16
+    assert "every release of the run composing" in log and "epsilon 8 " not in log
+    assert main(["audit", str(out)]) == 0
+
+
+def test_the_audit_refuses_a_per_batch_claim_for_a_run_without_dp_sgd(plain_run, tmp_path):
+    out, _ = plain_run
+    report = json.loads((out / "privacy_report.json").read_text())
+    claimed = replace(run_info_from_report(report), composition="batch")
+    forged = build_report({a: out / "agents" / a / LEDGER for a in AGENTS}, claimed, out)
+    write_report(forged, tmp_path / "privacy_report.json")
+    for agent in AGENTS:  # the forged report's figures are those of one batch
+        assert float(forged["agents"][agent]["mechanisms"]["message"]["epsilon"]) < 8.05
+    (tmp_path / "agents").symlink_to(out / "agents")
+    result = audit(tmp_path, composition=composition_of_config)
+    assert any(f.where.endswith("run.composition") for f in result.failures), result.failures
+
+
+def test_one_budget_under_dp_sgd_is_split_stated_per_episode_and_verified(tmp_path, capsys):
+    out = tmp_path / "run"
+    log = simulate(out, "--epsilon", "8", "--message-epsilon", "6")
+    config = json.loads((out / "config.json").read_text())["train"]["privacy"]
+    assert config["update_noise_multiplier"] is not None  # --epsilon turned DP-SGD on
+    assert set(config["split"]) == {"message", "feedback", "update"}
+    assert config["split"]["message"] == pytest.approx(6.0, abs=0.01)
+    report = json.loads((out / "privacy_report.json").read_text())
+    assert report["run"]["composition"] == "batch" and report["run"]["split"] == config["split"]
+    for agent in AGENTS:
+        section = report["agents"][agent]
+        assert 5.95 < float(section["mechanisms"]["message"]["epsilon"]) <= 6.0 + 1e-6
+        assert float(section["composed"]["epsilon"]) <= 8.0 and section["composed"][
+            "within_budget"]
+        # what composes is one batch: the first batch's releases alone give the same figure
+        first = [e for e in read_ledger(out / "agents" / agent / LEDGER) if e["batch"] == 1]
+        assert independent_epsilon(first, "replace_one", 1e-5) <= 8.0 + 1e-2
+    summary = json.loads((out / "summary.json").read_text())["privacy"]
+    assert summary["composed"] <= 8.0 and summary["budget"] == 8.0
+    assert "each alone" in log and "of budget 8" in log
+    capsys.readouterr()
+    assert main(["audit", str(out)]) == 0
+    assert "verified" in capsys.readouterr().out
