@@ -41,6 +41,7 @@ from typing import Any
 import dp_accounting
 from dp_accounting.pld import pld_privacy_accountant
 
+from .accountants.exact import gdp_epsilon
 from .events import RELATION_FACTOR
 from .ledger import (
     LedgerError,
@@ -122,6 +123,11 @@ def _pld_epsilon(groups: tuple[tuple[tuple[float, float], int], ...], relation: 
                  delta: float, interval: float) -> float:
     NR = dp_accounting.NeighboringRelation
     replace = relation == "replace_one" and any(q < 1 for (_, q), _ in groups)
+    # The grid scales with a rough estimate of epsilon (never coarser than 1e-4 of it): a
+    # fixed 1e-3 grid over a run's vectors of epsilon in the thousands would not fit in memory.
+    mu = math.sqrt(sum(n / z**2 if q == 1 else n * q**2 * math.expm1(min(1 / z**2, 700))
+                       for (z, q), n in groups))
+    interval = max(interval, 1e-4 * gdp_epsilon(mu, delta))
     accountant = pld_privacy_accountant.PLDAccountant(
         NR.REPLACE_ONE if replace else NR.ADD_OR_REMOVE_ONE,
         value_discretization_interval=interval)

@@ -7,7 +7,8 @@ so nothing depends on how dp-accounting scales a noise multiplier under ``REPLAC
 RDP accountant ignores the relation for Gaussian events, google/differential-privacy#378):
 
 * unsampled, either relation: the Gaussian with sensitivity 1 and noise ``std / sensitivity``,
-  exact; ``count`` copies are one Gaussian with noise ``std / (sensitivity sqrt(count))``;
+  exact; ``count`` copies are one Gaussian with noise ``std / (sensitivity sqrt(count))``; a
+  composition of unsampled releases only is the exact mu-GDP profile (``exact.py``);
 * sampled, add/remove: the Poisson-subsampled Gaussian under ``ADD_OR_REMOVE_ONE``, the tight
   analysis of DP-SGD (both the add and the remove direction);
 * sampled, replace-one: dp-accounting's ``REPLACE_ONE`` analysis of the Poisson-subsampled
@@ -25,6 +26,7 @@ from dp_accounting.pld import privacy_loss_distribution as pld_lib
 
 from ..events import GaussianRelease
 from .base import Accountant
+from .exact import gaussian_mu, gdp_epsilon
 
 NeighboringRelation = dp_accounting.NeighboringRelation
 
@@ -48,6 +50,30 @@ def release_pld(release: GaussianRelease, interval: float) -> pld_lib.PrivacyLos
     return pld.self_compose(release.count) if release.count > 1 else pld
 
 
+RELATIVE_GRID = 1e-4
+"""The grid is never coarser than this fraction of the epsilon it computes."""
+
+
+def rough_mu(releases: list[GaussianRelease]) -> float:
+    """A rough mu-GDP of the composition (the central limit for sampled releases): only to
+    size the grid, never reported."""
+    total = 0.0
+    for r in releases:
+        z = r.effective_noise
+        if not r.sampled:
+            total += r.count / z**2
+        else:
+            total += r.count * r.sample_rate**2 * math.expm1(min(1 / z**2, 700))
+    return math.sqrt(total)
+
+
+def grid_interval(releases: list[GaussianRelease], delta: float, finest: float) -> float:
+    """A grid width that keeps the loss distribution's support small whatever the epsilon: at
+    most ``RELATIVE_GRID`` of a rough estimate of it, which the pessimistic discretisation
+    keeps an upper bound at any width."""
+    return max(finest, RELATIVE_GRID * gdp_epsilon(rough_mu(releases), delta))
+
+
 class PLDAccountant(Accountant):
     """dp-accounting's privacy loss distributions, composed.
 
@@ -68,14 +94,20 @@ class PLDAccountant(Accountant):
     def options(self) -> dict:
         return {"value_discretization_interval": self.interval}
 
-    def _pld(self, releases: list[GaussianRelease]) -> pld_lib.PrivacyLossDistribution:
-        composed = release_pld(releases[0], self.interval)
+    def _pld(self, releases: list[GaussianRelease], delta: float
+             ) -> pld_lib.PrivacyLossDistribution:
+        interval = grid_interval(releases, delta, self.interval)
+        composed = release_pld(releases[0], interval)
         for r in releases[1:]:
-            composed = composed.compose(release_pld(r, self.interval))
+            composed = composed.compose(release_pld(r, interval))
         return composed
 
     def _epsilon(self, releases: list[GaussianRelease], delta: float) -> float:
-        return self._pld(releases).get_epsilon_for_delta(delta)
+        if all(not r.sampled for r in releases):
+            # Unsampled Gaussians compose exactly to mu-GDP: the profile itself, without a
+            # grid (whose size grows with epsilon: a run's vectors can cost thousands).
+            return gdp_epsilon(gaussian_mu(releases), delta)
+        return self._pld(releases, delta).get_epsilon_for_delta(delta)
 
     def _delta(self, releases: list[GaussianRelease], epsilon: float) -> float:
-        return self._pld(releases).get_delta_for_epsilon(epsilon)
+        return self._pld(releases, 1e-10).get_delta_for_epsilon(epsilon)
