@@ -42,11 +42,13 @@ import dp_accounting
 from dp_accounting.pld import pld_privacy_accountant
 
 from .accountants.exact import gdp_epsilon
-from .events import RELATION_FACTOR
+from .events import RELATION_FACTOR, GaussianRelease
 from .ledger import (
+    KIND_FIELDS,
     LedgerError,
     config_hash,
     group_key,
+    kind_of,
     read_ledger,
     release_from_entry,
     verify_chain,
@@ -64,7 +66,6 @@ from .report import (
 REL_TOL = 1e-2
 ABS_TOL = 1e-3
 AGREEMENT_TOL = 2e-6
-PARAMETERS = ("noise_multiplier", "clip", "sensitivity", "sample_rate")
 
 
 @dataclass(frozen=True)
@@ -105,28 +106,36 @@ def independent_epsilon(entries: Sequence[Mapping[str, Any]], relation: str, del
     times 2 from add/remove to replace-one, times 1/2 the other way).
     """
     groups: dict[tuple[float, float], int] = {}
+    responses: dict[tuple[float, int], int] = {}
     for e in entries:
+        if kind_of(e) == "randomized_response":
+            key = (float(e["epsilon"]), int(e["symbols"]))
+            responses[key] = responses.get(key, 0) + e["count"]
+            continue
         std = e["noise_multiplier"] * e["clip"]
         if std == 0:
             return math.inf
         sensitivity = e["sensitivity"] * RELATION_FACTOR[relation] / RELATION_FACTOR[e["relation"]]
         key = (std / sensitivity, e["sample_rate"])
         groups[key] = groups.get(key, 0) + e["count"]
-    if not groups:
+    if not groups and not responses:
         return 0.0
-    return _pld_epsilon(tuple(sorted(groups.items())), relation, delta,
-                        value_discretization_interval)
+    return _pld_epsilon(tuple(sorted(groups.items())), tuple(sorted(responses.items())),
+                        relation, delta, value_discretization_interval)
 
 
 @functools.lru_cache(maxsize=1024)
-def _pld_epsilon(groups: tuple[tuple[tuple[float, float], int], ...], relation: str,
+def _pld_epsilon(groups: tuple[tuple[tuple[float, float], int], ...],
+                 responses: tuple[tuple[tuple[float, int], int], ...], relation: str,
                  delta: float, interval: float) -> float:
     NR = dp_accounting.NeighboringRelation
-    replace = relation == "replace_one" and any(q < 1 for (_, q), _ in groups)
+    # Randomized response is dp-accounting's under REPLACE_ONE (pure epsilon: either relation)
+    replace = relation == "replace_one" and (any(q < 1 for (_, q), _ in groups)
+                                             or bool(responses))
     # The grid scales with a rough estimate of epsilon (never coarser than 1e-4 of it): a
     # fixed 1e-3 grid over a run's vectors of epsilon in the thousands would not fit in memory.
     mu = math.sqrt(sum(n / z**2 if q == 1 else n * q**2 * math.expm1(min(1 / z**2, 700))
-                       for (z, q), n in groups))
+                       for (z, q), n in groups) + sum(n * eps**2 for (eps, _), n in responses))
     interval = max(interval, 1e-4 * gdp_epsilon(mu, delta))
     accountant = pld_privacy_accountant.PLDAccountant(
         NR.REPLACE_ONE if replace else NR.ADD_OR_REMOVE_ONE,
@@ -137,6 +146,9 @@ def _pld_epsilon(groups: tuple[tuple[tuple[float, float], int], ...], relation: 
         if q < 1:
             event = dp_accounting.PoissonSampledDpEvent(q, event)
         accountant.compose(event, count)
+    for (eps, k), count in responses:
+        accountant.compose(dp_accounting.RandomizedResponseDpEvent(
+            noise_parameter=k / (math.exp(eps) + k - 1), num_buckets=k), count)
     return accountant.get_epsilon(delta)
 
 
@@ -249,11 +261,16 @@ def _check_entry(result: AuditResult, ledger: str, number: int, e: Mapping[str, 
     relation = declared.get("relation", run["relation"])
     if e["relation"] != relation:
         result.fail(f"{at}:relation", f"is {e['relation']!r}, declared {relation!r}")
-    for key in PARAMETERS:
+    kind = kind_of(e)
+    if declared.get("kind", "gaussian") != kind:
+        result.fail(f"{at}:kind", f"is {kind!r}, declared {declared.get('kind', 'gaussian')!r}")
+    for key in KIND_FIELDS.get(kind, ()):
         if key in declared:
             allowed = declared[key] if isinstance(declared[key], list) else [declared[key]]
             if not any(_close(e[key], a) for a in allowed):
                 result.fail(f"{at}:{key}", f"is {e[key]!r}, declared {declared[key]!r}")
+    if not isinstance(release, GaussianRelease):
+        return len(result.failures) == before
     minimum = RELATION_FACTOR[release.relation] * release.clip
     if release.sensitivity < minimum * (1 - 1e-12):
         result.fail(f"{at}:sensitivity", f"{release.sensitivity!r} is below "

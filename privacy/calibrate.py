@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from .accountants import DEFAULT_ACCOUNTANT, Accountant, make_accountant, round_up
 from .accountants.exact import gaussian_mu, gdp_epsilon
-from .events import RELATION_FACTOR, GaussianRelease, Relation, check_relation
+from .events import RELATION_FACTOR, GaussianRelease, Relation, Release, check_relation
 
 MAX_NOISE = 1e8
 
@@ -130,7 +130,7 @@ class Mechanism:
     """
 
     name: str
-    releases: Callable[[float], list[GaussianRelease]]
+    releases: Callable[[float], list[Release]]
     share: float = 1.0
     target: float | None = None
 
@@ -197,12 +197,12 @@ def split_budget(total: float, delta: float, mechanisms: Sequence[Mechanism],
     return Split(split.noise, stated, split.composed)
 
 
-def search_epsilon(releases: Sequence[GaussianRelease], delta: float, accountant: Accountant,
+def search_epsilon(releases: Sequence[Release], delta: float, accountant: Accountant,
                    relation: Relation) -> float:
     """Epsilon of ``releases`` for a noise search: exact (and fast) for unsampled Gaussians,
     the accountant's otherwise. The noise found is then stated with the accountant."""
     releases = [r.as_relation(relation) for r in releases]
-    if all(not r.sampled for r in releases):
+    if all(isinstance(r, GaussianRelease) and not r.sampled for r in releases):
         return round_up(gdp_epsilon(gaussian_mu(releases), delta))
     return accountant.epsilon(releases, delta)
 

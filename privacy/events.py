@@ -1,4 +1,5 @@
-"""The unit of accounting: one Gaussian release, or ``count`` identical ones.
+"""The unit of accounting: one release, or ``count`` identical ones: Gaussian
+(:class:`GaussianRelease`) or K-ary randomized response (:class:`RandomizedResponse`).
 
 A release adds ``N(0, (noise_multiplier * clip)^2 I)`` to a value whose per-unit contribution
 is clipped to L2 norm ``clip``. What an accountant needs besides the noise is the *true* L2
@@ -98,6 +99,11 @@ class GaussianRelease:
         return self.noise_multiplier * self.clip
 
     @property
+    def noiseless(self) -> bool:
+        """A release without noise: no epsilon bounds it."""
+        return self.noise_multiplier == 0
+
+    @property
     def effective_noise(self) -> float:
         """Noise standard deviation per unit of true sensitivity: ``z = std / sensitivity``.
 
@@ -129,6 +135,73 @@ class GaussianRelease:
         return replace(self, count=count)
 
 
+@dataclass(frozen=True)
+class RandomizedResponse:
+    """``count`` releases of one of ``symbols`` values by K-ary randomized response.
+
+    The true value is released with probability ``e^eps / (e^eps + K - 1)``, each other with
+    ``1 / (e^eps + K - 1)``: pure ``epsilon``-DP for any change of the unit, so the release is
+    the same under either relation, and Rényi and privacy loss distributions of it are exact.
+
+    Parameters
+    ----------
+    mechanism
+        Name of the mechanism; reports group releases by it.
+    epsilon
+        Epsilon of one release (finite, positive).
+    symbols
+        K, the number of values (at least 2).
+    count, relation
+        As in :class:`GaussianRelease`.
+    """
+
+    mechanism: str
+    epsilon: float
+    symbols: int
+    count: int = 1
+    relation: Relation = "replace_one"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.mechanism, str) or not self.mechanism:
+            raise ValueError("mechanism must be a non-empty string")
+        if isinstance(self.epsilon, bool) or not isinstance(self.epsilon, (int, float)) \
+                or not 0 < self.epsilon < math.inf:
+            raise ValueError(f"epsilon must be positive and finite, got {self.epsilon!r}")
+        if isinstance(self.symbols, bool) or not isinstance(self.symbols, int) \
+                or self.symbols < 2:
+            raise ValueError(f"symbols must be an integer >= 2, got {self.symbols!r}")
+        if isinstance(self.count, bool) or not isinstance(self.count, int) or self.count < 1:
+            raise ValueError(f"count must be an integer >= 1, got {self.count!r}")
+        check_relation(self.relation)
+
+    sampled = False
+    sample_rate = 1.0
+    noiseless = False
+
+    @property
+    def keep_probability(self) -> float:
+        """The probability that the true value is released."""
+        return 1.0 / (1.0 + (self.symbols - 1) * math.exp(-self.epsilon))
+
+    @property
+    def uniform_probability(self) -> float:
+        """The probability of answering uniformly at random (dp-accounting's parameter):
+        ``K / (e^eps + K - 1)``."""
+        return self.symbols / (math.exp(self.epsilon) + self.symbols - 1)
+
+    def as_relation(self, relation: Relation) -> RandomizedResponse:
+        """The same release under ``relation``: pure epsilon-DP holds under either."""
+        check_relation(relation)
+        return self if relation == self.relation else replace(self, relation=relation)
+
+    def with_count(self, count: int) -> RandomizedResponse:
+        return replace(self, count=count)
+
+
+Release = GaussianRelease | RandomizedResponse
+"""Any release an accountant composes."""
+
+
 def gaussian_release(
     mechanism: str,
     noise_multiplier: float,
@@ -155,7 +228,7 @@ def gaussian_release(
                            relation)
 
 
-def common_relation(releases: list[GaussianRelease] | tuple[GaussianRelease, ...]) -> str | None:
+def common_relation(releases: list[Release] | tuple[Release, ...]) -> str | None:
     """The one relation all ``releases`` share (``None`` if empty); raise if they are mixed."""
     relations = {r.relation for r in releases}
     if len(relations) > 1:
@@ -165,7 +238,7 @@ def common_relation(releases: list[GaussianRelease] | tuple[GaussianRelease, ...
     return relations.pop() if relations else None
 
 
-def merge(releases: list[GaussianRelease] | tuple[GaussianRelease, ...]) -> list[GaussianRelease]:
+def merge(releases: list[Release] | tuple[Release, ...]) -> list[Release]:
     """Fold ``releases`` into the fewest releases with the same composed privacy loss.
 
     Accountants run in time proportional to the number of distinct releases, so this is how
@@ -177,10 +250,17 @@ def merge(releases: list[GaussianRelease] | tuple[GaussianRelease, ...]) -> list
       ``z = (sum_t count_t / z_t^2) ** -1/2``.
 
     The result is normalised to ``clip = sensitivity = 1`` and ``noise_multiplier = z``.
+    Randomized responses with the same epsilon and symbols add their counts.
     """
     counts: dict[tuple[float, float, str], tuple[str, int]] = {}
+    responses: dict[tuple[float, int, str], tuple[str, int]] = {}
     inverse_var, first_unsampled = 0.0, None
     for r in releases:
+        if isinstance(r, RandomizedResponse):
+            key = (float(r.epsilon), r.symbols, r.relation)
+            name, n = responses.get(key, (r.mechanism, 0))
+            responses[key] = (name, n + r.count)
+            continue
         if not r.sampled and r.noise_multiplier > 0:
             inverse_var += r.count / r.effective_noise**2
             first_unsampled = first_unsampled or r
@@ -188,8 +268,10 @@ def merge(releases: list[GaussianRelease] | tuple[GaussianRelease, ...]) -> list
         key = (r.effective_noise, r.sample_rate, r.relation)
         name, n = counts.get(key, (r.mechanism, 0))
         counts[key] = (name, n + r.count)
-    merged = [GaussianRelease(name, z, 1.0, 1.0, q, n, rel)
-              for (z, q, rel), (name, n) in counts.items()]
+    merged: list[Release] = [GaussianRelease(name, z, 1.0, 1.0, q, n, rel)
+                             for (z, q, rel), (name, n) in counts.items()]
+    merged += [RandomizedResponse(name, eps, k, n, rel)
+               for (eps, k, rel), (name, n) in responses.items()]
     if first_unsampled is not None:
         merged.insert(0, GaussianRelease(first_unsampled.mechanism, inverse_var**-0.5, 1.0, 1.0,
                                          1.0, 1, first_unsampled.relation))

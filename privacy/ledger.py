@@ -1,6 +1,7 @@
 """Per-agent, append-only, write-ahead ledger of releases.
 
-One JSON object per line, each with the fields in :data:`FIELDS`. ``prev`` is the ``hash`` of
+One JSON object per line, each with :data:`COMMON_FIELDS` and its kind's :data:`KIND_FIELDS`
+(``kind`` names it, absent for a Gaussian release). ``prev`` is the ``hash`` of
 the line before (:data:`GENESIS` for the first) and ``hash`` is the SHA-256 of the canonical
 JSON (sorted keys, no spaces) of the entry without ``hash``. Editing, deleting, inserting or
 reordering lines breaks the chain at the line concerned (:func:`verify_chain`); deleting the
@@ -42,7 +43,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-from .events import GaussianRelease
+from .events import GaussianRelease, RandomizedResponse, Release
 
 log = logging.getLogger(__name__)
 
@@ -64,11 +65,28 @@ def group_key(unit: Unit, composition: Composition, batch: int) -> int | None:
         raise ValueError(f"composition must be one of {COMPOSITIONS}, got {composition!r}")
     return batch if unit == "episode" and composition == "batch" else None
 GENESIS = "0" * 64
-FIELDS: tuple[str, ...] = (
-    "seq", "time", "agent", "round", "batch", "mechanism", "unit", "relation",
-    "noise_multiplier", "clip", "sensitivity", "sample_rate", "count", "config_hash", "prev",
-    "hash",
+COMMON_FIELDS: tuple[str, ...] = (
+    "seq", "time", "agent", "round", "batch", "mechanism", "unit", "relation", "count",
+    "config_hash", "prev", "hash",
 )
+KIND_FIELDS: dict[str, tuple[str, ...]] = {
+    "gaussian": ("noise_multiplier", "clip", "sensitivity", "sample_rate"),
+    "randomized_response": ("epsilon", "symbols"),
+}
+"""The parameters of each kind of release; an entry without ``kind`` is Gaussian."""
+FIELDS: tuple[str, ...] = COMMON_FIELDS + KIND_FIELDS["gaussian"]
+
+
+def kind_of(entry: Mapping[str, Any]) -> str:
+    return entry.get("kind", "gaussian")
+
+
+def missing_fields(entry: Mapping[str, Any]) -> list[str]:
+    """The fields an entry of its kind must have and lacks."""
+    kind = kind_of(entry)
+    if kind not in KIND_FIELDS:
+        return [f"kind {kind!r} (unknown)"]
+    return [f for f in COMMON_FIELDS + KIND_FIELDS[kind] if f not in entry]
 
 
 class LedgerError(Exception):
@@ -96,12 +114,28 @@ def entry_hash(entry: Mapping[str, Any]) -> str:
     return hashlib.sha256(canonical_json(body).encode()).hexdigest()
 
 
-def release_from_entry(entry: Mapping[str, Any]) -> GaussianRelease:
+def release_from_entry(entry: Mapping[str, Any]) -> Release:
     """The release a ledger entry records (``ValueError`` if its parameters are invalid)."""
+    if kind_of(entry) == "randomized_response":
+        return RandomizedResponse(mechanism=entry["mechanism"], epsilon=entry["epsilon"],
+                                  symbols=entry["symbols"], count=entry["count"],
+                                  relation=entry["relation"])
+    if kind_of(entry) != "gaussian":
+        raise ValueError(f"unknown kind of release {kind_of(entry)!r}")
     return GaussianRelease(
         mechanism=entry["mechanism"], noise_multiplier=entry["noise_multiplier"],
         clip=entry["clip"], sensitivity=entry["sensitivity"], sample_rate=entry["sample_rate"],
         count=entry["count"], relation=entry["relation"])
+
+
+def release_parameters(release: Release) -> dict[str, Any]:
+    """What an entry records of a release besides its mechanism, relation and count."""
+    if isinstance(release, RandomizedResponse):
+        return {"kind": "randomized_response", "epsilon": float(release.epsilon),
+                "symbols": release.symbols}
+    return {"noise_multiplier": float(release.noise_multiplier), "clip": float(release.clip),
+            "sensitivity": float(release.sensitivity),
+            "sample_rate": float(release.sample_rate)}
 
 
 def _parse_lines(data: bytes, path: Path | str) -> list[dict[str, Any]]:
@@ -135,7 +169,7 @@ def verify_chain(entries: Sequence[Mapping[str, Any]], genesis: str = GENESIS) -
     problems = []
     prev = genesis
     for number, entry in enumerate(entries, 1):
-        missing = [f for f in FIELDS if f not in entry]
+        missing = missing_fields(entry)
         if missing:
             problems.append(f"line {number}: missing fields {missing}")
         elif entry_hash(entry) != entry["hash"]:
@@ -198,7 +232,7 @@ class Ledger:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def append(self, release: GaussianRelease, *, round: int, batch: int, unit: Unit) -> dict:
+    def append(self, release: Release, *, round: int, batch: int, unit: Unit) -> dict:
         """Record ``release`` durably; release the values only after this returns.
 
         Returns the entry written. Raises :class:`LedgerError` if a previous write failed
@@ -215,11 +249,8 @@ class Ledger:
             entry: dict[str, Any] = {
                 "seq": len(self._entries) + 1, "time": time.time(), "agent": self.agent,
                 "round": round, "batch": batch, "mechanism": release.mechanism, "unit": unit,
-                "relation": release.relation,
-                "noise_multiplier": float(release.noise_multiplier), "clip": float(release.clip),
-                "sensitivity": float(release.sensitivity),
-                "sample_rate": float(release.sample_rate), "count": release.count,
-                "config_hash": self.config_hash, "prev": self.last_hash,
+                "relation": release.relation, **release_parameters(release),
+                "count": release.count, "config_hash": self.config_hash, "prev": self.last_hash,
             }
             entry["hash"] = entry_hash(entry)
             data = (canonical_json(entry) + "\n").encode()
@@ -272,7 +303,7 @@ class Ledger:
             entry = json.loads(tail)
         except ValueError:
             entry = None
-        if isinstance(entry, dict) and all(f in entry for f in FIELDS):
+        if isinstance(entry, dict) and not missing_fields(entry):
             os.write(self._fd, b"\n")
             self.recovered = (f"line {number}: added the missing newline to a complete entry "
                               "(kept: counting it over-counts at most)")

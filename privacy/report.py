@@ -68,12 +68,14 @@ from .budget import PrivacyBudget, remaining_budget
 from .events import GaussianRelease, Relation, check_relation, merge
 from .ledger import (
     COMPOSITIONS,
+    KIND_FIELDS,
     UNITS,
     Composition,
     LedgerError,
     Unit,
     config_hash,
     group_key,
+    kind_of,
     read_ledger,
     release_from_entry,
     verify_chain,
@@ -232,10 +234,11 @@ def agent_section(entries: Sequence[dict[str, Any]], run: RunInfo, budget: float
         curve = epsilon_curve(mine, run.unit, eps, curve_points, run.composition)
         parameters: dict[tuple, dict[str, Any]] = {}
         for e, _ in mine:
-            key = (e["noise_multiplier"], e["clip"], e["sensitivity"], e["sample_rate"])
-            p = parameters.setdefault(key, dict(zip(
-                ("noise_multiplier", "clip", "sensitivity", "sample_rate"), key),
-                releases=0, count=0))
+            fields = KIND_FIELDS[kind_of(e)]
+            key = (kind_of(e), *(e[f] for f in fields))
+            kind = {} if key[0] == "gaussian" else {"kind": key[0]}
+            p = parameters.setdefault(key, {**kind, **dict(zip(fields, key[1:])),
+                                            "releases": 0, "count": 0})
             p["releases"] += 1
             p["count"] += e["count"]
         mechanisms[name] = {
@@ -449,6 +452,13 @@ def _plot(agent: str, section: Mapping[str, Any]) -> tuple[str, list[str]]:
     return base64.b64encode(buffer.getvalue()).decode(), notes
 
 
+def _parameters_text(p: Mapping[str, Any]) -> str:
+    if p.get("kind") == "randomized_response":
+        return f"randomized response eps={p['epsilon']:g} K={p['symbols']} x{p['count']}"
+    return (f"sigma={p['noise_multiplier']:g} C={p['clip']:g} Delta={p['sensitivity']:g} "
+            f"q={p['sample_rate']:g} x{p['count']}")
+
+
 def _table(rows: list[list[Any]], header: list[str]) -> str:
     cells = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>"
@@ -505,9 +515,7 @@ def render_html(report: Mapping[str, Any], path: Path | str) -> Path:
         if notes:
             parts.append("<p><small>" + e(" ".join(notes)) + "</small></p>")
         rows = [[name, m["relation"], m["sampling"], m["releases"], m["count"],
-                 "; ".join(f"sigma={p['noise_multiplier']:g} C={p['clip']:g} "
-                           f"Delta={p['sensitivity']:g} q={p['sample_rate']:g} x{p['count']}"
-                           for p in m["parameters"]),
+                 "; ".join(_parameters_text(p) for p in m["parameters"]),
                  _eps_text(m["epsilon"]) + (" (no noise: no guarantee)"
                                             if decode_eps(m["epsilon"]) == math.inf else "")]
                 for name, m in section["mechanisms"].items()]

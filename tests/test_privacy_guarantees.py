@@ -102,4 +102,4 @@ def test_one_budget_under_dp_sgd_is_split_stated_per_episode_and_verified(tmp_pa
     assert "each alone" in log and "of budget 8" in log
     capsys.readouterr()
     assert main(["audit", str(out)]) == 0
-    assert "verified" in capsys.readouterr().out
+    assert "verified" in capsys.readouterr().err

@@ -1,6 +1,6 @@
 """The interface every accountant implements, and the rounding they share.
 
-An accountant turns a sequence of :class:`~fedcomm.privacy.events.GaussianRelease` into an
+An accountant turns a sequence of :class:`~fedcomm.privacy.events.Release` into an
 (epsilon, delta) guarantee for their composition. The releases may differ (noise changing
 between rounds, sampled and unsampled releases mixed) but must share one neighbouring relation.
 
@@ -15,7 +15,7 @@ import math
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
-from ..events import GaussianRelease, common_relation, merge
+from ..events import Release, common_relation, merge
 
 EPS_DECIMALS = 6
 """Epsilon is rounded up to this many decimals."""
@@ -51,7 +51,7 @@ class Accountant(abc.ABC):
     name: ClassVar[str]
     CACHE_SIZE: ClassVar[int] = 4096
 
-    def epsilon(self, releases: Sequence[GaussianRelease], delta: float) -> float:
+    def epsilon(self, releases: Sequence[Release], delta: float) -> float:
         """Smallest epsilon this accountant can certify for ``releases`` at ``delta``.
 
         Returns ``0.0`` for no releases and ``inf`` if any release has no noise. Raises
@@ -61,7 +61,7 @@ class Accountant(abc.ABC):
         releases = self._prepare(releases)
         if not releases:
             return 0.0
-        if any(r.noise_multiplier == 0 for r in releases):
+        if any(r.noiseless for r in releases):
             return math.inf
         key = (tuple(sorted(releases, key=repr)), delta)
         cache = self.__dict__.setdefault("_cache", {})
@@ -71,14 +71,14 @@ class Accountant(abc.ABC):
             cache[key] = round_up(float(self._epsilon(releases, delta)))
         return cache[key]
 
-    def delta(self, releases: Sequence[GaussianRelease], epsilon: float) -> float:
+    def delta(self, releases: Sequence[Release], epsilon: float) -> float:
         """Smallest delta this accountant can certify for ``releases`` at ``epsilon``."""
         if not epsilon >= 0:
             raise ValueError(f"epsilon must be >= 0, got {epsilon!r}")
         releases = self._prepare(releases)
         if not releases:
             return 0.0
-        if any(r.noise_multiplier == 0 for r in releases):
+        if any(r.noiseless for r in releases):
             return 1.0
         value = float(self._delta(releases, epsilon))
         return min(1.0, math.nextafter(max(value, 0.0), math.inf))
@@ -92,16 +92,16 @@ class Accountant(abc.ABC):
         return {}
 
     @staticmethod
-    def _prepare(releases: Sequence[GaussianRelease]) -> list[GaussianRelease]:
+    def _prepare(releases: Sequence[Release]) -> list[Release]:
         releases = list(releases)
         common_relation(releases)
         return merge(releases)
 
     @abc.abstractmethod
-    def _epsilon(self, releases: list[GaussianRelease], delta: float) -> float:
+    def _epsilon(self, releases: list[Release], delta: float) -> float:
         """Epsilon of merged, noisy, non-empty ``releases`` with one relation."""
 
-    def _delta(self, releases: list[GaussianRelease], epsilon: float) -> float:
+    def _delta(self, releases: list[Release], epsilon: float) -> float:
         """Delta of merged, noisy, non-empty ``releases`` with one relation."""
         raise NotImplementedError(f"the {self.name} accountant does not compute delta")
 

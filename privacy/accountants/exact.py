@@ -25,6 +25,9 @@ def gaussian_mu(releases: Sequence[GaussianRelease]) -> float:
     """``mu`` of the composition of unsampled ``releases`` (``inf`` if one has no noise)."""
     total = 0.0
     for r in releases:
+        if not isinstance(r, GaussianRelease):
+            raise ValueError(f"the exact Gaussian composition needs Gaussian releases; "
+                             f"{r.mechanism!r} is {type(r).__name__}")
         if r.sampled:
             raise ValueError(
                 f"the exact Gaussian composition needs unsampled releases; {r.mechanism!r} has "

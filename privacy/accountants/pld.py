@@ -11,6 +11,7 @@ RDP accountant ignores the relation for Gaussian events, google/differential-pri
   composition of unsampled releases only is the exact mu-GDP profile (``exact.py``);
 * sampled, add/remove: the Poisson-subsampled Gaussian under ``ADD_OR_REMOVE_ONE``, the tight
   analysis of DP-SGD (both the add and the remove direction);
+* randomized response: dp-accounting's exact PLD of K-ary randomized response;
 * sampled, replace-one: dp-accounting's ``REPLACE_ONE`` analysis of the Poisson-subsampled
   Gaussian, the pair ``(1-q) N(0, s^2) + q N(-r, s^2)`` against ``(1-q) N(0, s^2) + q N(r, s^2)``
   with radius ``r = sensitivity / 2``; it reduces to the Gaussian with sensitivity ``2 r`` at
@@ -24,15 +25,20 @@ import math
 import dp_accounting
 from dp_accounting.pld import privacy_loss_distribution as pld_lib
 
-from ..events import GaussianRelease
+from ..events import GaussianRelease, RandomizedResponse, Release
 from .base import Accountant
 from .exact import gaussian_mu, gdp_epsilon
 
 NeighboringRelation = dp_accounting.NeighboringRelation
 
 
-def release_pld(release: GaussianRelease, interval: float) -> pld_lib.PrivacyLossDistribution:
+def release_pld(release: Release, interval: float) -> pld_lib.PrivacyLossDistribution:
     """PLD of ``release`` (all its ``count`` compositions), pessimistically discretised."""
+    if isinstance(release, RandomizedResponse):
+        pld = pld_lib.from_randomized_response(
+            noise_parameter=release.uniform_probability, num_buckets=release.symbols,
+            value_discretization_interval=interval)
+        return pld.self_compose(release.count) if release.count > 1 else pld
     if not release.sampled:
         # count identical Gaussians compose exactly into one with noise z / sqrt(count).
         return pld_lib.from_gaussian_mechanism(
@@ -54,11 +60,14 @@ RELATIVE_GRID = 1e-4
 """The grid is never coarser than this fraction of the epsilon it computes."""
 
 
-def rough_mu(releases: list[GaussianRelease]) -> float:
+def rough_mu(releases: list[Release]) -> float:
     """A rough mu-GDP of the composition (the central limit for sampled releases): only to
     size the grid, never reported."""
     total = 0.0
     for r in releases:
+        if isinstance(r, RandomizedResponse):
+            total += r.count * r.epsilon**2
+            continue
         z = r.effective_noise
         if not r.sampled:
             total += r.count / z**2
@@ -67,7 +76,7 @@ def rough_mu(releases: list[GaussianRelease]) -> float:
     return math.sqrt(total)
 
 
-def grid_interval(releases: list[GaussianRelease], delta: float, finest: float) -> float:
+def grid_interval(releases: list[Release], delta: float, finest: float) -> float:
     """A grid width that keeps the loss distribution's support small whatever the epsilon: at
     most ``RELATIVE_GRID`` of a rough estimate of it, which the pessimistic discretisation
     keeps an upper bound at any width."""
@@ -94,7 +103,7 @@ class PLDAccountant(Accountant):
     def options(self) -> dict:
         return {"value_discretization_interval": self.interval}
 
-    def _pld(self, releases: list[GaussianRelease], delta: float
+    def _pld(self, releases: list[Release], delta: float
              ) -> pld_lib.PrivacyLossDistribution:
         interval = grid_interval(releases, delta, self.interval)
         composed = release_pld(releases[0], interval)
@@ -103,7 +112,7 @@ class PLDAccountant(Accountant):
         return composed
 
     def _epsilon(self, releases: list[GaussianRelease], delta: float) -> float:
-        if all(not r.sampled for r in releases):
+        if all(isinstance(r, GaussianRelease) and not r.sampled for r in releases):
             # Unsampled Gaussians compose exactly to mu-GDP: the profile itself, without a
             # grid (whose size grows with epsilon: a run's vectors can cost thousands).
             return gdp_epsilon(gaussian_mu(releases), delta)

@@ -32,7 +32,7 @@ from opacus.accountants.analysis.prv import (
     discretize,
 )
 
-from ..events import GaussianRelease
+from ..events import GaussianRelease, Release
 from .base import Accountant
 from .rdp import RDPAccountant
 
@@ -76,6 +76,7 @@ class PRVAccountant(Accountant):
         return {"eps_error": self.eps_error, "delta_error": self.delta_error}
 
     def _epsilon(self, releases: list[GaussianRelease], delta: float) -> float:
+        _gaussian_only(releases)
         if _needs_group_bound(releases):
             return self._replace_epsilon(releases, delta)
         d_err = delta * self.delta_error
@@ -119,6 +120,13 @@ class PRVAccountant(Accountant):
             else:
                 hi = mid
         return 2 * hi
+
+
+def _gaussian_only(releases: Sequence[Release]) -> None:
+    for r in releases:
+        if not isinstance(r, GaussianRelease):
+            raise ValueError(f"the prv accountant composes Gaussian releases only; "
+                             f"{r.mechanism!r} is {type(r).__name__}: use pld or rdp")
 
 
 def _needs_group_bound(releases: Sequence[GaussianRelease]) -> bool:

@@ -8,6 +8,8 @@ conversion (Balle et al. 2020, Theorem 21). RDP is 3-8% looser than PLD or PRV b
 Curves per release, with ``z = std / sensitivity``:
 
 * unsampled: the Gaussian mechanism, ``alpha / (2 z^2)``, exact for either relation;
+* randomized response: its exact Rényi divergence (the two output distributions differ in
+  two values);
 * sampled, add/remove: Opacus' sampled Gaussian mechanism (Mironov, Talwar and Zhang 2019);
 * sampled, replace-one: Opacus has no analysis, so a provable upper bound is used. Replacing
   unit ``x`` by ``x'`` passes through the dataset without the unit, ``D -> D - x -> D'``; both
@@ -32,15 +34,18 @@ import numpy as np
 from opacus.accountants.analysis import rdp as opacus_rdp
 from opacus.accountants.rdp import RDPAccountant as _OpacusRDP
 
-from ..events import GaussianRelease
+from ..events import RandomizedResponse, Release
 from .base import Accountant
 
 DEFAULT_ORDERS: tuple[float, ...] = tuple(_OpacusRDP.DEFAULT_ALPHAS)
 """Opacus' default orders, 1.1 to 63."""
 
 
-def release_rdp(release: GaussianRelease, orders: Sequence[float]) -> np.ndarray:
+def release_rdp(release: Release, orders: Sequence[float]) -> np.ndarray:
     """RDP curve of ``release`` (all its ``count`` compositions) at ``orders``."""
+    if isinstance(release, RandomizedResponse):
+        return _response_rdp(float(release.epsilon), release.symbols, tuple(orders)) \
+            * release.count
     curve = _single_rdp(release.effective_noise, release.sample_rate,
                         release.relation if release.sampled else "any", tuple(orders))
     return curve * release.count
@@ -58,6 +63,21 @@ def _single_rdp(z: float, q: float, relation: str, orders: tuple[float, ...]) ->
                                        orders=list(2 * a - 1))
         curve = (a - 0.5) / (a - 1) * d_2a + d_2a1
     curve = np.asarray(curve, dtype=float)
+    curve.flags.writeable = False
+    return curve
+
+
+@functools.lru_cache(maxsize=4096)
+def _response_rdp(eps: float, k: int, orders: tuple[float, ...]) -> np.ndarray:
+    """Exact Rényi divergence of K-ary randomized response between two inputs: the two output
+    distributions differ in two values, ``(a, b, b, ...)`` against ``(b, a, b, ...)``."""
+    a = np.asarray(orders, dtype=float)
+    log_norm = np.log1p((k - 1) * math.exp(-eps))
+    log_p, log_q = -log_norm, -eps - log_norm  # keep, and each other value
+    terms = np.logaddexp(a * log_p + (1 - a) * log_q, a * log_q + (1 - a) * log_p)
+    if k > 2:
+        terms = np.logaddexp(terms, math.log(k - 2) + log_q)
+    curve = terms / (a - 1)
     curve.flags.writeable = False
     return curve
 
@@ -81,12 +101,12 @@ class RDPAccountant(Accountant):
     def options(self) -> dict:
         return {} if self.orders == DEFAULT_ORDERS else {"orders": list(self.orders)}
 
-    def curve(self, releases: Sequence[GaussianRelease]) -> np.ndarray:
+    def curve(self, releases: Sequence[Release]) -> np.ndarray:
         """Composed RDP curve of ``releases`` at this accountant's orders."""
         return sum((release_rdp(r, self.orders) for r in releases),
                    np.zeros(len(self.orders)))
 
-    def _epsilon(self, releases: list[GaussianRelease], delta: float) -> float:
+    def _epsilon(self, releases: list[Release], delta: float) -> float:
         with warnings.catch_warnings():
             # Opacus warns when the best order is at the end of the range; the bound holds.
             warnings.filterwarnings("ignore", message="Optimal order is the")
@@ -94,7 +114,7 @@ class RDPAccountant(Accountant):
                                                   rdp=self.curve(releases), delta=delta)
         return float(eps)
 
-    def _delta(self, releases: list[GaussianRelease], epsilon: float) -> float:
+    def _delta(self, releases: list[Release], epsilon: float) -> float:
         # The conversion used for epsilon, solved for delta, minimised over orders.
         a = np.asarray(self.orders)
         log_delta = (a - 1) * (self.curve(releases) - epsilon + np.log1p(-1 / a)) - np.log(a)
