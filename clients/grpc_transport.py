@@ -86,8 +86,11 @@ class GrpcTransport(Transport):
         self.agents = (self.index,)
         self.kind = spec.types[spec.type_of_agent[self.index]]
         self.comm_dim = team_cfg.comm_dim
-        self.vector_dp = pb.DpParams(clip_norm=team_cfg.clip,
-                                     noise_multiplier=team_cfg.noise_multiplier)
+        self.vector_dp = (
+            pb.DpParams(clip_norm=1.0, rr_epsilon=team_cfg.rr_epsilon, symbols=team_cfg.symbols)
+            if team_cfg.channel == "discrete" else
+            pb.DpParams(clip_norm=team_cfg.clip, noise_multiplier=team_cfg.noise_multiplier))
+        self.release_every = team_cfg.release_every
         self.feedback_dp = pb.DpParams(clip_norm=team_cfg.feedback_clip,
                                        noise_multiplier=team_cfg.feedback_noise_multiplier)
         self.wire_bytes: Counter[str] = Counter()  # protobuf bytes per direction and kind
@@ -204,7 +207,7 @@ class GrpcTransport(Transport):
             header=self._header(0), agent_type=self.kind.name, obs_dim=self.kind.obs_dim,
             n_actions=self.kind.n_actions, comm_dim=self.comm_dim, vector_dp=self.vector_dp,
             feedback_dp=self.feedback_dp, routes=encode(routes.to(torch.bool).contiguous()),
-            seed=seed, silent=silent)
+            seed=seed, silent=silent, release_every=self.release_every)
         self._call(self.stub.Join, join)
         self._requests = queue.Queue()
         self._responses = self.stub.Step(iter(self._requests.get, None), metadata=self.metadata,
@@ -212,9 +215,9 @@ class GrpcTransport(Transport):
         self._last_obs = self._obs(self._receive("observation").observation)
         return self._last_obs
 
-    def exchange(self, vectors: Tensor) -> tuple[Tensor | None, Tensor]:
+    def exchange(self, vectors: Tensor, release: bool = True) -> tuple[Tensor | None, Tensor]:
         msg = pb.KnowledgeVector(header=self._header(self.t), dp=self.vector_dp)
-        if self._speaks:  # an agent whose every route is pruned releases nothing
+        if self._speaks and release:  # nothing where every route is pruned, or off schedule
             msg.vector.CopyFrom(encode(vectors[:, 0].contiguous()))
         self._send(pb.AgentFrame(vector=msg))
         routed = self._receive("routed").routed

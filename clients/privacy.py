@@ -22,7 +22,13 @@ from torch import Tensor
 from fedcomm.config import PPOConfig, TeamConfig
 from fedcomm.privacy.budget import BudgetExhausted, PrivacyAccount, PrivacyBudget, Spent
 from fedcomm.privacy.config import PrivacyConfig
-from fedcomm.privacy.events import GaussianRelease, Relation, gaussian_release
+from fedcomm.privacy.events import (
+    GaussianRelease,
+    RandomizedResponse,
+    Relation,
+    Release,
+    gaussian_release,
+)
 from fedcomm.privacy.ledger import Composition, Ledger, config_hash
 from fedcomm.privacy.noise import secure_generator
 from fedcomm.sim.base import EnvSpec
@@ -83,7 +89,10 @@ def check_sample_rate(sample_rate: float) -> None:
 def declared_mechanisms(team: TeamConfig, cfg: PrivacyConfig, ppo: PPOConfig | None = None
                         ) -> dict[str, dict[str, Any]]:
     """What the run declares about each mechanism: the audit checks every entry against it."""
-    out = {"message": {"noise_multiplier": team.noise_multiplier, "clip": team.clip},
+    message = ({"kind": "randomized_response", "epsilon": team.rr_epsilon,
+                "symbols": team.symbols} if team.channel == "discrete" else
+               {"noise_multiplier": team.noise_multiplier, "clip": team.clip})
+    out = {"message": message,
            "feedback": {"noise_multiplier": team.feedback_noise_multiplier,
                         "clip": team.feedback_clip}}
     if ppo is not None:
@@ -118,16 +127,24 @@ def update_releases(cfg: PrivacyConfig, ppo: PPOConfig) -> list[GaussianRelease]
                              sample_rate=dp.sample_rate, count=dp_steps(ppo, dp.sample_rate))]
 
 
+def message_release(team: TeamConfig, relation: Relation, count: int) -> Release:
+    """``count`` vectors of the team's channel: Gaussian, or randomized codewords."""
+    if team.channel == "discrete":
+        return RandomizedResponse("message", team.rr_epsilon, team.symbols, count, relation)
+    return gaussian_release("message", team.noise_multiplier, team.clip, relation=relation,
+                            count=count)
+
+
 def batch_releases(spec: EnvSpec, team: TeamConfig, relation: Relation, routes: Tensor,
                    index: int, extra: Sequence[GaussianRelease] = ()) -> list[GaussianRelease]:
-    """Everything agent ``index`` releases in one episode batch under ``routes``: ``T``
-    vectors per episode if its vectors reach another agent, one feedback gradient per
+    """Everything agent ``index`` releases in one episode batch under ``routes``: its
+    scheduled vectors per episode if they reach another agent, one feedback gradient per
     episode for each agent whose vectors reach it, and ``extra`` (its DP-SGD steps)."""
     reach, reached_by = peers(spec, routes, index)
-    out = []
+    out: list[Release] = []
     if reach:
-        out.append(gaussian_release("message", team.noise_multiplier, team.clip,
-                                    relation=relation, count=spec.episode_length))
+        out.append(message_release(team, relation, team.releases_per_episode(
+            spec.episode_length)))
     if reached_by:
         out.append(gaussian_release("feedback", team.feedback_noise_multiplier,
                                     team.feedback_clip, relation=relation, count=reached_by))

@@ -26,6 +26,7 @@ from fedcomm.clients.privacy import (
     Training,
     batch_releases,
     composition_for,
+    message_release,
     update_releases,
     update_sample_rate,
 )
@@ -181,7 +182,9 @@ def calibrate(train: TrainConfig, schedule: Schedule) -> TrainConfig:
         # stated by the run's accountant, which is what its report states
         stated = {m.name: _alone(train, m, noise[m.name]) for m in chosen}
     team, privacy = train.team, train.privacy
-    if "message" in noise:
+    if "message" in noise and team.channel == "discrete":
+        team = replace(team, rr_epsilon=1 / noise["message"])
+    elif "message" in noise:
         team = replace(team, noise_multiplier=noise["message"])
     if "feedback" in noise:
         team = replace(team, feedback_noise_multiplier=noise["feedback"])
@@ -209,9 +212,10 @@ def _mechanisms(train: TrainConfig, schedule: Schedule, targets: dict[str, float
         for name, n in mine.items():
             counts[name] = max(counts.get(name, 0), n)
     q = update_sample_rate(cfg, train.ppo)
-    make = {
-        "message": lambda s, n: [gaussian_release("message", s, train.team.clip,
-                                                  relation=cfg.relation, count=n)],
+    make = {  # for randomized response the "noise" is 1 / epsilon per release
+        "message": lambda s, n: [message_release(
+            replace(train.team, noise_multiplier=s, rr_epsilon=1 / max(s, 1e-12)),
+            cfg.relation, n)],
         "feedback": lambda s, n: [gaussian_release("feedback", s, train.team.feedback_clip,
                                                    relation=cfg.relation, count=n)],
         "update": lambda s, n: [gaussian_release("update", s, cfg.update_clip,

@@ -21,7 +21,7 @@ from fedcomm.models.team import Team, TeamOutput, log_probs, memory_of, sample_a
 class Rollout:
     obs: list[Tensor]  # per type [T, B, count, obs_dim]
     actions: list[Tensor]  # per type [T, B, count]
-    noise: Tensor  # [T, B, N, D] the channel noise each vector carried
+    noise: Tensor  # [T, B, N, D] the channel's draw (Team.draw) of each vector
     logprobs: Tensor  # [T, B, N]
     values: Tensor  # [T, B, N] the value head's raw outputs
     rewards: Tensor  # [T, B, N]
@@ -66,7 +66,7 @@ def collect(team: Team, transport: Transport, seed: int | None = None,
     if transport.agents != team.agents:
         raise ValueError(f"the transport carries agents {transport.agents}, "
                          f"the team holds {team.agents}")
-    b, d = transport.num_envs, team.cfg.comm_dim
+    b = transport.num_envs
     noise_source = noise or generator
     obs = transport.reset(team.kept_routes() if routes is None else routes, seed, silent)
     if on_joined is not None:
@@ -77,9 +77,10 @@ def collect(team: Team, transport: Transport, seed: int | None = None,
     done = False
     while not done:
         feats, hidden = team.encode_obs(obs, hidden)
-        drawn = team.sample_noise((b, team.n_local, d), noise_source)
-        messages = team.speak(feats) + drawn
-        received, delivered = transport.exchange(messages)
+        clean = team.speak(feats)
+        drawn = team.draw(clean, noise_source, greedy)
+        messages = team.release(clean, drawn)
+        received, delivered = transport.exchange(messages, team.releases_at(len(steps)))
         logits, values, extras = team.respond(feats, messages, received, delivered, memory)
         memory = memory_of(extras)
         actions = sample_actions(logits, greedy, generator)
@@ -115,7 +116,7 @@ def replay(team: Team, rollout: Rollout) -> TeamOutput:
     for i in range(t):
         out = team([o[i] for o in rollout.obs], hidden, rollout.noise[i],
                    None if received is None else received[i],
-                   None if delivered is None else delivered[i], memory)
+                   None if delivered is None else delivered[i], memory, step=i)
         hidden, memory = out.hidden, memory_of(out.extras)
         outs.append(out)
     n_types = len(outs[0].logits)
@@ -129,7 +130,8 @@ def party_rollout(whole: Team, rollout: Rollout, agent: int) -> Rollout:
     vectors the router delivered to it (for comparing a party with the team it is cut from)."""
     with torch.no_grad():
         messages = replay(whole, rollout).messages  # [T, B, N, D]
-        delivered = torch.stack([whole.route(m)[:, [agent]] for m in messages])
+        delivered = torch.stack([whole.route(m)[:, [agent]] & whole.releases_at(t)
+                                 for t, m in enumerate(messages)])
     spec = whole.spec
     return Rollout(
         obs=spec.select(rollout.obs, (agent,), dim=2),

@@ -46,8 +46,9 @@ class Transport(ABC):
         """
 
     @abstractmethod
-    def exchange(self, vectors: Tensor) -> tuple[Tensor | None, Tensor]:
+    def exchange(self, vectors: Tensor, release: bool = True) -> tuple[Tensor | None, Tensor]:
         """Send the local agents' vectors ``[B, n_local, D]``; get what was delivered to them.
+        ``release=False``: a step the schedule skips, where the local agents send nothing.
 
         Returns ``received`` (``[B, N, D]``, every sender's vector, or ``None`` when every agent
         is local) and ``delivered`` (``[B or 1, n_local, N]`` bool).
@@ -86,10 +87,11 @@ class LocalTransport(Transport):
         self.routes = routes
         return self.env.reset(seed)
 
-    def exchange(self, vectors: Tensor) -> tuple[Tensor | None, Tensor]:
+    def exchange(self, vectors: Tensor, release: bool = True) -> tuple[Tensor | None, Tensor]:
         if self.routes is None:
             raise RuntimeError("reset the transport before exchanging vectors")
-        return None, delivery_mask(self.type_of_agent, self.routes, vectors, self.spec.bandwidth)
+        mask = delivery_mask(self.type_of_agent, self.routes, vectors, self.spec.bandwidth)
+        return None, mask & release
 
     def step(self, actions: Actions) -> TransportStep:
         step = self.env.step(actions)

@@ -58,6 +58,16 @@ TRAINING_FLAGS = (
     _switch("--recurrent", "team.recurrent", True, "give each agent a GRU state"),
     _switch("--accumulate", "team.accumulate", True,
             "receivers hear each sender's running mean over the episode"),
+    _flag("--channel", path="team.channel", choices=["gaussian", "discrete"],
+          help="gaussian: clipped, noised vectors; discrete: codewords privatised by "
+          "randomized response (default: gaussian)"),
+    _flag("--symbols", path="team.symbols", type=int,
+          help="codewords of a discrete channel (default 4)"),
+    _flag("--rr-epsilon", path="team.rr_epsilon", type=float,
+          help="randomized response's epsilon per release of a discrete channel"),
+    _flag("--release-every", path="team.release_every", type=int,
+          help="a sender releases at steps 0, k, 2k, ... (needs --accumulate or --recurrent "
+          "for k > 1; default 1)"),
     _flag("--encoder", path="team.encoder", choices=["mlp", "superposition"]),
     _flag("--hidden", path="team.hidden", type=int),
     _flag("--comm-dim", path="team.comm_dim", type=int),

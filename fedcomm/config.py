@@ -35,6 +35,8 @@ def _spec(env: str, env_kwargs: str) -> EnvSpec:
 
 @dataclass
 class TeamConfig:
+    """The agents' networks and their channel."""
+
     hidden: int = 64
     comm_dim: int = 16
     encoder: str = "mlp"  # or "superposition"
@@ -53,18 +55,45 @@ class TeamConfig:
     accumulate: bool = False
     prune_threshold: float = 0.3  # routes whose strength falls below this are not sent
     graph_init: float = 1.0  # initial route logit (strength sigmoid(1) = 0.73)
+    # "gaussian": a vector clip(encode(f), C) + N(0, (sigma C)^2); "discrete": one of `symbols`
+    # codewords, sampled from the encoder's softmax and privatised by K-ary randomized
+    # response at `rr_epsilon` per release (the vector is its one-hot; comm_dim = symbols).
+    channel: str = "gaussian"
+    symbols: int = 4
+    rr_epsilon: float = 8.0
+    # A sender releases at steps 0, k, 2k, ... of an episode: a data-independent schedule.
+    # Receivers keep what they heard (accumulate or a GRU), so k > 1 needs one of them.
+    release_every: int = 1
 
     def __post_init__(self) -> None:
         if not (0 < self.clip < math.inf and 0 < self.feedback_clip < math.inf):
             raise ValueError("clip norms must be positive and finite")
+        if self.channel not in ("gaussian", "discrete"):
+            raise ValueError(f"channel must be gaussian or discrete, got {self.channel!r}")
+        if self.channel == "discrete":
+            if self.symbols < 2 or not 0 < self.rr_epsilon < math.inf:
+                raise ValueError("a discrete channel needs at least 2 symbols and a positive, "
+                                 "finite rr_epsilon")
+            self.comm_dim = self.symbols
+        if self.release_every < 1:
+            raise ValueError("release_every must be at least 1")
+        if self.release_every > 1 and not (self.accumulate or self.recurrent):
+            raise ValueError("a sender that releases every k > 1 steps needs receivers that "
+                             "keep what they heard: set accumulate (or recurrent)")
         if min(self.noise_multiplier, self.feedback_noise_multiplier) < 0:
             raise ValueError("noise multipliers must be non-negative")
         if self.hidden < 1 or self.comm_dim < 1:
             raise ValueError("hidden and comm_dim must be positive")
 
+    def releases_per_episode(self, episode_length: int) -> int:
+        """How many times a sender releases in one episode (its schedule)."""
+        return -(-episode_length // self.release_every)
+
 
 @dataclass
 class PPOConfig:
+    """PPO's settings for every agent."""
+
     lr: float = 1e-3
     epochs: int = 4
     minibatches: int = 4

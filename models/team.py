@@ -12,6 +12,7 @@ the router delivers to it, then policy logits and a value from features and cont
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -24,7 +25,7 @@ from torch import Tensor, nn
 from fedcomm.config import TeamConfig
 from fedcomm.models.comm import CommModule, clip_norm
 from fedcomm.models.layers import GroupGRUCell, group_mlp
-from fedcomm.sim.base import EnvSpec, Obs
+from fedcomm.sim.base import EnvSpec, Obs, one_hot
 from fedcomm.sim.router import delivery_mask, priority
 
 SHARED = "comm."  # the shared module's parameters; every other one is private
@@ -136,14 +137,55 @@ class Team(nn.Module):
         return feats, feats
 
     def speak(self, feats: Tensor) -> Tensor:
-        """Knowledge vectors before noise: encoded and clipped to norm C."""
-        return clip_norm(self.comm.encode(feats), self.cfg.clip)
+        """What the channel's release is drawn around, differentiable in the sender's networks.
 
-    def sample_noise(self, shape: tuple[int, ...], generator: torch.Generator | None = None
-                     ) -> Tensor:
-        std = self.cfg.noise_multiplier * self.cfg.clip
-        noise = torch.randn(*shape, generator=generator, device=self.local_index.device)
-        return noise * std
+        Gaussian: the vector encoded and clipped to norm C (the noise is added to it).
+        Discrete: the expected released one-hot, ``b + (a - b) softmax(logits)``, where ``a``
+        is randomized response's probability of keeping the sampled codeword and ``b`` of each
+        other one: the released codeword is drawn from it, and its gradient is the
+        straight-through one (``release``).
+        """
+        encoded = self.comm.encode(feats)
+        if self.cfg.channel == "gaussian":
+            return clip_norm(encoded, self.cfg.clip)
+        keep, other = self.response_probabilities()
+        return other + (keep - other) * torch.softmax(encoded, dim=-1)
+
+    def response_probabilities(self) -> tuple[float, float]:
+        """Randomized response's probabilities: the codeword kept, each other one."""
+        k, eps = self.cfg.symbols, self.cfg.rr_epsilon
+        other = 1.0 / (math.exp(eps) + k - 1)
+        return 1.0 - (k - 1) * other, other
+
+    def draw(self, clean: Tensor, generator: torch.Generator | None = None,
+             greedy: bool = False) -> Tensor:
+        """The channel's privacy noise for ``clean`` (``speak``'s output), the release's random
+        part: Gaussian noise of std ``sigma C``; or, discrete, the released one-hot: a codeword
+        sampled from the encoder (its most likely one when ``greedy``), then kept with
+        probability ``a`` and replaced by each other one with ``b``. Drawn from ``generator``
+        (the privacy noise's)."""
+        device = self.local_index.device
+        if self.cfg.channel == "gaussian":
+            noise = torch.randn(*clean.shape, generator=generator, device=device)
+            return noise * (self.cfg.noise_multiplier * self.cfg.clip)
+        if greedy:
+            keep, other = self.response_probabilities()
+            chosen = clean.argmax(dim=-1, keepdim=True)
+            clean = torch.full_like(clean, other).scatter_(-1, chosen, keep)
+        u = torch.rand(clean.shape, generator=generator, device=device).clamp_(min=1e-20)
+        symbol = (clean.clamp(min=1e-30).log() - torch.log(-torch.log(u))).argmax(dim=-1)
+        return one_hot(symbol, self.cfg.symbols).to(clean.dtype)
+
+    def release(self, clean: Tensor, drawn: Tensor) -> Tensor:
+        """The released vector: ``clean + noise`` (Gaussian); the drawn one-hot, with the
+        gradient of its expectation ``clean`` (discrete, straight-through)."""
+        if self.cfg.channel == "gaussian":
+            return clean + drawn
+        return drawn + (clean - clean.detach())
+
+    def releases_at(self, step: int) -> bool:
+        """Whether the local senders release at ``step`` of the episode (the schedule)."""
+        return step % self.cfg.release_every == 0
 
     def kept_routes(self) -> Tensor:
         """``[K, K]`` the type-to-type routes this round's graph keeps (what the router uses).
@@ -219,13 +261,14 @@ class Team(nn.Module):
     # -- a whole step -------------------------------------------------------------------------
     def forward(self, obs: Obs, hidden: Tensor | None = None, noise: Tensor | None = None,
                 received: Tensor | None = None, delivered: Tensor | None = None,
-                memory: Memory | None = None) -> TeamOutput:
-        """One step of the local agents.
+                memory: Memory | None = None, step: int = 0) -> TeamOutput:
+        """Step ``step`` of the local agents.
 
         Parameters
         ----------
         noise
-            ``[B, n_local, D]`` channel noise for the local vectors (drawn if ``None``).
+            ``[B, n_local, D]`` the channel's draw for the local vectors (``draw``; drawn if
+            ``None``).
         received, delivered
             For a team without every agent: ``[B, N, D]`` the vectors of all senders as
             delivered by the router (entries of local agents are ignored) and ``[B or 1,
@@ -233,15 +276,13 @@ class Team(nn.Module):
         """
         feats, hidden = self.encode_obs(obs, hidden)
         clean = self.speak(feats)
-        if noise is None:
-            noise = self.sample_noise(tuple(clean.shape))
-        messages = clean + noise
+        messages = self.release(clean, self.draw(clean) if noise is None else noise)
         if received is None and not self.whole:
             raise ValueError("a team without every agent needs the vectors it received")
         if delivered is None:
             if received is not None:
                 raise ValueError("received vectors come with their delivery mask")
-            delivered = self.route(messages)
+            delivered = self.route(messages) & self.releases_at(step)
         logits, values, extras = self.respond(feats, messages, received, delivered, memory)
         return TeamOutput(logits, values, messages, hidden, extras)
 

@@ -269,13 +269,14 @@ class JointEnvironmentService(pb_grpc.JointEnvironmentServicer):
         slot.next_seq(msg.header)
         k = self.spec.type_of_agent[slot.index]
         if kind == "vector":
-            return check_vector(msg, rnd.terms, self.cfg.num_envs, k, slot.index in rnd.silent)
+            return check_vector(msg, rnd.terms, self.cfg.num_envs, k, slot.index in rnd.silent,
+                                t)
         return check_action(msg, self.cfg.num_envs, self.spec.types[k].n_actions)
 
     def _route(self, rnd: Round, t: int, vectors: Tensor) -> None:
         """Send each agent the vectors its routes carry; pruned routes are not sent at all."""
-        silent = torch.zeros(self.spec.n_agents, dtype=torch.bool)
-        silent[list(rnd.silent)] = True
+        silent = torch.full((self.spec.n_agents,), not rnd.terms.releases_at(t))
+        silent[list(rnd.silent)] = True  # and at a step the schedule skips, everyone is
         mask = delivery_mask(self.type_of_agent, rnd.terms.routes, vectors, self.spec.bandwidth,
                              silent)
         mask = mask.expand(self.cfg.num_envs, -1, -1)  # [B, receiver, sender]

@@ -36,6 +36,10 @@ class Terms:
     seed: int | None  # None: the simulator's own seed plus the round number
     vector_dp: pb.DpParams
     feedback_dp: pb.DpParams
+    release_every: int = 1  # vectors at steps 0, k, 2k, ...
+
+    def releases_at(self, step: int) -> bool:
+        return step % self.release_every == 0
 
 
 # -- headers -----------------------------------------------------------------------------------
@@ -71,19 +75,39 @@ def check_join_seq(header: pb.Header) -> None:
 
 # -- DP parameters -----------------------------------------------------------------------------
 def check_dp(dp: pb.DpParams, what: str) -> None:
-    """Parameters a Gaussian mechanism can have: without them no norm bound holds."""
+    """Parameters a mechanism can have: without them no norm bound holds. A discrete release
+    (``rr_epsilon > 0``) is a one-hot of ``symbols >= 2`` codewords, of norm 1, with no
+    Gaussian noise."""
     if not (math.isfinite(dp.clip_norm) and dp.clip_norm > 0
             and math.isfinite(dp.noise_multiplier) and dp.noise_multiplier >= 0):
         raise invalid(f"{what}: clip norm must be positive and noise multiplier "
                       f"non-negative, got {dp.clip_norm}, {dp.noise_multiplier}")
+    if not (math.isfinite(dp.rr_epsilon) and dp.rr_epsilon >= 0):
+        raise invalid(f"{what}: rr_epsilon must be finite and non-negative, got "
+                      f"{dp.rr_epsilon}")
+    if dp.rr_epsilon > 0 and (dp.symbols < 2 or dp.clip_norm != 1 or dp.noise_multiplier):
+        raise invalid(f"{what}: randomized response needs at least 2 symbols, clip norm 1 and "
+                      f"no Gaussian noise, got {dp.symbols}, {dp.clip_norm}, "
+                      f"{dp.noise_multiplier}")
+
+
+def _mechanism(dp: pb.DpParams) -> str:
+    if dp.rr_epsilon > 0:
+        return f"randomized response over {dp.symbols} symbols at epsilon {dp.rr_epsilon:g}"
+    return f"clip {dp.clip_norm:g}, noise multiplier {dp.noise_multiplier:g}"
 
 
 def same_dp(got: pb.DpParams, agreed: pb.DpParams, what: str) -> None:
     """Every release of a round uses the mechanism its agents agreed on."""
-    if (got.clip_norm, got.noise_multiplier) != (agreed.clip_norm, agreed.noise_multiplier):
+    fields = ("clip_norm", "noise_multiplier", "rr_epsilon", "symbols")
+    if all(getattr(got, f) == getattr(agreed, f) for f in fields):
+        return
+    if not (got.rr_epsilon or agreed.rr_epsilon):
         raise invalid(f"{what} declares clip {got.clip_norm:g}, noise multiplier "
-                      f"{got.noise_multiplier:g}; the round agreed on "
-                      f"{agreed.clip_norm:g}, {agreed.noise_multiplier:g}")
+                      f"{got.noise_multiplier:g}; the round agreed on {agreed.clip_norm:g}, "
+                      f"{agreed.noise_multiplier:g}")
+    raise invalid(f"{what} declares {_mechanism(got)}; the round agreed on "
+                  f"{_mechanism(agreed)}")
 
 
 # -- joins -------------------------------------------------------------------------------------
@@ -99,10 +123,17 @@ def join_terms(request: pb.JoinRequest, spec: EnvSpec, index: int) -> Terms:
         raise invalid("comm_dim must be positive")
     check_dp(request.vector_dp, "vector_dp")
     check_dp(request.feedback_dp, "feedback_dp")
+    if request.feedback_dp.rr_epsilon:
+        raise invalid("feedback_dp: feedback is a Gaussian release")
+    if request.vector_dp.rr_epsilon and request.vector_dp.symbols != request.comm_dim:
+        raise invalid(f"a discrete channel's vectors are one-hot rows of its "
+                      f"{request.vector_dp.symbols} symbols, not of comm_dim "
+                      f"{request.comm_dim}")
     k = len(spec.types)
     routes = decode(request.routes, "routes", pb.BOOL, (k, k))
     seed = request.seed if request.HasField("seed") else None
-    return Terms(routes, request.comm_dim, seed, request.vector_dp, request.feedback_dp)
+    return Terms(routes, request.comm_dim, seed, request.vector_dp, request.feedback_dp,
+                 max(1, request.release_every))
 
 
 def same_terms(declared: Terms, agreed: Terms) -> None:
@@ -119,6 +150,9 @@ def same_terms(declared: Terms, agreed: Terms) -> None:
         raise invalid(f"comm_dim {declared.comm_dim}, the round uses {agreed.comm_dim}")
     same_dp(declared.vector_dp, agreed.vector_dp, "vector_dp")
     same_dp(declared.feedback_dp, agreed.feedback_dp, "feedback_dp")
+    if declared.release_every != agreed.release_every:
+        raise invalid(f"a release every {declared.release_every} steps declared; the round "
+                      f"releases every {agreed.release_every}")
 
 
 def check_round_number(number: int) -> None:
@@ -138,22 +172,30 @@ def frame_body(frame: pb.AgentFrame, kind: str, t: int) -> Message:
 
 
 def check_vector(msg: pb.KnowledgeVector, terms: Terms, num_envs: int, agent_type: int,
-                 silent: bool) -> Tensor:
+                 silent: bool, step: int = 0) -> Tensor:
     """The agent's knowledge vector ``[B, comm_dim]``: zeros where it releases nothing.
 
-    An agent that joined silent, or whose type keeps no outgoing route, sends no vector: a
-    release nobody receives would still spend its budget. Every other agent sends one.
+    An agent that joined silent, whose type keeps no outgoing route, or at a step its schedule
+    skips, sends no vector: a release nobody receives would still spend its budget. Every
+    other agent sends one; on a discrete channel it is a one-hot row per environment.
     """
     same_dp(msg.dp, terms.vector_dp, "the vector")
-    speaks = not silent and bool(terms.routes[agent_type].any())
+    routed = bool(terms.routes[agent_type].any())
+    speaks = not silent and routed and terms.releases_at(step)
     if msg.HasField("vector") != speaks:
         raise invalid("the agent joined silent: send no vector" if silent else
                       "every route from this agent's type is pruned: send no vector"
-                      if not speaks else "the knowledge vector is missing")
+                      if not routed else
+                      f"the schedule releases every {terms.release_every} steps: send no "
+                      f"vector at step {step}" if not speaks else
+                      "the knowledge vector is missing")
     if not speaks:  # nothing released, nothing routed
         return torch.zeros(num_envs, terms.comm_dim)
     vector = decode(msg.vector, "vector", pb.FLOAT32, (num_envs, terms.comm_dim))
     check_norms(vector, "vector", msg.dp, row_dims=1)
+    if msg.dp.rr_epsilon and not bool(((vector == 0) | (vector == 1)).all()
+                                       & (vector.sum(dim=1) == 1).all()):
+        raise invalid("a discrete channel's vector is a one-hot row per environment")
     return vector
 
 

@@ -13,15 +13,20 @@ from fedcomm.models.team import Team
 from fedcomm.sim.factory import Factory
 from fedcomm.sim.platoon import Platoon
 
+DISCRETE = {"channel": "discrete", "symbols": 4, "rr_epsilon": 3.0}
 
-@pytest.mark.parametrize(("env_cls", "accumulate"),
-                         [(Factory, False), (Platoon, False), (Factory, True)])
-def test_summed_receiver_feedback_equals_the_in_process_gradient(env_cls, accumulate):
+
+@pytest.mark.parametrize(("env_cls", "team"), [
+    (Factory, {}), (Platoon, {}), (Factory, {"accumulate": True}),
+    (Factory, DISCRETE), (Factory, {**DISCRETE, "accumulate": True, "release_every": 5})])
+def test_summed_receiver_feedback_equals_the_in_process_gradient(env_cls, team):
     # With ``accumulate`` a vector keeps shaping what its receivers hear for the rest of the
-    # episode: the feedback must carry those later steps' gradients too.
+    # episode: the feedback must carry those later steps' gradients too. Through a discrete
+    # channel it reaches the sender's encoder by the straight-through gradient of the
+    # released codeword's expectation, on the steps its schedule releases.
     torch.manual_seed(0)
     env = env_cls(16)
-    whole = Team(env.spec, TeamConfig(noise_multiplier=0.0, accumulate=accumulate))
+    whole = Team(env.spec, TeamConfig(noise_multiplier=0.0, **team))
     cfg = PPOConfig()
     rollout = collect(whole, LocalTransport(env), seed=1,
                       generator=torch.Generator().manual_seed(1))

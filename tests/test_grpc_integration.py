@@ -4,6 +4,7 @@ With the noise off, the feedback each sender receives over the wire equals the g
 in-process trainer computes for the same batch, in one autograd graph.
 """
 
+import pytest
 import torch
 
 from fedcomm.clients.feedback import in_process_feedback
@@ -18,10 +19,14 @@ FACTORY = ("n_sensors=1", "n_processors=1", "n_actuators=1")
 NUM_ENVS = 32
 
 
-def test_three_agent_processes_match_the_in_process_trainer(tmp_path, sim_process):
+@pytest.mark.parametrize("channel", [
+    {}, {"channel": "discrete", "symbols": 4, "rr_epsilon": 3.0, "accumulate": True,
+         "release_every": 5}], ids=["gaussian", "discrete-every-5"])
+def test_three_agent_processes_match_the_in_process_trainer(tmp_path, sim_process, channel):
     spec = factory_spec(n_sensors=1, n_processors=1, n_actuators=1)
     torch.manual_seed(0)
-    cfg = TeamConfig(noise_multiplier=0.0, feedback_noise_multiplier=0.0, feedback_clip=1e6)
+    cfg = TeamConfig(noise_multiplier=0.0, feedback_noise_multiplier=0.0, feedback_clip=1e6,
+                     **channel)
     whole = Team(spec, cfg)
     whole.save(tmp_path / "team.pt")
     tokens = tmp_path / "tokens.json"

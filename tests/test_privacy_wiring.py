@@ -38,7 +38,7 @@ def test_released_vectors_carry_the_declared_noise_and_never_exceed_the_clip_bef
     team = Team(SPEC, cfg).subteam([0])
     feats = 50 * torch.randn(4096, 1, cfg.hidden)  # far beyond the clip
     clean = team.speak(feats)
-    released = clean + team.sample_noise(tuple(clean.shape), torch.Generator().manual_seed(1))
+    released = clean + team.draw(clean, torch.Generator().manual_seed(1))
     assert clean.norm(dim=-1).max() <= cfg.clip * (1 + 1e-6)
     noise = released - clean
     # 65,536 coordinates: the sample variance is within 3% of its mean with overwhelming odds

@@ -533,3 +533,51 @@ def test_each_receiver_sends_feedback_once_and_the_sums_go_to_the_senders() -> N
     assert rnd.record_feedback(2, [0, 1], torch.cat([ones, 2 * ones]))
     assert rnd.phase is Phase.CLOSED and rnd.failure is None
     assert torch.equal(rnd.feedback_sums, torch.stack([2 * ones[0], 2 * ones[0], 0 * ones[0]]))
+
+
+# -- a discrete channel and a release schedule -------------------------------------------------
+RR_DP = pb.DpParams(clip_norm=1.0, rr_epsilon=2.0, symbols=D)
+
+
+def test_a_discrete_channel_declares_randomized_response_over_comm_dim_codewords() -> None:
+    assert join_terms(join(vector_dp=RR_DP), SPEC, 1).vector_dp == RR_DP
+    refused(INVALID, "randomized response needs at least 2 symbols, clip norm 1 and no "
+                     "Gaussian noise", join_terms,
+            join(vector_dp=pb.DpParams(clip_norm=1.0, noise_multiplier=0.5, rr_epsilon=2.0,
+                                       symbols=D)), SPEC, 1)
+    refused(INVALID, "one-hot rows of its 3 symbols, not of comm_dim 4", join_terms,
+            join(vector_dp=pb.DpParams(clip_norm=1.0, rr_epsilon=2.0, symbols=3)), SPEC, 1)
+    refused(INVALID, "feedback_dp: feedback is a Gaussian release", join_terms,
+            join(vector_dp=RR_DP, feedback_dp=RR_DP), SPEC, 1)
+    refused(INVALID, "rr_epsilon must be finite", check_dp,
+            pb.DpParams(clip_norm=1.0, rr_epsilon=math.inf, symbols=D), "vector_dp")
+    refused(INVALID, "declares randomized response over 4 symbols at epsilon 3; the round "
+                     "agreed on randomized response over 4 symbols at epsilon 2", same_dp,
+            pb.DpParams(clip_norm=1.0, rr_epsilon=3.0, symbols=D), RR_DP, "vector_dp")
+
+
+def test_a_discrete_vector_is_a_one_hot_row_per_environment() -> None:
+    discrete = terms(vector_dp=RR_DP)
+    codewords = torch.eye(D)[torch.tensor([0, 3, 1, 1])]
+    torch.testing.assert_close(
+        check_vector(vector_frame(codewords, RR_DP).vector, discrete, B, 1, False), codewords)
+    for bad in (codewords * 0.5, torch.zeros(B, D)):
+        refused(INVALID, "a discrete channel's vector is a one-hot row per environment",
+                check_vector, vector_frame(bad, RR_DP).vector, discrete, B, 1, False)
+    two_hot = codewords + torch.eye(D)[[1, 0, 0, 0]]  # caught by its norm already
+    refused(INVALID, "vector: norm 1.414 exceeds", check_vector,
+            vector_frame(two_hot, RR_DP).vector, discrete, B, 1, False)
+
+
+def test_a_sender_releases_only_on_its_schedule_and_every_joiner_declares_it() -> None:
+    every_5 = terms(release_every=5)
+    assert check_vector(vector_frame().vector, every_5, B, 1, False, 10).shape == (B, D)
+    refused(INVALID, "the schedule releases every 5 steps: send no vector at step 3",
+            check_vector, vector_frame().vector, every_5, B, 1, False, 3)
+    assert not check_vector(vector_frame(False).vector, every_5, B, 1, False, 3).any()
+    refused(INVALID, "the knowledge vector is missing", check_vector,
+            vector_frame(False).vector, every_5, B, 1, False, 5)
+    assert join_terms(join(release_every=5), SPEC, 1).release_every == 5
+    assert join_terms(join(), SPEC, 1).release_every == 1  # 0 on the wire: every step
+    refused(INVALID, "a release every 1 steps declared; the round releases every 5",
+            same_terms, terms(), every_5)

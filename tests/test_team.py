@@ -1,5 +1,7 @@
 """The agents' models: differentiable channel, clipping, routing, vectorisation over agents."""
 
+import math
+
 import pytest
 import torch
 
@@ -31,7 +33,7 @@ def test_receiver_loss_reaches_sender_only_through_the_channel(encoder, recurren
     team = Team(SL_SPEC, TeamConfig(encoder=encoder, recurrent=recurrent))
     env = SpeakerListener(32)
     obs = env.reset(seed=0)
-    noise = team.sample_noise((32, 2, team.cfg.comm_dim))
+    noise = team.draw(torch.zeros(32, 2, team.cfg.comm_dim))
     hidden = team.initial_hidden(32)
 
     # The listener's loss trains the speaker's private feature net and the shared encoder.
@@ -129,7 +131,7 @@ def test_clip_bounds_every_vector_and_leaves_short_ones_alone():
 
 def test_channel_noise_has_the_declared_scale():
     team = Team(SL_SPEC, TeamConfig(clip=2.0, noise_multiplier=0.75))
-    noise = team.sample_noise((200_000, 2, 16), torch.Generator().manual_seed(0))
+    noise = team.draw(torch.zeros(200_000, 2, 16), torch.Generator().manual_seed(0))
     assert abs(noise.std().item() - 1.5) < 0.01
 
 
@@ -216,7 +218,7 @@ def test_a_party_with_the_delivered_vectors_acts_as_in_the_whole_team():
     spec = factory_spec()
     whole = Team(spec, TeamConfig(recurrent=True))
     obs = Factory(6).reset(seed=2)
-    noise = whole.sample_noise((6, spec.n_agents, whole.cfg.comm_dim))
+    noise = whole.draw(torch.zeros(6, spec.n_agents, whole.cfg.comm_dim))
     full = whole(obs, whole.initial_hidden(6), noise)
     delivered = whole.route(full.messages)
     for agents in ([0], [3, 5], [4, 5, 6]):
@@ -231,3 +233,42 @@ def test_a_party_with_the_delivered_vectors_acts_as_in_the_whole_team():
         sensor(spec.select(obs, (0,)), sensor.initial_hidden(6))
     with pytest.raises(ValueError, match="observations for 'sensor'"):
         sensor(obs[:1], sensor.initial_hidden(6))
+
+
+def test_a_discrete_release_keeps_the_codeword_with_randomized_responses_probability():
+    """The released codeword is the encoder's (its most likely one when greedy) with
+    probability e^eps / (e^eps + K - 1), and each other one with 1 / (e^eps + K - 1)."""
+    team = Team(SL_SPEC, TeamConfig(channel="discrete", symbols=4, rr_epsilon=1.5))
+    keep, other = team.response_probabilities()
+    assert keep == pytest.approx(math.exp(1.5) / (math.exp(1.5) + 3))
+    logits = torch.tensor([4.0, 0.0, -1.0, 0.5]).expand(100_000, 1, 4)
+    clean = other + (keep - other) * torch.softmax(logits, dim=-1)
+    drawn = team.draw(clean, torch.Generator().manual_seed(0), greedy=True)
+    assert torch.equal(drawn.sum(dim=-1), torch.ones(100_000, 1))  # one-hot rows
+    freq = drawn.mean(dim=(0, 1))
+    assert abs(freq[0].item() - keep) < 0.01
+    assert (freq[1:] - other).abs().max() < 0.01
+    sampled = team.draw(clean, torch.Generator().manual_seed(1)).mean(dim=(0, 1))
+    torch.testing.assert_close(sampled, clean[0, 0], atol=0.01, rtol=0)
+
+
+def test_a_discrete_release_passes_its_expectations_gradient_to_the_sender():
+    """Straight through: the receiver hears exactly the drawn one-hot, and the sender's
+    encoder gets the gradient of its expectation; randomized response scales it by a - b."""
+    torch.manual_seed(0)
+    team = Team(SL_SPEC, TeamConfig(channel="discrete", symbols=3, rr_epsilon=2.0))
+    feats = torch.randn(8, 2, team.cfg.hidden)
+    clean = team.speak(feats)
+    drawn = team.draw(clean.detach(), torch.Generator().manual_seed(0))
+    released = team.release(clean, drawn)
+    assert torch.equal(released.detach(), drawn)
+    weights = torch.randn_like(drawn)
+    (released * weights).sum().backward()
+    grads = [p.grad for p in team.comm.encoder.parameters()]
+    assert all(g is not None and g.abs().sum() > 0 for g in grads)
+    keep, other = team.response_probabilities()
+    logits = team.comm.encode(feats)
+    expected = torch.autograd.grad(((keep - other) * torch.softmax(logits, -1) * weights).sum(),
+                                   list(team.comm.encoder.parameters()))
+    for g, e in zip(grads, expected):
+        torch.testing.assert_close(g, e)

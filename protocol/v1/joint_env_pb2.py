@@ -24,49 +24,49 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#fedcomm/protocol/v1/joint_env.proto\x12\nfedcomm.v1\"G\n\x06Tensor\x12 \n\x05\x64type\x18\x01 \x01(\x0e\x32\x11.fedcomm.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"R\n\x06Header\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\x12\x0c\n\x04step\x18\x03 \x01(\r\x12\x0e\n\x06sender\x18\x04 \x01(\t\x12\x0b\n\x03seq\x18\x05 \x01(\x04\"7\n\x08\x44pParams\x12\x11\n\tclip_norm\x18\x01 \x01(\x01\x12\x18\n\x10noise_multiplier\x18\x02 \x01(\x01\"@\n\tAgentInfo\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x12\n\nagent_type\x18\x02 \x01(\t\x12\r\n\x05index\x18\x03 \x01(\r\"\x11\n\x0f\x44\x65scribeRequest\"\xc9\x01\n\x07SimInfo\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0b\n\x03\x65nv\x18\x02 \x01(\t\x12\x10\n\x08num_envs\x18\x03 \x01(\r\x12\x16\n\x0e\x65pisode_length\x18\x04 \x01(\r\x12\x11\n\tbandwidth\x18\x05 \x01(\r\x12%\n\x06\x61gents\x18\x06 \x03(\x0b\x32\x15.fedcomm.v1.AgentInfo\x12\x13\n\x0b\x61gent_types\x18\x07 \x03(\t\x12\r\n\x05round\x18\x08 \x01(\r\x12\x19\n\x11max_message_bytes\x18\t \x01(\r\"\x9f\x02\n\x0bJoinRequest\x12\"\n\x06header\x18\x01 \x01(\x0b\x32\x12.fedcomm.v1.Header\x12\x12\n\nagent_type\x18\x02 \x01(\t\x12\x0f\n\x07obs_dim\x18\x03 \x01(\r\x12\x11\n\tn_actions\x18\x04 \x01(\r\x12\x10\n\x08\x63omm_dim\x18\x05 \x01(\r\x12\'\n\tvector_dp\x18\x06 \x01(\x0b\x32\x14.fedcomm.v1.DpParams\x12)\n\x0b\x66\x65\x65\x64\x62\x61\x63k_dp\x18\x07 \x01(\x0b\x32\x14.fedcomm.v1.DpParams\x12\"\n\x06routes\x18\x08 \x01(\x0b\x32\x12.fedcomm.v1.Tensor\x12\x11\n\x04seed\x18\t \x01(\x04H\x00\x88\x01\x01\x12\x0e\n\x06silent\x18\n \x01(\x08\x42\x07\n\x05_seed\"\xa8\x01\n\tJoinReply\x12\"\n\x06header\x18\x01 \x01(\x0b\x32\x12.fedcomm.v1.Header\x12\x13\n\x0b\x61gent_index\x18\x02 \x01(\r\x12%\n\x06\x61gents\x18\x03 \x03(\x0b\x32\x15.fedcomm.v1.AgentInfo\x12\x10\n\x08num_envs\x18\x04 \x01(\r\x12\x16\n\x0e\x65pisode_length\x18\x05 \x01(\r\x12\x11\n\tbandwidth\x18\x06 \x01(\r\"v\n\x0bObservation\x12\"\n\x06header\x18\x01 \x01(\x0b\x32\x12.fedcomm.v1.Header\x12\x1f\n\x03obs\x18\x02 \x01(\x0b\x32\x12.fedcomm.v1.Tensor\x12\"\n\x06reward\x18\x03 \x01(\x0b\x32\x12.fedcomm.v1.Tensor\"{\n\x0fKnowledgeVector\x12\"\n\x06header\x18\x01 \x01(\x0b\x32\x12.fedcomm.v1.Header\x12\"\n\x06vector\x18\x02 \x01(\x0b\x32\x12.fedcomm.v1.Tensor\x12 \n\x02\x64p\x18\x03 \x01(\x0b\x32\x14.fedcomm.v1.DpParams\"\x90\x01\n\rRoutedVectors\x12\"\n\x06header\x18\x01 \x01(\x0b\x32\x12.fedcomm.v1.Header\x12\x0f\n\x07senders\x18\x02 \x03(\r\x12#\n\x07vectors\x18\x03 \x01(\x0b\x32\x12.fedcomm.v1.Tensor\x12%\n\tdelivered\x18\x04 \x01(\x0b\x32\x12.fedcomm.v1.Tensor\"P\n\x06\x41\x63tion\x12\"\n\x06header\x18\x01 \x01(\x0b\x32\x12.fedcomm.v1.Header\x12\"\n\x06\x61\x63tion\x18\x02 \x01(\x0b\x32\x12.fedcomm.v1.Tensor\"w\n\nEpisodeEnd\x12\"\n\x06header\x18\x01 \x01(\x0b\x32\x12.fedcomm.v1.Header\x12\"\n\x06reward\x18\x02 \x01(\x0b\x32\x12.fedcomm.v1.Tensor\x12\x11\n\ttruncated\x18\x03 \x01(\x08\x12\x0e\n\x06reason\x18\x04 \x01(\t\"i\n\nAgentFrame\x12-\n\x06vector\x18\x01 \x01(\x0b\x32\x1b.fedcomm.v1.KnowledgeVectorH\x00\x12$\n\x06\x61\x63tion\x18\x02 \x01(\x0b\x32\x12.fedcomm.v1.ActionH\x00\x42\x06\n\x04\x62ody\"\x96\x01\n\x08SimFrame\x12.\n\x0bobservation\x18\x01 \x01(\x0b\x32\x17.fedcomm.v1.ObservationH\x00\x12+\n\x06routed\x18\x02 \x01(\x0b\x32\x19.fedcomm.v1.RoutedVectorsH\x00\x12%\n\x03\x65nd\x18\x03 \x01(\x0b\x32\x16.fedcomm.v1.EpisodeEndH\x00\x42\x06\n\x04\x62ody\"\x8b\x01\n\x0f\x46\x65\x65\x64\x62\x61\x63kRequest\x12\"\n\x06header\x18\x01 \x01(\x0b\x32\x12.fedcomm.v1.Header\x12\x0f\n\x07senders\x18\x02 \x03(\r\x12!\n\x05grads\x18\x03 \x01(\x0b\x32\x12.fedcomm.v1.Tensor\x12 \n\x02\x64p\x18\x04 \x01(\x0b\x32\x14.fedcomm.v1.DpParams\"h\n\rFeedbackReply\x12\"\n\x06header\x18\x01 \x01(\x0b\x32\x12.fedcomm.v1.Header\x12 \n\x04grad\x18\x02 \x01(\x0b\x32\x12.fedcomm.v1.Tensor\x12\x11\n\treceivers\x18\x03 \x01(\r*@\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\t\n\x05INT64\x10\x02\x12\x08\n\x04\x42OOL\x10\x03\x32\x86\x02\n\x10JointEnvironment\x12<\n\x08\x44\x65scribe\x12\x1b.fedcomm.v1.DescribeRequest\x1a\x13.fedcomm.v1.SimInfo\x12\x36\n\x04Join\x12\x17.fedcomm.v1.JoinRequest\x1a\x15.fedcomm.v1.JoinReply\x12\x38\n\x04Step\x12\x16.fedcomm.v1.AgentFrame\x1a\x14.fedcomm.v1.SimFrame(\x01\x30\x01\x12\x42\n\x08\x46\x65\x65\x64\x62\x61\x63k\x12\x1b.fedcomm.v1.FeedbackRequest\x1a\x19.fedcomm.v1.FeedbackReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#fedcomm/protocol/v1/joint_env.proto\x12\nfedcomm.v1\"G\n\x06Tensor\x12 \n\x05\x64type\x18\x01 \x01(\x0e\x32\x11.fedcomm.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"R\n\x06Header\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\x12\x0c\n\x04step\x18\x03 \x01(\r\x12\x0e\n\x06sender\x18\x04 \x01(\t\x12\x0b\n\x03seq\x18\x05 \x01(\x04\"\\\n\x08\x44pParams\x12\x11\n\tclip_norm\x18\x01 \x01(\x01\x12\x18\n\x10noise_multiplier\x18\x02 \x01(\x01\x12\x12\n\nrr_epsilon\x18\x03 \x01(\x01\x12\x0f\n\x07symbols\x18\x04 \x01(\r\"@\n\tAgentInfo\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x12\n\nagent_type\x18\x02 \x01(\t\x12\r\n\x05index\x18\x03 \x01(\r\"\x11\n\x0f\x44\x65scribeRequest\"\xc9\x01\n\x07SimInfo\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0b\n\x03\x65nv\x18\x02 \x01(\t\x12\x10\n\x08num_envs\x18\x03 \x01(\r\x12\x16\n\x0e\x65pisode_length\x18\x04 \x01(\r\x12\x11\n\tbandwidth\x18\x05 \x01(\r\x12%\n\x06\x61gents\x18\x06 \x03(\x0b\x32\x15.fedcomm.v1.AgentInfo\x12\x13\n\x0b\x61gent_types\x18\x07 \x03(\t\x12\r\n\x05round\x18\x08 \x01(\r\x12\x19\n\x11max_message_bytes\x18\t \x01(\r\"\xb6\x02\n\x0bJoinRequest\x12\"\n\x06header\x18\x01 \x01(\x0b\x32\x12.fedcomm.v1.Header\x12\x12\n\nagent_type\x18\x02 \x01(\t\x12\x0f\n\x07obs_dim\x18\x03 \x01(\r\x12\x11\n\tn_actions\x18\x04 \x01(\r\x12\x10\n\x08\x63omm_dim\x18\x05 \x01(\r\x12\'\n\tvector_dp\x18\x06 \x01(\x0b\x32\x14.fedcomm.v1.DpParams\x12)\n\x0b\x66\x65\x65\x64\x62\x61\x63k_dp\x18\x07 \x01(\x0b\x32\x14.fedcomm.v1.DpParams\x12\"\n\x06routes\x18\x08 \x01(\x0b\x32\x12.fedcomm.v1.Tensor\x12\x11\n\x04seed\x18\t \x01(\x04H\x00\x88\x01\x01\x12\x0e\n\x06silent\x18\n \x01(\x08\x12\x15\n\rrelease_every\x18\x0b \x01(\rB\x07\n\x05_seed\"\xa8\x01\n\tJoinReply\x12\"\n\x06header\x18\x01 \x01(\x0b\x32\x12.fedcomm.v1.Header\x12\x13\n\x0b\x61gent_index\x18\x02 \x01(\r\x12%\n\x06\x61gents\x18\x03 \x03(\x0b\x32\x15.fedcomm.v1.AgentInfo\x12\x10\n\x08num_envs\x18\x04 \x01(\r\x12\x16\n\x0e\x65pisode_length\x18\x05 \x01(\r\x12\x11\n\tbandwidth\x18\x06 \x01(\r\"v\n\x0bObservation\x12\"\n\x06header\x18\x01 \x01(\x0b\x32\x12.fedcomm.v1.Header\x12\x1f\n\x03obs\x18\x02 \x01(\x0b\x32\x12.fedcomm.v1.Tensor\x12\"\n\x06reward\x18\x03 \x01(\x0b\x32\x12.fedcomm.v1.Tensor\"{\n\x0fKnowledgeVector\x12\"\n\x06header\x18\x01 \x01(\x0b\x32\x12.fedcomm.v1.Header\x12\"\n\x06vector\x18\x02 \x01(\x0b\x32\x12.fedcomm.v1.Tensor\x12 \n\x02\x64p\x18\x03 \x01(\x0b\x32\x14.fedcomm.v1.DpParams\"\x90\x01\n\rRoutedVectors\x12\"\n\x06header\x18\x01 \x01(\x0b\x32\x12.fedcomm.v1.Header\x12\x0f\n\x07senders\x18\x02 \x03(\r\x12#\n\x07vectors\x18\x03 \x01(\x0b\x32\x12.fedcomm.v1.Tensor\x12%\n\tdelivered\x18\x04 \x01(\x0b\x32\x12.fedcomm.v1.Tensor\"P\n\x06\x41\x63tion\x12\"\n\x06header\x18\x01 \x01(\x0b\x32\x12.fedcomm.v1.Header\x12\"\n\x06\x61\x63tion\x18\x02 \x01(\x0b\x32\x12.fedcomm.v1.Tensor\"w\n\nEpisodeEnd\x12\"\n\x06header\x18\x01 \x01(\x0b\x32\x12.fedcomm.v1.Header\x12\"\n\x06reward\x18\x02 \x01(\x0b\x32\x12.fedcomm.v1.Tensor\x12\x11\n\ttruncated\x18\x03 \x01(\x08\x12\x0e\n\x06reason\x18\x04 \x01(\t\"i\n\nAgentFrame\x12-\n\x06vector\x18\x01 \x01(\x0b\x32\x1b.fedcomm.v1.KnowledgeVectorH\x00\x12$\n\x06\x61\x63tion\x18\x02 \x01(\x0b\x32\x12.fedcomm.v1.ActionH\x00\x42\x06\n\x04\x62ody\"\x96\x01\n\x08SimFrame\x12.\n\x0bobservation\x18\x01 \x01(\x0b\x32\x17.fedcomm.v1.ObservationH\x00\x12+\n\x06routed\x18\x02 \x01(\x0b\x32\x19.fedcomm.v1.RoutedVectorsH\x00\x12%\n\x03\x65nd\x18\x03 \x01(\x0b\x32\x16.fedcomm.v1.EpisodeEndH\x00\x42\x06\n\x04\x62ody\"\x8b\x01\n\x0f\x46\x65\x65\x64\x62\x61\x63kRequest\x12\"\n\x06header\x18\x01 \x01(\x0b\x32\x12.fedcomm.v1.Header\x12\x0f\n\x07senders\x18\x02 \x03(\r\x12!\n\x05grads\x18\x03 \x01(\x0b\x32\x12.fedcomm.v1.Tensor\x12 \n\x02\x64p\x18\x04 \x01(\x0b\x32\x14.fedcomm.v1.DpParams\"h\n\rFeedbackReply\x12\"\n\x06header\x18\x01 \x01(\x0b\x32\x12.fedcomm.v1.Header\x12 \n\x04grad\x18\x02 \x01(\x0b\x32\x12.fedcomm.v1.Tensor\x12\x11\n\treceivers\x18\x03 \x01(\r*@\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\t\n\x05INT64\x10\x02\x12\x08\n\x04\x42OOL\x10\x03\x32\x86\x02\n\x10JointEnvironment\x12<\n\x08\x44\x65scribe\x12\x1b.fedcomm.v1.DescribeRequest\x1a\x13.fedcomm.v1.SimInfo\x12\x36\n\x04Join\x12\x17.fedcomm.v1.JoinRequest\x1a\x15.fedcomm.v1.JoinReply\x12\x38\n\x04Step\x12\x16.fedcomm.v1.AgentFrame\x1a\x14.fedcomm.v1.SimFrame(\x01\x30\x01\x12\x42\n\x08\x46\x65\x65\x64\x62\x61\x63k\x12\x1b.fedcomm.v1.FeedbackRequest\x1a\x19.fedcomm.v1.FeedbackReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'fedcomm.protocol.v1.joint_env_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=2118
-  _globals['_DTYPE']._serialized_end=2182
+  _globals['_DTYPE']._serialized_start=2178
+  _globals['_DTYPE']._serialized_end=2242
   _globals['_TENSOR']._serialized_start=51
   _globals['_TENSOR']._serialized_end=122
   _globals['_HEADER']._serialized_start=124
   _globals['_HEADER']._serialized_end=206
   _globals['_DPPARAMS']._serialized_start=208
-  _globals['_DPPARAMS']._serialized_end=263
-  _globals['_AGENTINFO']._serialized_start=265
-  _globals['_AGENTINFO']._serialized_end=329
-  _globals['_DESCRIBEREQUEST']._serialized_start=331
-  _globals['_DESCRIBEREQUEST']._serialized_end=348
-  _globals['_SIMINFO']._serialized_start=351
-  _globals['_SIMINFO']._serialized_end=552
-  _globals['_JOINREQUEST']._serialized_start=555
-  _globals['_JOINREQUEST']._serialized_end=842
-  _globals['_JOINREPLY']._serialized_start=845
-  _globals['_JOINREPLY']._serialized_end=1013
-  _globals['_OBSERVATION']._serialized_start=1015
-  _globals['_OBSERVATION']._serialized_end=1133
-  _globals['_KNOWLEDGEVECTOR']._serialized_start=1135
-  _globals['_KNOWLEDGEVECTOR']._serialized_end=1258
-  _globals['_ROUTEDVECTORS']._serialized_start=1261
-  _globals['_ROUTEDVECTORS']._serialized_end=1405
-  _globals['_ACTION']._serialized_start=1407
-  _globals['_ACTION']._serialized_end=1487
-  _globals['_EPISODEEND']._serialized_start=1489
-  _globals['_EPISODEEND']._serialized_end=1608
-  _globals['_AGENTFRAME']._serialized_start=1610
-  _globals['_AGENTFRAME']._serialized_end=1715
-  _globals['_SIMFRAME']._serialized_start=1718
-  _globals['_SIMFRAME']._serialized_end=1868
-  _globals['_FEEDBACKREQUEST']._serialized_start=1871
-  _globals['_FEEDBACKREQUEST']._serialized_end=2010
-  _globals['_FEEDBACKREPLY']._serialized_start=2012
-  _globals['_FEEDBACKREPLY']._serialized_end=2116
-  _globals['_JOINTENVIRONMENT']._serialized_start=2185
-  _globals['_JOINTENVIRONMENT']._serialized_end=2447
+  _globals['_DPPARAMS']._serialized_end=300
+  _globals['_AGENTINFO']._serialized_start=302
+  _globals['_AGENTINFO']._serialized_end=366
+  _globals['_DESCRIBEREQUEST']._serialized_start=368
+  _globals['_DESCRIBEREQUEST']._serialized_end=385
+  _globals['_SIMINFO']._serialized_start=388
+  _globals['_SIMINFO']._serialized_end=589
+  _globals['_JOINREQUEST']._serialized_start=592
+  _globals['_JOINREQUEST']._serialized_end=902
+  _globals['_JOINREPLY']._serialized_start=905
+  _globals['_JOINREPLY']._serialized_end=1073
+  _globals['_OBSERVATION']._serialized_start=1075
+  _globals['_OBSERVATION']._serialized_end=1193
+  _globals['_KNOWLEDGEVECTOR']._serialized_start=1195
+  _globals['_KNOWLEDGEVECTOR']._serialized_end=1318
+  _globals['_ROUTEDVECTORS']._serialized_start=1321
+  _globals['_ROUTEDVECTORS']._serialized_end=1465
+  _globals['_ACTION']._serialized_start=1467
+  _globals['_ACTION']._serialized_end=1547
+  _globals['_EPISODEEND']._serialized_start=1549
+  _globals['_EPISODEEND']._serialized_end=1668
+  _globals['_AGENTFRAME']._serialized_start=1670
+  _globals['_AGENTFRAME']._serialized_end=1775
+  _globals['_SIMFRAME']._serialized_start=1778
+  _globals['_SIMFRAME']._serialized_end=1928
+  _globals['_FEEDBACKREQUEST']._serialized_start=1931
+  _globals['_FEEDBACKREQUEST']._serialized_end=2070
+  _globals['_FEEDBACKREPLY']._serialized_start=2072
+  _globals['_FEEDBACKREPLY']._serialized_end=2176
+  _globals['_JOINTENVIRONMENT']._serialized_start=2245
+  _globals['_JOINTENVIRONMENT']._serialized_end=2507
 # @@protoc_insertion_point(module_scope)

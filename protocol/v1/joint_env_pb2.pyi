@@ -43,12 +43,16 @@ class Header(_message.Message):
     def __init__(self, run_id: _Optional[str] = ..., round: _Optional[int] = ..., step: _Optional[int] = ..., sender: _Optional[str] = ..., seq: _Optional[int] = ...) -> None: ...
 
 class DpParams(_message.Message):
-    __slots__ = ("clip_norm", "noise_multiplier")
+    __slots__ = ("clip_norm", "noise_multiplier", "rr_epsilon", "symbols")
     CLIP_NORM_FIELD_NUMBER: _ClassVar[int]
     NOISE_MULTIPLIER_FIELD_NUMBER: _ClassVar[int]
+    RR_EPSILON_FIELD_NUMBER: _ClassVar[int]
+    SYMBOLS_FIELD_NUMBER: _ClassVar[int]
     clip_norm: float
     noise_multiplier: float
-    def __init__(self, clip_norm: _Optional[float] = ..., noise_multiplier: _Optional[float] = ...) -> None: ...
+    rr_epsilon: float
+    symbols: int
+    def __init__(self, clip_norm: _Optional[float] = ..., noise_multiplier: _Optional[float] = ..., rr_epsilon: _Optional[float] = ..., symbols: _Optional[int] = ...) -> None: ...
 
 class AgentInfo(_message.Message):
     __slots__ = ("agent_id", "agent_type", "index")
@@ -87,7 +91,7 @@ class SimInfo(_message.Message):
     def __init__(self, run_id: _Optional[str] = ..., env: _Optional[str] = ..., num_envs: _Optional[int] = ..., episode_length: _Optional[int] = ..., bandwidth: _Optional[int] = ..., agents: _Optional[_Iterable[_Union[AgentInfo, _Mapping]]] = ..., agent_types: _Optional[_Iterable[str]] = ..., round: _Optional[int] = ..., max_message_bytes: _Optional[int] = ...) -> None: ...
 
 class JoinRequest(_message.Message):
-    __slots__ = ("header", "agent_type", "obs_dim", "n_actions", "comm_dim", "vector_dp", "feedback_dp", "routes", "seed", "silent")
+    __slots__ = ("header", "agent_type", "obs_dim", "n_actions", "comm_dim", "vector_dp", "feedback_dp", "routes", "seed", "silent", "release_every")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     AGENT_TYPE_FIELD_NUMBER: _ClassVar[int]
     OBS_DIM_FIELD_NUMBER: _ClassVar[int]
@@ -98,6 +102,7 @@ class JoinRequest(_message.Message):
     ROUTES_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     SILENT_FIELD_NUMBER: _ClassVar[int]
+    RELEASE_EVERY_FIELD_NUMBER: _ClassVar[int]
     header: Header
     agent_type: str
     obs_dim: int
@@ -108,7 +113,8 @@ class JoinRequest(_message.Message):
     routes: Tensor
     seed: int
     silent: bool
-    def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ..., agent_type: _Optional[str] = ..., obs_dim: _Optional[int] = ..., n_actions: _Optional[int] = ..., comm_dim: _Optional[int] = ..., vector_dp: _Optional[_Union[DpParams, _Mapping]] = ..., feedback_dp: _Optional[_Union[DpParams, _Mapping]] = ..., routes: _Optional[_Union[Tensor, _Mapping]] = ..., seed: _Optional[int] = ..., silent: _Optional[bool] = ...) -> None: ...
+    release_every: int
+    def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ..., agent_type: _Optional[str] = ..., obs_dim: _Optional[int] = ..., n_actions: _Optional[int] = ..., comm_dim: _Optional[int] = ..., vector_dp: _Optional[_Union[DpParams, _Mapping]] = ..., feedback_dp: _Optional[_Union[DpParams, _Mapping]] = ..., routes: _Optional[_Union[Tensor, _Mapping]] = ..., seed: _Optional[int] = ..., silent: _Optional[bool] = ..., release_every: _Optional[int] = ...) -> None: ...
 
 class JoinReply(_message.Message):
     __slots__ = ("header", "agent_index", "agents", "num_envs", "episode_length", "bandwidth")
