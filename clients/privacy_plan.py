@@ -72,10 +72,9 @@ def training(train: TrainConfig, schedule: Schedule) -> Training:
 def initial_routes(train: TrainConfig) -> Tensor:
     """The routes of the first round: all of them, unless the team does not communicate or
     starts with every route below the pruning threshold."""
-    k = len(train.spec.types)
     keep = (train.team.communicate
             and 1 / (1 + math.exp(-train.team.graph_init)) > train.team.prune_threshold)
-    return torch.full((k, k), keep, dtype=torch.bool)
+    return torch.tensor(train.team.allowed_routes(train.spec)) & keep
 
 
 def unit_releases(train: TrainConfig, schedule: Schedule, index: int) -> list[GaussianRelease]:
@@ -172,7 +171,11 @@ def calibrate(train: TrainConfig, schedule: Schedule) -> TrainConfig:
         train = replace(train, team=replace(train.team, feedback_clip=PRIVATE_FEEDBACK_CLIP))
     mechanisms = _mechanisms(train, schedule, targets)
     if cfg.epsilon is not None:
-        split = split_budget(cfg.epsilon, cfg.delta, mechanisms, cfg.accountant, cfg.relation)
+        calibrated_names = {m.name for m in mechanisms}
+        parties = [sorted({r.mechanism for r in unit_releases(train, schedule, i)}
+                          & calibrated_names) for i in range(train.spec.n_agents)]
+        split = split_budget(cfg.epsilon, cfg.delta, mechanisms, cfg.accountant, cfg.relation,
+                             together=[p for p in parties if p])
         noise, stated = split.noise, split.epsilon
     else:
         acc = make_accountant(cfg.accountant)

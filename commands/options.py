@@ -68,6 +68,9 @@ TRAINING_FLAGS = (
     _flag("--release-every", path="team.release_every", type=int,
           help="a sender releases at steps 0, k, 2k, ... (needs --accumulate or --recurrent "
           "for k > 1; default 1)"),
+    _flag("--routes", path="team.routes", metavar="S>R,...",
+          help="the only routes senders may use, by type name (default: all; the graph learns "
+          "which to keep)"),
     _flag("--encoder", path="team.encoder", choices=["mlp", "superposition"]),
     _flag("--hidden", path="team.hidden", type=int),
     _flag("--comm-dim", path="team.comm_dim", type=int),

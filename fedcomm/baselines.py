@@ -14,8 +14,9 @@ from typing import Literal
 
 import torch
 
+from fedcomm.config import TeamConfig
 from fedcomm.jsonfile import number
-from fedcomm.sim.base import VecEnv
+from fedcomm.sim.base import VecEnv, one_hot
 from fedcomm.sim.registry import make_env
 
 Scripted = Literal["random", "no_comm", "oracle"]
@@ -60,6 +61,75 @@ def run_scripted(env: VecEnv, policy: Scripted, seed: int) -> torch.Tensor:
         total += step.reward.mean(dim=1)
         obs, done = step.obs, step.done
     return total
+
+
+@torch.no_grad()
+def run_ceiling(env: VecEnv, team: TeamConfig, seed: int) -> torch.Tensor:
+    """``[B]`` returns of one episode batch played by the scripted channel team: each sender
+    releases its symbol through the team's mechanism on the team's schedule (randomized
+    response at ``rr_epsilon``; or, Gaussian, a codeword of norm C plus noise of std sigma C),
+    and each receiver acts on its Bayes posterior over what it heard (accumulated over the
+    episode where the symbol holds for it).
+
+    Whatever the trained team learns through the same mechanism, schedule and budget, this is
+    what a perfect code and a perfect reading of it achieve: the DP ceiling.
+    """
+    obs = env.reset(seed)
+    generator = torch.Generator(device=env.device).manual_seed(seed)
+    total = torch.zeros(env.num_envs, device=env.device)
+    log_post: dict[int, torch.Tensor] = {}
+    done, t = False, 0
+    while not done:
+        symbols = env.channel_symbols()
+        if not symbols:
+            raise ValueError(f"{env.spec.name} has no scripted channel team")
+        for agent, (symbol, values) in symbols.items():
+            if not env.channel_persists or agent not in log_post:
+                log_post[agent] = torch.zeros(env.num_envs, values, device=env.device)
+            if t % team.release_every == 0:
+                log_post[agent] = log_post[agent] + _heard(symbol, values, team, generator)
+        posteriors = {a: torch.softmax(lp, dim=1) for a, lp in log_post.items()}
+        step = env.step(env.channel_actions(posteriors, obs))
+        total += step.reward.mean(dim=1)
+        obs, done, t = step.obs, step.done, t + 1
+    return total
+
+
+def _heard(symbol: torch.Tensor, values: int, team: TeamConfig,
+           generator: torch.Generator) -> torch.Tensor:
+    """``[B, values]`` the log-likelihood of each value given one release of ``symbol``."""
+    b, device = symbol.shape[0], symbol.device
+    if team.channel == "discrete":
+        keep = math.log(math.exp(team.rr_epsilon) / (math.exp(team.rr_epsilon) + values - 1))
+        other = math.log(1 / (math.exp(team.rr_epsilon) + values - 1))
+        shift = torch.randint(1, values, (b,), generator=generator, device=device)
+        kept = torch.rand(b, generator=generator, device=device) < math.exp(keep)
+        released = torch.where(kept, symbol, (symbol + shift) % values)
+        return torch.where(one_hot(released, values) > 0, keep, other)
+    if values > team.comm_dim:
+        raise ValueError(f"a Gaussian ceiling needs one codeword per value: {values} values "
+                         f"in comm_dim {team.comm_dim}")
+    std = team.noise_multiplier * team.clip
+    codewords = torch.eye(values, team.comm_dim, device=device) * team.clip
+    sent = codewords.index_select(0, symbol)
+    received = sent + torch.randn(sent.shape, generator=generator, device=device) * std
+    if std == 0:
+        return torch.where(one_hot(symbol, values) > 0, 0.0, -math.inf)
+    return -((received[:, None, :] - codewords[None]) ** 2).sum(-1) / (2 * std**2)
+
+
+def evaluate_ceiling(env_name: str, team: TeamConfig, episodes: int, seed: int = 0,
+                     batch: int = 1000, env_kwargs: dict | None = None,
+                     device: str | torch.device = "cpu") -> EvalResult | None:
+    """The DP ceiling of ``team``'s channel on ``env_name``; ``None`` where the environment
+    has no scripted channel team."""
+    probe = make_env(env_name, 1, **(env_kwargs or {}))
+    probe.reset(seed)
+    if not probe.channel_symbols():
+        return None
+    returns = [run_ceiling(make_env(env_name, n, device, **(env_kwargs or {})), team,
+                           seed + i * batch) for i, n in enumerate(batches(episodes, batch))]
+    return EvalResult.of(torch.cat(returns))
 
 
 def evaluate_scripted(env_name: str, policy: Scripted, episodes: int, seed: int = 0,

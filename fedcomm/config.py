@@ -64,6 +64,10 @@ class TeamConfig:
     # A sender releases at steps 0, k, 2k, ... of an episode: a data-independent schedule.
     # Receivers keep what they heard (accumulate or a GRU), so k > 1 needs one of them.
     release_every: int = 1
+    # The routes a sender may use at all, "sender>receiver" by type name, comma-separated;
+    # empty: every route (the graph learns which to keep). A receiver that needs to say
+    # nothing then releases nothing.
+    routes: str = ""
 
     def __post_init__(self) -> None:
         if not (0 < self.clip < math.inf and 0 < self.feedback_clip < math.inf):
@@ -84,6 +88,21 @@ class TeamConfig:
             raise ValueError("noise multipliers must be non-negative")
         if self.hidden < 1 or self.comm_dim < 1:
             raise ValueError("hidden and comm_dim must be positive")
+
+    def allowed_routes(self, spec: EnvSpec) -> list[list[bool]]:
+        """``[K][K]`` the routes ``routes`` allows, sender type by receiver type."""
+        k = len(spec.types)
+        if not self.routes:
+            return [[True] * k for _ in range(k)]
+        names = [t.name for t in spec.types]
+        allowed = [[False] * k for _ in range(k)]
+        for route in self.routes.split(","):
+            sender, sep, receiver = route.strip().partition(">")
+            if not sep or sender not in names or receiver not in names:
+                raise ValueError(f"route {route!r}: expected sender>receiver of the types "
+                                 f"{', '.join(names)}")
+            allowed[names.index(sender)][names.index(receiver)] = True
+        return allowed
 
     def releases_per_episode(self, episode_length: int) -> int:
         """How many times a sender releases in one episode (its schedule)."""
@@ -154,6 +173,8 @@ class TrainConfig:
 Strategy = Literal["fedavg", "fedavgm", "fedadam"]
 OnFailure = Literal["stop", "continue"]
 STRATEGIES: tuple[str, ...] = ("fedavg", "fedavgm", "fedadam")
+Aggregation = Literal["mean", "median", "trimmed_mean", "krum", "multikrum", "bulyan"]
+AGGREGATIONS: tuple[str, ...] = ("mean", "median", "trimmed_mean", "krum", "multikrum", "bulyan")
 
 
 @dataclass
@@ -176,6 +197,13 @@ class FederationConfig:
     round_timeout: float = 900.0  # seconds for every reply of a round
     node_timeout: float = 120.0  # seconds for every agent's node to be connected
     eval_every: int = 0  # rounds between greedy evaluations; 0: as often as the trainer's
+    # A reply whose update (its arrays minus the global module sent) is longer than this L2
+    # norm is a failed agent for the round (None: no bound; docs/robustness.md).
+    max_update_norm: float | None = None
+    aggregation: Aggregation = "mean"  # per key group: FedAvg's mean or a robust rule
+    faulty_agents: int = 1  # faulty replies per key group the robust rules are set to withstand
+    client_dp_noise: float = 0.0  # client-level DP: noise multiplier of each round's mean; 0 off
+    client_dp_clip: float = 1.0  # client-level DP: L2 clip of each agent's update
 
     def __post_init__(self) -> None:
         if isinstance(self.train, dict):
@@ -189,6 +217,14 @@ class FederationConfig:
             raise ValueError("on_agent_failure is 'stop' or 'continue'")
         if min(self.round_timeout, self.node_timeout) <= 0:
             raise ValueError("timeouts must be positive")
+        if self.aggregation not in AGGREGATIONS:
+            raise ValueError(f"unknown aggregation {self.aggregation!r}: use "
+                             f"{', '.join(AGGREGATIONS)}")
+        if self.max_update_norm is not None and not 0 < self.max_update_norm < math.inf:
+            raise ValueError("max_update_norm must be positive and finite")
+        if self.faulty_agents < 0 or self.client_dp_noise < 0 or not self.client_dp_clip > 0:
+            raise ValueError("faulty_agents and client_dp_noise must be non-negative, "
+                             "client_dp_clip positive")
 
     @property
     def spec(self) -> EnvSpec:

@@ -84,6 +84,8 @@ class Team(nn.Module):
             group_mlp(c, [2 * h, h, 1], out_gain=1.0) for c in self.counts)
         self.register_buffer("type_of_agent", torch.tensor(spec.type_of_agent), persistent=False)
         self.register_buffer("local_index", torch.tensor(self.agents), persistent=False)
+        self.register_buffer("allowed", torch.tensor(self.cfg.allowed_routes(spec)),
+                             persistent=False)
         # Each local agent type's share of the graph's price (see ``route_cost``).
         share = torch.zeros(len(spec.types))
         for k, c in zip(self.types, self.counts):
@@ -190,9 +192,10 @@ class Team(nn.Module):
     def kept_routes(self) -> Tensor:
         """``[K, K]`` the type-to-type routes this round's graph keeps (what the router uses).
 
-        A team that does not communicate keeps none, so nothing is sent at all.
+        A team that does not communicate keeps none, so nothing is sent at all; routes the
+        configuration does not allow are never kept.
         """
-        routes = self.comm.kept_routes(self.cfg.prune_threshold)
+        routes = self.comm.kept_routes(self.cfg.prune_threshold) & self.allowed
         return routes if self.cfg.communicate else torch.zeros_like(routes)
 
     def route_cost(self) -> Tensor:

@@ -147,13 +147,17 @@ class Split:
 
 def split_budget(total: float, delta: float, mechanisms: Sequence[Mechanism],
                  accountant: str | Accountant = DEFAULT_ACCOUNTANT,
-                 relation: Relation = "replace_one", rel_tol: float = 1e-3) -> Split:
+                 relation: Relation = "replace_one", rel_tol: float = 1e-3,
+                 together: Sequence[Sequence[str]] | None = None) -> Split:
     """Calibrate ``mechanisms`` so that together they cost at most ``total`` for one unit.
 
     Each mechanism without a target gets the epsilon ``scale * share / sum(shares)`` alone;
-    the scale is the largest (to ``rel_tol``) whose composition fits ``total``. Raises
-    ``ValueError`` if the fixed targets alone do not fit.
+    the scale is the largest (to ``rel_tol``) whose composition fits ``total``. ``together``
+    names the mechanisms each party releases (default: one party releasing all of them): what
+    must fit is the composition of the party that spends most. Raises ``ValueError`` if the
+    fixed targets alone do not fit.
     """
+    parties = [list(p) for p in together] if together else [[m.name for m in mechanisms]]
     acc = make_accountant(accountant)
     if not mechanisms:
         return Split({}, {}, 0.0)
@@ -166,8 +170,11 @@ def split_budget(total: float, delta: float, mechanisms: Sequence[Mechanism],
     def calibrate(targets: dict[str, float]) -> Split:
         noise = {m.name: smallest_noise(lambda s, m=m: alone(m, s), targets[m.name], rel_tol / 10)
                  for m in mechanisms}
-        every = [r.as_relation(relation) for m in mechanisms for r in m.releases(noise[m.name])]
-        return Split(noise, {}, acc.epsilon(every, delta))
+        by_name = {m.name: m for m in mechanisms}
+        composed = max(acc.epsilon([r.as_relation(relation) for name in party
+                                    for r in by_name[name].releases(noise[name])], delta)
+                       for party in parties)
+        return Split(noise, {}, composed)
 
     fixed = {m.name: m.target for m in mechanisms if m.target is not None}
     if not free:

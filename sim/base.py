@@ -148,6 +148,22 @@ class VecEnv(ABC):
             return self.random_actions(generator)
         raise ValueError(f"no scripted team {policy!r}: use oracle, no_comm or random")
 
+    # -- the DP ceiling: a scripted team that communicates through a mechanism ------------------
+    def channel_symbols(self) -> dict[int, tuple[Tensor, int]]:
+        """What the scripted senders would tell their receivers this step: for each sending
+        agent, ``([B] symbol, number of values)``; empty where the environment has no scripted
+        channel team."""
+        return {}
+
+    #: Whether a sender's symbol holds for the whole episode (a receiver's posterior
+    #: accumulates over releases) or is drawn afresh each step.
+    channel_persists: ClassVar[bool] = False
+
+    def channel_actions(self, posteriors: dict[int, Tensor], obs: Obs) -> Actions:
+        """The scripted receivers' Bayes actions given each sender's posterior ``[B, values]``
+        over its symbol (the oracle's with the posteriors in place of the truth)."""
+        raise NotImplementedError(f"{self.spec.name} has no scripted channel team")
+
     def random_actions(self, generator: torch.Generator | None = None) -> Actions:
         return [
             torch.randint(t.n_actions, (self.num_envs, t.count), generator=generator,

@@ -115,9 +115,55 @@ class Factory(VecEnv):
         act = torch.where(self.fault, SERVICE, self.order + 1)
         return [self._idle(0), self._idle(1), act]
 
+    def channel_symbols(self) -> dict[int, tuple[Tensor, int]]:
+        """Each sensor tells the joint fault state of its machines, each processor their joint
+        orders (mixed-radix codes over the machines each watches)."""
+        out = {}
+        n_s = self.spec.types[0].count
+        for i, mask in enumerate(self.sensor_mask):
+            out[i] = _code(self.fault.long(), mask.bool(), 2)
+        for j, mask in enumerate(self.processor_mask):
+            out[n_s + j] = _code(self.order, mask.bool(), self.n_products)
+        return out
+
+    def channel_actions(self, posteriors: dict[int, Tensor], obs: Obs) -> Actions:
+        """Each actuator takes the action of highest expected reward under the marginals of its
+        machine's fault and order."""
+        n_s = self.spec.types[0].count
+        p_fault = torch.zeros(self.num_envs, self.n_machines, device=self.device)
+        p_order = torch.zeros(self.num_envs, self.n_machines, self.n_products, device=self.device)
+        for i, mask in enumerate(self.sensor_mask):
+            p_fault += _marginals(posteriors[i], mask.bool(), 2)[..., 1]
+        for j, mask in enumerate(self.processor_mask):
+            p_order += _marginals(posteriors[n_s + j], mask.bool(), self.n_products)
+        service = p_fault  # +1 if broken, 0 if running
+        make = (1 - p_fault)[..., None] * p_order - p_fault[..., None]  # [B, M, P]
+        value = torch.cat([service[..., None], make], dim=2)
+        return [self._idle(0), self._idle(1), value.argmax(dim=2)]
+
     def no_comm_actions(self, obs: Obs) -> Actions:
         """The best fixed action under the prior: service, or make (any) one product."""
         q = self.fault_prob
         produce_value = (1 - q) / self.n_products - q
         action = SERVICE if q >= produce_value else 1
         return [self._idle(0), self._idle(1), torch.full_like(self._idle(2), action)]
+
+
+def _code(values: Tensor, watched: Tensor, radix: int) -> tuple[Tensor, int]:
+    """``values[:, watched]`` ``[B, m]`` as one mixed-radix symbol per environment."""
+    seen = values[:, watched]
+    weights = radix ** torch.arange(seen.shape[1], device=values.device)
+    return (seen * weights).sum(dim=1), radix ** seen.shape[1]
+
+
+def _marginals(posterior: Tensor, watched: Tensor, radix: int) -> Tensor:
+    """``[B, M, radix]`` each watched machine's marginal under a posterior over the joint code
+    (zero for machines not watched)."""
+    b, m = posterior.shape[0], watched.shape[0]
+    n = int(watched.sum())
+    codes = torch.arange(radix**n, device=posterior.device)
+    digits = (codes[:, None] // radix ** torch.arange(n, device=posterior.device)) % radix
+    per = posterior @ one_hot(digits, radix).reshape(radix**n, n * radix)  # [B, n * radix]
+    out = torch.zeros(b, m, radix, device=posterior.device)
+    out[:, watched] = per.reshape(b, n, radix)
+    return out

@@ -25,7 +25,10 @@ class Mpe2Env(VecEnv):
     scripted_teams = ("random",)
 
     def __init__(self, env_name: str, num_envs: int, device: str | torch.device = "cpu",
-                 max_cycles: int = 25) -> None:
+                 max_cycles: int = 25, mute: str | list[str] = ()) -> None:
+        # Agent types whose actions are replaced by action 0: a channel through the
+        # environment itself (speaker_listener's "say") closed as a port's option closes it.
+        self.mute = [mute] if isinstance(mute, str) else list(mute)
         try:
             module = importlib.import_module(f"mpe2.{env_name}")
         except ModuleNotFoundError as e:
@@ -49,6 +52,9 @@ class Mpe2Env(VecEnv):
             # and JSON refuse.
             types.append(AgentType(name, len(agents), int(dims.pop()), int(n_actions.pop())))
         self.spec = EnvSpec(f"mpe2:{env_name}", tuple(types), episode_length=max_cycles)
+        unknown = set(self.mute) - set(groups)
+        if unknown:
+            raise ValueError(f"mpe2:{env_name} has no agent type {sorted(unknown)} to mute")
         self._groups = list(groups.values())
         self._order = [a for agents in self._groups for a in agents]
         self.t = 0
@@ -61,6 +67,8 @@ class Mpe2Env(VecEnv):
 
     def step(self, actions: Actions) -> Step:
         self.check_actions(actions)
+        actions = [torch.zeros_like(a) if t.name in self.mute else a
+                   for t, a in zip(self.spec.types, actions)]
         flat = torch.cat(actions, dim=1).cpu().numpy()  # [B, n_agents] in agent order
         observations, rewards = [], []
         for env, row in zip(self.envs, flat):

@@ -7,6 +7,10 @@ rewards follow mpe2 1.1 step for step; ``tests/test_speaker_listener_port.py`` c
 
 The environment's own discrete "say" action (delivered one step late through the listener's
 observation) is kept for fidelity; fedcomm's agents talk through their learned channel instead.
+It is a channel outside every privacy mechanism (the speaker's action carries the goal
+unprotected): ``say=False`` mutes it, the speaker's action then changing nothing (the listener
+always hears codeword 0 after the first step, as mpe2's listener does of a speaker muted by
+``Mpe2Env(mute=...)``). Private runs mute it.
 """
 
 from __future__ import annotations
@@ -45,8 +49,11 @@ SPEC = EnvSpec(
 
 
 class SpeakerListener(VecEnv):
+    channel_persists = True  # the goal holds for the episode
+
     def __init__(self, num_envs: int, device: str | torch.device = "cpu",
-                 episode_length: int = 25) -> None:
+                 episode_length: int = 25, say: bool = True) -> None:
+        self.say = say
         self.spec = SPEC if episode_length == 25 else EnvSpec(
             SPEC.name, SPEC.types, episode_length)
         self.num_envs = num_envs
@@ -108,7 +115,7 @@ class SpeakerListener(VecEnv):
         self.listener_pos = self.listener_pos + self.listener_vel * DT
         force = self._moves.index_select(0, move)
         self.listener_vel = self.listener_vel * (1 - DAMPING) + force * DT
-        self.comm = one_hot(say, DIM_C)
+        self.comm = one_hot(say if self.say else torch.zeros_like(say), DIM_C)
         self.t += 1
         dist2 = ((self.listener_pos - self.goal_pos()) ** 2).sum(dim=1)
         reward = (-dist2)[:, None].expand(self.num_envs, 2)
@@ -118,6 +125,16 @@ class SpeakerListener(VecEnv):
     def oracle_actions(self) -> Actions:
         move = steer(self.goal_pos() - self.listener_pos, self.listener_vel, self._moves)
         return [self.goal[:, None], move[:, None]]
+
+    def channel_symbols(self) -> dict[int, tuple[Tensor, int]]:
+        return {0: (self.goal, N_LANDMARKS)}  # the speaker tells the goal
+
+    def channel_actions(self, posteriors: dict[int, Tensor], obs: Obs) -> Actions:
+        """The listener steers to the goal's posterior mean position."""
+        target = (posteriors[0][:, :, None] * self.landmark_pos).sum(dim=1)
+        move = steer(target - self.listener_pos, self.listener_vel, self._moves)
+        say = torch.zeros(self.num_envs, 1, dtype=torch.long, device=self.device)
+        return [say, move[:, None]]
 
     def no_comm_actions(self, obs: Obs) -> Actions:
         listener = obs[1][:, 0]

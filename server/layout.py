@@ -1,0 +1,70 @@
+"""What the server knows of the arrays each agent replies with, from the run's own models.
+
+The global module of round 1 is the initial team's shared module (``comm.*``) and, when the run
+averages them, each type's private networks (``type.<name>.*``). An agent replies with exactly
+the shared module and, with ``aggregate_private``, its own type's networks: the same keys,
+shapes and dtypes as the global module's, whatever it trained. The server builds this from
+``fedcomm.models`` (never from the agents' code), so a reply can be checked against it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from fedcomm.config import FederationConfig
+from fedcomm.models.team import Team
+from fedcomm.protocol.round import SHARED, TYPE, module_arrays
+
+
+def initial_arrays(fed: FederationConfig) -> dict[str, torch.Tensor]:
+    """The global module of round 1: the run's initial team's shared module (and, when the run
+    averages them, each type's private networks as its first agent starts with them)."""
+    spec, train = fed.spec, fed.train
+    team = Team.initial(spec, train.team, train.seed)
+    private = {}
+    if fed.aggregate_private:
+        for k, kind in enumerate(spec.types):
+            first = spec.type_of_agent.index(k)
+            private[kind.name] = team.subteam([first]).type_state()
+    return module_arrays(team.shared_state(), private)
+
+
+@dataclass(frozen=True)
+class ArraySpec:
+    """The shape and dtype one array of a reply must have."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Per agent index, the arrays its reply carries (in the global module's order)."""
+
+    agents: tuple[dict[str, ArraySpec], ...]
+    type_names: tuple[str, ...]  # each agent's type name, by index
+
+    @classmethod
+    def of(cls, fed: FederationConfig, arrays: Mapping[str, object]) -> Layout:
+        """The layout of a run whose global module is ``arrays`` (any round's: the keys,
+        shapes and dtypes never change)."""
+        spec = fed.spec
+        specs = {k: ArraySpec(tuple(np.shape(v)), _dtype(v)) for k, v in arrays.items()}
+        names = tuple(spec.types[k].name for k in spec.type_of_agent)
+        agents = []
+        for name in names:
+            own = f"{TYPE}{name}."
+            agents.append({k: s for k, s in specs.items() if k.startswith(SHARED)
+                           or (fed.aggregate_private and k.startswith(own))})
+        return cls(tuple(agents), names)
+
+
+def _dtype(value: object) -> np.dtype:
+    if isinstance(value, torch.Tensor):
+        return torch.empty((), dtype=value.dtype).numpy().dtype
+    dtype = getattr(value, "dtype", None)
+    return np.dtype(dtype) if dtype is not None else np.asarray(value).dtype
