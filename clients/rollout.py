@@ -85,6 +85,9 @@ def collect(team: Team, transport: Transport, seed: int | None = None,
         memory = memory_of(extras)
         actions = sample_actions(logits, greedy, generator)
         logp, _ = log_probs(logits, actions)
+        said = team.message_logp(clean, drawn, len(steps))
+        if said is not None:  # the codeword is part of the joint action
+            logp = logp + said
         step = transport.step(actions)
         steps.append((obs, actions, drawn, logp, values, step.reward, received, delivered))
         obs, done = step.obs, step.done
@@ -108,9 +111,10 @@ def replay(team: Team, rollout: Rollout) -> TeamOutput:
             delivered = delivered.expand(t, b, *delivered.shape[2:]).flatten(0, 1)
         out = team([o.flatten(0, 1) for o in rollout.obs], None, rollout.noise.flatten(0, 1),
                    None if received is None else received.flatten(0, 1), delivered)
+        said = None if out.message_logp is None else out.message_logp.unflatten(0, (t, b))
         return TeamOutput([lg.unflatten(0, (t, b)) for lg in out.logits],
                           out.values.unflatten(0, (t, b)), out.messages.unflatten(0, (t, b)),
-                          None)
+                          None, message_logp=said)
     hidden, memory = team.initial_hidden(b), None
     outs = []
     for i in range(t):
@@ -120,9 +124,11 @@ def replay(team: Team, rollout: Rollout) -> TeamOutput:
         hidden, memory = out.hidden, memory_of(out.extras)
         outs.append(out)
     n_types = len(outs[0].logits)
+    said = (None if outs[0].message_logp is None
+            else torch.stack([o.message_logp for o in outs]))
     return TeamOutput([torch.stack([o.logits[k] for o in outs]) for k in range(n_types)],
                       torch.stack([o.values for o in outs]),
-                      torch.stack([o.messages for o in outs]), None)
+                      torch.stack([o.messages for o in outs]), None, message_logp=said)
 
 
 def party_rollout(whole: Team, rollout: Rollout, agent: int) -> Rollout:

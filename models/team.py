@@ -49,6 +49,8 @@ class TeamOutput:
     messages: Tensor  # [B, n_local, D] the local agents' vectors as sent: clipped and noised
     hidden: Tensor | None  # [B, n_local, H] recurrent state after this step
     extras: dict[str, Tensor] = field(default_factory=dict)
+    # [B, n_local] log-probability of each local agent's released codeword (discrete channel)
+    message_logp: Tensor | None = None
 
 
 class Team(nn.Module):
@@ -185,6 +187,22 @@ class Team(nn.Module):
             return clean + drawn
         return drawn + (clean - clean.detach())
 
+    def message_logp(self, clean: Tensor, drawn: Tensor, step: int) -> Tensor | None:
+        """``[B, n_local]`` the log-probability of each local agent's released codeword, where
+        it released one (a discrete channel; ``None`` for a Gaussian one).
+
+        The codeword is part of the sender's action: with the environment action it makes the
+        joint action whose probability ratio PPO clips, so a sender learns its code from the
+        team reward as well as from its receivers' feedback.
+        """
+        if self.cfg.channel != "discrete":
+            return None
+        if not self.releases_at(step):
+            return clean.new_zeros(clean.shape[:2])
+        own = self.type_of_agent.index_select(0, self.local_index)
+        speaks = self.kept_routes().index_select(0, own).any(dim=1)  # [n_local]
+        return (clean * drawn.detach()).sum(dim=-1).clamp(min=1e-30).log() * speaks
+
     def releases_at(self, step: int) -> bool:
         """Whether the local senders release at ``step`` of the episode (the schedule)."""
         return step % self.cfg.release_every == 0
@@ -279,7 +297,8 @@ class Team(nn.Module):
         """
         feats, hidden = self.encode_obs(obs, hidden)
         clean = self.speak(feats)
-        messages = self.release(clean, self.draw(clean) if noise is None else noise)
+        drawn = self.draw(clean) if noise is None else noise
+        messages = self.release(clean, drawn)
         if received is None and not self.whole:
             raise ValueError("a team without every agent needs the vectors it received")
         if delivered is None:
@@ -287,7 +306,8 @@ class Team(nn.Module):
                 raise ValueError("received vectors come with their delivery mask")
             delivered = self.route(messages) & self.releases_at(step)
         logits, values, extras = self.respond(feats, messages, received, delivered, memory)
-        return TeamOutput(logits, values, messages, hidden, extras)
+        return TeamOutput(logits, values, messages, hidden, extras,
+                          self.message_logp(clean, drawn, step))
 
     # -- what of the team is whose: the layout of its parameters -------------------------------
     # The shared module's parameters are ``comm.<path>``; every private one is

@@ -1,29 +1,40 @@
 """The Flower strategies that aggregate the shared module, and what of them a checkpoint keeps.
 
 Agents reply with their copy of the shared module (keys ``comm.*``) and, with
-``aggregate_private``, their type's private networks (keys ``type.<name>.*``). Each group of keys
-is averaged over the replies that carry it, weighted by environment steps, with Flower's own
-``aggregate_arrayrecords``; FedAvgM and FedAdam then apply their server-side step to the result.
+``aggregate_private``, their type's private networks (keys ``type.<name>.*``). Every reply is
+checked and reweighed by the server first (``server/validation.py``); then each group of keys
+is aggregated over the replies that carry it: by default averaged, weighted by environment
+steps, with Flower's own ``aggregate_arrayrecords``, or by one of Flower's robust strategies
+(``server/robust.py``). A group no reply carries keeps the global module's value. FedAvgM and
+FedAdam then apply their server-side step to the result; client-level DP
+(``server/client_dp.py``) wraps the whole in Flower's server-side fixed clipping.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from pathlib import Path
 
 import numpy as np
-from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM
-from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, Strategy
 
 from fedcomm.config import FederationConfig
 from fedcomm.protocol.round import WEIGHT_KEY, key_group
+from fedcomm.server.layout import Layout, initial_arrays
+from fedcomm.server.robust import check_options, group_sizes, reduce_group
+from fedcomm.server.validation import ReplyScreen
 
 STATE_ATTRS = ("m_t", "v_t", "momentum_vector")  # FedAdam's moments, FedAvgM's momentum
 
 
-def aggregate_by_group(contents: list[RecordDict], weight_key: str) -> ArrayRecord:
-    """Average each key group over the replies that carry it (a silent agent's reply, whose
-    budget allowed no training, carries none)."""
+def aggregate_by_group(contents: list[RecordDict], weight_key: str, rule: str = "mean",
+                       faulty: int = 1, carriers: dict[str, int] | None = None,
+                       held: list[str] | None = None) -> ArrayRecord:
+    """Aggregate each key group over the replies that carry it (a silent agent's reply, whose
+    budget allowed no training, carries none) by ``rule``; a group the rule cannot aggregate
+    with this few replies is left out and named in ``held``."""
     groups: dict[str, list[RecordDict]] = {}
     for content in contents:
         arrays = next(iter(content.array_records.values()), ArrayRecord())
@@ -35,26 +46,62 @@ def aggregate_by_group(contents: list[RecordDict], weight_key: str) -> ArrayReco
             groups.setdefault(group, []).append(
                 RecordDict({"arrays": ArrayRecord(part), "metrics": metrics}))
     merged = ArrayRecord()
-    for records in groups.values():
-        for key, value in aggregate_arrayrecords(records, weight_key).items():
+    for group, records in groups.items():
+        out = reduce_group(records, weight_key, rule, faulty, (carriers or {}).get(group, 0))
+        if out is None:
+            if held is not None:
+                held.append(group)
+            continue
+        for key, value in out.items():
             merged[key] = value
     return merged
 
 
 class GroupedFedAvg(FedAvg):
-    """FedAvg over key groups; agents of different types may reply with different keys."""
+    """FedAvg over key groups; agents of different types may reply with different keys.
+
+    ``screen`` checks and reweighs every reply before it is aggregated (none: replies are
+    taken as they are); ``rule`` and ``faulty`` choose each group's aggregation; ``held``
+    names the groups the last round left as they were.
+    """
+
+    screen: ReplyScreen | None = None
+    rule: str = "mean"
+    faulty: int = 1
+    carriers: dict[str, int] | None = None
+    held: list[str]
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        if self.screen is not None:
+            self.screen.configure(arrays, grid.get_node_ids())
+        return super().configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         valid, _ = self._check_and_log_replies(replies, is_train=True, validate=False)
+        if self.screen is not None:
+            valid = self.screen.screen(server_round, valid).accepted
+        self.held = []
         if not valid:
             return None, None
         contents = [m.content for m in valid]
-        merged = aggregate_by_group(contents, self.weighted_by_key)
+        merged = aggregate_by_group(contents, self.weighted_by_key, self.rule, self.faulty,
+                                    self.carriers, self.held)
         if not merged:
             return None, None
+        sent = self.screen.sent if self.screen is not None else {}
+        if sent:  # every key, in the global module's order; a group nobody updated keeps it
+            merged = ArrayRecord({k: merged[k] if k in merged else _array(v)
+                                  for k, v in sent.items()})
         return (merged,
                 self.train_metrics_aggr_fn(contents, self.weighted_by_key))
+
+
+def _array(value: np.ndarray):
+    from flwr.app import Array
+
+    return Array(np.asarray(value))
 
 
 class GroupedFedAvgM(FedAvgM, GroupedFedAvg):
@@ -65,16 +112,46 @@ class GroupedFedAdam(FedAdam, GroupedFedAvg):
     """FedAdam whose averaging step is ``GroupedFedAvg``'s."""
 
 
-def make_strategy(fed: FederationConfig, n_agents: int) -> FedAvg:
-    """The configured strategy; every agent trains in every round."""
+def make_strategy(fed: FederationConfig, n_agents: int,
+                  arrays: dict[str, object] | None = None,
+                  run_dir: str | Path | None = None) -> Strategy:
+    """The configured strategy, screening every reply; every agent trains in every round.
+
+    ``arrays`` is the run's initial global module (built from the models if not given);
+    ``run_dir`` is where client-level DP keeps its ledgers (needed with ``client_dp_noise``).
+    Options that cannot work in this run raise ``ValueError``.
+    """
+    check_options(fed)
     common = {"fraction_train": 1.0, "fraction_evaluate": 0.0, "min_train_nodes": n_agents,
               "min_available_nodes": n_agents, "weighted_by_key": WEIGHT_KEY}
+    strategy: GroupedFedAvg
     if fed.strategy == "fedavgm":
-        return GroupedFedAvgM(server_learning_rate=fed.server_lr,
-                              server_momentum=fed.server_momentum, **common)
-    if fed.strategy == "fedadam":
-        return GroupedFedAdam(eta=fed.server_lr, eta_l=fed.train.ppo.lr, **common)
-    return GroupedFedAvg(**common)
+        strategy = GroupedFedAvgM(server_learning_rate=fed.server_lr,
+                                  server_momentum=fed.server_momentum, **common)
+    elif fed.strategy == "fedadam":
+        strategy = GroupedFedAdam(eta=fed.server_lr, eta_l=fed.train.ppo.lr, **common)
+    else:
+        strategy = GroupedFedAvg(**common)
+    layout = Layout.of(fed, arrays if arrays is not None else initial_arrays(fed))
+    private = fed.client_dp_noise > 0
+    strategy.screen = ReplyScreen(fed, layout, uniform=private)
+    strategy.rule, strategy.faulty = fed.aggregation, fed.faulty_agents
+    strategy.carriers, strategy.held = group_sizes(fed), []
+    if not private:
+        return strategy
+    if run_dir is None:
+        raise ValueError("client-level DP needs the run directory for its ledgers")
+    from fedcomm.server.client_dp import ClientLevelDP
+
+    return ClientLevelDP(strategy, fed, run_dir)
+
+
+def screen_of(strategy: Strategy) -> ReplyScreen:
+    """The reply screen of a strategy ``make_strategy`` built."""
+    screen = getattr(strategy, "screen", None)
+    if screen is None:
+        raise TypeError(f"{type(strategy).__name__} screens no replies")
+    return screen
 
 
 def strategy_state(strategy: FedAvg) -> dict:
