@@ -52,9 +52,11 @@ def type_part(arrays: Mapping[str, T], type_name: str) -> dict[str, T]:
 
 
 def key_group(key: str) -> str:
-    """What an array is averaged with: ``comm`` (the shared module) or ``type.<name>``."""
+    """What an array is averaged with: one part of the shared module (``comm.encoder``,
+    ``comm.decoder``, ...: each averaged over the agents that send it) or a type's private
+    networks (``type.<name>``)."""
     head, _, rest = key.partition(".")
-    return head if head != TYPE[:-1] else f"{TYPE}{rest.partition('.')[0]}"
+    return f"{head}.{rest.partition('.')[0]}"
 
 
 R = TypeVar("R", bound="_Record")
