@@ -38,9 +38,12 @@ from fedcomm.clients.privacy import (
     LEDGER,
     AgentPrivacy,
     composition_of_config,
+    releases_anything,
+    shared_parts,
     update_dp,
     update_releases,
 )
+from fedcomm.clients.privacy_plan import initial_routes
 from fedcomm.clients.rollout import collect
 from fedcomm.clients.state import StateStore, load_private_state, private_state_dict
 from fedcomm.config import FederationConfig
@@ -122,16 +125,19 @@ class Agent:
         self.privacy.close()
 
 
-def global_arrays(team: Team, with_private: bool = False) -> dict[str, Tensor]:
-    """What a one-type team sends to the server: its copy of the shared module and, with
-    ``with_private``, its type's private networks."""
+def global_arrays(team: Team, with_private: bool = False,
+                  parts: Sequence[str] | None = None) -> dict[str, Tensor]:
+    """What a one-type team sends to the server: its copy of the shared module (its ``parts``
+    of it) and, with ``with_private``, its type's private networks."""
     private = {_type_name(team): team.type_state()} if with_private else {}
-    return module_arrays(team.shared_state(), private)
+    return module_arrays(team.shared_state(parts), private)
 
 
-def load_global(team: Team, arrays: Mapping[str, Tensor]) -> None:
-    """Load the global shared module (and this agent's type's averaged private networks)."""
-    team.load_shared_state(shared_part(arrays))
+def load_global(team: Team, arrays: Mapping[str, Tensor],
+                parts: Sequence[str] | None = None) -> None:
+    """Load the global shared module (its ``parts``: the others are the agent's own) and this
+    agent's type's averaged private networks."""
+    team.load_shared_state(shared_part(arrays), parts)
     team.load_type_state(type_part(arrays, _type_name(team)))
 
 
@@ -151,15 +157,25 @@ class FederatedAgent:
         self.device = resolve_device(node.device or fed.train.device)
         train = fed.train
         team = Team.initial(self.spec, train.team, train.seed, [self.index]).to(self.device)
+        routes = initial_routes(train)  # what the agent may release decides how it trains
+        self.parts = shared_parts(self.spec, fed.share, routes, self.index)
+        # Sharing only what is used, no agent's graph decides the routes: they stay the
+        # allowed ones for the run.
+        self.fixed_routes = routes if fed.share == "used" else None
+        private = releases_anything(self.spec, train.team, fed.share, routes, self.index)
         transport = GrpcTransport(node.sim_address, self.spec, node.agent_id, node.token,
                                   train.team, node.tls, timeout=fed.round_timeout,
                                   device=self.device)
-        party = Party(team, transport, train.ppo, seed=train.seed * 1000 + self.index,
-                      dp=update_dp(train.privacy, train.ppo))
+        dp = update_dp(train.privacy, train.ppo) if private else None
+        party = Party(team, transport, train.ppo, seed=train.seed * 1000 + self.index, dp=dp)
         privacy = AgentPrivacy(node.agent_id, self.index, self.spec, train.team, train.privacy,
                                node.state_dir / LEDGER, fed.to_dict(), device=self.device,
                                composition=composition_of_config(fed.to_dict()))
-        self.agent = Agent(party, privacy, update_releases(train.privacy, train.ppo))
+        # DP-SGD's steps compose with the agent's releases even where it sends no part of the
+        # module (they shape its later releases); a plain update counts only if it is sent.
+        steps = (update_releases(train.privacy, train.ppo)
+                 if dp is not None or (self.parts and private) else [])
+        self.agent = Agent(party, privacy, steps)
         self.store = StateStore(node.state_dir, context_state)
         saved = self.store.load(restore_round)
         if saved is not None:
@@ -171,12 +187,19 @@ class FederatedAgent:
     def team(self) -> Team:
         return self.agent.team
 
+    def routes(self) -> Tensor:
+        """This round's routes: the global graph's, the same for every agent (or the fixed
+        ones)."""
+        if self.fixed_routes is not None:
+            return self.fixed_routes.to(self.device)
+        return self.team.kept_routes()
+
     def train_round(self, server_round: int, arrays: Mapping[str, Tensor],
                     time_frac: float = 0.0) -> tuple[dict[str, Tensor], TrainReply]:
         """Train this round's episode batches from the global module; returns the agent's
         updated arrays (none if its budget kept it silent throughout) and its reply."""
-        load_global(self.team, arrays)
-        routes = self.team.kept_routes()  # the global graph's, the same for every agent
+        load_global(self.team, arrays, self.parts)
+        routes = self.routes()
         train = self.fed.train
         batches = self.fed.batches_in(server_round)
         totals: dict[str, float] = {}
@@ -203,13 +226,13 @@ class FederatedAgent:
             timings=timings, stats=stats)
         if not trained:  # nothing learned that the budget allowed to share
             return {}, reply
-        return global_arrays(self.team, self.fed.aggregate_private), reply
+        return global_arrays(self.team, self.fed.aggregate_private, self.parts), reply
 
     def evaluate(self, arrays: Mapping[str, Tensor], batches: int, seed: int,
                  server_round: int = 0) -> list[float]:
         """Greedy episodes through the simulator; this agent's return in each."""
-        load_global(self.team, arrays)
-        routes = self.team.kept_routes()
+        load_global(self.team, arrays, self.parts)
+        routes = self.routes()
         generator = torch.Generator(self.device).manual_seed(seed)
         num_envs = self.agent.party.transport.num_envs
         returns: list[float] = []

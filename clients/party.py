@@ -76,13 +76,14 @@ class Party:
                           routes=routes, silent=silent, noise=noise, on_joined=on_joined)
         t1 = time.perf_counter()
         n = self.team.spec.n_agents
-        if silent:
+        if not silent:
+            targets = compute_targets(rollout, self.cfg, self.value_norm,
+                                      update=self.dp is None)
+        if silent or not self.team.cfg.feedback:  # the party sends feedback for nobody
             senders = torch.zeros(n, dtype=torch.bool, device=rollout.rewards.device)
             sent = rollout.rewards.new_zeros(self.team.spec.episode_length, rollout.num_envs, n,
                                              self.team.cfg.comm_dim)
         else:
-            targets = compute_targets(rollout, self.cfg, self.value_norm,
-                                      update=self.dp is None)
             grads = receiver_feedback(self.team, rollout, targets, self.cfg)
             senders = rollout.delivered.flatten(0, 2).any(dim=0)  # [N]
             senders[self.team.local_index] = False

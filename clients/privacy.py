@@ -145,10 +145,45 @@ def batch_releases(spec: EnvSpec, team: TeamConfig, relation: Relation, routes: 
     if reach:
         out.append(message_release(team, relation, team.releases_per_episode(
             spec.episode_length)))
-    if reached_by:
+    if reached_by and team.feedback:
         out.append(gaussian_release("feedback", team.feedback_noise_multiplier,
                                     team.feedback_clip, relation=relation, count=reached_by))
     return out + list(extra)
+
+
+SENDER_PARTS = ("encoder",)
+RECEIVER_PARTS = ("gate_state", "gate_message", "decoder", "graph")
+
+
+def uses(spec: EnvSpec, routes: Tensor, index: int) -> tuple[str, ...]:
+    """The parts of the shared module agent ``index`` uses: the encoder if its vectors reach
+    someone, the receiving parts if vectors reach it."""
+    reach, reached_by = peers(spec, routes, index)
+    return (SENDER_PARTS if reach else ()) + (RECEIVER_PARTS if reached_by else ())
+
+
+def shared_parts(spec: EnvSpec, share: str, routes: Tensor, index: int) -> tuple[str, ...]:
+    """The parts of the shared module agent ``index`` sends to the server: all of them, or
+    (``share="used"``) those it uses that another agent uses too: the encoder if its vectors
+    reach someone and another agent's do, the receiving parts if vectors reach it and another
+    agent."""
+    if share == "all":
+        return SENDER_PARTS + RECEIVER_PARTS
+    links = [peers(spec, routes, i) for i in range(spec.n_agents)]
+    reach, reached_by = links[index]
+    senders = sum(r > 0 for r, _ in links)
+    receivers = sum(b > 0 for _, b in links)
+    return ((SENDER_PARTS if reach and senders > 1 else ())
+            + (RECEIVER_PARTS if reached_by and receivers > 1 else ()))
+
+
+def releases_anything(spec: EnvSpec, team: TeamConfig, share: str, routes: Tensor,
+                      index: int) -> bool:
+    """Whether agent ``index`` releases anything its networks shape: vectors, feedback, or
+    parts of the shared module. One that does not needs no DP-SGD."""
+    reach, reached_by = peers(spec, routes, index)
+    return bool(reach or (reached_by and team.feedback)
+                or shared_parts(spec, share, routes, index))
 
 
 def peers(spec: EnvSpec, routes: Tensor, index: int) -> tuple[int, int]:

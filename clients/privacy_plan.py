@@ -27,6 +27,8 @@ from fedcomm.clients.privacy import (
     batch_releases,
     composition_for,
     message_release,
+    releases_anything,
+    shared_parts,
     update_releases,
     update_sample_rate,
 )
@@ -52,6 +54,7 @@ class Schedule:
     federated: bool
     train_batches: int
     eval_batches: int = 0
+    share: str = "all"  # FederationConfig.share: which parts of the shared module agents send
 
     @classmethod
     def of(cls, cfg: TrainConfig | FederationConfig) -> Schedule:
@@ -60,7 +63,7 @@ class Schedule:
         per_evaluation = math.ceil(cfg.train.eval_episodes / cfg.train.num_envs)
         interval = cfg.eval_interval
         periodic = (cfg.rounds - 1) // interval if interval else 0
-        return cls(True, cfg.total_batches, per_evaluation * (periodic + 1))
+        return cls(True, cfg.total_batches, per_evaluation * (periodic + 1), cfg.share)
 
 
 def training(train: TrainConfig, schedule: Schedule) -> Training:
@@ -79,8 +82,14 @@ def initial_routes(train: TrainConfig) -> Tensor:
 
 def unit_releases(train: TrainConfig, schedule: Schedule, index: int) -> list[GaussianRelease]:
     """What composes for one unit of agent ``index`` in the planned run."""
-    extra = update_releases(train.privacy, train.ppo) if schedule.federated else []
     routes = initial_routes(train)
+    extra = []
+    if schedule.federated:  # as the agent decides (clients.agent.FederatedAgent)
+        private = releases_anything(train.spec, train.team, schedule.share, routes, index)
+        sends = bool(shared_parts(train.spec, schedule.share, routes, index))
+        dp = train.privacy.update_noise_multiplier is not None
+        if (dp and private) or (not dp and sends):
+            extra = update_releases(train.privacy, train.ppo)
     batch = batch_releases(train.spec, train.team, train.privacy.relation, routes, index, extra)
     if not schedule.federated:  # one process: only the vectors cross between agents
         batch = [r for r in batch if r.mechanism == "message"]

@@ -28,14 +28,18 @@ _FILE = re.compile(r"state-r(\d+)\.pt")
 
 
 def private_state_dict(party: Party) -> dict:
-    """The party's private networks (the team without its shared module) and training state."""
-    return {"team": party.team.private_state(), "optimizer": party.optimizer.state_dict(),
+    """The party's private networks and training state, and its copy of the shared module (the
+    parts it sends are replaced by the global ones each round; those it keeps are its own)."""
+    return {"team": party.team.private_state(), "comm": party.team.shared_state(),
+            "optimizer": party.optimizer.state_dict(),
             "value_norm": party.value_norm.state_dict(),
             "generator": party.generator.get_state()}
 
 
 def load_private_state(party: Party, state: dict) -> None:
     party.team.load_private_state(state["team"])
+    if "comm" in state:
+        party.team.load_shared_state(state["comm"])
     party.optimizer.load_state_dict(state["optimizer"])
     party.value_norm.load_state_dict(state["value_norm"])
     try:

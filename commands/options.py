@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from fedcomm.config import STRATEGIES, FederationConfig, TrainConfig
+from fedcomm.config import AGGREGATIONS, STRATEGIES, FederationConfig, TrainConfig
 
 TRAIN, FED = "train:", "fed:"  # where a flag's field lives: TrainConfig, FederationConfig
 
@@ -117,6 +117,8 @@ PRIVACY_FLAGS = (
 )
 
 FEEDBACK_FLAGS = (  # federated only: the centralized trainer has no feedback exchange
+    _switch("--no-feedback", "team.feedback", False,
+            "receivers send no DIAL feedback; senders learn their code from the reward"),
     _flag("--feedback-noise-multiplier", "--feedback-noise",
           path="team.feedback_noise_multiplier", type=float, help="feedback noise multiplier"),
     _flag("--feedback-clip", path="team.feedback_clip", type=float,
@@ -131,6 +133,9 @@ FEDERATION_FLAGS = (
           help="server learning rate (fedavgm, fedadam)"),
     _flag("--server-momentum", path="server_momentum", type=float,
           help="server momentum (fedavgm)"),
+    _flag("--share", path="share", choices=["all", "used"],
+          help="send every part of the shared module (default), or each part only among the "
+          "agents that use it"),
     _switch("--aggregate-private", "aggregate_private", True,
             "also average each type's private networks (weaker privacy)"),
     _flag("--on-agent-failure", path="on_agent_failure", choices=["stop", "continue"],
@@ -140,6 +145,20 @@ FEDERATION_FLAGS = (
           help="seconds for every reply of a round (default: 900)"),
     _flag("--node-timeout", path="node_timeout", type=float,
           help="seconds for every agent's node to connect (default: 120)"),
+    _flag("--max-update-norm", path="max_update_norm", type=float,
+          help="refuse a reply whose update (its arrays minus the global module sent) is "
+          "longer than this L2 norm, as a failed agent (default: no bound)"),
+    _flag("--aggregation", path="aggregation", choices=AGGREGATIONS,
+          help="per key group: mean (default), or a robust rule of Flower's "
+          "(docs/robustness.md)"),
+    _flag("--faulty-agents", path="faulty_agents", type=int,
+          help="faulty replies per key group trimmed_mean, krum, multikrum and bulyan "
+          "withstand (default: 1)"),
+    _flag("--client-dp-noise", path="client_dp_noise", type=float,
+          help="client-level DP on the server: noise multiplier of each round's mean of "
+          "clipped updates (default: 0, off)"),
+    _flag("--client-dp-clip", path="client_dp_clip", type=float,
+          help="client-level DP: L2 clip of each agent's update (default: 1)"),
 )
 
 # A noise multiplier is either given or calibrated to a target epsilon, not both.

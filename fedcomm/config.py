@@ -68,6 +68,10 @@ class TeamConfig:
     # empty: every route (the graph learns which to keep). A receiver that needs to say
     # nothing then releases nothing.
     routes: str = ""
+    # Receivers send DIAL feedback to the senders they heard (a release: clipped and noised);
+    # off, senders learn their code from the team reward alone (a discrete channel's codeword
+    # is part of the sender's action) and receivers release nothing of this kind.
+    feedback: bool = True
 
     def __post_init__(self) -> None:
         if not (0 < self.clip < math.inf and 0 < self.feedback_clip < math.inf):
@@ -190,6 +194,10 @@ class FederationConfig:
     # Average each type's private modules among the agents of that type too (off: they never
     # leave their agent). Weaker privacy: the server then sees every agent's private networks.
     aggregate_private: bool = False
+    # Which parts of the shared module an agent sends: "all"; or "used", each part only among
+    # the agents that use it (the encoder among senders; gate, decoder and graph among
+    # receivers), and a part only one agent uses stays with it, released to nobody.
+    share: str = "all"
     # A round in which an agent fails or does not answer: stop the run, or aggregate the
     # replies that came and go on (the joint environment retries everyone next round).
     on_agent_failure: OnFailure = "stop"
@@ -213,6 +221,8 @@ class FederationConfig:
         if self.strategy not in STRATEGIES:
             raise ValueError(f"unknown strategy {self.strategy!r}: use "
                              f"{', '.join(STRATEGIES)}")
+        if self.share not in ("all", "used"):
+            raise ValueError(f"share must be all or used, got {self.share!r}")
         if self.on_agent_failure not in ("stop", "continue"):
             raise ValueError("on_agent_failure is 'stop' or 'continue'")
         if min(self.round_timeout, self.node_timeout) <= 0:

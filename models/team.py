@@ -313,15 +313,21 @@ class Team(nn.Module):
     # The shared module's parameters are ``comm.<path>``; every private one is
     # ``<network>.<type position>.<path>`` with one row per agent of that type (``layers``).
     # Only these methods read that layout.
-    def shared_state(self) -> dict[str, Tensor]:
-        """Host copies of the shared communication module, by path in it: what an agent sends
-        to the server."""
-        return {k: v.detach().to("cpu", copy=True) for k, v in self.comm.state_dict().items()}
+    def shared_state(self, parts: Sequence[str] | None = None) -> dict[str, Tensor]:
+        """Host copies of the shared communication module (or of its ``parts``: ``encoder``,
+        ``decoder``, ...), by path in it: what an agent sends to the server."""
+        return {k: v.detach().to("cpu", copy=True) for k, v in self.comm.state_dict().items()
+                if parts is None or k.partition(".")[0] in parts}
 
     @torch.no_grad()
-    def load_shared_state(self, state: dict[str, Tensor]) -> None:
-        """Load the shared module from ``shared_state`` output."""
-        self.comm.load_state_dict(state)
+    def load_shared_state(self, state: dict[str, Tensor], parts: Sequence[str] | None = None
+                          ) -> None:
+        """Load the shared module (or its ``parts``) from ``shared_state`` output."""
+        if parts is None:
+            self.comm.load_state_dict(state)
+            return
+        chosen = {k: v for k, v in state.items() if k.partition(".")[0] in parts}
+        self.comm.load_state_dict(chosen, strict=False)
 
     def private_state(self) -> dict[str, Tensor]:
         """Everything but the shared module: the local agents' private networks."""

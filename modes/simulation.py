@@ -26,8 +26,16 @@ import torch
 
 from fedcomm.baselines import EVAL_SEED
 from fedcomm.clients.importance import communication_importance
-from fedcomm.clients.privacy import LEDGER, report_summary, write_run_report
-from fedcomm.clients.privacy_plan import Schedule, check_fits
+from fedcomm.clients.privacy import (
+    LEDGER,
+    RECEIVER_PARTS,
+    SENDER_PARTS,
+    report_summary,
+    shared_parts,
+    uses,
+    write_run_report,
+)
+from fedcomm.clients.privacy_plan import Schedule, check_fits, initial_routes
 from fedcomm.clients.rollout import collect
 from fedcomm.clients.state import StateStore
 from fedcomm.clients.transport import LocalTransport
@@ -151,11 +159,18 @@ def assemble_team(run_dir: Path, fed: FederationConfig) -> Team:
         raise FileNotFoundError(f"no checkpoint in {run_dir}")
     team = Team(fed.spec, fed.train.team)
     team.load_shared_state(shared_part({k: torch.from_numpy(v) for k, v in ckpt.arrays.items()}))
+    routes = initial_routes(fed.train)
     for i, agent in enumerate(fed.spec.agent_ids):
         saved = StateStore(run_dir / "agents" / agent, {}).load(ckpt.round)
         if saved is None:
             raise FileNotFoundError(f"no private state of {agent} in {run_dir}/agents")
         team.load_agent_state(i, saved.state["team"])  # the agent's own one-agent team's
+        # the parts of the shared module only this agent used are its own copy's
+        shared = shared_parts(fed.spec, fed.share, routes, i)
+        own = [part for part in (*SENDER_PARTS, *RECEIVER_PARTS) if part not in shared
+               and part in uses(fed.spec, routes, i)]
+        if own and "comm" in saved.state:
+            team.load_shared_state(saved.state["comm"], own)
     return team
 
 
