@@ -95,7 +95,7 @@ class ClientLevelDP(DifferentialPrivacyServerSideFixedClipping):
         for msg in contributing:
             record = msg.content[ARRAYS]
             values = record.to_numpy_ndarrays()
-            base = [current[k] for k in record.keys()]
+            base = [current[k] for k in record]
             if get_norm([v - b for v, b in zip(values, base, strict=True)]) > 0:
                 compute_clip_model_update(values, base, self.clipping_norm)
             msg.content[ARRAYS] = ArrayRecord(

@@ -15,7 +15,7 @@ import statistics
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -25,7 +25,6 @@ from rich.console import Console
 
 from fedcomm.baselines import EVAL_SEED, EvalResult, evaluate_baselines
 from fedcomm.config import FederationConfig
-from fedcomm.models.team import Team
 from fedcomm.progress import progress_bar, status
 from fedcomm.protocol.round import (
     AGENT_PHASES,
@@ -35,12 +34,17 @@ from fedcomm.protocol.round import (
     EvaluateReply,
     TrainInstruction,
     TrainReply,
-    module_arrays,
     shared_part,
 )
 from fedcomm.rundir import RunDir
 from fedcomm.server.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from fedcomm.server.strategy import load_strategy_state, make_strategy, strategy_state
+from fedcomm.server.layout import initial_arrays
+from fedcomm.server.strategy import (
+    load_strategy_state,
+    make_strategy,
+    screen_of,
+    strategy_state,
+)
 from fedcomm.summary import RunResult, RunSummary
 
 PERIODIC_EVAL_STRIDE = 10_000_000  # seeds apart of two periodic evaluations
@@ -100,8 +104,9 @@ class RoundReplies:
 
     messages: list[Message]  # the good replies, arrays and metrics
     replies: list[TrainReply]  # their metrics, typed
-    failures: list[str]  # one line per agent that failed or did not answer
+    failures: list[str]  # one line per agent that failed, did not answer or was rejected
     seconds: float
+    norms: dict[str, float] = field(default_factory=dict)  # each accepted update's L2 norm
 
 
 class Federation:
@@ -121,12 +126,17 @@ class Federation:
         self.spec = fed.spec
         self.console = console or Console(stderr=True)
         self.progress = progress
-        self.strategy = make_strategy(fed, self.spec.n_agents)
+        initial = initial_arrays(fed)
+        try:
+            self.strategy = make_strategy(fed, self.spec.n_agents, initial, self.run.path)
+        except ValueError as e:
+            raise FederationError(str(e)) from None
+        self.screen = screen_of(self.strategy)
         self.failed_in_a_row = 0
         ckpt = load_checkpoint(self.run.path)
         if ckpt is None:
             self.run.write_config({"mode": "federated", **fed.to_dict()})
-            self.arrays = ArrayRecord(initial_arrays(fed))
+            self.arrays = ArrayRecord(initial)
             self.done, self.env_steps, self.train_time = 0, 0, 0.0
         else:
             if FederationConfig.from_dict(ckpt.config).to_dict() != fed.to_dict():
@@ -167,9 +177,10 @@ class Federation:
 
     # -- configure, send and receive --------------------------------------------------------
     def train_round(self, rnd: int) -> RoundReplies:
-        """Send the round's train messages and collect the replies. A failed agent stops the
-        run or, with ``on_agent_failure="continue"``, is left out of the round; a round with
-        no reply at all is run again, up to ``max_failed_rounds`` times in a row."""
+        """Send the round's train messages and collect the replies. A failed agent (one that
+        failed, did not answer, or replied what the server's checks refuse) stops the run or,
+        with ``on_agent_failure="continue"``, is left out of the round; a round with no reply
+        at all is run again, up to ``max_failed_rounds`` times in a row."""
         budget = self.fed.train.time_budget
         todo = TrainInstruction(self.fed.to_json(), rnd,
                                 self.train_time / budget if budget else 0.0)
@@ -177,8 +188,10 @@ class Federation:
         messages = list(self.strategy.configure_train(rnd, self.arrays, todo.to_record(),
                                                       self.grid))
         good, failures = exchange(self.grid, messages, self.fed.round_timeout, self.stop)
+        screened = self.screen.screen(rnd, good)  # never reaches the average unless it passes
+        good, failures = screened.accepted, failures + screened.rejected
         replies = RoundReplies(good, [TrainReply.from_message(m) for m in good], failures,
-                               time.perf_counter() - t0)
+                               time.perf_counter() - t0, screened.norms)
         if failures:
             message = f"round {rnd}: " + "; ".join(failures)
             if self.fed.on_agent_failure == "stop":
@@ -202,8 +215,7 @@ class Federation:
             self.arrays = arrays
         aggregate_s = time.perf_counter() - t0
         got = replies.replies
-        batches = max(r.batches for r in got)  # the same for every agent
-        self.env_steps += batches * self.fed.train.batch_steps
+        self.env_steps += len(self.fed.batches_in(rnd)) * self.fed.train.batch_steps
         phases = {k: max(r.timings.get(k, 0.0) for r in got) for k in AGENT_PHASES}
         row = {"round": rnd, "env_steps": self.env_steps,
                "agent_steps": self.env_steps * self.spec.n_agents,
@@ -218,6 +230,12 @@ class Federation:
                           if r.silent_batches},
                # every agent continued from its state of the round before
                "restored_round_min": min(r.restored_round for r in got)}
+        norms = [v for v in replies.norms.values() if math.isfinite(v)]
+        if norms:  # what max_update_norm is compared with
+            row["update_norm_max"] = max(norms)
+        held = getattr(self.strategy, "held", [])
+        if held:  # groups too few replies for the robust rule: kept as they were
+            row["held_groups"] = list(held)
         self.train_time = row["train_time_s"]
         return row
 
@@ -245,6 +263,7 @@ class Federation:
         messages = [Message(RecordDict({ARRAYS: self.arrays, CONFIG: todo.to_record()}),
                             dst_node_id=n, message_type=MessageType.EVALUATE) for n in nodes]
         good, failures = exchange(self.grid, messages, self.fed.round_timeout, self.stop)
+        failures += self.screen.evaluation(good, batches * self.fed.train.num_envs)
         if failures or len(good) != self.spec.n_agents:
             raise FederationError("evaluation failed: " + "; ".join(failures))
         returns = torch.tensor([EvaluateReply.from_message(m).returns for m in good])
@@ -285,17 +304,15 @@ class Federation:
             round_time={k: statistics.median(m[k] for m in later) if later else None
                         for k in ("round_time_s", "flower_s", "aggregate_s", *AGENT_PHASES)})
         self.run.write_summary(summary)
+        if fed.client_dp_noise > 0:
+            self._report_client_dp()
         return RunResult(self.run.path, summary, metrics)
 
+    def _report_client_dp(self) -> None:
+        from fedcomm.server.client_dp import REPORT, epsilon_of, write_report
 
-def initial_arrays(fed: FederationConfig) -> dict[str, torch.Tensor]:
-    """The global module of round 1: the run's initial team's shared module (and, when the run
-    averages them, each type's private networks as its first agent starts with them)."""
-    spec, train = fed.spec, fed.train
-    team = Team.initial(spec, train.team, train.seed)
-    private = {}
-    if fed.aggregate_private:
-        for k, kind in enumerate(spec.types):
-            first = spec.type_of_agent.index(k)
-            private[kind.name] = team.subteam([first]).type_state()
-    return module_arrays(team.shared_state(), private)
+        report = write_report(self.run.path, self.fed)
+        delta = self.fed.train.privacy.delta
+        self.console.print(f"client-level DP of the shared module: epsilon "
+                           f"{epsilon_of(report):.4g} at delta {delta:g} per agent's whole "
+                           f"participation ({REPORT})", highlight=False)

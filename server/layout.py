@@ -17,7 +17,7 @@ import torch
 
 from fedcomm.config import FederationConfig
 from fedcomm.models.team import Team
-from fedcomm.protocol.round import SHARED, TYPE, module_arrays
+from fedcomm.protocol.round import SHARED, TYPE, key_group, module_arrays
 
 
 def initial_arrays(fed: FederationConfig) -> dict[str, torch.Tensor]:
@@ -47,6 +47,9 @@ class Layout:
 
     agents: tuple[dict[str, ArraySpec], ...]
     type_names: tuple[str, ...]  # each agent's type name, by index
+    # Whether a reply may leave out whole parts of the shared module (``share="used"``: which
+    # parts an agent sends follows from the routes it may use, the agent's own reckoning).
+    partial: bool = False
 
     @classmethod
     def of(cls, fed: FederationConfig, arrays: Mapping[str, object]) -> Layout:
@@ -60,7 +63,15 @@ class Layout:
             own = f"{TYPE}{name}."
             agents.append({k: s for k, s in specs.items() if k.startswith(SHARED)
                            or (fed.aggregate_private and k.startswith(own))})
-        return cls(tuple(agents), names)
+        return cls(tuple(agents), names, getattr(fed, "share", "all") != "all")
+
+    def carriers(self) -> dict[str, int]:
+        """How many agents may carry each key group."""
+        out: dict[str, int] = {}
+        for expected in self.agents:
+            for group in {key_group(k) for k in expected}:
+                out[group] = out.get(group, 0) + 1
+        return out
 
 
 def _dtype(value: object) -> np.dtype:

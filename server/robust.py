@@ -1,6 +1,7 @@
 """Robust aggregation of one key group, with Flower's own robust strategies.
 
-Each key group (``comm``, and with ``aggregate_private`` each ``type.<name>``) is aggregated
+Each key group (each part of the shared module, ``comm.encoder``, ``comm.decoder``, ...,
+and with ``aggregate_private`` each type's networks, ``type.<name>``) is aggregated
 over the replies that carry it by ``FederationConfig.aggregation``: ``mean`` is FedAvg's mean
 weighted by environment steps; the others run Flower's ``FedMedian``, ``FedTrimmedAvg``,
 ``Krum``, ``MultiKrum`` or ``Bulyan`` on that group's replies alone, set to withstand
@@ -31,7 +32,7 @@ from flwr.serverapp.strategy import Bulyan, FedAvg, FedMedian, FedTrimmedAvg, Kr
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from fedcomm.config import FederationConfig
-from fedcomm.protocol.round import SHARED, TYPE, WEIGHT_KEY
+from fedcomm.protocol.round import WEIGHT_KEY
 
 ROBUST = ("median", "trimmed_mean", "krum", "multikrum", "bulyan")
 
@@ -43,20 +44,16 @@ def min_replies(rule: str, faulty: int) -> int:
             "multikrum": 2 * faulty + 1, "bulyan": 4 * faulty + 3}[rule]
 
 
-def group_sizes(fed: FederationConfig) -> dict[str, int]:
-    """How many agents carry each key group."""
-    spec = fed.spec
-    sizes = {SHARED[:-1]: spec.n_agents}
-    if fed.aggregate_private:
-        for k, kind in enumerate(spec.types):
-            sizes[f"{TYPE}{kind.name}"] = spec.type_of_agent.count(k)
-    return sizes
-
-
-def check_options(fed: FederationConfig) -> None:
-    """Refuse robustness options that cannot do their job in this run (``ValueError``)."""
+def check_options(fed: FederationConfig, carriers: dict[str, int]) -> None:
+    """Refuse robustness options that cannot do their job in this run (``ValueError``);
+    ``carriers`` is how many agents carry each key group."""
     rule, f = fed.aggregation, fed.faulty_agents
-    for group, n in group_sizes(fed).items():
+    share = getattr(fed, "share", "all")
+    if share != "all" and (rule != "mean" or fed.client_dp_noise > 0):
+        raise ValueError(f"with share={share} the agents that carry each part of the shared "
+                         "module follow from their routes, which the server does not reckon: "
+                         "robust aggregation and client-level DP need share=all")
+    for group, n in carriers.items():
         if n > 1 and n < min_replies(rule, f):
             raise ValueError(
                 f"aggregation {rule} withstands {f} faulty agent(s) in a key group of at "

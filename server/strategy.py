@@ -23,7 +23,7 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, Strategy
 from fedcomm.config import FederationConfig
 from fedcomm.protocol.round import WEIGHT_KEY, key_group
 from fedcomm.server.layout import Layout, initial_arrays
-from fedcomm.server.robust import check_options, group_sizes, reduce_group
+from fedcomm.server.robust import check_options, reduce_group
 from fedcomm.server.validation import ReplyScreen
 
 STATE_ATTRS = ("m_t", "v_t", "momentum_vector")  # FedAdam's moments, FedAvgM's momentum
@@ -90,18 +90,11 @@ class GroupedFedAvg(FedAvg):
                                     self.carriers, self.held)
         if not merged:
             return None, None
-        sent = self.screen.sent if self.screen is not None else {}
+        sent = self.screen.sent if self.screen is not None else ArrayRecord()
         if sent:  # every key, in the global module's order; a group nobody updated keeps it
-            merged = ArrayRecord({k: merged[k] if k in merged else _array(v)
-                                  for k, v in sent.items()})
+            merged = ArrayRecord({k: merged.get(k, v) for k, v in sent.items()})
         return (merged,
                 self.train_metrics_aggr_fn(contents, self.weighted_by_key))
-
-
-def _array(value: np.ndarray):
-    from flwr.app import Array
-
-    return Array(np.asarray(value))
 
 
 class GroupedFedAvgM(FedAvgM, GroupedFedAvg):
@@ -121,7 +114,8 @@ def make_strategy(fed: FederationConfig, n_agents: int,
     ``run_dir`` is where client-level DP keeps its ledgers (needed with ``client_dp_noise``).
     Options that cannot work in this run raise ``ValueError``.
     """
-    check_options(fed)
+    layout = Layout.of(fed, arrays if arrays is not None else initial_arrays(fed))
+    check_options(fed, layout.carriers())
     common = {"fraction_train": 1.0, "fraction_evaluate": 0.0, "min_train_nodes": n_agents,
               "min_available_nodes": n_agents, "weighted_by_key": WEIGHT_KEY}
     strategy: GroupedFedAvg
@@ -132,11 +126,10 @@ def make_strategy(fed: FederationConfig, n_agents: int,
         strategy = GroupedFedAdam(eta=fed.server_lr, eta_l=fed.train.ppo.lr, **common)
     else:
         strategy = GroupedFedAvg(**common)
-    layout = Layout.of(fed, arrays if arrays is not None else initial_arrays(fed))
     private = fed.client_dp_noise > 0
     strategy.screen = ReplyScreen(fed, layout, uniform=private)
     strategy.rule, strategy.faulty = fed.aggregation, fed.faulty_agents
-    strategy.carriers, strategy.held = group_sizes(fed), []
+    strategy.carriers, strategy.held = layout.carriers(), []
     if not private:
         return strategy
     if run_dir is None:

@@ -9,8 +9,8 @@ A registered agent is trusted with nothing it replies. A train reply passes, in 
 3. the round: the batches it claims are the round's, it restored a state of an earlier round,
    and the environment steps it claims are those the server scheduled less its silent batches;
 4. its arrays: exactly its agent's keys (the shared module's, and with ``aggregate_private``
-   its own type's networks, never another type's), each of the global module's shape and dtype
-   and finite;
+   its own type's networks, never another type's; with ``share="used"`` whole parts of the
+   shared module may be left out), each of the global module's shape and dtype and finite;
 5. its update: the L2 norm of its arrays minus the global module it was sent, within
    ``max_update_norm`` where one is configured.
 
@@ -33,7 +33,15 @@ import numpy as np
 from flwr.app import ArrayRecord, Message, MetricRecord
 
 from fedcomm.config import FederationConfig
-from fedcomm.protocol.round import ARRAYS, METRICS, TYPE, WEIGHT_KEY, TrainReply, key_group
+from fedcomm.protocol.round import (
+    ARRAYS,
+    METRICS,
+    SHARED,
+    TYPE,
+    WEIGHT_KEY,
+    TrainReply,
+    key_group,
+)
 from fedcomm.server.layout import Layout
 
 INTEGERS = ("agent", "env_steps", "batches", "silent_batches", "restored_round")
@@ -70,14 +78,16 @@ class ReplyScreen:
     def __init__(self, fed: FederationConfig, layout: Layout, uniform: bool = False) -> None:
         self.fed, self.layout, self.uniform = fed, layout, uniform
         self.agent_ids = fed.spec.agent_ids
-        self.sent: dict[str, np.ndarray] = {}  # the global module the round's replies started from
+        self.sent = ArrayRecord()  # the global module the round's replies started from
+        self._base: dict[str, np.ndarray] = {}  # the same, in float64 for the update norms
         self.node_of: dict[int, int] = {}  # agent index -> the node that answers as it
         self.live: set[int] | None = None  # the nodes connected when the round was sent
 
     def configure(self, arrays: ArrayRecord, live_nodes: Iterable[int] | None = None) -> None:
         """The global module sent this round, and the nodes connected: an agent whose node is
         gone may answer from a new one (a restarted SuperNode)."""
-        self.sent = {k: np.asarray(v.numpy(), dtype=np.float64) for k, v in arrays.items()}
+        self.sent = arrays
+        self._base = {k: np.asarray(v.numpy(), dtype=np.float64) for k, v in arrays.items()}
         self.live = None if live_nodes is None else set(live_nodes)
 
     # -- a round's replies ---------------------------------------------------------------------
@@ -189,7 +199,7 @@ class ReplyScreen:
             raise Rejected(f"{name}: its update's L2 norm {norm:.4g} exceeds max_update_norm "
                            f"{bound:g}")
         expected = self.layout.agents[reply.agent]
-        msg.content[ARRAYS] = ArrayRecord({k: arrays[k] for k in expected})  # the global order
+        msg.content[ARRAYS] = ArrayRecord({k: arrays[k] for k in expected if k in arrays})
         msg.content[METRICS][WEIGHT_KEY] = 1 if self.uniform else steps
         return norm
 
@@ -206,11 +216,16 @@ class ReplyScreen:
         if extra:
             raise Rejected(f"{name}: carries arrays the global module has no place for: "
                            f"{_few(extra)}")
+        if self.layout.partial:  # whole parts of the shared module may stay with the agent
+            sent = {key_group(k) for k in keys}
+            missing = [k for k in missing if key_group(k) in sent or not k.startswith(SHARED)]
         if missing:
             raise Rejected(f"{name}: lacks {len(missing)} of its {len(expected)} arrays: "
                            f"{_few(missing)}")
         values = {}
         for key, spec in expected.items():
+            if key not in keys:
+                continue
             try:
                 value = arrays[key].numpy()
             except Exception as e:  # bytes that are no array
@@ -226,11 +241,11 @@ class ReplyScreen:
         return values
 
     def _norm(self, values: Mapping[str, np.ndarray]) -> float:
-        if not self.sent:
+        if not self._base:
             return math.nan
         total = 0.0
         for key, value in values.items():
-            diff = value.astype(np.float64) - self.sent[key]
+            diff = value.astype(np.float64) - self._base[key]
             total += float(np.dot(diff.ravel(), diff.ravel()))
         return math.sqrt(total)
 
