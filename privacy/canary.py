@@ -25,7 +25,7 @@ import numpy as np
 from scipy.stats import binom
 
 from .accountants import Accountant, make_accountant
-from .events import RELATION_FACTOR, GaussianRelease, Relation, check_relation
+from .events import RELATION_FACTOR, GaussianRelease, RandomizedResponse, Relation, check_relation
 
 
 @dataclass(frozen=True)
@@ -122,4 +122,47 @@ def empirical_audit(
     correct = int(included[order[canaries - k_plus:]].sum() + (~included[order[:k_minus]]).sum())
     guesses = k_plus + k_minus
     bound = epsilon_lower_bound(canaries, guesses, correct, delta, confidence)
+    return CanaryAudit(bound, claimed, canaries, guesses, correct, confidence)
+
+
+def empirical_response_audit(
+    epsilon: float,
+    symbols: int,
+    *,
+    releases_per_unit: int = 1,
+    canaries: int = 100_000,
+    k_plus: int = 1000,
+    k_minus: int = 1000,
+    confidence: float = 0.999,
+    seed: int | None = None,
+    true_epsilon: float | None = None,
+) -> CanaryAudit:
+    """The one-run audit of K-ary randomized response: canary ``i``'s unit holds codeword 0
+    when included and codeword 1 (its replace-one neighbour) when not; each of the
+    ``releases_per_unit`` releases reports it by randomized response at ``epsilon``, and the
+    score is how often 0 was reported minus how often 1 was.
+
+    Randomized response meets its claim with equality here (the guesses are right with
+    probability exactly e^eps / (1 + e^eps)), so a lower bound at confidence c exceeds an honest
+    claim with probability 1 - c: hence the high default confidence.
+
+    ``true_epsilon`` (test only) simulates a mechanism that keeps the codeword as often as
+    ``true_epsilon`` would while claiming ``epsilon``.
+    """
+    if k_plus + k_minus > canaries:
+        raise ValueError("more guesses than canaries")
+    # pure epsilon-DP: the audit and the claim at delta 0, where composition adds epsilons
+    claimed = epsilon * releases_per_unit
+    used = RandomizedResponse("canary", true_epsilon or epsilon, symbols)
+    rng = np.random.default_rng(seed)
+    included = rng.random(canaries) < 0.5
+    truth = np.where(included, 0, 1)
+    kept = rng.random((releases_per_unit, canaries)) < used.keep_probability
+    other = (truth + rng.integers(1, symbols, (releases_per_unit, canaries))) % symbols
+    reported = np.where(kept, truth, other)
+    scores = (reported == 0).sum(axis=0) - (reported == 1).sum(axis=0)
+    order = np.argsort(scores + rng.random(canaries) * 0.5)  # ties broken at random
+    correct = int(included[order[canaries - k_plus:]].sum() + (~included[order[:k_minus]]).sum())
+    guesses = k_plus + k_minus
+    bound = epsilon_lower_bound(canaries, guesses, correct, 0.0, confidence)
     return CanaryAudit(bound, claimed, canaries, guesses, correct, confidence)

@@ -16,8 +16,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from .audit import AuditResult, audit
-from .canary import CanaryAudit, empirical_audit
-from .ledger import LedgerError, read_ledger
+from .canary import CanaryAudit, empirical_audit, empirical_response_audit
+from .ledger import LedgerError, group_key, read_ledger
 from .report import HTML_NAME, REPORT_NAME, decode_eps, load_report, render_html
 
 MESSAGE = "message"
@@ -111,21 +111,33 @@ def _empirical(report: Mapping[str, Any] | None, report_path: Path, console: Con
         setup = message_setup(report, report_path.parent)
     except (KeyError, TypeError, ValueError) as exc:
         return [(where, f"cannot configure the empirical audit: {exc}")]
+    guesses = min(1000, canaries // 4)
+    if setup.get("kind") == "randomized_response":
+        found = empirical_response_audit(
+            setup["epsilon"], setup["symbols"], releases_per_unit=setup["releases_per_unit"],
+            canaries=canaries, k_plus=guesses, k_minus=guesses, seed=seed)
+        described = (f"randomized response eps={setup['epsilon']:g} over {setup['symbols']} "
+                     "symbols")
+        return _judged(found, setup, described, canaries, console, where)
     sigma, per_unit = setup["noise_multiplier"], setup["releases_per_unit"]
     if sigma > 0 and canaries * per_unit > MAX_NORMALS:
         # T unsampled releases of sigma sum to one of sigma / sqrt(T): same scores up to
         # scale, so the same guesses and bound, without T * canaries normal draws.
         sigma, per_unit = sigma / math.sqrt(per_unit), 1
-    guesses = min(1000, canaries // 4)
     found: CanaryAudit = empirical_audit(
         sigma, clip=setup["clip"], relation=setup["relation"], releases_per_unit=per_unit,
         delta=report["run"]["delta"], canaries=canaries, k_plus=guesses, k_minus=guesses,
         seed=seed)
+    described = f"sigma={setup['noise_multiplier']:g}, C={setup['clip']:g}, {setup['relation']}"
+    return _judged(found, setup, described, canaries, console, where)
+
+
+def _judged(found: CanaryAudit, setup: Mapping[str, Any], described: str, canaries: int,
+            console: Console, where: str) -> list[tuple[str, str]]:
     claimed = setup["claimed_epsilon"]
     console.print(
-        f"Empirical canary audit of {MESSAGE!r} (sigma={setup['noise_multiplier']:g}, "
-        f"C={setup['clip']:g}, {setup['relation']}, {setup['releases_per_unit']} releases per "
-        f"unit from the {setup['source']}, {canaries} canaries, {found.correct}/"
+        f"Empirical canary audit of {MESSAGE!r} ({described}, {setup['releases_per_unit']} "
+        f"releases per unit from the {setup['source']}, {canaries} canaries, {found.correct}/"
         f"{found.guesses} guesses right): {found.confidence:.0%} lower bound "
         f"{found.epsilon_lower_bound:.4f}, claimed epsilon {_eps(claimed)} "
         f"(exact epsilon of this configuration {_eps(found.claimed_epsilon)})")
@@ -166,6 +178,11 @@ def message_setup(report: Mapping[str, Any], report_dir: Path) -> dict[str, Any]
     except (OSError, LedgerError, KeyError) as exc:
         per_unit = max(math.ceil(p["count"] / p["releases"]) for p in parameters)
         source = f"report (ledgers unreadable: {exc})"
+    claimed = max(decode_eps(m["epsilon"]) for m in agents.values())
+    if declared.get("kind") == "randomized_response":
+        return {"kind": "randomized_response", "epsilon": float(weakest("epsilon", max)),
+                "symbols": int(weakest("symbols", min)), "releases_per_unit": per_unit,
+                "source": source, "claimed_epsilon": claimed}
     return {
         "noise_multiplier": float(weakest("noise_multiplier", min)),
         "clip": float(weakest("clip", max)),
@@ -183,7 +200,8 @@ def _ledger_count(report: Mapping[str, Any], report_dir: Path) -> int:
         units: dict[Any, int] = {}
         for entry in read_ledger(report_dir / section["ledger"]["path"]):
             if entry["mechanism"] == MESSAGE:
-                key = entry["batch"] if report["run"]["unit"] == "episode" else None
+                key = group_key(report["run"]["unit"], report["run"].get("composition", "batch"),
+                                entry["batch"])
                 units[key] = units.get(key, 0) + entry["count"]
         most = max(most, *units.values(), 0)
     if most == 0:
