@@ -163,7 +163,7 @@ class Round:
 
 
 def round_to_join(current: Round | None, started: int, number: int,
-                  agent_ids: tuple[str, ...]) -> Round:
+                  agent_ids: tuple[str, ...], joiner: int | None = None) -> Round:
     """The round a join for round ``number`` goes to: the one gathering agents, or a new one.
 
     Parameters
@@ -176,6 +176,11 @@ def round_to_join(current: Round | None, started: int, number: int,
         The round the join asks for.
     agent_ids
         Every agent of the environment, for a new round.
+    joiner
+        The joining agent's index, where known. An agent whose feedback the latest round holds
+        is still waiting for that round's answer: its join for a new round is refused rather
+        than ending the round the others are finishing (one that has sent none has left it,
+        and the round ends).
     """
     if current is not None and current.phase is Phase.JOINING:
         if number != current.number:
@@ -189,5 +194,9 @@ def round_to_join(current: Round | None, started: int, number: int,
                                     f"{started + 1} or later")
     check_round_number(number)
     if current is not None and current.phase is Phase.FEEDBACK:
+        if joiner is not None and joiner in current.feedback:
+            raise ProtocolError(FAILED, f"{agent_ids[joiner]} sent its feedback for round "
+                                        f"{current.number}, which is not complete; cannot "
+                                        f"join round {number}")
         current.fail(f"round {number} began before round {current.number}'s feedback completed")
     return Round(number, agent_ids)
