@@ -230,6 +230,8 @@ class Federation:
                           if r.silent_batches},
                # every agent continued from its state of the round before
                "restored_round_min": min(r.restored_round for r in got)}
+        if replies.failures:  # who was left out of the round, and why
+            row["failed"] = list(replies.failures)
         norms = [v for v in replies.norms.values() if math.isfinite(v)]
         if norms:  # what max_update_norm is compared with
             row["update_norm_max"] = max(norms)
