@@ -106,15 +106,8 @@ def replay(team: Team, rollout: Rollout) -> TeamOutput:
     """Recompute the team's outputs for a stored batch, with gradients, as ``[T, B, ...]``."""
     t, b = rollout.rewards.shape[:2]
     received, delivered = rollout.received, rollout.delivered
-    if not (team.cfg.recurrent or team.cfg.accumulate):  # steps independent: one big batch
-        if delivered is not None:
-            delivered = delivered.expand(t, b, *delivered.shape[2:]).flatten(0, 1)
-        out = team([o.flatten(0, 1) for o in rollout.obs], None, rollout.noise.flatten(0, 1),
-                   None if received is None else received.flatten(0, 1), delivered)
-        said = None if out.message_logp is None else out.message_logp.unflatten(0, (t, b))
-        return TeamOutput([lg.unflatten(0, (t, b)) for lg in out.logits],
-                          out.values.unflatten(0, (t, b)), out.messages.unflatten(0, (t, b)),
-                          None, message_logp=said)
+    if not team.cfg.recurrent:  # no step needs the one before: all steps in one batch
+        return team.forward_steps(rollout.obs, rollout.noise, received, delivered)
     hidden, memory = team.initial_hidden(b), None
     outs = []
     for i in range(t):

@@ -197,14 +197,17 @@ class Team(nn.Module):
         """
         if self.cfg.channel != "discrete":
             return None
-        if not self.releases_at(step):
+        release = self.releases_at(step)
+        if release is False:
             return clean.new_zeros(clean.shape[:2])
         own = self.type_of_agent.index_select(0, self.local_index)
         speaks = self.kept_routes().index_select(0, own).any(dim=1)  # [n_local]
-        return (clean * drawn.detach()).sum(dim=-1).clamp(min=1e-30).log() * speaks
+        logp = (clean * drawn.detach()).sum(dim=-1).clamp(min=1e-30).log() * speaks
+        return logp if release is True else logp * release[:, None]
 
-    def releases_at(self, step: int) -> bool:
-        """Whether the local senders release at ``step`` of the episode (the schedule)."""
+    def releases_at(self, step: int | Tensor) -> bool | Tensor:
+        """Whether the local senders release at ``step`` of the episode (the schedule); a
+        tensor of steps gives a bool tensor."""
         return step % self.cfg.release_every == 0
 
     def kept_routes(self) -> Tensor:
@@ -308,6 +311,44 @@ class Team(nn.Module):
         logits, values, extras = self.respond(feats, messages, received, delivered, memory)
         return TeamOutput(logits, values, messages, hidden, extras,
                           self.message_logp(clean, drawn, step))
+
+    def forward_steps(self, obs: Obs, noise: Tensor, received: Tensor | None,
+                      delivered: Tensor | None) -> TeamOutput:
+        """``T`` steps of the local agents at once, inputs and outputs ``[T, B, ...]``, for a
+        team without recurrent state: every step's features and vectors in one batch, and what
+        ``accumulate``'s receivers heard up to each step as a cumulative sum over steps (the
+        same as stepping, without a loop over steps)."""
+        if self.cfg.recurrent:
+            raise ValueError("a recurrent team steps one step after the other")
+        t, b = noise.shape[:2]
+        flat = [o.flatten(0, 1) for o in obs]
+        feats, _ = self.encode_obs(flat, None)
+        clean = self.speak(feats)
+        drawn = noise.flatten(0, 1)
+        messages = self.release(clean, drawn)
+        steps = torch.arange(t, device=noise.device).repeat_interleave(b)
+        release = self.releases_at(steps)
+        if received is None:
+            if not self.whole:
+                raise ValueError("a team without every agent needs the vectors it received")
+            mask = self.route(messages) & release[:, None, None]
+        else:
+            mask = delivered.expand(t, b, *delivered.shape[2:]).flatten(0, 1)
+            received = received.flatten(0, 1)
+        memory = None
+        if self.cfg.accumulate:  # each step's deliveries, summed over the steps before it
+            senders = messages if received is None else received.index_copy(
+                1, self.local_index, messages)
+            heard = mask.expand(t * b, -1, -1).to(senders.dtype)
+            total = (senders[:, None] * heard[..., None]).unflatten(0, (t, b))
+            count = heard.unflatten(0, (t, b))
+            memory = ((total.cumsum(0) - total).flatten(0, 1),
+                      (count.cumsum(0) - count).flatten(0, 1))
+        logits, values, _ = self.respond(feats, messages, received, mask, memory)
+        said = self.message_logp(clean, drawn, steps)
+        return TeamOutput([lg.unflatten(0, (t, b)) for lg in logits],
+                          values.unflatten(0, (t, b)), messages.unflatten(0, (t, b)), None,
+                          message_logp=None if said is None else said.unflatten(0, (t, b)))
 
     # -- what of the team is whose: the layout of its parameters -------------------------------
     # The shared module's parameters are ``comm.<path>``; every private one is
