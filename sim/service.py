@@ -129,7 +129,7 @@ class JointEnvironmentService(pb_grpc.JointEnvironmentServicer):
             check_join_seq(request.header)
             terms = join_terms(request, self.spec, index)
             rnd = self.round = round_to_join(self.round, self.started, request.header.round,
-                                             self.spec.agent_ids, joiner=index)
+                                             self.spec.agent_ids)
             if rnd.admit(index, terms, request.silent):
                 self.started = rnd.number
                 rnd.start(asyncio.get_running_loop().create_task(self._drive(rnd)))
