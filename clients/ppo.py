@@ -106,8 +106,6 @@ def ppo_loss(team: Team, batch: Rollout, targets: Targets, cfg: PPOConfig,
     """
     out = replay(team, batch)
     logp, entropy = log_probs(out.logits, batch.actions)
-    if out.message_logp is not None:  # a sender's codeword: part of its joint action
-        logp = logp + out.message_logp
     log_ratio = logp - batch.logprobs
     ratio = log_ratio.exp()
     adv = targets.advantages

@@ -85,9 +85,6 @@ def collect(team: Team, transport: Transport, seed: int | None = None,
         memory = memory_of(extras)
         actions = sample_actions(logits, greedy, generator)
         logp, _ = log_probs(logits, actions)
-        said = team.message_logp(clean, drawn, len(steps))
-        if said is not None:  # the codeword is part of the joint action
-            logp = logp + said
         step = transport.step(actions)
         steps.append((obs, actions, drawn, logp, values, step.reward, received, delivered))
         obs, done = step.obs, step.done
@@ -117,11 +114,9 @@ def replay(team: Team, rollout: Rollout) -> TeamOutput:
         hidden, memory = out.hidden, memory_of(out.extras)
         outs.append(out)
     n_types = len(outs[0].logits)
-    said = (None if outs[0].message_logp is None
-            else torch.stack([o.message_logp for o in outs]))
     return TeamOutput([torch.stack([o.logits[k] for o in outs]) for k in range(n_types)],
                       torch.stack([o.values for o in outs]),
-                      torch.stack([o.messages for o in outs]), None, message_logp=said)
+                      torch.stack([o.messages for o in outs]), None)
 
 
 def party_rollout(whole: Team, rollout: Rollout, agent: int) -> Rollout:

@@ -69,8 +69,8 @@ class TeamConfig:
     # nothing then releases nothing.
     routes: str = ""
     # Receivers send DIAL feedback to the senders they heard (a release: clipped and noised);
-    # off, senders learn their code from the team reward alone (a discrete channel's codeword
-    # is part of the sender's action) and receivers release nothing of this kind.
+    # off, receivers release nothing of this kind and senders' encoders learn nothing through
+    # the channel (an ablation).
     feedback: bool = True
 
     def __post_init__(self) -> None:

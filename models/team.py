@@ -49,8 +49,6 @@ class TeamOutput:
     messages: Tensor  # [B, n_local, D] the local agents' vectors as sent: clipped and noised
     hidden: Tensor | None  # [B, n_local, H] recurrent state after this step
     extras: dict[str, Tensor] = field(default_factory=dict)
-    # [B, n_local] log-probability of each local agent's released codeword (discrete channel)
-    message_logp: Tensor | None = None
 
 
 class Team(nn.Module):
@@ -187,24 +185,6 @@ class Team(nn.Module):
             return clean + drawn
         return drawn + (clean - clean.detach())
 
-    def message_logp(self, clean: Tensor, drawn: Tensor, step: int) -> Tensor | None:
-        """``[B, n_local]`` the log-probability of each local agent's released codeword, where
-        it released one (a discrete channel; ``None`` for a Gaussian one).
-
-        The codeword is part of the sender's action: with the environment action it makes the
-        joint action whose probability ratio PPO clips, so a sender learns its code from the
-        team reward as well as from its receivers' feedback.
-        """
-        if self.cfg.channel != "discrete":
-            return None
-        release = self.releases_at(step)
-        if release is False:
-            return clean.new_zeros(clean.shape[:2])
-        own = self.type_of_agent.index_select(0, self.local_index)
-        speaks = self.kept_routes().index_select(0, own).any(dim=1)  # [n_local]
-        logp = (clean * drawn.detach()).sum(dim=-1).clamp(min=1e-30).log() * speaks
-        return logp if release is True else logp * release[:, None]
-
     def releases_at(self, step: int | Tensor) -> bool | Tensor:
         """Whether the local senders release at ``step`` of the episode (the schedule); a
         tensor of steps gives a bool tensor."""
@@ -300,8 +280,7 @@ class Team(nn.Module):
         """
         feats, hidden = self.encode_obs(obs, hidden)
         clean = self.speak(feats)
-        drawn = self.draw(clean) if noise is None else noise
-        messages = self.release(clean, drawn)
+        messages = self.release(clean, self.draw(clean) if noise is None else noise)
         if received is None and not self.whole:
             raise ValueError("a team without every agent needs the vectors it received")
         if delivered is None:
@@ -309,8 +288,7 @@ class Team(nn.Module):
                 raise ValueError("received vectors come with their delivery mask")
             delivered = self.route(messages) & self.releases_at(step)
         logits, values, extras = self.respond(feats, messages, received, delivered, memory)
-        return TeamOutput(logits, values, messages, hidden, extras,
-                          self.message_logp(clean, drawn, step))
+        return TeamOutput(logits, values, messages, hidden, extras)
 
     def forward_steps(self, obs: Obs, noise: Tensor, received: Tensor | None,
                       delivered: Tensor | None) -> TeamOutput:
@@ -345,10 +323,8 @@ class Team(nn.Module):
             memory = ((total.cumsum(0) - total).flatten(0, 1),
                       (count.cumsum(0) - count).flatten(0, 1))
         logits, values, _ = self.respond(feats, messages, received, mask, memory)
-        said = self.message_logp(clean, drawn, steps)
         return TeamOutput([lg.unflatten(0, (t, b)) for lg in logits],
-                          values.unflatten(0, (t, b)), messages.unflatten(0, (t, b)), None,
-                          message_logp=None if said is None else said.unflatten(0, (t, b)))
+                          values.unflatten(0, (t, b)), messages.unflatten(0, (t, b)), None)
 
     # -- what of the team is whose: the layout of its parameters -------------------------------
     # The shared module's parameters are ``comm.<path>``; every private one is
