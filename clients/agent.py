@@ -170,7 +170,8 @@ class FederatedAgent:
         party = Party(team, transport, train.ppo, seed=train.seed * 1000 + self.index, dp=dp)
         privacy = AgentPrivacy(node.agent_id, self.index, self.spec, train.team, train.privacy,
                                node.state_dir / LEDGER, fed.to_dict(), device=self.device,
-                               composition=composition_of_config(fed.to_dict()))
+                               composition=composition_of_config(fed.to_dict()),
+                               episodes=train.num_envs)
         # DP-SGD's steps compose with the agent's releases even where it sends no part of the
         # module (they shape its later releases); a plain update counts only if it is sent.
         steps = (update_releases(train.privacy, train.ppo)

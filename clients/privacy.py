@@ -29,7 +29,7 @@ from fedcomm.privacy.events import (
     Release,
     gaussian_release,
 )
-from fedcomm.privacy.ledger import Composition, Ledger, config_hash
+from fedcomm.privacy.ledger import Composition, Ledger, config_hash, group_key
 from fedcomm.privacy.noise import secure_generator
 from fedcomm.sim.base import EnvSpec
 
@@ -86,8 +86,8 @@ def check_sample_rate(sample_rate: float) -> None:
         raise ValueError(f"the sample rate must be in (0, 1], got {sample_rate}")
 
 
-def declared_mechanisms(team: TeamConfig, cfg: PrivacyConfig, ppo: PPOConfig | None = None
-                        ) -> dict[str, dict[str, Any]]:
+def declared_mechanisms(team: TeamConfig, cfg: PrivacyConfig, ppo: PPOConfig | None = None,
+                        composition: Composition = "batch") -> dict[str, dict[str, Any]]:
     """What the run declares about each mechanism: the audit checks every entry against it."""
     message = ({"kind": "randomized_response", "epsilon": team.rr_epsilon,
                 "symbols": team.symbols} if team.channel == "discrete" else
@@ -99,9 +99,10 @@ def declared_mechanisms(team: TeamConfig, cfg: PrivacyConfig, ppo: PPOConfig | N
         if cfg.update_noise_multiplier is None:
             out["update"] = {"noise_multiplier": 0.0, "clip": ppo.max_grad_norm}
         else:
+            unit_wide = group_key(cfg.unit, composition, 0) is None  # see for_unit
             out["update"] = {"noise_multiplier": cfg.update_noise_multiplier,
                              "clip": cfg.update_clip,
-                             "sample_rate": update_sample_rate(cfg, ppo)}
+                             "sample_rate": 1.0 if unit_wide else update_sample_rate(cfg, ppo)}
     return out
 
 
@@ -133,6 +134,30 @@ def message_release(team: TeamConfig, relation: Relation, count: int) -> Release
         return RandomizedResponse("message", team.rr_epsilon, team.symbols, count, relation)
     return gaussian_release("message", team.noise_multiplier, team.clip, relation=relation,
                             count=count)
+
+
+def for_unit(releases: Sequence[Release], unit: str, composition: Composition,
+             episodes: int) -> list[Release]:
+    """What one batch's releases cost one unit.
+
+    Where the unit's batch is what composes (an episode under DP-SGD) a batch's releases
+    count per episode, as they are recorded. Where every release composes (the unit is the
+    agent's whole history, or an episode trained on without DP) every one of the batch's
+    ``episodes`` episodes releases its vectors and feedback as a function of the unit, so
+    each counts ``episodes`` times, and each DP-SGD step sums the clipped gradients of all of
+    them: sensitivity ``episodes`` times the clip, no sampling.
+    """
+    if group_key(unit, composition, 0) is not None:
+        return list(releases)
+    out: list[Release] = []
+    for r in releases:
+        if isinstance(r, GaussianRelease) and r.sampled:
+            out.append(gaussian_release(r.mechanism, r.noise_multiplier, r.clip,
+                                        relation=r.relation, count=r.count,
+                                        contributions=episodes))
+        else:
+            out.append(r.with_count(r.count * episodes))
+    return out
 
 
 def batch_releases(spec: EnvSpec, team: TeamConfig, relation: Relation, routes: Tensor,
@@ -216,12 +241,16 @@ class AgentPrivacy:
         Where the noise is drawn: the device the agent's vectors are on.
     composition
         Which of its releases compose for a unit (``composition_for`` its training).
+    episodes
+        Episodes per batch: what each release counts for the unit (``for_unit``).
     """
 
     def __init__(self, agent: str, index: int, spec: EnvSpec, team: TeamConfig,
                  cfg: PrivacyConfig, ledger_path: Path, run_config: dict[str, Any],
-                 device: str | torch.device = "cpu", composition: Composition = "batch") -> None:
+                 device: str | torch.device = "cpu", composition: Composition = "batch",
+                 episodes: int = 1) -> None:
         self.agent, self.index, self.spec, self.team, self.cfg = agent, index, spec, team, cfg
+        self.composition, self.episodes = composition, episodes
         ledger_path.parent.mkdir(parents=True, exist_ok=True)
         self.ledger = Ledger(ledger_path, agent, config_hash(run_config))
         budget = PrivacyBudget(cfg.budget, cfg.delta, cfg.accountant, cfg.relation)
@@ -232,9 +261,10 @@ class AgentPrivacy:
     def batch_releases(self, routes: Tensor, extra: Sequence[GaussianRelease] = ()
                        ) -> list[GaussianRelease]:
         """Everything the agent releases in one episode batch under ``routes``, plus ``extra``
-        (its DP-SGD steps)."""
-        return batch_releases(self.spec, self.team, self.cfg.relation, routes, self.index,
-                              extra)
+        (its DP-SGD steps), as they cost one unit."""
+        releases = batch_releases(self.spec, self.team, self.cfg.relation, routes, self.index,
+                                  extra)
+        return for_unit(releases, self.cfg.unit, self.composition, self.episodes)
 
     @property
     def next_batch(self) -> int:
@@ -274,13 +304,13 @@ def write_run_report(run_dir: Path, run_config: dict[str, Any], team: TeamConfig
     ``extra`` adds to what the report states about the run (its silent batches)."""
     from fedcomm.privacy.report import RunInfo, build_report, render_html, write_report
 
-    declared = declared_mechanisms(team, cfg, ppo or PPOConfig())
+    composition = composition_of_config(run_config)
+    declared = declared_mechanisms(team, cfg, ppo or PPOConfig(), composition)
     stated = {"split": cfg.split} if cfg.split else {}
     run = RunInfo(config=run_config, delta=cfg.delta, budget=cfg.budget,
                   mechanisms={k: declared[k] for k in mechanisms}, accountant=cfg.accountant,
                   unit=cfg.unit, relation=cfg.relation,
-                  composition=composition_of_config(run_config),
-                  extra={**stated, **(extra or {})})
+                  composition=composition, extra={**stated, **(extra or {})})
     report = build_report({a: p for a, p in ledgers.items() if p.exists()}, run, run_dir)
     write_report(report, run_dir)
     render_html(report, run_dir / "privacy_report.html")

@@ -26,6 +26,7 @@ from fedcomm.clients.privacy import (
     Training,
     batch_releases,
     composition_for,
+    for_unit,
     message_release,
     releases_anything,
     shared_parts,
@@ -38,7 +39,7 @@ from fedcomm.privacy.accountants import make_accountant
 from fedcomm.privacy.budget import PrivacyBudget, mechanism_epsilons
 from fedcomm.privacy.calibrate import Mechanism, search_epsilon, smallest_noise, split_budget
 from fedcomm.privacy.events import GaussianRelease, gaussian_release
-from fedcomm.privacy.ledger import Composition
+from fedcomm.privacy.ledger import Composition, group_key
 
 DEFAULT_SHARES = {"message": 0.5, "feedback": 0.25, "update": 0.25}
 """How one budget is split: each mechanism's own epsilon in proportion, scaled until all of them
@@ -94,8 +95,9 @@ def unit_releases(train: TrainConfig, schedule: Schedule, index: int) -> list[Ga
     if not schedule.federated:  # one process: only the vectors cross between agents
         batch = [r for r in batch if r.mechanism == "message"]
     composition = composition_for(training(train, schedule))
-    if train.privacy.unit == "episode" and composition == "batch":
+    if group_key(train.privacy.unit, composition, 0) is not None:
         return batch
+    batch = for_unit(batch, train.privacy.unit, composition, train.num_envs)
     messages = [r for r in batch if r.mechanism == "message"]
     return ([r.with_count(r.count * schedule.train_batches) for r in batch]
             + [r.with_count(r.count * schedule.eval_batches) for r in messages
@@ -230,9 +232,9 @@ def _mechanisms(train: TrainConfig, schedule: Schedule, targets: dict[str, float
             cfg.relation, n)],
         "feedback": lambda s, n: [gaussian_release("feedback", s, train.team.feedback_clip,
                                                    relation=cfg.relation, count=n)],
-        "update": lambda s, n: [gaussian_release("update", s, cfg.update_clip,
-                                                 relation=cfg.relation, sample_rate=q,
-                                                 count=n)],
+        "update": lambda s, n: for_unit([gaussian_release(
+            "update", s, cfg.update_clip, relation=cfg.relation, sample_rate=q,
+            count=n)], cfg.unit, composition_for(training(train, schedule)), train.num_envs),
     }
     out = []
     for name, count in counts.items():

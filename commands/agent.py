@@ -93,7 +93,8 @@ def run(args: argparse.Namespace) -> int:
                                args.ledger or Path(f"{args.agent_id}.ledger.jsonl"),
                                {"team": asdict(team.cfg), "privacy": asdict(cfg),
                                 "training": training},
-                               device=device, composition=composition_for(training))
+                               device=device, composition=composition_for(training),
+                               episodes=transport.num_envs)
         agent = Agent(Party(party_team, transport, seed=args.seed), privacy)
         for r in range(args.rounds):
             batch = agent.train_batch(round=r, batch=privacy.next_batch,

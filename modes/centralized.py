@@ -60,7 +60,8 @@ def train(cfg: TrainConfig, out: str | Path, progress: bool = True) -> RunResult
     # parties; one process holds every agent, so the run stops when any budget is spent.
     ledgers = {a: run.path / "agents" / a / LEDGER for a in env.spec.agent_ids}
     privacy = [AgentPrivacy(a, i, env.spec, cfg.team, cfg.privacy, ledgers[a], asdict(cfg),
-                            device=device, composition=composition_for("plain"))
+                            device=device, composition=composition_for("plain"),
+                            episodes=cfg.num_envs)
                for i, a in enumerate(env.spec.agent_ids)]
     noise = privacy[0].noise
     stopped = ""

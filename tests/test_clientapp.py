@@ -239,7 +239,7 @@ def test_an_agent_out_of_budget_goes_silent_at_the_boundary_and_never_past_it(no
     # update is trained with DP-SGD, so that everything released has a finite epsilon.
     private = PrivacyConfig(unit="history", update_noise_multiplier=1.0)
     probe = AgentPrivacy("sensor_0", 0, FED.spec, FED.train.team, private,
-                         tmp_path / "probe.jsonl", {})
+                         tmp_path / "probe.jsonl", {}, episodes=B)
     one_batch = probe.account.budget.epsilon_of(probe.batch_releases(
         torch.ones(3, 3) > 0, update_releases(private, FED.train.ppo)))
     budget = 1.5 * one_batch
@@ -260,8 +260,11 @@ def test_an_agent_out_of_budget_goes_silent_at_the_boundary_and_never_past_it(no
         entries = read_ledger(ledgers[agent])
         assert {e["batch"] for e in entries} == {1}
         update = [e for e in entries if e["mechanism"] == "update"]
-        assert len(update) == 1 and update[0]["sample_rate"] == 0.5  # 1 / minibatches
-        assert update[0]["count"] == dp_steps(FED.train.ppo, 0.5)
+        # over the whole history every DP-SGD step sums the clipped gradients of all of the
+        # agent's episodes it sampled: no amplification, B times the clip (replace-one: 2 C B)
+        assert len(update) == 1 and update[0]["sample_rate"] == 1.0
+        assert update[0]["sensitivity"] == 2 * update[0]["clip"] * B
+        assert update[0]["count"] == dp_steps(FED.train.ppo, 0.5)  # 1 / minibatches
     joins = [r for r in n.service.requests if isinstance(r, pb.JoinRequest)]
     assert sorted(r.silent for r in joins) == [False] * 3 + [True] * 3
     spoken = [r for r in n.service.requests if isinstance(r, pb.AgentFrame)

@@ -54,15 +54,17 @@ def test_without_dp_sgd_a_per_batch_vector_epsilon_is_not_stated_per_episode(pla
     for agent in AGENTS:
         stated = float(report["agents"][agent]["mechanisms"]["message"]["epsilon"])
         entries = messages(out, agent)
-        one_batch = independent_epsilon(entries[:1], "replace_one", 1e-5)
-        assert one_batch == pytest.approx(8.0, abs=0.05)
+        # every vector of every episode of a batch depends on the unit: 25 x 16 per batch
+        assert {e["count"] for e in entries} == {25 * 16}
+        one_episode = independent_epsilon([{**entries[0], "count": 25}], "replace_one", 1e-5)
+        assert one_episode == pytest.approx(8.0, abs=0.05)
         # every vector of the run composes: 4 training batches and the evaluation's
         assert len(entries) > 4 and stated >= independent_epsilon(entries, "replace_one", 1e-5)
-        assert stated > 2 * one_batch
+        assert stated > 20 * one_episode
         assert report["agents"][agent]["composed"]["epsilon"] == "inf"  # a plain update
     summary = json.loads((out / "summary.json").read_text())
     assert summary["privacy"]["composition"] == "all"
-    assert summary["privacy"]["epsilon"]["message"] > 16
+    assert summary["privacy"]["epsilon"]["message"] > 160
     assert "every release of the run composing" in log and "epsilon 8 " not in log
     assert main(["audit", str(out)]) == 0
 

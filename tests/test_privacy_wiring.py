@@ -85,17 +85,19 @@ def test_under_dp_sgd_the_calibrated_vectors_of_one_episode_cost_at_most_the_tar
 
 
 def test_without_dp_sgd_the_target_covers_every_vector_of_the_run(tmp_path):
-    """Plain PPO trains the sender's networks on every episode: all later vectors depend on it,
-    so the target is calibrated for all the run's vectors, not one batch's."""
+    """Plain PPO trains the sender's networks on every episode: all later vectors of every
+    episode depend on it, so the target is calibrated for all the run's vectors."""
     under_dp = calibrated(PrivacyConfig(message_epsilon=8.0, update_epsilon=4.0))
     plain = calibrated(PrivacyConfig(message_epsilon=8.0), batches=10)
     privacy = AgentPrivacy("sensor_0", 0, SPEC, plain.team, plain.privacy, tmp_path / LEDGER,
-                           {"run": 1}, composition="all")
+                           {"run": 1}, composition="all", episodes=plain.num_envs)
     message = next(r for r in privacy.batch_releases(ALL_ROUTES) if r.mechanism == "message")
+    assert message.count == SPEC.episode_length * plain.num_envs  # every episode's vectors
     budget = privacy.account.budget
     assert 7.9 < budget.epsilon_of([message.with_count(10 * message.count)]) <= 8.0
-    assert budget.epsilon_of([message]) < 4.0  # one batch's share of the run's
-    assert plain.team.noise_multiplier > 2.5 * under_dp.team.noise_multiplier
+    one_episode = budget.epsilon_of([message.with_count(SPEC.episode_length)])
+    assert one_episode < 0.1  # one episode's share of the run's
+    assert plain.team.noise_multiplier > 50 * under_dp.team.noise_multiplier
 
 
 KILLED_AFTER_WRITING = """
