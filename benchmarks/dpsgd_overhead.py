@@ -9,6 +9,7 @@ busy machine a second OpenMP thread makes each small op wait for it at a barrier
 took 7 ms), which swamps what is measured.
 
     python benchmarks/dpsgd_overhead.py [--envs speaker_listener factory] [--repeats 3]
+    python benchmarks/dpsgd_overhead.py --envs speaker_listener --team recurrent=true
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import copy
 import json
 import statistics
 import time
+from dataclasses import replace
 
 import torch
 from rich.console import Console
@@ -33,8 +35,9 @@ from fedcomm.sim.registry import make_env
 
 
 class Setting:
-    def __init__(self, env_name: str, agent: int) -> None:
+    def __init__(self, env_name: str, agent: int, team: dict[str, bool]) -> None:
         self.cfg = preset(env_name)
+        self.cfg = replace(self.cfg, team=replace(self.cfg.team, **team))
         torch.manual_seed(0)
         env = make_env(self.cfg.env, self.cfg.num_envs, **self.cfg.env_kwargs)
         whole = Team(env.spec, self.cfg.team)
@@ -75,10 +78,13 @@ def main() -> None:
     parser.add_argument("--agent", type=int, default=0, help="the party's agent index")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--team", nargs="*", default=[], metavar="FIELD=true|false",
+                        help="team options over the preset's, e.g. recurrent=true")
     parser.add_argument("--json", help="write the samples here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    settings = {name: Setting(name, args.agent) for name in args.envs}
+    team = {k: v.lower() == "true" for k, v in (t.split("=", 1) for t in args.team)}
+    settings = {name: Setting(name, args.agent, team) for name in args.envs}
     samples: dict[str, dict[str, list[tuple[float, float]]]] = {}
     for name, s in settings.items():
         s.plain(0), s.dp(0)  # warm-up
@@ -88,7 +94,8 @@ def main() -> None:
             samples[name]["dp"].append(s.dp(r + 1))
 
     table = Table(title=f"One PPO update of agent {args.agent}'s party, preset settings, "
-                        f"{args.threads} thread(s), median of {args.repeats}")
+                        f"{args.threads} thread(s), median of {args.repeats}"
+                        + "".join(f", {t}" for t in args.team))
     for col in ("env", "envs x steps", "epochs x minibatches", "plain s", "DP-SGD s",
                 "DP/plain wall", "DP/plain CPU"):
         table.add_column(col, justify="right")
