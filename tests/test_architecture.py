@@ -106,3 +106,21 @@ def test_the_check_catches_an_import_from_the_server_into_the_agents(tmp_path: P
     targets = imports(source, "fedcomm.clients.x") & set(MODULES)
     assert targets == {"fedcomm.server.federation"}
     assert {place("fedcomm.clients.x")[1], place("fedcomm.server.federation")[1]} in PEERS
+
+
+# Deployed, Flower starts a fresh ClientApp process for every message: what its module imports
+# is paid every round. These are needed only where used (DP-SGD, an accountant other than the
+# one a budget asks for, plots, the simulation engine).
+NOT_IN_AN_AGENT = ("opacus", "matplotlib", "ray", "dp_accounting", "fedcomm.plots",
+                   "fedcomm.modes", "fedcomm.server")
+
+
+def test_the_clientapp_module_imports_nothing_its_round_may_not_need():
+    import subprocess
+    import sys
+
+    code = ("import sys, fedcomm.clients.app; "
+            f"print(' '.join(m for m in {NOT_IN_AN_AGENT!r} if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert out == [], f"importing fedcomm.clients.app pulls in {out}"

@@ -12,11 +12,10 @@ from typing import Any
 
 from .base import Accountant, round_up
 from .exact import ExactGaussianAccountant, gaussian_mu, gdp_delta, gdp_epsilon
-from .rdp import RDPAccountant
 
-# name -> (module, class). PLD and PRV are imported when first asked for: they bring
-# dp-accounting, SciPy and Opacus, seconds of start-up for every agent process that never
-# uses them.
+# name -> (module, class). All but the exact accountant are imported when first asked for:
+# they bring dp-accounting and Opacus (Opacus' import alone is 1.4 s), start-up that every
+# agent process would pay for an accountant it never uses.
 ACCOUNTANTS: dict[str, tuple[str, str]] = {
     "rdp": ("rdp", "RDPAccountant"), "pld": ("pld", "PLDAccountant"),
     "prv": ("prv", "PRVAccountant"), "exact": ("exact", "ExactGaussianAccountant"),
