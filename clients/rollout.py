@@ -100,23 +100,9 @@ def collect(team: Team, transport: Transport, seed: int | None = None,
 
 
 def replay(team: Team, rollout: Rollout) -> TeamOutput:
-    """Recompute the team's outputs for a stored batch, with gradients, as ``[T, B, ...]``."""
-    t, b = rollout.rewards.shape[:2]
-    received, delivered = rollout.received, rollout.delivered
-    if not team.cfg.recurrent:  # no step needs the one before: all steps in one batch
-        return team.forward_steps(rollout.obs, rollout.noise, received, delivered)
-    hidden, memory = team.initial_hidden(b), None
-    outs = []
-    for i in range(t):
-        out = team([o[i] for o in rollout.obs], hidden, rollout.noise[i],
-                   None if received is None else received[i],
-                   None if delivered is None else delivered[i], memory, step=i)
-        hidden, memory = out.hidden, memory_of(out.extras)
-        outs.append(out)
-    n_types = len(outs[0].logits)
-    return TeamOutput([torch.stack([o.logits[k] for o in outs]) for k in range(n_types)],
-                      torch.stack([o.values for o in outs]),
-                      torch.stack([o.messages for o in outs]), None)
+    """Recompute the team's outputs for a stored batch, with gradients, as ``[T, B, ...]``
+    (all steps in one batch; only a GRU's recurrence steps one after the other)."""
+    return team.forward_steps(rollout.obs, rollout.noise, rollout.received, rollout.delivered)
 
 
 def party_rollout(whole: Team, rollout: Rollout, agent: int) -> Rollout:

@@ -55,7 +55,20 @@ class GroupGRUCell(nn.Module):
         self.hidden_size = hidden_size
 
     def forward(self, x: Tensor, h: Tensor) -> Tensor:
-        xr, xz, xn = self.x2h(x).chunk(3, dim=-1)
+        return self._step(self.x2h(x), h)
+
+    def unroll(self, x: Tensor, h: Tensor) -> Tensor:
+        """The states of ``T`` steps from state ``h``, ``x`` being ``[T, B, groups, in]``: the
+        inputs' projections in one batch, only the recurrence step after step (under vmap,
+        DP-SGD's per-episode gradients, every op in the loop costs once per step)."""
+        states = []
+        for projected in self.x2h(x):
+            h = self._step(projected, h)
+            states.append(h)
+        return torch.stack(states)
+
+    def _step(self, projected: Tensor, h: Tensor) -> Tensor:
+        xr, xz, xn = projected.chunk(3, dim=-1)
         hr, hz, hn = self.h2h(h).chunk(3, dim=-1)
         r = torch.sigmoid(xr + hr)
         z = torch.sigmoid(xz + hz)

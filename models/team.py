@@ -121,6 +121,30 @@ class Team(nn.Module):
 
         ``obs`` holds one tensor per agent type present in the team, ``[B, count, obs_dim]``.
         """
+        feats = self._features(obs)
+        if self.rnn is None:
+            return feats, None
+        if hidden is None:
+            raise ValueError("a recurrent team needs its hidden state")
+        parts = zip(self.rnn, self.split(feats), self.split(hidden))
+        feats = torch.cat([cell(f, h) for cell, f, h in parts], dim=1)
+        return feats, feats
+
+    def encode_steps(self, obs: Obs) -> Tensor:
+        """Private features of ``T`` steps of ``B`` episodes, ``[T * B, n_local, H]``, from
+        observations ``[T, B, count, obs_dim]`` per type: the feature networks of every step
+        in one batch; a recurrent team's GRU cells then unroll from the zero state."""
+        t, b = obs[0].shape[:2]
+        feats = self._features([o.flatten(0, 1) for o in obs])
+        if self.rnn is None:
+            return feats
+        steps = feats.unflatten(0, (t, b))
+        parts = zip(self.rnn, steps.split(self.counts, dim=2),
+                    self.split(self.initial_hidden(b)))
+        return torch.cat([cell.unroll(f, h) for cell, f, h in parts], dim=2).flatten(0, 1)
+
+    def _features(self, obs: Obs) -> Tensor:
+        """Each agent's feature network on its observation, ``[B, n_local, H]``."""
         if len(obs) != len(self.types):
             raise ValueError(f"expected observations for {len(self.types)} agent types, "
                              f"got {len(obs)}")
@@ -129,14 +153,7 @@ class Team(nn.Module):
             if o.dim() != 3 or o.shape[1:] != (c, t.obs_dim):
                 raise ValueError(f"observations for {t.name!r}: expected [B, {c}, {t.obs_dim}], "
                                  f"got {list(o.shape)}")
-        feats = torch.cat([net(o) for net, o in zip(self.features, obs)], dim=1)
-        if self.rnn is None:
-            return feats, None
-        if hidden is None:
-            raise ValueError("a recurrent team needs its hidden state")
-        parts = zip(self.rnn, self.split(feats), self.split(hidden))
-        feats = torch.cat([cell(f, h) for cell, f, h in parts], dim=1)
-        return feats, feats
+        return torch.cat([net(o) for net, o in zip(self.features, obs)], dim=1)
 
     def speak(self, feats: Tensor) -> Tensor:
         """What the channel's release is drawn around, differentiable in the sender's networks.
@@ -292,15 +309,12 @@ class Team(nn.Module):
 
     def forward_steps(self, obs: Obs, noise: Tensor, received: Tensor | None,
                       delivered: Tensor | None) -> TeamOutput:
-        """``T`` steps of the local agents at once, inputs and outputs ``[T, B, ...]``, for a
-        team without recurrent state: every step's features and vectors in one batch, and what
-        ``accumulate``'s receivers heard up to each step as a cumulative sum over steps (the
-        same as stepping, without a loop over steps)."""
-        if self.cfg.recurrent:
-            raise ValueError("a recurrent team steps one step after the other")
+        """``T`` steps of the local agents from the start of their episodes, inputs and outputs
+        ``[T, B, ...]``: every step's features and vectors in one batch (a GRU's recurrence
+        alone step after step), and what ``accumulate``'s receivers heard up to each step as a
+        cumulative sum over steps (the same as stepping, without a loop over steps)."""
         t, b = noise.shape[:2]
-        flat = [o.flatten(0, 1) for o in obs]
-        feats, _ = self.encode_obs(flat, None)
+        feats = self.encode_steps(obs)
         clean = self.speak(feats)
         drawn = noise.flatten(0, 1)
         messages = self.release(clean, drawn)

@@ -184,7 +184,7 @@ def test_agents_of_a_type_hold_separate_weights():
 
 def test_replay_reproduces_the_rollout_exactly():
     torch.manual_seed(0)
-    for recurrent, accumulate in ((False, False), (True, False), (False, True)):
+    for recurrent, accumulate in ((False, False), (True, False), (False, True), (True, True)):
         team = Team(factory_spec(), TeamConfig(recurrent=recurrent, accumulate=accumulate))
         rollout = collect(team, LocalTransport(Factory(16)), seed=3,
                           generator=torch.Generator().manual_seed(0))
