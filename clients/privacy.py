@@ -29,7 +29,7 @@ from fedcomm.privacy.events import (
     Release,
     gaussian_release,
 )
-from fedcomm.privacy.ledger import Composition, Ledger, config_hash, group_key
+from fedcomm.privacy.ledger import Composition, Ledger, composes_every_release, config_hash
 from fedcomm.privacy.noise import secure_generator
 from fedcomm.sim.base import EnvSpec
 
@@ -99,10 +99,10 @@ def declared_mechanisms(team: TeamConfig, cfg: PrivacyConfig, ppo: PPOConfig | N
         if cfg.update_noise_multiplier is None:
             out["update"] = {"noise_multiplier": 0.0, "clip": ppo.max_grad_norm}
         else:
-            unit_wide = group_key(cfg.unit, composition, 0) is None  # see for_unit
             out["update"] = {"noise_multiplier": cfg.update_noise_multiplier,
                              "clip": cfg.update_clip,
-                             "sample_rate": 1.0 if unit_wide else update_sample_rate(cfg, ppo)}
+                             "sample_rate": 1.0 if composes_every_release(cfg.unit, composition)
+                             else update_sample_rate(cfg, ppo)}  # see for_unit
     return out
 
 
@@ -147,7 +147,7 @@ def for_unit(releases: Sequence[Release], unit: str, composition: Composition,
     each counts ``episodes`` times, and each DP-SGD step sums the clipped gradients of all of
     them: sensitivity ``episodes`` times the clip, no sampling.
     """
-    if group_key(unit, composition, 0) is not None:
+    if not composes_every_release(unit, composition):
         return list(releases)
     out: list[Release] = []
     for r in releases:

@@ -39,7 +39,7 @@ from fedcomm.privacy.accountants import make_accountant
 from fedcomm.privacy.budget import PrivacyBudget, mechanism_epsilons
 from fedcomm.privacy.calibrate import Mechanism, search_epsilon, smallest_noise, split_budget
 from fedcomm.privacy.events import GaussianRelease, gaussian_release
-from fedcomm.privacy.ledger import Composition, group_key
+from fedcomm.privacy.ledger import Composition, composes_every_release
 
 DEFAULT_SHARES = {"message": 0.5, "feedback": 0.25, "update": 0.25}
 """How one budget is split: each mechanism's own epsilon in proportion, scaled until all of them
@@ -95,7 +95,7 @@ def unit_releases(train: TrainConfig, schedule: Schedule, index: int) -> list[Ga
     if not schedule.federated:  # one process: only the vectors cross between agents
         batch = [r for r in batch if r.mechanism == "message"]
     composition = composition_for(training(train, schedule))
-    if group_key(train.privacy.unit, composition, 0) is not None:
+    if not composes_every_release(train.privacy.unit, composition):
         return batch
     batch = for_unit(batch, train.privacy.unit, composition, train.num_envs)
     messages = [r for r in batch if r.mechanism == "message"]

@@ -36,7 +36,15 @@ from typing import Any
 from .accountants import DEFAULT_ACCOUNTANT, Accountant, make_accountant
 from .accountants.base import EPS_DECIMALS, check_delta
 from .events import GaussianRelease, Relation, check_relation, common_relation
-from .ledger import UNITS, Composition, Ledger, Unit, group_key, release_from_entry
+from .ledger import (
+    UNITS,
+    Composition,
+    Ledger,
+    Unit,
+    composes_every_release,
+    group_key,
+    release_from_entry,
+)
 
 
 class BudgetExhausted(Exception):
@@ -154,7 +162,7 @@ class PrivacyAccount:
                  composition: Composition = "batch") -> None:
         if unit not in UNITS:
             raise ValueError(f"unit must be one of {UNITS}, got {unit!r}")
-        group_key(unit, composition, 0)  # validates the composition
+        composes_every_release(unit, composition)  # validates the composition
         self.budget, self.unit, self.agent = budget, unit, agent
         self.composition = composition
         self._groups: dict[int | None, list[GaussianRelease]] = {}

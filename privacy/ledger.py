@@ -57,13 +57,18 @@ post-processing); ``"all"``, every release (a network that shapes releases train
 without DP, so every later release can depend on it)."""
 
 
-def group_key(unit: Unit, composition: Composition, batch: int) -> int | None:
-    """The group of releases that compose with a release of ``batch``: its batch, or ``None``
-    for all of an agent's releases (the unit ``history``, or an episode whose networks train
-    without DP)."""
+def composes_every_release(unit: Unit, composition: Composition) -> bool:
+    """Whether all of an agent's releases compose for one unit (the unit ``history``, or an
+    episode whose networks train without DP), rather than only those of its batch."""
     if composition not in COMPOSITIONS:
         raise ValueError(f"composition must be one of {COMPOSITIONS}, got {composition!r}")
-    return batch if unit == "episode" and composition == "batch" else None
+    return not (unit == "episode" and composition == "batch")
+
+
+def group_key(unit: Unit, composition: Composition, batch: int) -> int | None:
+    """The group of releases that compose with a release of ``batch``: its batch, or ``None``
+    for all of an agent's releases (``composes_every_release``)."""
+    return None if composes_every_release(unit, composition) else batch
 GENESIS = "0" * 64
 COMMON_FIELDS: tuple[str, ...] = (
     "seq", "time", "agent", "round", "batch", "mechanism", "unit", "relation", "count",

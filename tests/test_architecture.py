@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import ast
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -116,9 +118,6 @@ NOT_IN_AN_AGENT = ("opacus", "matplotlib", "ray", "dp_accounting", "fedcomm.plot
 
 
 def test_the_clientapp_module_imports_nothing_its_round_may_not_need():
-    import subprocess
-    import sys
-
     code = ("import sys, fedcomm.clients.app; "
             f"print(' '.join(m for m in {NOT_IN_AN_AGENT!r} if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
