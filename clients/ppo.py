@@ -106,6 +106,8 @@ def ppo_loss(team: Team, batch: Rollout, targets: Targets, cfg: PPOConfig,
     """
     out = replay(team, batch)
     logp, entropy = log_probs(out.logits, batch.actions)
+    if out.code_logp is not None:  # a codeword learned from the reward: part of the action
+        logp, entropy = logp + out.code_logp, entropy + out.code_entropy
     log_ratio = logp - batch.logprobs
     ratio = log_ratio.exp()
     adv = targets.advantages

@@ -85,6 +85,9 @@ def collect(team: Team, transport: Transport, seed: int | None = None,
         memory = memory_of(extras)
         actions = sample_actions(logits, greedy, generator)
         logp, _ = log_probs(logits, actions)
+        code_logp, _ = team.code_terms(clean, drawn, len(steps))
+        if code_logp is not None:  # the codeword is part of the sender's action
+            logp = logp + code_logp
         step = transport.step(actions)
         steps.append((obs, actions, drawn, logp, values, step.reward, received, delivered))
         obs, done = step.obs, step.done

@@ -118,8 +118,8 @@ PRIVACY_FLAGS = (
 
 FEEDBACK_FLAGS = (  # federated only: the centralized trainer has no feedback exchange
     _switch("--no-feedback", "team.feedback", False,
-            "receivers send no DIAL feedback (an ablation: senders' encoders then learn "
-            "nothing through the channel)"),
+            "receivers send no DIAL feedback: a discrete channel's senders learn their code "
+            "from the team reward (Gaussian: an ablation, encoders learn nothing through it)"),
     _flag("--feedback-noise-multiplier", "--feedback-noise",
           path="team.feedback_noise_multiplier", type=float, help="feedback noise multiplier"),
     _flag("--feedback-clip", path="team.feedback_clip", type=float,

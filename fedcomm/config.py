@@ -68,10 +68,17 @@ class TeamConfig:
     # empty: every route (the graph learns which to keep). A receiver that needs to say
     # nothing then releases nothing.
     routes: str = ""
-    # Receivers send DIAL feedback to the senders they heard (a release: clipped and noised);
-    # off, receivers release nothing of this kind and senders' encoders learn nothing through
-    # the channel (an ablation).
+    # Receivers send DIAL feedback to the senders they heard (a release: clipped and noised).
+    # Off, receivers release nothing of this kind: a discrete channel's senders then learn
+    # their code from the team reward (the codeword is part of the sender's action, PPO's
+    # ratio covers its probability); a Gaussian channel's encoders learn nothing (an ablation).
     feedback: bool = True
+
+    @property
+    def code_from_reward(self) -> bool:
+        """Whether each released codeword is part of its sender's action: a discrete channel
+        without feedback, where nothing but the reward can teach the senders their code."""
+        return self.channel == "discrete" and not self.feedback
 
     def __post_init__(self) -> None:
         if not (0 < self.clip < math.inf and 0 < self.feedback_clip < math.inf):

@@ -49,6 +49,10 @@ class TeamOutput:
     messages: Tensor  # [B, n_local, D] the local agents' vectors as sent: clipped and noised
     hidden: Tensor | None  # [B, n_local, H] recurrent state after this step
     extras: dict[str, Tensor] = field(default_factory=dict)
+    # With ``cfg.code_from_reward``, [B, n_local]: the log-probability and the entropy of each
+    # local sender's released codeword (zero where it released none).
+    code_logp: Tensor | None = None
+    code_entropy: Tensor | None = None
 
 
 class Team(nn.Module):
@@ -202,6 +206,29 @@ class Team(nn.Module):
             return clean + drawn
         return drawn + (clean - clean.detach())
 
+    def code_terms(self, clean: Tensor, drawn: Tensor, step: int | Tensor
+                   ) -> tuple[Tensor, Tensor] | tuple[None, None]:
+        """``[B, n_local]`` the log-probability of each local sender's released codeword and
+        the entropy of its release, where it released one; ``(None, None)`` unless the code is
+        learned from the reward (``cfg.code_from_reward``).
+
+        The release's distribution, ``clean``, is the sender's policy over codewords, randomized
+        response included: with the environment action it makes the joint action whose ratio
+        PPO clips and whose entropy it rewards.
+        """
+        if not self.cfg.code_from_reward:
+            return None, None
+        own = self.type_of_agent.index_select(0, self.local_index)
+        speaks = self.kept_routes().index_select(0, own).any(dim=1).to(clean.dtype)
+        release = self.releases_at(step)
+        if isinstance(release, Tensor):
+            speaks = speaks * release[:, None].to(clean.dtype)
+        elif not release:
+            speaks = speaks * 0
+        logp = (clean * drawn.detach()).sum(dim=-1).clamp(min=1e-30).log()
+        entropy = -(clean * clean.clamp(min=1e-30).log()).sum(dim=-1)
+        return logp * speaks, entropy * speaks
+
     def releases_at(self, step: int | Tensor) -> bool | Tensor:
         """Whether the local senders release at ``step`` of the episode (the schedule); a
         tensor of steps gives a bool tensor."""
@@ -297,7 +324,8 @@ class Team(nn.Module):
         """
         feats, hidden = self.encode_obs(obs, hidden)
         clean = self.speak(feats)
-        messages = self.release(clean, self.draw(clean) if noise is None else noise)
+        drawn = self.draw(clean) if noise is None else noise
+        messages = self.release(clean, drawn)
         if received is None and not self.whole:
             raise ValueError("a team without every agent needs the vectors it received")
         if delivered is None:
@@ -305,7 +333,8 @@ class Team(nn.Module):
                 raise ValueError("received vectors come with their delivery mask")
             delivered = self.route(messages) & self.releases_at(step)
         logits, values, extras = self.respond(feats, messages, received, delivered, memory)
-        return TeamOutput(logits, values, messages, hidden, extras)
+        return TeamOutput(logits, values, messages, hidden, extras,
+                          *self.code_terms(clean, drawn, step))
 
     def forward_steps(self, obs: Obs, noise: Tensor, received: Tensor | None,
                       delivered: Tensor | None) -> TeamOutput:
@@ -337,8 +366,11 @@ class Team(nn.Module):
             memory = ((total.cumsum(0) - total).flatten(0, 1),
                       (count.cumsum(0) - count).flatten(0, 1))
         logits, values, _ = self.respond(feats, messages, received, mask, memory)
+        code = [None if x is None else x.unflatten(0, (t, b))
+                for x in self.code_terms(clean, drawn, steps)]
         return TeamOutput([lg.unflatten(0, (t, b)) for lg in logits],
-                          values.unflatten(0, (t, b)), messages.unflatten(0, (t, b)), None)
+                          values.unflatten(0, (t, b)), messages.unflatten(0, (t, b)), None,
+                          code_logp=code[0], code_entropy=code[1])
 
     # -- what of the team is whose: the layout of its parameters -------------------------------
     # The shared module's parameters are ``comm.<path>``; every private one is
