@@ -61,6 +61,11 @@ class TeamConfig:
     channel: str = "gaussian"
     symbols: int = 4
     rr_epsilon: float = 8.0
+    # A discrete code's logits are standardised over the codewords and scaled by this: a new
+    # code is then already a (random) function of what its sender sees. A near-uniform code
+    # carries nothing, so neither side would learn it: a receiver cannot use a codeword that
+    # says nothing, a sender gains nothing from one its receivers ignore.
+    code_scale: float = 3.0
     # A sender releases at steps 0, k, 2k, ... of an episode: a data-independent schedule.
     # Receivers keep what they heard (accumulate or a GRU), so k > 1 needs one of them.
     release_every: int = 1
@@ -89,6 +94,8 @@ class TeamConfig:
             if self.symbols < 2 or not 0 < self.rr_epsilon < math.inf:
                 raise ValueError("a discrete channel needs at least 2 symbols and a positive, "
                                  "finite rr_epsilon")
+            if not 0 < self.code_scale < math.inf:
+                raise ValueError("code_scale must be positive and finite")
             self.comm_dim = self.symbols
         if self.release_every < 1:
             raise ValueError("release_every must be at least 1")

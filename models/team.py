@@ -172,7 +172,14 @@ class Team(nn.Module):
         if self.cfg.channel == "gaussian":
             return clip_norm(encoded, self.cfg.clip)
         keep, other = self.response_probabilities()
-        return other + (keep - other) * torch.softmax(encoded, dim=-1)
+        return other + (keep - other) * torch.softmax(self.code_logits(encoded), dim=-1)
+
+    def code_logits(self, encoded: Tensor) -> Tensor:
+        """A discrete code's logits: the encoder's output standardised over the codewords and
+        scaled by ``cfg.code_scale`` (each sender's code informative from the start)."""
+        centred = encoded - encoded.mean(dim=-1, keepdim=True)
+        scale = centred.pow(2).mean(dim=-1, keepdim=True).add(1e-6).rsqrt()
+        return centred * (scale * self.cfg.code_scale)
 
     def response_probabilities(self) -> tuple[float, float]:
         """Randomized response's probabilities: the codeword kept, each other one."""

@@ -267,8 +267,43 @@ def test_a_discrete_release_passes_its_expectations_gradient_to_the_sender():
     grads = [p.grad for p in team.comm.encoder.parameters()]
     assert all(g is not None and g.abs().sum() > 0 for g in grads)
     keep, other = team.response_probabilities()
-    logits = team.comm.encode(feats)
+    logits = team.code_logits(team.comm.encode(feats))
     expected = torch.autograd.grad(((keep - other) * torch.softmax(logits, -1) * weights).sum(),
                                    list(team.comm.encoder.parameters()))
     for g, e in zip(grads, expected):
         torch.testing.assert_close(g, e)
+
+
+@pytest.mark.parametrize("feedback", [False, True])
+def test_a_discrete_code_without_feedback_is_part_of_the_senders_action(feedback: bool):
+    """Without feedback nothing else teaches a discrete channel's senders their code: the
+    rollout's log-probability adds each released codeword's at the release steps (the
+    speaker's, not the listener's, which has no route), the replay reproduces it (ratio 1),
+    and PPO's loss reaches the encoder from the speaker's own advantages alone. With feedback
+    the codeword is not part of the action."""
+    from fedcomm.clients.ppo import Targets, ppo_loss
+    from fedcomm.config import PPOConfig
+
+    cfg = TeamConfig(channel="discrete", symbols=3, rr_epsilon=2.0, release_every=5,
+                     accumulate=True, routes="speaker>listener", feedback=feedback)
+    torch.manual_seed(0)
+    team = Team(SL_SPEC, cfg)
+    rollout = collect(team, LocalTransport(SpeakerListener(16)), seed=3,
+                      generator=torch.Generator().manual_seed(0))
+    out = replay(team, rollout)
+    if feedback:
+        assert out.code_logp is None and out.code_entropy is None
+        return
+    logp, _ = log_probs(out.logits, rollout.actions)
+    torch.testing.assert_close((logp + out.code_logp).detach(), rollout.logprobs)
+    released = torch.arange(SL_SPEC.episode_length) % 5 == 0
+    assert (out.code_logp[released, :, SPEAKER] < 0).all()
+    assert (out.code_logp[~released] == 0).all() and (out.code_logp[..., LISTENER] == 0).all()
+    assert (out.code_entropy[released, :, SPEAKER] > 0).all()
+    advantages = torch.zeros_like(rollout.rewards)
+    advantages[..., SPEAKER] = torch.randn(advantages.shape[:2])
+    loss, _, _ = ppo_loss(team, rollout, Targets(advantages, torch.zeros_like(advantages)),
+                          PPOConfig(vf_coef=0.0, ent_coef=0.0))
+    loss.backward()
+    grads = [p.grad for p in team.comm.encoder.parameters()]
+    assert all(g is not None and g.abs().sum() > 0 for g in grads)
