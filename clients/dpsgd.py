@@ -38,6 +38,8 @@ from fedcomm.clients.rollout import Rollout
 from fedcomm.config import PPOConfig
 from fedcomm.models.team import SHARED, Team
 
+VALUE = "value."  # the value networks' parameters
+
 
 class _EpisodeLoss(nn.Module):
     """The team's loss on one episode, as a module so ``functional_call`` can swap its
@@ -100,18 +102,30 @@ def episode_gradients(team: Team, rollout: Rollout, targets: Targets, cfg: PPOCo
     return {k[len(prefix):]: g for k, g in grads.items()}, stats
 
 
-def clip_groups(grads: dict[str, Tensor], clip: float, shared_share: float
+def clip_group(name: str) -> str:
+    """The clip group of a parameter: ``shared`` (the shared module), ``value`` (the value
+    networks) or ``private`` (every other network)."""
+    if name.startswith(SHARED):
+        return "shared"
+    return "value" if name.startswith(VALUE) else "private"
+
+
+def clip_groups(grads: dict[str, Tensor], clip: float, shares: dict[str, float]
                 ) -> dict[str, Tensor]:
-    """Each episode's gradient with its shared-module part clipped to ``clip *
-    sqrt(shared_share)`` and its private part to ``clip * sqrt(1 - shared_share)``."""
-    if not 0 < shared_share < 1:
-        raise ValueError(f"the shared module's share must lie in (0, 1), got {shared_share}")
+    """Each episode's gradient clipped group by group (``clip_group``): a group with a share
+    ``w`` to ``clip * sqrt(w)``, the private networks to the rest, so the whole gradient still
+    has norm at most ``clip``."""
+    given = sum(shares.values())
+    if any(not 0 < w < 1 for w in shares.values()) or not given < 1 or "private" in shares:
+        raise ValueError(f"the shared module's and the value networks' shares must lie in "
+                         f"(0, 1) and sum below 1, got {shares}")
+    bounds = {**shares, "private": 1 - given}
     out = {}
-    for shared in (True, False):
-        names = [k for k in grads if k.startswith(SHARED) == shared]
+    for group, share in bounds.items():
+        names = [k for k in grads if clip_group(k) == group]
         if not names:
             continue
-        bound = clip * math.sqrt(shared_share if shared else 1 - shared_share)
+        bound = clip * math.sqrt(share)
         norm = torch.stack([grads[k].flatten(1).norm(dim=1) for k in names]).norm(dim=0)
         scale = (bound / norm.clamp(min=bound))  # [B]: 1 below the bound
         out |= {k: grads[k] * scale.view(-1, *[1] * (grads[k].dim() - 1)) for k in names}
@@ -123,14 +137,16 @@ def dp_ppo_update(team: Team, optimizer: torch.optim.Optimizer, rollout: Rollout
                   sample_rate: float, generator: torch.Generator | None,
                   noise_generator: torch.Generator | None,
                   feedback: Tensor | None = None,
-                  shared_share: float | None = None) -> tuple[dict[str, float], int]:
+                  clip_shares: dict[str, float] | None = None) -> tuple[dict[str, float], int]:
     """``ppo_update``'s epochs as DP-SGD steps over Poisson samples of episodes.
 
-    ``shared_share`` clips each episode's gradient in two parts: the shared module's to norm
-    ``clip * sqrt(shared_share)`` and the private networks' to ``clip * sqrt(1 -
-    shared_share)``, so their sum still has norm at most ``clip`` (the same sensitivity and
-    noise) but the shared module's small gradient is not drowned by the policy's, whose norm
-    is tens of times larger. ``None`` clips the whole gradient to ``clip``.
+    ``clip_shares`` (``{"shared": w, "value": v}``, either or both) clips each episode's
+    gradient in parts (``clip_groups``): the shared module's to norm ``clip * sqrt(w)``, the
+    value networks' to ``clip * sqrt(v)``, the other private networks' to the rest, so their
+    sum still has norm at most ``clip`` (the same sensitivity and noise) but a small part is
+    not drowned by a large one: the shared module's gradient by the policy's, whose norm is
+    tens of times larger; the value's, which fixes the advantages' baseline, by the policy's
+    while that baseline is still off. Empty or ``None`` clips the whole gradient to ``clip``.
 
     Each step is one sampled Gaussian release (rate ``sample_rate``, noise multiplier
     ``noise_multiplier``, L2 sensitivity ``clip`` under add/remove of an episode); the
@@ -167,8 +183,8 @@ def dp_ppo_update(team: Team, optimizer: torch.optim.Optimizer, rollout: Rollout
                 grads, episode_stats = episode_gradients(
                     team, rollout.select(envs), part, cfg,
                     None if feedback is None else feedback[:, envs])
-                if shared_share is not None:
-                    grads = clip_groups(grads, clip, shared_share)
+                if clip_shares:
+                    grads = clip_groups(grads, clip, clip_shares)
                 for p in params:
                     p.grad_sample = grads[own[id(p)]]
                 norms = torch.stack([g.flatten(1).norm(dim=1) for g in grads.values()])

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -44,7 +44,9 @@ class DpSgd:
     noise_multiplier: float
     clip: float
     sample_rate: float
-    shared_share: float | None = None  # of the squared clip, for the shared module's part
+    # Shares of the squared clip for parts clipped apart: "shared" (the shared module),
+    # "value" (the value networks); the other private networks get the rest.
+    clip_shares: dict[str, float] = field(default_factory=dict)
 
 
 def composition_for(training: Training) -> Composition:
@@ -114,8 +116,9 @@ def update_dp(cfg: PrivacyConfig, ppo: PPOConfig) -> DpSgd | None:
     """The DP-SGD settings of a federated agent's update, if it is private."""
     if cfg.update_noise_multiplier is None:
         return None
+    shares = {"shared": cfg.update_shared_share, "value": cfg.update_value_share}
     return DpSgd(cfg.update_noise_multiplier, cfg.update_clip, update_sample_rate(cfg, ppo),
-                 cfg.update_shared_share)
+                 {k: w for k, w in shares.items() if w is not None})
 
 
 def update_releases(cfg: PrivacyConfig, ppo: PPOConfig) -> list[GaussianRelease]:

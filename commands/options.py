@@ -114,6 +114,9 @@ PRIVACY_FLAGS = (
     _flag("--update-shared-share", path="privacy.update_shared_share", type=float,
           help="clip the shared module's part of each episode's DP-SGD gradient apart, to "
           "this share of the squared clip"),
+    _flag("--update-value-share", path="privacy.update_value_share", type=float,
+          help="clip the value networks' part of each episode's DP-SGD gradient apart, to "
+          "this share of the squared clip"),
 )
 
 FEEDBACK_FLAGS = (  # federated only: the centralized trainer has no feedback exchange

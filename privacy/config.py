@@ -43,6 +43,9 @@ class PrivacyConfig:
         Clip each episode's DP-SGD gradient in two parts: the shared module's to
         ``update_clip * sqrt(share)``, the private networks' to the rest (the same sensitivity
         as one clip); ``None``: one clip for the whole gradient.
+    update_value_share
+        The same for the value networks: their part clipped to ``update_clip * sqrt(share)``
+        (with ``update_shared_share``, the other private networks get what both leave).
     split
         What the calibration gave each mechanism: its epsilon alone for one unit (set by
         ``clients.privacy_plan.calibrate``; stated in the report).
@@ -78,6 +81,7 @@ class PrivacyConfig:
     update_clip: float = 1.0
     update_sample_rate: float | None = None
     update_shared_share: float | None = None
+    update_value_share: float | None = None
     split: dict[str, float] | None = None
 
     @property
@@ -106,9 +110,14 @@ class PrivacyConfig:
         if self.update_sample_rate is not None and not 0 < self.update_sample_rate <= 1:
             raise ValueError(f"update_sample_rate must lie in (0, 1], got "
                              f"{self.update_sample_rate}")
-        if self.update_shared_share is not None and not 0 < self.update_shared_share < 1:
-            raise ValueError(f"update_shared_share must lie in (0, 1), got "
-                             f"{self.update_shared_share}")
+        shares = {"update_shared_share": self.update_shared_share,
+                  "update_value_share": self.update_value_share}
+        for name, share in shares.items():
+            if share is not None and not 0 < share < 1:
+                raise ValueError(f"{name} must lie in (0, 1), got {share}")
+        if sum(w for w in shares.values() if w is not None) >= 1:
+            raise ValueError("update_shared_share and update_value_share must leave the other "
+                             "private networks a share of the clip (sum below 1)")
         if self.on_budget_spent not in ("silent", "stop"):
             raise ValueError(f"on_budget_spent must be silent or stop, got "
                              f"{self.on_budget_spent!r}")

@@ -50,7 +50,9 @@ class Mpe2Env(VecEnv):
                                  "do not have discrete actions")
             # Plain ints: gymnasium's are numpy scalars, which a weights-only checkpoint load
             # and JSON refuse.
-            types.append(AgentType(name, len(agents), int(dims.pop()), int(n_actions.pop())))
+            # A muted type has one action (its own action 0), as a muted port's agent has.
+            actions = 1 if name in self.mute else int(n_actions.pop())
+            types.append(AgentType(name, len(agents), int(dims.pop()), actions))
         self.spec = EnvSpec(f"mpe2:{env_name}", tuple(types), episode_length=max_cycles)
         unknown = set(self.mute) - set(groups)
         if unknown:

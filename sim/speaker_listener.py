@@ -8,12 +8,15 @@ rewards follow mpe2 1.1 step for step; ``tests/test_speaker_listener_port.py`` c
 The environment's own discrete "say" action (delivered one step late through the listener's
 observation) is kept for fidelity; fedcomm's agents talk through their learned channel instead.
 It is a channel outside every privacy mechanism (the speaker's action carries the goal
-unprotected): ``say=False`` mutes it, the speaker's action then changing nothing (the listener
-always hears codeword 0 after the first step, as mpe2's listener does of a speaker muted by
-``Mpe2Env(mute=...)``). Private runs mute it.
+unprotected): ``say=False`` mutes it. A muted speaker has one action, which changes nothing (the
+listener always hears codeword 0 after the first step, as mpe2's listener does of a speaker
+muted by ``Mpe2Env(mute=...)``), so its policy has nothing to learn and, under DP-SGD, no
+gradient to spend the clip on. Private runs mute it.
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import torch
 from torch import Tensor
@@ -54,8 +57,9 @@ class SpeakerListener(VecEnv):
     def __init__(self, num_envs: int, device: str | torch.device = "cpu",
                  episode_length: int = 25, say: bool = True) -> None:
         self.say = say
-        self.spec = SPEC if episode_length == 25 else EnvSpec(
-            SPEC.name, SPEC.types, episode_length)
+        types = SPEC.types if say else (replace(SPEC.types[0], n_actions=1), SPEC.types[1])
+        self.spec = SPEC if (say and episode_length == 25) else EnvSpec(
+            SPEC.name, types, episode_length)
         self.num_envs = num_envs
         self.device = torch.device(device)
         self._colors = torch.tensor(LANDMARK_COLORS, device=self.device)
@@ -111,11 +115,11 @@ class SpeakerListener(VecEnv):
     # -- dynamics --------------------------------------------------------------------------
     def step(self, actions: Actions) -> Step:
         self.check_actions(actions)
-        say, move = actions[0][:, 0], actions[1][:, 0]
+        say, move = actions[0][:, 0], actions[1][:, 0]  # a muted speaker's say is 0
         self.listener_pos = self.listener_pos + self.listener_vel * DT
         force = self._moves.index_select(0, move)
         self.listener_vel = self.listener_vel * (1 - DAMPING) + force * DT
-        self.comm = one_hot(say if self.say else torch.zeros_like(say), DIM_C)
+        self.comm = one_hot(say, DIM_C)
         self.t += 1
         dist2 = ((self.listener_pos - self.goal_pos()) ** 2).sum(dim=1)
         reward = (-dist2)[:, None].expand(self.num_envs, 2)
@@ -124,7 +128,8 @@ class SpeakerListener(VecEnv):
     # -- scripted references ---------------------------------------------------------------
     def oracle_actions(self) -> Actions:
         move = steer(self.goal_pos() - self.listener_pos, self.listener_vel, self._moves)
-        return [self.goal[:, None], move[:, None]]
+        say = self.goal if self.say else torch.zeros_like(self.goal)
+        return [say[:, None], move[:, None]]
 
     def channel_symbols(self) -> dict[int, tuple[Tensor, int]]:
         return {0: (self.goal, N_LANDMARKS)}  # the speaker tells the goal
