@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from fedcomm.clients.dpsgd import dp_ppo_update, episode_gradients
+from fedcomm.clients.dpsgd import clip_groups, dp_ppo_update, episode_gradients
 from fedcomm.clients.ppo import Targets, ValueNorm, compute_targets, ppo_loss, ppo_update
 from fedcomm.clients.privacy import dp_steps
 from fedcomm.clients.rollout import Rollout, collect, party_rollout
@@ -161,3 +161,30 @@ def test_steps_are_counted_in_advance_and_a_partial_optimizer_is_refused():
     with pytest.raises(ValueError, match="exactly the team"):
         dp_ppo_update(team, partial, rollout, PPOConfig(), targets, noise_multiplier=1.0,
                       clip=1.0, sample_rate=0.5, generator=None, noise_generator=None)
+
+
+def test_groups_clip_apart_within_the_one_clip():
+    """The shared module to clip sqrt(w), the value networks to clip sqrt(v), the other
+    private networks to the rest: each group's part scaled only where it exceeds its bound,
+    the whole gradient of every episode within the clip. Shares that leave nothing for the
+    other networks are refused."""
+    g = torch.Generator().manual_seed(0)
+    grads = {"comm.encoder.0.weight": torch.randn(64, 5, 3, generator=g),
+             "value.0.0.weight": torch.randn(64, 7, generator=g) * 0.05,
+             "features.0.0.weight": torch.randn(64, 4, 2, generator=g) * 3}
+    grads["value.0.0.weight"][:32] *= 100  # half of the episodes' value parts exceed theirs
+    shares = {"shared": 0.5, "value": 0.3}
+    out = clip_groups(grads, 2.0, shares)
+    bounds = {"comm.encoder.0.weight": 2 * math.sqrt(0.5), "value.0.0.weight": 2 * math.sqrt(0.3),
+              "features.0.0.weight": 2 * math.sqrt(0.2)}
+    for name, bound in bounds.items():
+        before, after = grads[name].flatten(1).norm(dim=1), out[name].flatten(1).norm(dim=1)
+        torch.testing.assert_close(after, before.clamp(max=bound))
+        ratio = out[name].flatten(1) / grads[name].flatten(1)  # scaled, direction kept
+        torch.testing.assert_close(ratio, ratio[:, :1].expand_as(ratio))
+    total = torch.stack([v.flatten(1).norm(dim=1) for v in out.values()]).norm(dim=0)
+    assert (total <= 2.0 * (1 + 1e-6)).all()
+    assert (out["value.0.0.weight"][32:] == grads["value.0.0.weight"][32:]).all()
+    for bad in ({"shared": 0.6, "value": 0.4}, {"value": 1.0}, {"private": 0.2}):
+        with pytest.raises(ValueError, match="shares"):
+            clip_groups(grads, 2.0, bad)

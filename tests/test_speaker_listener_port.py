@@ -71,3 +71,21 @@ def test_adapter_rejects_bad_names_and_actions():
     env.reset(seed=0)
     with pytest.raises(ValueError, match="must lie in"):
         env.step([torch.zeros(2, 1, dtype=torch.long), torch.full((2, 1), 7)])
+
+
+def test_a_muted_speaker_has_one_action_in_the_port_and_in_mpe2():
+    """Muted (``say=False``; mpe2's ``mute=speaker``), the speaker's one action changes
+    nothing: the listener hears codeword 0, the oracle sends it, and both environments give
+    the same spec, so a team trained on the port plays mpe2."""
+    port = SpeakerListener(4, say=False)
+    original = Mpe2Env("simple_speaker_listener_v4", 4, mute="speaker")
+    assert port.spec.types[0].n_actions == 1 and port.spec.types[1].n_actions == 5
+    assert [t.n_actions for t in original.spec.types] == [t.n_actions for t in port.spec.types]
+    assert SpeakerListener(4).spec.types[0].n_actions == 3
+    port.reset(seed=0)
+    actions = port.oracle_actions()
+    assert (actions[0] == 0).all()
+    obs = port.step(actions).obs
+    assert (obs[1][:, 0, -3:] == torch.tensor([1.0, 0.0, 0.0])).all()
+    with pytest.raises(ValueError):
+        port.step([torch.ones(4, 1, dtype=torch.long), actions[1]])
