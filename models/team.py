@@ -275,6 +275,15 @@ class Team(nn.Module):
             weights = weights * priority(senders)[:, None, :]
         return weights
 
+    def heard(self, messages: Tensor, received: Tensor | None) -> Tensor:
+        """``[B, N, D]`` every sender's vector as the receivers hear it: the local agents'
+        ``messages`` in ``received`` (all of them when the team holds every agent). Without
+        feedback no receiver's gradient reaches a sender, in one process as over the wire."""
+        if not self.cfg.feedback:
+            messages = messages.detach()
+        return messages if received is None else received.index_copy(
+            1, self.local_index, messages)
+
     def act(self, feats: Tensor, context: Tensor) -> tuple[list[Tensor], Tensor]:
         joint = self.split(torch.cat([feats, context], dim=-1))
         logits = [net(x) for net, x in zip(self.policy, joint)]
@@ -296,8 +305,7 @@ class Team(nn.Module):
         ``accumulate``, the sums and counts of the episode's earlier deliveries (the extras
         ``heard_sum`` and ``heard_count`` of the previous step).
         """
-        senders = messages if received is None else received.index_copy(
-            1, self.local_index, messages)
+        senders = self.heard(messages, received)
         extras = {"feats": feats, "senders": senders}
         if self.cfg.accumulate:
             mask = delivered.expand(senders.shape[0], -1, -1).to(senders.dtype)
@@ -365,8 +373,7 @@ class Team(nn.Module):
             received = received.flatten(0, 1)
         memory = None
         if self.cfg.accumulate:  # each step's deliveries, summed over the steps before it
-            senders = messages if received is None else received.index_copy(
-                1, self.local_index, messages)
+            senders = self.heard(messages, received)
             heard = mask.expand(t * b, -1, -1).to(senders.dtype)
             total = (senders[:, None] * heard[..., None]).unflatten(0, (t, b))
             count = heard.unflatten(0, (t, b))

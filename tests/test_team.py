@@ -307,3 +307,13 @@ def test_a_discrete_code_without_feedback_is_part_of_the_senders_action(feedback
     loss.backward()
     grads = [p.grad for p in team.comm.encoder.parameters()]
     assert all(g is not None and g.abs().sum() > 0 for g in grads)
+    # ... and from nothing else: the listener's loss does not reach the speaker's encoder
+    # (no feedback, in one process as over the wire).
+    team.zero_grad()
+    advantages = torch.zeros_like(rollout.rewards)
+    advantages[..., LISTENER] = torch.randn(advantages.shape[:2])
+    loss, _, _ = ppo_loss(team, rollout, Targets(advantages, torch.zeros_like(advantages)),
+                          PPOConfig(vf_coef=0.0, ent_coef=0.0))
+    loss.backward()
+    assert all(p.grad is None or not p.grad.any() for p in team.comm.encoder.parameters())
+    assert any(p.grad is not None and p.grad.any() for p in team.policy.parameters())
