@@ -97,6 +97,23 @@ def compute_targets(rollout: Rollout, cfg: PPOConfig, value_norm: ValueNorm,
     return Targets(advantages, value_norm.normalize(returns))
 
 
+def signalling(team: Team, probs: Tensor) -> Tensor:
+    """Positive signalling: summed over the local senders, the mutual information between
+    what each one sees and the codeword it releases, estimated over a minibatch's release
+    steps: ``H(mean p) - mean H(p)`` of its release distributions ``probs`` (``[T, B, n_local,
+    K]``, a discrete channel's ``code_probs``)."""
+    steps = torch.arange(probs.shape[0], device=probs.device)
+    p = probs[team.releases_at(steps)][:, :, team.speakers()]  # [S, B, senders, K]
+    if p.numel() == 0:
+        return probs.new_zeros(())
+    p = p.flatten(0, 1)
+
+    def entropy(q: Tensor) -> Tensor:
+        return -(q * q.clamp(min=1e-30).log()).sum(dim=-1)
+
+    return (entropy(p.mean(dim=0)) - entropy(p).mean(dim=0)).sum()
+
+
 def ppo_loss(team: Team, batch: Rollout, targets: Targets, cfg: PPOConfig,
              standardize: bool = True) -> tuple[Tensor, TeamOutput, dict[str, Tensor]]:
     """The local agents' summed PPO loss on a batch (each agent's terms averaged over steps).
@@ -118,6 +135,11 @@ def ppo_loss(team: Team, batch: Rollout, targets: Targets, cfg: PPOConfig,
     per_agent = (pg.mean(dim=(0, 1)) + cfg.vf_coef * v_loss.mean(dim=(0, 1))
                  - cfg.ent_coef * entropy.mean(dim=(0, 1)))
     loss = per_agent.sum() + cfg.graph_cost * team.route_cost()
+    if cfg.signal_coef and out.code_probs is not None:
+        if not standardize:
+            raise ValueError("positive signalling links the episodes of a minibatch: it "
+                             "cannot train under DP-SGD")
+        loss = loss - cfg.signal_coef * signalling(team, out.code_probs)
     with torch.no_grad():
         stats = {"policy_loss": pg.mean(), "value_loss": v_loss.mean(),
                  "entropy": entropy.mean(), "approx_kl": ((ratio - 1) - log_ratio).mean(),

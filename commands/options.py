@@ -77,6 +77,9 @@ TRAINING_FLAGS = (
     _flag("--lr", path="ppo.lr", type=float),
     _flag("--epochs", path="ppo.epochs", type=int),
     _flag("--minibatches", path="ppo.minibatches", type=int),
+    _flag("--signal-coef", path="ppo.signal_coef", type=float,
+          help="positive signalling: reward a discrete channel's senders for codewords that "
+          "say something about what they see (default 0; not under DP-SGD)"),
 )
 
 PRIVACY_FLAGS = (

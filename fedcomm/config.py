@@ -147,6 +147,13 @@ class PPOConfig:
     # senders' encoders keep being pushed to fix errors that are already gone; on factory this
     # drowns the policy signal and communication is never learned.
     feedback_value: bool = False
+    # Positive signalling (Eccles et al. 2019) for a discrete channel's senders: each one's
+    # loss rewards the mutual information between what it sees and the codeword it releases,
+    # estimated over the minibatch, H(mean of its release distributions) - mean H(each one).
+    # A new code says nothing about the sender's observation, so receivers cannot learn to
+    # read it and senders gain nothing from changing it; this bias gives the code content
+    # before the reward can. The minibatch estimate links episodes: not under DP-SGD.
+    signal_coef: float = 0.0
 
 
 @dataclass

@@ -53,6 +53,9 @@ class TeamOutput:
     # local sender's released codeword (zero where it released none).
     code_logp: Tensor | None = None
     code_entropy: Tensor | None = None
+    # A discrete channel's [B, n_local, K] release distributions (``speak``), from
+    # ``forward_steps``: what positive signalling (``ppo.signalling``) reads.
+    code_probs: Tensor | None = None
 
 
 class Team(nn.Module):
@@ -225,8 +228,7 @@ class Team(nn.Module):
         """
         if not self.cfg.code_from_reward:
             return None, None
-        own = self.type_of_agent.index_select(0, self.local_index)
-        speaks = self.kept_routes().index_select(0, own).any(dim=1).to(clean.dtype)
+        speaks = self.speakers().to(clean.dtype)
         release = self.releases_at(step)
         if isinstance(release, Tensor):
             speaks = speaks * release[:, None].to(clean.dtype)
@@ -235,6 +237,11 @@ class Team(nn.Module):
         logp = (clean * drawn.detach()).sum(dim=-1).clamp(min=1e-30).log()
         entropy = -(clean * clean.clamp(min=1e-30).log()).sum(dim=-1)
         return logp * speaks, entropy * speaks
+
+    def speakers(self) -> Tensor:
+        """``[n_local]`` bool: which local agents have a kept route to send on."""
+        own = self.type_of_agent.index_select(0, self.local_index)
+        return self.kept_routes().index_select(0, own).any(dim=1)
 
     def releases_at(self, step: int | Tensor) -> bool | Tensor:
         """Whether the local senders release at ``step`` of the episode (the schedule); a
@@ -382,9 +389,10 @@ class Team(nn.Module):
         logits, values, _ = self.respond(feats, messages, received, mask, memory)
         code = [None if x is None else x.unflatten(0, (t, b))
                 for x in self.code_terms(clean, drawn, steps)]
+        probs = clean.unflatten(0, (t, b)) if self.cfg.channel == "discrete" else None
         return TeamOutput([lg.unflatten(0, (t, b)) for lg in logits],
                           values.unflatten(0, (t, b)), messages.unflatten(0, (t, b)), None,
-                          code_logp=code[0], code_entropy=code[1])
+                          code_logp=code[0], code_entropy=code[1], code_probs=probs)
 
     # -- what of the team is whose: the layout of its parameters -------------------------------
     # The shared module's parameters are ``comm.<path>``; every private one is

@@ -317,3 +317,49 @@ def test_a_discrete_code_without_feedback_is_part_of_the_senders_action(feedback
     loss.backward()
     assert all(p.grad is None or not p.grad.any() for p in team.comm.encoder.parameters())
     assert any(p.grad is not None and p.grad.any() for p in team.policy.parameters())
+
+
+def test_positive_signalling_is_the_codes_mutual_information_with_what_the_sender_sees():
+    """``H(mean p) - mean H(p)`` over a minibatch's release steps, senders only: log K for a
+    code that is a one-to-one function of a uniform observation, 0 for one that ignores it;
+    a PPO step with it makes a new (uninformative) code informative. Under DP-SGD it is
+    refused, in the loss and before a run starts."""
+    from fedcomm.clients.ppo import Targets, ppo_loss, signalling
+    from fedcomm.clients.privacy_plan import Schedule, check_fits
+    from fedcomm.config import PPOConfig, TrainConfig
+    from fedcomm.privacy.config import PrivacyConfig
+
+    cfg = TeamConfig(channel="discrete", symbols=3, rr_epsilon=50.0, release_every=5,
+                     accumulate=True, routes="speaker>listener")
+    torch.manual_seed(0)
+    team = Team(SL_SPEC, cfg)
+    one_to_one = torch.eye(3).repeat(4, 1)  # [12, K]: observations 0, 1, 2, 0, 1, ...
+    probs = torch.full((10, 12, 2, 3), 1 / 3)
+    probs[:, :, SPEAKER] = one_to_one
+    assert signalling(team, probs).item() == pytest.approx(math.log(3), abs=1e-6)
+    probs[:, :, SPEAKER] = torch.tensor([0.7, 0.2, 0.1])
+    assert signalling(team, probs).item() == pytest.approx(0.0, abs=1e-6)
+    probs[::5, :, LISTENER] = one_to_one  # the listener has no route: not a sender
+    assert signalling(team, probs).item() == pytest.approx(0.0, abs=1e-6)
+
+    rollout = collect(team, LocalTransport(SpeakerListener(64)), seed=3,
+                      generator=torch.Generator().manual_seed(0))
+    zeros = torch.zeros_like(rollout.rewards)
+    ppo = PPOConfig(vf_coef=0.0, ent_coef=0.0, signal_coef=1.0)
+    optimizer = torch.optim.Adam(team.parameters(), lr=0.01)
+
+    def information() -> float:
+        return signalling(team, replay(team, rollout).code_probs).item()
+
+    before = information()
+    for _ in range(30):
+        loss, _, _ = ppo_loss(team, rollout, Targets(zeros, zeros), ppo)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert before < 0.1 and information() > 0.8
+    with pytest.raises(ValueError, match="DP-SGD"):
+        ppo_loss(team, rollout, Targets(zeros, zeros), ppo, standardize=False)
+    private = TrainConfig(team=cfg, ppo=ppo, privacy=PrivacyConfig(update_noise_multiplier=1.0))
+    with pytest.raises(ValueError, match="signal-coef"):
+        check_fits(private, Schedule(federated=True, train_batches=2))
