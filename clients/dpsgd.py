@@ -34,7 +34,7 @@ from torch.func import functional_call, grad, vmap
 
 from fedcomm.clients.ppo import Targets, ppo_loss
 from fedcomm.clients.privacy import check_sample_rate, dp_steps
-from fedcomm.clients.rollout import Rollout
+from fedcomm.clients.rollout import Rollout, replay
 from fedcomm.config import PPOConfig
 from fedcomm.models.team import SHARED, Team
 
@@ -65,8 +65,10 @@ def _episode_data(rollout: Rollout, targets: Targets, feedback: Tensor | None
         "obs": rollout.obs, "actions": rollout.actions, "noise": rollout.noise,
         "logprobs": rollout.logprobs, "values": rollout.values, "rewards": rollout.rewards,
         "received": rollout.received, "delivered": rollout.delivered,
-        "advantages": targets.advantages, "returns": targets.returns, "feedback": feedback}
+        "advantages": targets.advantages, "returns": targets.returns, "feedback": feedback,
+        "marginal": targets.marginal}
     dims: dict[str, Any] = {k: None if v is None else 1 for k, v in data.items()}
+    dims["marginal"] = None  # the same for every episode
     dims["obs"] = [1] * len(rollout.obs)
     dims["actions"] = [1] * len(rollout.actions)
     if rollout.delivered is not None and rollout.delivered.shape[1] == 1:
@@ -94,8 +96,8 @@ def episode_gradients(team: Team, rollout: Rollout, targets: Targets, cfg: PPOCo
         d = {k: episode(v, dims[k]) for k, v in data.items()}
         batch = Rollout(d["obs"], d["actions"], d["noise"], d["logprobs"], d["values"],
                         d["rewards"], d["received"], d["delivered"])
-        return functional_call(module, (params, frozen, buffers),
-                               (batch, Targets(d["advantages"], d["returns"]), d["feedback"]))
+        part = Targets(d["advantages"], d["returns"], d["marginal"])
+        return functional_call(module, (params, frozen, buffers), (batch, part, d["feedback"]))
 
     grads, stats = vmap(grad(one, has_aux=True), in_dims=(None, dims))(params, data)
     prefix = "team."
@@ -132,12 +134,61 @@ def clip_groups(grads: dict[str, Tensor], clip: float, shares: dict[str, float]
     return out
 
 
+@torch.no_grad()
+def released_statistics(team: Team, rollout: Rollout, targets: Targets, cfg: PPOConfig, *,
+                        noise_multiplier: float, clip: float, sample_rate: float,
+                        generator: torch.Generator | None,
+                        noise_generator: torch.Generator | None) -> Targets:
+    """``targets`` with the advantages centred on the batch's released mean per step and, for
+    positive signalling, each sender's released codeword marginal: one sampled Gaussian step of
+    DP-SGD's shape (rate ``sample_rate``, each episode's statistics clipped to ``clip``, noise
+    ``noise_multiplier * clip``), so it is accounted as one more step.
+
+    Each sampled episode contributes its advantages, divided by a scale that depends on no
+    episode (twice the episode length, one reward per step, times the root of their number),
+    and its release distributions, each part clipped to ``clip / sqrt(parts)``. Without the
+    centring a new agent's advantages are all of one sign (about -21 +- 15 rewards on
+    speaker_listener), and with every episode's gradient clipped that offset biases each step.
+    """
+    b = rollout.num_envs
+    adv = targets.advantages.transpose(0, 1).flatten(1)  # [B, T * n_local]
+    scale = 2 * team.spec.episode_length * math.sqrt(adv.shape[1])
+    parts = [adv / scale]
+    probs = None
+    if cfg.signal_coef and team.cfg.channel == "discrete":
+        code = replay(team, rollout).code_probs
+        steps = torch.arange(code.shape[0], device=code.device)
+        probs = code[team.releases_at(steps)].transpose(0, 1)  # [B, S, n_local, K]
+        parts.append(probs.flatten(1) / math.sqrt(probs.shape[1] * probs.shape[2]))
+    bound = clip / math.sqrt(len(parts))
+    clipped = torch.cat([x * (bound / x.norm(dim=1, keepdim=True).clamp(min=bound))
+                         for x in parts], dim=1)
+    device = rollout.rewards.device
+    draw = torch.rand(b, generator=generator,
+                      device=generator.device if generator is not None else "cpu").to(device)
+    noise = torch.randn(clipped.shape[1], generator=noise_generator,
+                        device=noise_generator.device if noise_generator is not None else "cpu")
+    mean = ((clipped * (draw < sample_rate)[:, None]).sum(dim=0)
+            + noise.to(device) * (noise_multiplier * clip)) / (sample_rate * b)
+    n = adv.shape[1]
+    centre = (mean[:n] * scale).view(targets.advantages.shape[0], 1, -1)
+    marginal = None
+    if probs is not None:
+        s, agents, k = probs.shape[1:]
+        m = (mean[n:] * math.sqrt(s * agents)).view(s, agents, k).mean(dim=0)
+        _, other = team.response_probabilities()
+        m = m.clamp(min=other)  # randomized response releases each codeword this often
+        marginal = m / m.sum(dim=-1, keepdim=True)
+    return Targets(targets.advantages - centre, targets.returns, marginal)
+
+
 def dp_ppo_update(team: Team, optimizer: torch.optim.Optimizer, rollout: Rollout,
                   cfg: PPOConfig, targets: Targets, *, noise_multiplier: float, clip: float,
                   sample_rate: float, generator: torch.Generator | None,
                   noise_generator: torch.Generator | None,
                   feedback: Tensor | None = None,
-                  clip_shares: dict[str, float] | None = None) -> tuple[dict[str, float], int]:
+                  clip_shares: dict[str, float] | None = None,
+                  statistics: bool = False) -> tuple[dict[str, float], int]:
     """``ppo_update``'s epochs as DP-SGD steps over Poisson samples of episodes.
 
     ``clip_shares`` (``{"shared": w, "value": v}``, either or both) clips each episode's
@@ -147,6 +198,8 @@ def dp_ppo_update(team: Team, optimizer: torch.optim.Optimizer, rollout: Rollout
     not drowned by a large one: the shared module's gradient by the policy's, whose norm is
     tens of times larger; the value's, which fixes the advantages' baseline, by the policy's
     while that baseline is still off. Empty or ``None`` clips the whole gradient to ``clip``.
+    ``statistics`` first releases the batch's statistics (``released_statistics``) as one
+    more step.
 
     Each step is one sampled Gaussian release (rate ``sample_rate``, noise multiplier
     ``noise_multiplier``, L2 sensitivity ``clip`` under add/remove of an episode); the
@@ -170,16 +223,22 @@ def dp_ppo_update(team: Team, optimizer: torch.optim.Optimizer, rollout: Rollout
                      expected_batch_size=sample_rate * b, loss_reduction="mean",
                      generator=noise_generator)
     device = rollout.rewards.device
-    steps = dp_steps(cfg, sample_rate)
+    steps = dp_steps(cfg, sample_rate, statistics)
+    if statistics:
+        targets = released_statistics(team, rollout, targets, cfg,
+                                      noise_multiplier=noise_multiplier, clip=clip,
+                                      sample_rate=sample_rate, generator=generator,
+                                      noise_generator=noise_generator)
     stats: dict[str, list[float]] = {}
     try:
-        for _ in range(steps):
+        for _ in range(steps - int(statistics)):
             draw = torch.rand(b, generator=generator,
                               device=generator.device if generator is not None else "cpu")
             envs = (draw < sample_rate).nonzero().squeeze(1).to(device)
             dp.zero_grad(set_to_none=True)
             if len(envs):
-                part = Targets(targets.advantages[:, envs], targets.returns[:, envs])
+                part = Targets(targets.advantages[:, envs], targets.returns[:, envs],
+                               targets.marginal)
                 grads, episode_stats = episode_gradients(
                     team, rollout.select(envs), part, cfg,
                     None if feedback is None else feedback[:, envs])

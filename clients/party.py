@@ -108,7 +108,8 @@ class Party:
                     noise_multiplier=self.dp.noise_multiplier, clip=self.dp.clip,
                     sample_rate=self.dp.sample_rate, generator=self.generator,
                     noise_generator=noise or self.generator, feedback=received,
-                    clip_shares=self.dp.clip_shares)
+                    clip_shares=self.dp.clip_shares,
+                    statistics=self.dp.statistics)
                 stats |= update | {"dp_steps": steps}
         stats |= {"rollout_s": t1 - t0, "feedback_s": t2 - t1,
                   "update_s": time.perf_counter() - t2}

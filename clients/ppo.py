@@ -80,6 +80,9 @@ class Targets:
 
     advantages: Tensor  # [T, B, n_local]
     returns: Tensor  # [T, B, n_local], normalised by the value norm
+    # Under DP-SGD with released statistics: [n_local, K] each sender's released codeword
+    # marginal, what positive signalling reads in place of the minibatch's.
+    marginal: Tensor | None = None
 
 
 def compute_targets(rollout: Rollout, cfg: PPOConfig, value_norm: ValueNorm,
@@ -97,20 +100,29 @@ def compute_targets(rollout: Rollout, cfg: PPOConfig, value_norm: ValueNorm,
     return Targets(advantages, value_norm.normalize(returns))
 
 
-def signalling(team: Team, probs: Tensor) -> Tensor:
+def signalling(team: Team, probs: Tensor, marginal: Tensor | None = None) -> Tensor:
     """Positive signalling: summed over the local senders, the mutual information between
     what each one sees and the codeword it releases, estimated over a minibatch's release
     steps: ``H(mean p) - mean H(p)`` of its release distributions ``probs`` (``[T, B, n_local,
-    K]``, a discrete channel's ``code_probs``)."""
+    K]``, a discrete channel's ``code_probs``).
+
+    With a released ``marginal`` (``[n_local, K]``) the mean is that, held fixed: each
+    episode's term is then its own, ``CE(p, marginal) - H(p)``, whose gradient is the
+    estimate's where the marginal is the minibatch's mean (DP-SGD's per-episode loss).
+    """
     steps = torch.arange(probs.shape[0], device=probs.device)
-    p = probs[team.releases_at(steps)][:, :, team.speakers()]  # [S, B, senders, K]
+    speakers = team.speakers()
+    p = probs[team.releases_at(steps)][:, :, speakers]  # [S, B, senders, K]
     if p.numel() == 0:
         return probs.new_zeros(())
-    p = p.flatten(0, 1)
 
     def entropy(q: Tensor) -> Tensor:
         return -(q * q.clamp(min=1e-30).log()).sum(dim=-1)
 
+    if marginal is not None:
+        cross = -(p * marginal[speakers].clamp(min=1e-30).log()).sum(dim=-1)
+        return (cross - entropy(p)).mean(dim=(0, 1)).sum()
+    p = p.flatten(0, 1)
     return (entropy(p.mean(dim=0)) - entropy(p).mean(dim=0)).sum()
 
 
@@ -136,10 +148,10 @@ def ppo_loss(team: Team, batch: Rollout, targets: Targets, cfg: PPOConfig,
                  - cfg.ent_coef * entropy.mean(dim=(0, 1)))
     loss = per_agent.sum() + cfg.graph_cost * team.route_cost()
     if cfg.signal_coef and out.code_probs is not None:
-        if not standardize:
-            raise ValueError("positive signalling links the episodes of a minibatch: it "
-                             "cannot train under DP-SGD")
-        loss = loss - cfg.signal_coef * signalling(team, out.code_probs)
+        if not standardize and targets.marginal is None:
+            raise ValueError("positive signalling links the episodes of a minibatch: under "
+                             "DP-SGD it needs the released codeword marginal")
+        loss = loss - cfg.signal_coef * signalling(team, out.code_probs, targets.marginal)
     with torch.no_grad():
         stats = {"policy_loss": pg.mean(), "value_loss": v_loss.mean(),
                  "entropy": entropy.mean(), "approx_kl": ((ratio - 1) - log_ratio).mean(),

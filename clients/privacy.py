@@ -47,6 +47,7 @@ class DpSgd:
     # Shares of the squared clip for parts clipped apart: "shared" (the shared module),
     # "value" (the value networks); the other private networks get the rest.
     clip_shares: dict[str, float] = field(default_factory=dict)
+    statistics: bool = False  # one more step releases the batch's statistics
 
 
 def composition_for(training: Training) -> Composition:
@@ -75,12 +76,13 @@ def composition_of_config(config: Mapping[str, Any]) -> Composition:
     return composition_for(training_of(config))
 
 
-def dp_steps(cfg: PPOConfig, sample_rate: float) -> int:
+def dp_steps(cfg: PPOConfig, sample_rate: float, statistics: bool = False) -> int:
     """DP-SGD steps of one update, known before it runs (the ledger is written first): an
     epoch is ``round(1 / sample_rate)`` steps, so each episode is sampled once per epoch in
-    expectation, as each is once per epoch of ``ppo_update``."""
+    expectation, as each is once per epoch of ``ppo_update``; with ``statistics``, one more,
+    which releases the batch's statistics (``clients.dpsgd.released_statistics``)."""
     check_sample_rate(sample_rate)
-    return cfg.epochs * max(1, round(1 / sample_rate))
+    return cfg.epochs * max(1, round(1 / sample_rate)) + int(statistics)
 
 
 def check_sample_rate(sample_rate: float) -> None:
@@ -118,7 +120,7 @@ def update_dp(cfg: PrivacyConfig, ppo: PPOConfig) -> DpSgd | None:
         return None
     shares = {"shared": cfg.update_shared_share, "value": cfg.update_value_share}
     return DpSgd(cfg.update_noise_multiplier, cfg.update_clip, update_sample_rate(cfg, ppo),
-                 {k: w for k, w in shares.items() if w is not None})
+                 {k: w for k, w in shares.items() if w is not None}, cfg.update_statistics)
 
 
 def update_releases(cfg: PrivacyConfig, ppo: PPOConfig) -> list[GaussianRelease]:
@@ -128,7 +130,8 @@ def update_releases(cfg: PrivacyConfig, ppo: PPOConfig) -> list[GaussianRelease]
     if dp is None:
         return [gaussian_release("update", 0.0, ppo.max_grad_norm, relation=cfg.relation)]
     return [gaussian_release("update", dp.noise_multiplier, dp.clip, relation=cfg.relation,
-                             sample_rate=dp.sample_rate, count=dp_steps(ppo, dp.sample_rate))]
+                             sample_rate=dp.sample_rate,
+                             count=dp_steps(ppo, dp.sample_rate, dp.statistics))]
 
 
 def message_release(team: TeamConfig, relation: Relation, count: int) -> Release:

@@ -160,10 +160,11 @@ def plan(train: TrainConfig, schedule: Schedule) -> PrivacyPlan:
 
 def check_fits(train: TrainConfig, schedule: Schedule) -> PrivacyPlan:
     """The plan, or ``ValueError`` with one line if the run cannot fit its budget."""
-    if train.ppo.signal_coef and training(train, schedule) == "dp_sgd":
+    if (train.ppo.signal_coef and training(train, schedule) == "dp_sgd"
+            and not train.privacy.update_statistics):
         raise ValueError("positive signalling (--signal-coef) links the episodes of a "
-                         "minibatch, so DP-SGD cannot train with it: set --signal-coef 0 or "
-                         "train without DP-SGD")
+                         "minibatch, so DP-SGD trains with it only on a released codeword "
+                         "marginal: add --update-statistics, or set --signal-coef 0")
     planned = plan(train, schedule)
     if not planned.fits:
         raise ValueError(planned.refusal())

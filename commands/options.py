@@ -117,6 +117,9 @@ PRIVACY_FLAGS = (
     _flag("--update-shared-share", path="privacy.update_shared_share", type=float,
           help="clip the shared module's part of each episode's DP-SGD gradient apart, to "
           "this share of the squared clip"),
+    _switch("--update-statistics", "privacy.update_statistics", True,
+            "DP-SGD first releases the batch's mean advantages per step (and a discrete "
+            "code's marginal, for --signal-coef) as one more step"),
     _flag("--update-value-share", path="privacy.update_value_share", type=float,
           help="clip the value networks' part of each episode's DP-SGD gradient apart, to "
           "this share of the squared clip"),

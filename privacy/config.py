@@ -46,6 +46,10 @@ class PrivacyConfig:
     update_value_share
         The same for the value networks: their part clipped to ``update_clip * sqrt(share)``
         (with ``update_shared_share``, the other private networks get what both leave).
+    update_statistics
+        DP-SGD first releases, as one more sampled step of the same noise and clip, the
+        batch's mean advantage per step (which centres each episode's advantages) and, for
+        positive signalling, a discrete channel's codeword marginal.
     split
         What the calibration gave each mechanism: its epsilon alone for one unit (set by
         ``clients.privacy_plan.calibrate``; stated in the report).
@@ -82,6 +86,7 @@ class PrivacyConfig:
     update_sample_rate: float | None = None
     update_shared_share: float | None = None
     update_value_share: float | None = None
+    update_statistics: bool = False
     split: dict[str, float] | None = None
 
     @property

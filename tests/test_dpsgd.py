@@ -7,10 +7,15 @@ import math
 import pytest
 import torch
 
-from fedcomm.clients.dpsgd import clip_groups, dp_ppo_update, episode_gradients
+from fedcomm.clients.dpsgd import (
+    clip_groups,
+    dp_ppo_update,
+    episode_gradients,
+    released_statistics,
+)
 from fedcomm.clients.ppo import Targets, ValueNorm, compute_targets, ppo_loss, ppo_update
 from fedcomm.clients.privacy import dp_steps
-from fedcomm.clients.rollout import Rollout, collect, party_rollout
+from fedcomm.clients.rollout import Rollout, collect, party_rollout, replay
 from fedcomm.clients.transport import LocalTransport
 from fedcomm.config import PPOConfig, TeamConfig
 from fedcomm.models.team import Team
@@ -188,3 +193,57 @@ def test_groups_clip_apart_within_the_one_clip():
     for bad in ({"shared": 0.6, "value": 0.4}, {"value": 1.0}, {"private": 0.2}):
         with pytest.raises(ValueError, match="shares"):
             clip_groups(grads, 2.0, bad)
+
+
+def speaker_party(envs: int = 16) -> tuple[Team, Rollout, Targets, PPOConfig]:
+    """speaker_listener's speaker on a discrete channel, learning its code from the reward
+    with positive signalling."""
+    from fedcomm.sim.speaker_listener import SpeakerListener
+
+    torch.manual_seed(0)
+    env = SpeakerListener(envs, say=False)
+    cfg = TeamConfig(channel="discrete", symbols=3, rr_epsilon=4.0, release_every=5,
+                     accumulate=True, routes="speaker>listener", feedback=False)
+    whole = Team(env.spec, cfg)
+    rollout = party_rollout(whole, collect(whole, LocalTransport(env), seed=0), 0)
+    ppo = PPOConfig(signal_coef=0.05)
+    return whole.subteam([0]), rollout, compute_targets(rollout, ppo, ValueNorm(1, 25.0)), ppo
+
+
+def test_released_statistics_are_the_batch_means_without_noise_and_one_more_step():
+    """Without noise, sampling or clipping: the advantages centred on the batch's exact mean
+    per step, and the speaker's marginal the mean of its release distributions over the
+    release steps and episodes. The release is one more step of the update's shape."""
+    from fedcomm.clients.privacy import DpSgd, update_releases
+    from fedcomm.privacy.config import PrivacyConfig
+
+    team, rollout, targets, ppo = speaker_party()
+    out = released_statistics(team, rollout, targets, ppo, noise_multiplier=0.0, clip=1e9,
+                              sample_rate=1.0, generator=torch.Generator().manual_seed(0),
+                              noise_generator=torch.Generator().manual_seed(1))
+    expected = targets.advantages - targets.advantages.mean(dim=1, keepdim=True)
+    torch.testing.assert_close(out.advantages, expected, rtol=1e-4, atol=1e-4)
+    probs = replay(team, rollout).code_probs[::5, :, 0]  # the release steps
+    torch.testing.assert_close(out.marginal[0], probs.mean(dim=(0, 1)), rtol=1e-4, atol=1e-5)
+    assert out.returns is targets.returns
+
+    noisy = released_statistics(team, rollout, targets, ppo, noise_multiplier=1.0, clip=1.0,
+                                sample_rate=0.5, generator=torch.Generator().manual_seed(0),
+                                noise_generator=torch.Generator().manual_seed(1))
+    assert not torch.allclose(noisy.advantages, expected)
+    torch.testing.assert_close(noisy.marginal.sum(dim=-1), torch.ones(1))
+
+    cfg = PrivacyConfig(update_noise_multiplier=1.0, update_statistics=True)
+    assert dp_steps(PPOConfig(), 0.25, statistics=True) == 17
+    assert update_releases(cfg, PPOConfig())[0].count == 17
+    stats, steps = dp_ppo_update(team, torch.optim.SGD(team.parameters(), lr=0.1), rollout, ppo,
+                                 targets, noise_multiplier=1.0, clip=1.0, sample_rate=0.25,
+                                 generator=torch.Generator().manual_seed(0),
+                                 noise_generator=torch.Generator().manual_seed(1),
+                                 statistics=True)
+    assert steps == 17 and math.isfinite(stats["policy_loss"])
+    with pytest.raises(ValueError, match="marginal"):  # signalling without it: refused
+        dp_ppo_update(team, torch.optim.SGD(team.parameters(), lr=0.1), rollout, ppo, targets,
+                      noise_multiplier=1.0, clip=1.0, sample_rate=0.25,
+                      generator=torch.Generator(), noise_generator=torch.Generator())
+    assert DpSgd(1.0, 1.0, 0.25).statistics is False

@@ -323,7 +323,7 @@ def test_positive_signalling_is_the_codes_mutual_information_with_what_the_sende
     """``H(mean p) - mean H(p)`` over a minibatch's release steps, senders only: log K for a
     code that is a one-to-one function of a uniform observation, 0 for one that ignores it;
     a PPO step with it makes a new (uninformative) code informative. Under DP-SGD it is
-    refused, in the loss and before a run starts."""
+    refused, in the loss and before a run starts, unless the marginal is released."""
     from fedcomm.clients.ppo import Targets, ppo_loss, signalling
     from fedcomm.clients.privacy_plan import Schedule, check_fits
     from fedcomm.config import PPOConfig, TrainConfig
@@ -363,3 +363,6 @@ def test_positive_signalling_is_the_codes_mutual_information_with_what_the_sende
     private = TrainConfig(team=cfg, ppo=ppo, privacy=PrivacyConfig(update_noise_multiplier=1.0))
     with pytest.raises(ValueError, match="signal-coef"):
         check_fits(private, Schedule(federated=True, train_batches=2))
+    released = PrivacyConfig(update_noise_multiplier=1.0, update_statistics=True)
+    check_fits(TrainConfig(team=cfg, ppo=ppo, privacy=released),
+               Schedule(federated=True, train_batches=2))  # on a released marginal: planned
