@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from fedcomm.clients.rollout import Rollout, replay
 from fedcomm.config import PPOConfig
-from fedcomm.models.team import Team, TeamOutput, log_probs
+from fedcomm.models.team import Team, TeamOutput, categorical_entropy, log_probs
 
 
 class ValueNorm(nn.Module):
@@ -115,15 +115,11 @@ def signalling(team: Team, probs: Tensor, marginal: Tensor | None = None) -> Ten
     p = probs[team.releases_at(steps)][:, :, speakers]  # [S, B, senders, K]
     if p.numel() == 0:
         return probs.new_zeros(())
-
-    def entropy(q: Tensor) -> Tensor:
-        return -(q * q.clamp(min=1e-30).log()).sum(dim=-1)
-
     if marginal is not None:
         cross = -(p * marginal[speakers].clamp(min=1e-30).log()).sum(dim=-1)
-        return (cross - entropy(p)).mean(dim=(0, 1)).sum()
+        return (cross - categorical_entropy(p)).mean(dim=(0, 1)).sum()
     p = p.flatten(0, 1)
-    return (entropy(p.mean(dim=0)) - entropy(p).mean(dim=0)).sum()
+    return (categorical_entropy(p.mean(dim=0)) - categorical_entropy(p).mean(dim=0)).sum()
 
 
 def ppo_loss(team: Team, batch: Rollout, targets: Targets, cfg: PPOConfig,

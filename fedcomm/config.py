@@ -61,9 +61,9 @@ class TeamConfig:
     channel: str = "gaussian"
     symbols: int = 4
     rr_epsilon: float = 8.0
-    # A discrete code's logits are standardised over the codewords and scaled by this: a new
-    # code is then already a (random) function of what its sender sees. A near-uniform code
-    # carries nothing, so neither side would learn it: a receiver cannot use a codeword that
+    # A discrete code's logits are standardised over the codewords and scaled by this, so a
+    # new code depends on what its sender sees (raw, it starts near uniform). A code that
+    # carries nothing gives neither side a gradient: a receiver cannot use a codeword that
     # says nothing, a sender gains nothing from one its receivers ignore.
     code_scale: float = 3.0
     # A sender releases at steps 0, k, 2k, ... of an episode: a data-independent schedule.

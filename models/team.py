@@ -179,7 +179,7 @@ class Team(nn.Module):
 
     def code_logits(self, encoded: Tensor) -> Tensor:
         """A discrete code's logits: the encoder's output standardised over the codewords and
-        scaled by ``cfg.code_scale`` (each sender's code informative from the start)."""
+        scaled by ``cfg.code_scale``, so that a new code depends on what its sender sees."""
         centred = encoded - encoded.mean(dim=-1, keepdim=True)
         scale = centred.pow(2).mean(dim=-1, keepdim=True).add(1e-6).rsqrt()
         return centred * (scale * self.cfg.code_scale)
@@ -235,8 +235,7 @@ class Team(nn.Module):
         elif not release:
             speaks = speaks * 0
         logp = (clean * drawn.detach()).sum(dim=-1).clamp(min=1e-30).log()
-        entropy = -(clean * clean.clamp(min=1e-30).log()).sum(dim=-1)
-        return logp * speaks, entropy * speaks
+        return logp * speaks, categorical_entropy(clean) * speaks
 
     def speakers(self) -> Tensor:
         """``[n_local]`` bool: which local agents have a kept route to send on."""
@@ -513,6 +512,11 @@ def load_team(source: str | Path, device: str | torch.device = "cpu") -> Team:
     team = Team(EnvSpec.from_dict(ckpt["spec"]), TeamConfig(**ckpt["team"]), ckpt["agents"])
     team.load_state_dict(ckpt["state_dict"])
     return team.to(device)
+
+
+def categorical_entropy(p: Tensor) -> Tensor:
+    """The entropy of each distribution ``p`` over the last dimension."""
+    return -(p * p.clamp(min=1e-30).log()).sum(dim=-1)
 
 
 def log_probs(logits: list[Tensor], actions: list[Tensor]) -> tuple[Tensor, Tensor]:
