@@ -188,6 +188,11 @@ class FederatedAgent:
     def team(self) -> Team:
         return self.agent.team
 
+    def continue_in_memory(self, last_round: int) -> None:
+        """Go on from the end of ``last_round``, whose state this agent still holds (a
+        worker keeps it between rounds): nothing to restore."""
+        self.restored_round, self.restore_s = last_round, 0.0
+
     def routes(self) -> Tensor:
         """This round's routes: the global graph's, the same for every agent (or the fixed
         ones)."""

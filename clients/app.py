@@ -8,47 +8,19 @@ server decides whether the run goes on.
 
 The node settings say who the agent is and where it reaches the simulator (see
 ``AgentNode.from_settings``): Flower's node config in deployment; in simulation the defaults
-given to ``make_client_app`` plus Flower's ``partition-id``.
+given to ``make_client_app`` plus Flower's ``partition-id``. The agent is opened for each
+message (``AgentHost``); a deployment's agent worker holds it between messages instead
+(``clients.relay``, ``clients.worker``).
 """
 
 from __future__ import annotations
 
-import os
-import time
-from collections.abc import Callable
-from dataclasses import replace
-from pathlib import Path
-
-import torch
-from flwr.app import ArrayRecord, Context, Error, Message, RecordDict
+from flwr.app import Context, Error, Message
 from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 
-from fedcomm.clients.agent import FederatedAgent
-from fedcomm.clients.failures import failure_line
-from fedcomm.clients.node import AgentNode
-from fedcomm.config import FederationConfig
-from fedcomm.protocol.round import (
-    ARRAYS,
-    CONFIG,
-    METRICS,
-    EvaluateInstruction,
-    EvaluateReply,
-    TrainInstruction,
-)
-
-
-def _process_age() -> float:
-    """Seconds since this process started (Linux; 0 elsewhere)."""
-    try:
-        stat = Path("/proc/self/stat").read_text()
-        ticks = int(stat.rpartition(")")[2].split()[19])  # field 22: start, in clock ticks
-        boot = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
-                    if line.startswith("btime"))
-        return max(0.0, time.time() - boot - ticks / os.sysconf("SC_CLK_TCK"))
-    except (OSError, ValueError, StopIteration):
-        return 0.0
-
+from fedcomm.clients.host import AgentHost, failure_reason
+from fedcomm.clients.relay import process_age
 
 _handled_a_message = False
 
@@ -60,78 +32,35 @@ def _start_up() -> float:
     if _handled_a_message:
         return 0.0
     _handled_a_message = True
-    return _process_age()
-
-
-def _open(msg: Message, context: Context, defaults: dict, config: str, restore_round: int
-          ) -> tuple[FederatedAgent, dict[str, torch.Tensor]]:
-    torch.set_num_threads(1)  # agents share the machine's cores with their peers
-    fed = FederationConfig.from_json(config)
-    node = AgentNode.from_settings({**defaults, **dict(context.node_config)}, fed.spec)
-    arrays = msg.content[ARRAYS].to_torch_state_dict()
-    return FederatedAgent(fed, node, context.state, restore_round), arrays
-
-
-def _who(msg: Message, context: Context) -> str:
-    """The failing agent's id, as far as the node config and the message tell it."""
-    node = dict(context.node_config)
-    if "agent-id" in node:
-        return str(node["agent-id"])
-    try:
-        fed = FederationConfig.from_json(str(msg.content[CONFIG]["config"]))
-        return fed.spec.agent_ids[int(node["partition-id"])]
-    except Exception:  # the message itself may be what is wrong
-        return f"node {context.node_id}"
-
-
-def _failure(msg: Message, context: Context, e: Exception, defaults: dict) -> Message:
-    settings = {**defaults, **dict(context.node_config)}
-    reason = failure_line(_who(msg, context), e, str(settings.get("sim-address", "?")))
-    return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason),
-                   reply_to=msg)
-
-
-def _train(msg: Message, context: Context, defaults: dict) -> Message:
-    start_up, start = _start_up(), time.perf_counter()
-    todo = TrainInstruction.from_record(msg.content[CONFIG])
-    agent, arrays = _open(msg, context, defaults, todo.config, todo.server_round - 1)
-    try:
-        shared, reply = agent.train_round(todo.server_round, arrays, todo.time_frac)
-    finally:
-        agent.close()
-    reply = replace(reply, timings=reply.timings | {"client_s": time.perf_counter() - start,
-                                                    "start_s": start_up})
-    return Message(RecordDict({ARRAYS: ArrayRecord(shared), METRICS: reply.to_record()}),
-                   reply_to=msg)
-
-
-def _evaluate(msg: Message, context: Context, defaults: dict) -> Message:
-    todo = EvaluateInstruction.from_record(msg.content[CONFIG])
-    agent, arrays = _open(msg, context, defaults, todo.config, todo.server_round)
-    try:
-        returns = agent.evaluate(arrays, todo.batches, todo.seed, todo.server_round)
-    finally:
-        agent.close()
-    reply = EvaluateReply(agent.index, returns)
-    return Message(RecordDict({METRICS: reply.to_record()}), reply_to=msg)
-
-
-def _answering_failures(handler: Callable[[Message, Context, dict], Message],
-                        defaults: dict) -> Callable[[Message, Context], Message]:
-    def handle(msg: Message, context: Context) -> Message:
-        try:
-            return handler(msg, context, defaults)
-        except Exception as e:  # the server hears why; the node stays up for the next round
-            return _failure(msg, context, e, defaults)
-
-    return handle
+    return process_age()
 
 
 def make_client_app(defaults: dict | None = None) -> ClientApp:
     """A ClientApp whose node settings default to ``defaults`` (the node config overrides)."""
+    host, defaults = AgentHost(), dict(defaults or {})
     app = ClientApp()
-    app.train()(_answering_failures(_train, dict(defaults or {})))
-    app.evaluate()(_answering_failures(_evaluate, dict(defaults or {})))
+
+    def answer(msg: Message, context: Context, kind: str) -> Message:
+        settings = {**defaults, **dict(context.node_config)}
+        try:
+            if kind == "train":
+                content = host.train(msg.content, settings, context.state, _start_up())
+            else:
+                content = host.evaluate(msg.content, settings, context.state)
+        except Exception as e:  # the server hears why; the node stays up for the next round
+            reason = failure_reason(msg.content, settings, e, f"node {context.node_id}")
+            return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason),
+                           reply_to=msg)
+        return Message(content, reply_to=msg)
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        return answer(msg, context, "train")
+
+    @app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        return answer(msg, context, "evaluate")
+
     return app
 
 

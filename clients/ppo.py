@@ -148,6 +148,8 @@ def ppo_loss(team: Team, batch: Rollout, targets: Targets, cfg: PPOConfig,
             raise ValueError("positive signalling links the episodes of a minibatch: under "
                              "DP-SGD it needs the released codeword marginal")
         loss = loss - cfg.signal_coef * signalling(team, out.code_probs, targets.marginal)
+    if team.recall is not None and out.code_probs is not None:
+        loss = loss + cfg.recall_coef * team.recall_error(batch.obs, out.code_probs)
     with torch.no_grad():
         stats = {"policy_loss": pg.mean(), "value_loss": v_loss.mean(),
                  "entropy": entropy.mean(), "approx_kl": ((ratio - 1) - log_ratio).mean(),

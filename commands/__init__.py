@@ -6,11 +6,11 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from fedcomm.commands import agent, deploy, evaluate, privacy, sim, simulate, train
+from fedcomm.commands import agent, deploy, evaluate, privacy, sim, simulate, train, worker
 from fedcomm.commands.options import federation_config_from_args, train_config_from_args
 from fedcomm.commands.output import console
 
-COMMANDS = (train, simulate, evaluate, deploy, sim, agent, privacy)
+COMMANDS = (train, simulate, evaluate, deploy, sim, agent, worker, privacy)
 
 __all__ = ["build_parser", "federation_config_from_args", "main", "train_config_from_args"]
 

@@ -29,7 +29,11 @@ def add(sub: argparse._SubParsersAction) -> None:
                     "the same run directory as fedcomm simulate; stop every process.")
     add_federation(loc)
     loc.add_argument("--no-restart", action="store_true",
-                     help="do not restart an agent's SuperNode that dies")
+                     help="do not restart an agent's SuperNode or worker that dies")
+    loc.add_argument("--no-worker", action="store_true",
+                     help="run each agent in the ClientApp process Flower starts per message "
+                     "(slower: it is opened and restored every round) instead of in a "
+                     "long-lived worker beside its SuperNode")
     loc.set_defaults(func=run_local)
     s = parser_of(d, "secrets", help="make every certificate, key and token of a deployment",
                   description="A CA, server certificates for the SuperLink and the "
@@ -57,7 +61,7 @@ def run_local(args: argparse.Namespace) -> int:
 
     return run_federated(args, "deploy local", lambda fed, out: deploy_local(
         fed, out, progress=not args.quiet, restart_agents=not args.no_restart,
-        console=console))
+        console=console, worker=not args.no_worker))
 
 
 def run_secrets(args: argparse.Namespace) -> int:

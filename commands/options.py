@@ -77,9 +77,16 @@ TRAINING_FLAGS = (
     _flag("--lr", path="ppo.lr", type=float),
     _flag("--epochs", path="ppo.epochs", type=int),
     _flag("--minibatches", path="ppo.minibatches", type=int),
+    _switch("--recall", "team.recall", True,
+            help="each sender of a discrete channel also trains a private decoder that "
+            "recalls what it saw from its release: an informative code, episode by episode "
+            "(under DP-SGD too)"),
+    _flag("--recall-coef", path="ppo.recall_coef", type=float,
+          help="the weight of the recall error in each sender's loss (default 1)"),
     _flag("--signal-coef", path="ppo.signal_coef", type=float,
           help="positive signalling: reward a discrete channel's senders for codewords that "
-          "say something about what they see (default 0; not under DP-SGD)"),
+          "say something about what they see (default 0; under DP-SGD only with "
+          "--update-statistics)"),
 )
 
 PRIVACY_FLAGS = (

@@ -1,5 +1,8 @@
 """The Flower app that ``flwr run`` submits: the same ServerApp and ClientApp as in simulation.
 
+Its ClientApp is ``fedcomm.clients.relay``: on a node whose config names a ``worker-socket``
+it hands each message to the agent's worker, elsewhere it runs the simulation's ClientApp.
+
 The app directory holds only its ``pyproject.toml``: the components are imported from the
 installed ``fedcomm`` package on the SuperLink's and every SuperNode's host, so the code that
 runs is the code that was installed and reviewed there, not code shipped with the run.
@@ -31,7 +34,7 @@ publisher = "fedcomm"
 
 [tool.flwr.app.components]
 serverapp = "fedcomm.server.app:app"
-clientapp = "fedcomm.clients.app:app"
+clientapp = "fedcomm.clients.relay:app"
 
 [tool.flwr.app.config]
 """

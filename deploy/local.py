@@ -11,7 +11,9 @@ host would), and stops every process it started on success, failure, Ctrl-C and 
 
 Everything lives in the run directory: the run's files as ``fedcomm simulate`` writes them,
 ``agents/<id>/`` (each agent's durable state and privacy ledger) and ``deploy/`` (secrets,
-the Flower app, Flower's homes and every process's log).
+the Flower app, Flower's homes and every process's log). The workers' sockets live in a
+folder of this user's alone under the system's temporary directory (a Unix socket's path is
+short), removed when the deployment stops.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -33,6 +36,7 @@ from fedcomm.deploy.secrets import DeploymentSecrets, make_secrets
 from fedcomm.modes.processes import ChildProcess, SimProcess, child_env, stop_tagged
 from fedcomm.modes.simulation import complete_run, terminate_as_interrupt
 from fedcomm.progress import progress_bar, status
+from fedcomm.protocol.worker import WORKER_SOCKET
 from fedcomm.server.app import ERROR_FILE
 from fedcomm.server.federation import FederationError
 from fedcomm.summary import RunResult
@@ -45,6 +49,9 @@ DEPLOYMENT_TAG = "FEDCOMM_DEPLOYMENT"  # environment variable naming the deploym
 RESTART_WINDOW_S = 150.0
 RESTART_PAUSE_S = 5.0
 POLL_S = 0.5
+# How often a SuperNode's SuperExec looks for a message to start a ClientApp for (Flower's
+# default: 1 s); a relaying ClientApp is cheap, so the wait was a large part of a round.
+SUPEREXEC_POLL_S = "0.1"
 
 
 class DeploymentError(FederationError):
@@ -107,8 +114,11 @@ class LocalDeployment:
     """The processes of one deployment on this host; a context manager that stops them all."""
 
     def __init__(self, fed: FederationConfig, run_dir: Path, console: Console,
-                 restart_agents: bool = True) -> None:
+                 restart_agents: bool = True, worker: bool = True) -> None:
         self.fed, self.console, self.restart_agents = fed, console, restart_agents
+        self.worker = worker
+        self.workers: dict[str, ChildProcess] = {}
+        self.sockets: Path | None = None
         self.layout = Layout(run_dir.resolve())  # Flower wants absolute paths
         self.agents = fed.spec.agent_ids
         self.nodes: dict[str, ChildProcess] = {}
@@ -120,6 +130,7 @@ class LocalDeployment:
         self.env = {"FLWR_HOME": str(self.layout.flwr_home),
                     DEPLOYMENT_TAG: str(self.layout.run_dir),
                     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+                    "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": SUPEREXEC_POLL_S,
                     "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
     # -- start ------------------------------------------------------------------------------
@@ -144,6 +155,10 @@ class LocalDeployment:
         _wait_listening(self.superlink, port)
         self.superlink_address = f"127.0.0.1:{port}"
         self._register_nodes()
+        if self.worker:
+            self.sockets = Path(tempfile.mkdtemp(prefix="fedcomm-workers-"))  # mode 0700
+            for agent in self.agents:
+                self.workers[agent] = self._start_worker(agent)
         for agent in self.agents:
             self.nodes[agent] = self._start_node(agent)
 
@@ -174,6 +189,25 @@ class LocalDeployment:
                 raise DeploymentError(f"registering {agent}'s SuperNode key failed:\n"
                                       f"{out.stdout}{out.stderr}")
 
+    def _socket(self, agent: str) -> Path:
+        assert self.sockets is not None
+        return self.sockets / f"{self.agents.index(agent)}.sock"
+
+    def _start_worker(self, agent: str, timeout: float = 60.0) -> ChildProcess:
+        """``agent``'s worker, once it listens."""
+        path = self._socket(agent)
+        path.unlink(missing_ok=True)
+        worker = ChildProcess(f"worker of {agent}", [
+            sys.executable, "-m", "fedcomm", "worker", "--socket", str(path),
+            "--agent-id", agent], self.layout.logs / f"worker-{agent}.log", self.env)
+        deadline = time.monotonic() + timeout
+        while not path.exists():
+            if not worker.alive or time.monotonic() > deadline:
+                worker.stop()
+                raise DeploymentError(f"the {worker.name} did not start:\n{worker.tail()}")
+            time.sleep(0.05)
+        return worker
+
     def _start_node(self, agent: str) -> ChildProcess:
         mine = self.layout.secrets.agent(agent)
         assert self.sim is not None
@@ -181,6 +215,8 @@ class LocalDeployment:
                     "sim-address": f"localhost:{self.sim.port}",
                     "token-file": mine.token_file, "sim-ca": mine.ca, "sim-cert": mine.cert,
                     "sim-key": mine.key}
+        if self.worker:
+            settings[WORKER_SOCKET] = self._socket(agent)
         home = self.layout.node_home(agent)
         home.mkdir(parents=True, exist_ok=True)
         return ChildProcess(f"SuperNode of {agent}", [
@@ -227,6 +263,16 @@ class LocalDeployment:
             if party is not None and not party.alive:
                 raise DeploymentError(f"the {party.name} stopped (exit code "
                                       f"{party.proc.returncode}); its log is {party.log}")
+        for agent, worker in self.workers.items():
+            if not worker.alive:  # its round fails; the next one continues from its state
+                worker.stop()
+                if not self.restart_agents:
+                    raise DeploymentError(f"the {worker.name} stopped (exit code "
+                                          f"{worker.proc.returncode}); its log is {worker.log}")
+                self.console.print(f"[yellow]the {worker.name} stopped (exit code "
+                                   f"{worker.proc.returncode}): restarting it[/]",
+                                   highlight=False)
+                self.workers[agent] = self._start_worker(agent)
         now = time.monotonic()
         for agent, node in self.nodes.items():
             if node.alive:
@@ -253,6 +299,10 @@ class LocalDeployment:
             self.flwr_run.stop(grace=2)
         for node in self.nodes.values():
             node.stop(grace=5)
+        for worker in self.workers.values():
+            worker.stop(grace=5)
+        if self.sockets is not None:
+            shutil.rmtree(self.sockets, ignore_errors=True)
         for party in (self.superlink, self.sim):
             if party is not None:
                 party.stop(grace=5)
@@ -270,8 +320,8 @@ class LocalDeployment:
 
 
 def deploy_local(fed: FederationConfig, out: str | Path, progress: bool = True,
-                 restart_agents: bool = True, console: Console | None = None
-                 ) -> RunResult:
+                 restart_agents: bool = True, console: Console | None = None,
+                 worker: bool = True) -> RunResult:
     """Run (or, if ``out`` holds a checkpoint, continue) a federated run deployed on this host;
     a run that cannot fit its privacy budget is refused (``ValueError``) before anything
     starts."""
@@ -279,8 +329,8 @@ def deploy_local(fed: FederationConfig, out: str | Path, progress: bool = True,
     run_dir = Path(out)
     run_dir.mkdir(parents=True, exist_ok=True)
     console = console or Console(stderr=True)
-    with terminate_as_interrupt(), LocalDeployment(fed, run_dir, console,
-                                                   restart_agents) as deployment:
+    with terminate_as_interrupt(), LocalDeployment(fed, run_dir, console, restart_agents,
+                                                   worker) as deployment:
         deployment.start()
         deployment.run(progress)
     return complete_run(run_dir, fed)

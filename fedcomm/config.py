@@ -78,6 +78,12 @@ class TeamConfig:
     # their code from the team reward (the codeword is part of the sender's action, PPO's
     # ratio covers its probability); a Gaussian channel's encoders learn nothing (an ablation).
     feedback: bool = True
+    # Each sender of a discrete channel also holds a private decoder that recalls what it saw
+    # from the distribution of the codeword it released, trained with the rest of its
+    # networks (``PPOConfig.recall_coef``): its error bounds from below the information the
+    # code carries about what the sender sees (Barber and Agakov 2003), episode by episode,
+    # so it trains under DP-SGD with nothing about the batch released.
+    recall: bool = False
 
     @property
     def code_from_reward(self) -> bool:
@@ -97,6 +103,8 @@ class TeamConfig:
             if not 0 < self.code_scale < math.inf:
                 raise ValueError("code_scale must be positive and finite")
             self.comm_dim = self.symbols
+        elif self.recall:
+            raise ValueError("recall is for a discrete channel's senders (--channel discrete)")
         if self.release_every < 1:
             raise ValueError("release_every must be at least 1")
         if self.release_every > 1 and not (self.accumulate or self.recurrent):
@@ -152,8 +160,11 @@ class PPOConfig:
     # estimated over the minibatch, H(mean of its release distributions) - mean H(each one).
     # A new code says nothing about the sender's observation, so receivers cannot learn to
     # read it and senders gain nothing from changing it; this bias gives the code content
-    # before the reward can. The minibatch estimate links episodes: not under DP-SGD.
+    # before the reward can. The minibatch estimate links episodes: under DP-SGD it reads a
+    # released marginal (``PrivacyConfig.update_statistics``).
     signal_coef: float = 0.0
+    # The weight of each sender's recall error (``TeamConfig.recall``) in its loss.
+    recall_coef: float = 1.0
 
 
 @dataclass

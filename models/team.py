@@ -98,6 +98,10 @@ class Team(nn.Module):
         for k, c in zip(self.types, self.counts):
             share[k] = c / spec.types[k].count
         self.register_buffer("route_share", share, persistent=False)
+        # Built last, so that the other networks' initial weights are those without it.
+        self.recall = (nn.ModuleList(group_mlp(c, [self.cfg.symbols, h, t.obs_dim])
+                                     for t, c in zip(kinds, self.counts))
+                       if self.cfg.recall else None)
 
     @classmethod
     def initial(cls, spec: EnvSpec, cfg: TeamConfig, seed: int,
@@ -236,6 +240,23 @@ class Team(nn.Module):
             speaks = speaks * 0
         logp = (clean * drawn.detach()).sum(dim=-1).clamp(min=1e-30).log()
         return logp * speaks, categorical_entropy(clean) * speaks
+
+    def recall_error(self, obs: Obs, probs: Tensor) -> Tensor:
+        """The local senders' summed recall error: at each release step, the mean squared
+        error of what each one's recall decoder makes of its release distribution against
+        what it saw. ``obs``: per type ``[T, B, count, obs_dim]``; ``probs``: ``[T, B, n_local,
+        K]`` (``code_probs``). Each episode's term is its own."""
+        if self.recall is None:
+            raise ValueError("this team has no recall decoders (TeamConfig.recall)")
+        steps = torch.arange(probs.shape[0], device=probs.device)
+        release = self.releases_at(steps)
+        speaks = self.speakers()
+        total = probs.new_zeros(())
+        for net, o, p, s in zip(self.recall, obs, probs.split(self.counts, dim=2),
+                                speaks.split(self.counts)):
+            error = (net(p[release]) - o[release]).pow(2).mean(dim=-1)  # [S, B, count]
+            total = total + (error.mean(dim=(0, 1)) * s.to(error.dtype)).sum()
+        return total
 
     def speakers(self) -> Tensor:
         """``[n_local]`` bool: which local agents have a kept route to send on."""

@@ -123,3 +123,16 @@ def test_the_clientapp_module_imports_nothing_its_round_may_not_need():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout.split()
     assert out == [], f"importing fedcomm.clients.app pulls in {out}"
+
+
+# With a worker, the ClientApp process Flower starts per message only relays: no torch, no
+# agent (clients.relay imports them only where a node has no worker).
+NOT_IN_A_RELAY = (*NOT_IN_AN_AGENT, "torch", "fedcomm.clients.agent", "fedcomm.models")
+
+
+def test_the_relaying_clientapp_imports_neither_torch_nor_the_agent():
+    code = ("import sys, fedcomm.clients.relay; "
+            f"print(' '.join(m for m in {NOT_IN_A_RELAY!r} if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert out == [], f"importing fedcomm.clients.relay pulls in {out}"

@@ -95,22 +95,26 @@ class Nodes:
         self.spec = fed.spec
         tokens = tmp / "tokens.json"
         write_tokens(tokens, service.cfg.tokens)
-        self.app = make_client_app({"sim-address": f"127.0.0.1:{port}",
-                                    "token-file": str(tokens), "state-root": str(self.state_root)})
+        self.app_settings = {"sim-address": f"127.0.0.1:{port}", "token-file": str(tokens),
+                             "state-root": str(self.state_root)}
+        self.app = make_client_app(self.app_settings)
         self.contexts = [Context(run_id=1, node_id=i + 1,
                                  node_config={"partition-id": i, "num-partitions": 3},
                                  state=RecordDict(), run_config={})
                          for i in range(self.spec.n_agents)]
 
     def send(self, kind: str, arrays: dict[str, torch.Tensor], server_round: int,
-             batches: int = 0, seed: int = 0) -> list[Message]:
+             batches: int = 0, seed: int = 0, app=None, contexts=None) -> list[Message]:
+        """Every node's reply to ``kind`` (by ``app`` in ``contexts``, default the
+        ClientApp in the nodes' own)."""
+        contexts = contexts or self.contexts
         config = self.fed.to_json()
         record = (TrainInstruction(config, server_round) if kind == MessageType.TRAIN
                   else EvaluateInstruction(config, server_round, batches, seed)).to_record()
         messages = [Message(RecordDict({"arrays": ArrayRecord(arrays), "config": record}),
-                            dst_node_id=c.node_id, message_type=kind) for c in self.contexts]
+                            dst_node_id=c.node_id, message_type=kind) for c in contexts]
         with ThreadPoolExecutor(len(messages)) as pool:
-            return list(pool.map(self.app, messages, self.contexts))
+            return list(pool.map(app or self.app, messages, contexts))
 
 
 @pytest.fixture(autouse=True)

@@ -1,6 +1,6 @@
 """``fedcomm deploy local`` end to end: real ``flower-superlink``, ``flower-supernode``s and
-``fedcomm sim serve`` processes on loopback, TLS and node authentication on; then a SuperNode
-and the SuperLink killed in the middle of a round."""
+``fedcomm sim serve`` processes on loopback, TLS and node authentication on; then a SuperNode,
+an agent's worker and the SuperLink killed in the middle of a round."""
 
 from __future__ import annotations
 
@@ -116,8 +116,7 @@ def test_killed_supernode_is_restarted_and_rejoins_with_its_private_state(tmp_pa
     proc = deploy("--env-steps", str(3 * ROUND_STEPS), "--out", str(out),
                   "--on-agent-failure", "continue", "--round-timeout", "60")
     wait_for_round(out, 1, proc)
-    wait_for_clientapp(out, "sensor_0")
-    time.sleep(2)
+    wait_for_clientapp(out, "sensor_0")  # still starting: round 2 never reaches its worker
     os.killpg(pid_of("flower-supernode", "agents/sensor_0/node.key"), signal.SIGKILL)
     killed = time.monotonic()
     log, _ = proc.communicate(timeout=500)
@@ -135,6 +134,41 @@ def test_killed_supernode_is_restarted_and_rejoins_with_its_private_state(tmp_pa
         training = {(r, b) for r, b, _ in keys if b < EVAL_SEED}  # evaluation is keyed by seed
         assert training == {(1, 1), (1, 2), (2, 3), (2, 4), (3, 5), (3, 6)}
         assert set(keys.values()) == {1}, keys
+    assert main(["audit", str(out)]) == 0
+    assert_nothing_left(out)
+
+
+def test_killed_worker_fails_its_round_and_a_restarted_one_continues_from_its_state(tmp_path):
+    """An agent's worker SIGKILLed in the middle of round 2: its ClientApp answers at once
+    that the worker stopped, the others' batch ends at the simulator, the launcher starts the
+    worker again, and round 2 runs again with every agent restored from its round-1 state.
+    Every release that happened is in the ledgers: a batch joined before the kill was released
+    then, and again in the rerun."""
+    out = tmp_path / "run"
+    proc = deploy("--env-steps", str(3 * ROUND_STEPS), "--out", str(out),
+                  "--on-agent-failure", "continue", "--round-timeout", "60")
+    wait_for_round(out, 1, proc)
+    worker_log = out / "deploy" / "logs" / "worker-sensor_0.log"
+    deadline = time.monotonic() + 120
+    while worker_log.read_text().count("train for sensor_0: received") < 2:  # round 2's
+        assert time.monotonic() < deadline and proc.poll() is None, "round 2 never came"
+        time.sleep(0.05)
+    os.kill(pid_of("fedcomm worker", "--agent-id sensor_0"), signal.SIGKILL)
+    log, _ = proc.communicate(timeout=400)
+    assert proc.returncode == 0, log
+    assert "worker of sensor_0 stopped" in log
+    run_log = (out / "deploy" / "logs" / "flwr-run.log").read_text()
+    assert "sensor_0: its worker at" in run_log  # the failed round, and why
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1, 2, 3]
+    assert [r["restored_round_min"] for r in rows] == [0, 1, 2]
+    for agent in AGENTS:
+        keys = ledger_keys(out, agent)
+        training = {k: n for k, n in keys.items() if k[1] < EVAL_SEED}
+        assert {(r, b) for r, b, _ in training} == {(1, 1), (1, 2), (2, 3), (2, 4), (3, 5),
+                                                    (3, 6)}
+        assert all(n == 1 for (r, _, _), n in training.items() if r != 2), keys
+        assert all(n <= 2 for n in training.values()), keys
     assert main(["audit", str(out)]) == 0
     assert_nothing_left(out)
 

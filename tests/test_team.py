@@ -366,3 +366,46 @@ def test_positive_signalling_is_the_codes_mutual_information_with_what_the_sende
     released = PrivacyConfig(update_noise_multiplier=1.0, update_statistics=True)
     check_fits(TrainConfig(team=cfg, ppo=ppo, privacy=released),
                Schedule(federated=True, train_batches=2))  # on a released marginal: planned
+
+
+def test_the_recall_error_is_each_episodes_own_and_makes_a_new_code_informative():
+    """Each sender's recall decoder reads its release distribution at its release steps and is
+    scored against what it saw: the batch's error is the mean of its episodes' (nothing links
+    them, so DP-SGD takes it as it is), a listener's observations and steps without a release
+    do not enter it, and training on it alone, in DP-SGD's per-episode form, turns a new code
+    into one that tells the goals apart."""
+    from fedcomm.clients.ppo import Targets, ppo_loss, signalling
+    from fedcomm.config import PPOConfig
+
+    cfg = TeamConfig(channel="discrete", symbols=3, rr_epsilon=50.0, release_every=5,
+                     accumulate=True, routes="speaker>listener", feedback=False, recall=True)
+    torch.manual_seed(1)
+    team = Team(SL_SPEC, cfg)
+    rollout = collect(team, LocalTransport(SpeakerListener(64)), seed=3,
+                      generator=torch.Generator().manual_seed(0))
+    probs = replay(team, rollout).code_probs
+    whole = team.recall_error(rollout.obs, probs)
+    alone = torch.stack([team.recall_error([o[:, i:i + 1] for o in rollout.obs],
+                                           probs[:, i:i + 1]) for i in range(64)])
+    torch.testing.assert_close(whole, alone.mean())
+    moved = [o.clone() for o in rollout.obs]
+    moved[LISTENER] += 1.0  # the listener sends nothing: its observations do not count
+    moved[SPEAKER][1:5] += 1.0  # nor the speaker's steps between releases
+    torch.testing.assert_close(team.recall_error(moved, probs), whole)
+    with pytest.raises(ValueError, match="discrete channel"):
+        TeamConfig(recall=True)
+
+    zeros = torch.zeros_like(rollout.rewards)
+    ppo = PPOConfig(vf_coef=0.0, ent_coef=0.0, recall_coef=1.0)
+    optimizer = torch.optim.Adam(team.parameters(), lr=0.01)
+
+    def information() -> float:
+        return signalling(team, replay(team, rollout).code_probs).item()
+
+    before = information()
+    for _ in range(60):
+        loss, _, _ = ppo_loss(team, rollout, Targets(zeros, zeros), ppo, standardize=False)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert before < 0.05 and information() > 0.6  # nats; log 3 = 1.10 at most
