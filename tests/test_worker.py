@@ -228,3 +228,17 @@ def test_requests_and_replies_cross_the_socket_unchanged():
         WorkerReply(RecordDict({"m": ConfigRecord({"k": 1})})).send(b)
         reply = WorkerReply.receive(a)
         assert reply.error is None and reply.content["m"]["k"] == 1
+
+
+def test_without_a_worker_socket_the_clientapp_runs_the_agent_itself(workers):
+    w = workers()
+    n = w.n
+    contexts = [Context(run_id=1, node_id=c.node_id, state=RecordDict(), run_config={},
+                        node_config={k: v for k, v in c.node_config.items()
+                                     if k != WORKER_SOCKET}) for c in w.contexts]
+    w.close()  # no worker listens: the agents run in the ClientApp's process
+    team = Team.initial(n.spec, SEEDED.train.team, SEEDED.train.seed)
+    replies = n.send(MessageType.TRAIN, global_arrays(team), 1, app=relay.app,
+                     contexts=contexts)
+    assert all(r.content["metrics"]["restored_round"] == 0 for r in replies)
+    assert all(arrays_of(r) for r in replies)
