@@ -15,12 +15,11 @@ message (``AgentHost``); a deployment's agent worker holds it between messages i
 
 from __future__ import annotations
 
-from flwr.app import Context, Error, Message
+from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
-from flwr.common.constant import ErrorCode
 
 from fedcomm.clients.host import AgentHost, failure_reason
-from fedcomm.clients.relay import process_age
+from fedcomm.clients.relay import error_reply, process_age
 
 _handled_a_message = False
 
@@ -48,9 +47,8 @@ def make_client_app(defaults: dict | None = None) -> ClientApp:
             else:
                 content = host.evaluate(msg.content, settings, context.state)
         except Exception as e:  # the server hears why; the node stays up for the next round
-            reason = failure_reason(msg.content, settings, e, f"node {context.node_id}")
-            return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason),
-                           reply_to=msg)
+            return error_reply(msg, failure_reason(msg.content, settings, e,
+                                                   f"node {context.node_id}"))
         return Message(content, reply_to=msg)
 
     @app.train()

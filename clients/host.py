@@ -60,11 +60,8 @@ class AgentHost:
         """Train the round ``content`` instructs; the reply's arrays and metrics."""
         start = time.perf_counter()
         todo = TrainInstruction.from_record(_config(content))
-        fed = FederationConfig.from_json(todo.config)
-        node = AgentNode.from_settings(settings, fed.spec)
-        key, digest = (node.agent_id, node.state_dir), _digest(todo.config, todo.server_round,
-                                                               content)
-        held = self._held.pop(key, None)
+        fed, node, key, held = self._take(todo.config, settings)
+        digest = _digest(todo.config, todo.server_round, content) if self.keep else ""
         if held is not None and held.replay is not None and held.replay[0] == digest:
             reply, held.replay = held.replay[1], None  # its reply was lost: the same again
             self._held[key] = held
@@ -86,10 +83,7 @@ class AgentHost:
                  ) -> RecordDict:
         """Play the greedy episodes ``content`` asks for; the reply's metrics."""
         todo = EvaluateInstruction.from_record(_config(content))
-        fed = FederationConfig.from_json(todo.config)
-        node = AgentNode.from_settings(settings, fed.spec)
-        key = (node.agent_id, node.state_dir)
-        held = self._held.pop(key, None)
+        fed, node, key, held = self._take(todo.config, settings)
         agent = self._open(held, fed, node, context_state, todo.config, todo.server_round)
         try:
             returns = agent.evaluate(_arrays(content), todo.batches, todo.seed,
@@ -100,6 +94,15 @@ class AgentHost:
         replay = held.replay if held is not None and held.agent is agent else None
         self._done(key, _Held(agent, todo.config, todo.server_round, replay))
         return RecordDict({METRICS: EvaluateReply(agent.index, returns).to_record()})
+
+    def _take(self, config: str, settings: dict
+              ) -> tuple[FederationConfig, AgentNode, tuple[str, Path], _Held | None]:
+        """The run, the node, and the agent held for it (taken out until the message is
+        done)."""
+        fed = FederationConfig.from_json(config)
+        node = AgentNode.from_settings(settings, fed.spec)
+        key = (node.agent_id, node.state_dir)
+        return fed, node, key, self._held.pop(key, None)
 
     def _open(self, held: _Held | None, fed: FederationConfig, node: AgentNode,
               context_state: RecordDict, config: str, restore_round: int) -> FederatedAgent:

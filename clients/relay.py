@@ -59,13 +59,14 @@ def relay(msg: Message, context: Context, kind: str) -> Message:
         except (OSError, WorkerProtocolError) as e:
             error = f"its worker at {path} stopped before it answered ({e})"
         who = settings.get("agent-id", f"node {context.node_id}")
-        return _error(msg, f"{who}: {error}")
+        return error_reply(msg, f"{who}: {error}")
     if reply.error is not None:
-        return _error(msg, reply.error)
+        return error_reply(msg, reply.error)
     return Message(reply.content, reply_to=msg)
 
 
-def _error(msg: Message, reason: str) -> Message:
+def error_reply(msg: Message, reason: str) -> Message:
+    """The reply that tells the server, in one line, why ``msg`` has no answer."""
     return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason),
                    reply_to=msg)
 
