@@ -237,6 +237,11 @@ def add_federation(p: argparse.ArgumentParser) -> None:
     add_training(p, default_env="speaker_listener")
     p.add_argument("--resume", type=Path, metavar="RUN_DIR",
                    help="continue a stopped run from its last checkpoint (its own config)")
+    p.add_argument("--non-private", action="store_true",
+                   help="start from the environment's non-private preset (a Gaussian channel "
+                   "with DIAL feedback, trained by plain PPO: composed epsilon inf) where it "
+                   "has a private one; speaker_listener's default is private (composed "
+                   "epsilon 8 per episode)")
     _add_flags(p, FEEDBACK_FLAGS, TRAIN)
     _add_flags(p, FEDERATION_FLAGS, FED)
 
@@ -303,7 +308,7 @@ def federation_config_from_args(args: argparse.Namespace) -> FederationConfig:
     from fedcomm.clients.privacy_plan import Schedule, calibrate
     from fedcomm.presets import federation_preset
 
-    base = federation_preset(args.env, _preset_kind(args))
+    base = federation_preset(args.env, _preset_kind(args), private=not args.non_private)
     fed = with_values(replace(base, train=_with_flags(args, base.train)), given(args, FED))
     return replace(fed, train=calibrate(fed.train, Schedule.of(fed)))
 

@@ -60,7 +60,12 @@ def privacy_text(p: dict) -> str:
 def gap_closed_text(summary: RunSummary) -> str:
     """The share of the no_comm -> oracle gap closed, or why there is none to report."""
     if summary.gap_closed is not None:
-        return f"gap closed (no_comm -> oracle): {summary.gap_closed:.1%}"
+        text = f"gap closed (no_comm -> oracle): {summary.gap_closed:.1%}"
+        if summary.of_ceiling is not None and summary.ceiling_gap_closed is not None:
+            text += (f"; of the DP ceiling's gap: {summary.of_ceiling:.1%} (the ceiling, a "
+                     f"scripted team through the same mechanism, schedule and budget, closes "
+                     f"{summary.ceiling_gap_closed:.1%})")
+        return text
     missing = [m for m in summary.missing_baselines if m in ("no_comm", "oracle")]
     if missing:
         return (f"gap closed: n/a ({summary.env} has no scripted "

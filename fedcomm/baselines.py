@@ -22,6 +22,7 @@ from fedcomm.sim.registry import make_env
 Scripted = Literal["random", "no_comm", "oracle"]
 SCRIPTED: tuple[Scripted, ...] = ("random", "no_comm", "oracle")
 EVAL_SEED = 1_000_000_000  # evaluation episodes never reuse a training seed
+CEILING = "ceiling"  # the scripted team that communicates through the run's own mechanism
 
 
 @dataclass
@@ -68,8 +69,9 @@ def run_ceiling(env: VecEnv, team: TeamConfig, seed: int) -> torch.Tensor:
     """``[B]`` returns of one episode batch played by the scripted channel team: each sender
     releases its symbol through the team's mechanism on the team's schedule (randomized
     response at ``rr_epsilon``; or, Gaussian, a codeword of norm C plus noise of std sigma C),
-    and each receiver acts on its Bayes posterior over what it heard (accumulated over the
-    episode where the symbol holds for it).
+    and each receiver acts on its Bayes posterior over what it heard: accumulated over the
+    episode where the symbol holds for it and the team's receivers keep what they heard
+    (``accumulate`` or ``recurrent``), else the latest release alone.
 
     Whatever the trained team learns through the same mechanism, schedule and budget, this is
     what a perfect code and a perfect reading of it achieve: the DP ceiling.
@@ -79,12 +81,13 @@ def run_ceiling(env: VecEnv, team: TeamConfig, seed: int) -> torch.Tensor:
     total = torch.zeros(env.num_envs, device=env.device)
     log_post: dict[int, torch.Tensor] = {}
     done, t = False, 0
+    keeps = env.channel_persists and (team.accumulate or team.recurrent)
     while not done:
         symbols = env.channel_symbols()
         if not symbols:
             raise ValueError(f"{env.spec.name} has no scripted channel team")
         for agent, (symbol, values) in symbols.items():
-            if not env.channel_persists or agent not in log_post:
+            if not keeps or agent not in log_post:
                 log_post[agent] = torch.zeros(env.num_envs, values, device=env.device)
             if t % team.release_every == 0:
                 log_post[agent] = log_post[agent] + _heard(symbol, values, team, generator)
@@ -122,11 +125,13 @@ def evaluate_ceiling(env_name: str, team: TeamConfig, episodes: int, seed: int =
                      batch: int = 1000, env_kwargs: dict | None = None,
                      device: str | torch.device = "cpu") -> EvalResult | None:
     """The DP ceiling of ``team``'s channel on ``env_name``; ``None`` where the environment
-    has no scripted channel team."""
+    has no scripted channel team (or a Gaussian channel has fewer dimensions than values)."""
     probe = make_env(env_name, 1, **(env_kwargs or {}))
     probe.reset(seed)
-    if not probe.channel_symbols():
-        return None
+    symbols = probe.channel_symbols()
+    if not symbols or (team.channel == "gaussian"
+                       and max(v for _, v in symbols.values()) > team.comm_dim):
+        return None  # no scripted channel team, or no Gaussian codebook of one word per value
     returns = [run_ceiling(make_env(env_name, n, device, **(env_kwargs or {})), team,
                            seed + i * batch) for i, n in enumerate(batches(episodes, batch))]
     return EvalResult.of(torch.cat(returns))
@@ -142,23 +147,40 @@ def evaluate_scripted(env_name: str, policy: Scripted, episodes: int, seed: int 
 
 
 def evaluate_baselines(env_name: str, episodes: int, seed: int = 0, batch: int = 1000,
-                       env_kwargs: dict | None = None,
-                       device: str | torch.device = "cpu") -> dict[str, EvalResult]:
+                       env_kwargs: dict | None = None, device: str | torch.device = "cpu",
+                       team: TeamConfig | None = None) -> dict[str, EvalResult]:
     """Every scripted team ``env_name`` has, in ``SCRIPTED`` order; the ones it lacks are left
-    out, so that any environment can be trained and reported (``random`` always exists)."""
+    out, so that any environment can be trained and reported (``random`` always exists).
+    Given the trained ``team``'s configuration, also its channel's DP ceiling (``ceiling``)
+    where the environment has one and the team communicates."""
     have = make_env(env_name, 1, **(env_kwargs or {})).scripted_teams
-    return {name: evaluate_scripted(env_name, name, episodes, seed, batch, env_kwargs, device)
-            for name in SCRIPTED if name in have}
+    out = {name: evaluate_scripted(env_name, name, episodes, seed, batch, env_kwargs, device)
+           for name in SCRIPTED if name in have}
+    if team is not None and team.communicate:
+        ceiling = evaluate_ceiling(env_name, team, episodes, seed, batch, env_kwargs, device)
+        if ceiling is not None:
+            out[CEILING] = ceiling
+    return out
+
+
+def _share(result: EvalResult, baselines: dict[str, EvalResult], top: str) -> float | None:
+    """The share of the no_comm -> ``top`` gap ``result`` closes; None where undefined."""
+    if "no_comm" not in baselines or top not in baselines:
+        return None
+    low, high = baselines["no_comm"].return_mean, baselines[top].return_mean
+    return (result.return_mean - low) / (high - low) if high != low else None
 
 
 def baseline_summary(final: EvalResult, baselines: dict[str, EvalResult]) -> dict:
-    """A run summary's baselines, the missing ones named, and ``gap_closed``: the share of the
-    no_comm -> oracle gap the team closes, None where it is undefined (no such teams, or no gap)."""
-    gap_closed = None
-    if "no_comm" in baselines and "oracle" in baselines:
-        low, high = baselines["no_comm"].return_mean, baselines["oracle"].return_mean
-        if high != low:
-            gap_closed = (final.return_mean - low) / (high - low)
-    return {"baselines": {k: v.to_dict() for k, v in baselines.items()},
-            "missing_baselines": [name for name in SCRIPTED if name not in baselines],
-            "gap_closed": gap_closed}
+    """A run summary's baselines, the missing ones named, ``gap_closed`` (the share of the
+    no_comm -> oracle gap the team closes), and where the run has a DP ceiling,
+    ``ceiling_gap_closed`` (the ceiling's own share of that gap) and ``of_ceiling`` (the share
+    of the no_comm -> ceiling gap the team closes); None where undefined (no such teams, or
+    no gap)."""
+    out = {"baselines": {k: v.to_dict() for k, v in baselines.items()},
+           "missing_baselines": [name for name in SCRIPTED if name not in baselines],
+           "gap_closed": _share(final, baselines, "oracle")}
+    if CEILING in baselines:
+        out["ceiling_gap_closed"] = _share(baselines[CEILING], baselines, "oracle")
+        out["of_ceiling"] = _share(final, baselines, CEILING)
+    return out

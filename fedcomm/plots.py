@@ -13,7 +13,8 @@ import matplotlib.pyplot as plt
 if TYPE_CHECKING:
     from fedcomm.summary import RunSummary
 
-BASELINE_STYLE = {"random": ":", "no_comm": "--", "oracle": "-."}
+BASELINE_STYLE = {"random": ":", "no_comm": "--", "oracle": "-.",
+                  "ceiling": (0, (6, 2, 1, 2, 1, 2))}
 
 
 def learning_curve(metrics: list[dict], summary: RunSummary, path: Path, title: str) -> None:

@@ -33,6 +33,10 @@ class RunSummary:
     missing_baselines, gap_closed
         The scripted teams the environment lacks, and the share of the no_comm -> oracle gap
         closed (``None`` where either is missing or they score the same).
+    ceiling_gap_closed, of_ceiling
+        Where the run's channel has a DP ceiling (``baselines["ceiling"]``): the share of the
+        no_comm -> oracle gap the ceiling closes, and the share of the no_comm -> ceiling gap
+        the trained team closes.
     env_steps, train_time_s, wall_time_s, env_steps_per_s, agent_steps_per_s
         What training took: environment steps, seconds in training (evaluations excluded),
         seconds in all, and the rates.
@@ -76,6 +80,8 @@ class RunSummary:
     importance: list[list[float]] | None = None
     privacy: dict[str, Any] | None = None
     stopped: str | None = None
+    ceiling_gap_closed: float | None = None
+    of_ceiling: float | None = None
 
     @classmethod
     def of(cls, *, final: EvalResult, baselines: dict[str, EvalResult], env_steps: int,
@@ -87,9 +93,17 @@ class RunSummary:
         rate = env_steps / max(train_time_s, 1e-9)
         return cls(final=final, baselines=baselines,
                    missing_baselines=gap["missing_baselines"], gap_closed=gap["gap_closed"],
+                   ceiling_gap_closed=gap.get("ceiling_gap_closed"),
+                   of_ceiling=gap.get("of_ceiling"),
                    env_steps=env_steps, train_time_s=train_time_s, env_steps_per_s=rate,
                    agent_steps_per_s=rate * n_agents, route_strength=route_strength.tolist(),
                    kept_routes=(route_strength > prune_threshold).tolist(), **rest)
+
+    def utility(self) -> dict[str, float]:
+        """The gap closed, and against the DP ceiling, for the privacy report."""
+        return {k: v for k, v in (("gap_closed", self.gap_closed),
+                                  ("ceiling_gap_closed", self.ceiling_gap_closed),
+                                  ("of_ceiling", self.of_ceiling)) if v is not None}
 
     def to_dict(self) -> dict[str, Any]:
         out = {k: v for k, v in asdict(self).items() if v is not None}

@@ -108,7 +108,7 @@ def train(cfg: TrainConfig, out: str | Path, progress: bool = True) -> RunResult
     team.save(run.path / TEAM_FILE, {"value_norm": value_norm.state_dict()})
     final = evaluate()
     baselines = evaluate_baselines(cfg.env, cfg.eval_episodes, EVAL_SEED,
-                                   env_kwargs=cfg.env_kwargs, device=device)
+                                   env_kwargs=cfg.env_kwargs, device=device, team=cfg.team)
     importance = communication_importance(
         team, collect(team, LocalTransport(make_env(cfg.env, 256, device, **cfg.env_kwargs)),
                       seed=EVAL_SEED, greedy=True))

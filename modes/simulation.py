@@ -188,7 +188,8 @@ def complete_run(run_dir: Path, fed: FederationConfig) -> RunResult:
     ledgers = {a: run_dir / "agents" / a / LEDGER for a in fed.spec.agent_ids}
     report = write_run_report(run_dir, fed.to_dict(), fed.train.team, fed.train.privacy,
                               ledgers, ppo=fed.train.ppo,
-                              extra={"silent_batches": summary.silent_batches or {}})
+                              extra={"silent_batches": summary.silent_batches or {},
+                                     "utility": summary.utility()})
     summary.privacy = report_summary(report)
     run.write_summary(summary)
     from fedcomm.plots import learning_curve

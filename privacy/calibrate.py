@@ -168,12 +168,14 @@ def split_budget(total: float, delta: float, mechanisms: Sequence[Mechanism],
         return search_epsilon(m.releases(sigma), delta, acc, relation)
 
     def calibrate(targets: dict[str, float]) -> Split:
+        """The mechanisms named in ``targets`` calibrated to them, and what they compose to
+        for the party that spends most."""
         noise = {m.name: smallest_noise(lambda s, m=m: alone(m, s), targets[m.name], rel_tol / 10)
-                 for m in mechanisms}
+                 for m in mechanisms if m.name in targets}
         by_name = {m.name: m for m in mechanisms}
-        composed = max(acc.epsilon([r.as_relation(relation) for name in party
+        composed = max(acc.epsilon([r.as_relation(relation) for name in party if name in noise
                                     for r in by_name[name].releases(noise[name])], delta)
-                       for party in parties)
+                       for party in parties if any(name in noise for name in party))
         return Split(noise, {}, composed)
 
     fixed = {m.name: m.target for m in mechanisms if m.target is not None}
@@ -183,7 +185,7 @@ def split_budget(total: float, delta: float, mechanisms: Sequence[Mechanism],
         def at(scale: float) -> Split:
             return calibrate({**fixed, **{k: scale * w for k, w in weights.items()}})
 
-        if fixed and at(1e-9 * total).composed > total:
+        if fixed and calibrate(fixed).composed > total:  # the fixed shares alone
             raise ValueError(_over(fixed, total))
         lo, hi = 0.0, total
         while at(hi).composed <= total:

@@ -486,6 +486,19 @@ def _silent(run: Mapping[str, Any]) -> list[str]:
                 f"{a} in {n} training batches" for a, n in silent.items())) + "</p>"]
 
 
+def _utility(run: Mapping[str, Any]) -> list[str]:
+    """What the run's privacy left of its team's coordination: the gap closed, and against the
+    DP ceiling (a scripted team through the same mechanism, schedule and budget)."""
+    u = run.get("utility") or {}
+    if u.get("gap_closed") is None:
+        return []
+    text = f"The trained team closed {u['gap_closed']:.1%} of the no-communication -> oracle gap"
+    if u.get("of_ceiling") is not None and u.get("ceiling_gap_closed") is not None:
+        text += (f"; the DP ceiling at these mechanisms closes {u['ceiling_gap_closed']:.1%}, "
+                 f"and the team {u['of_ceiling']:.1%} of the no-communication -> ceiling gap")
+    return [f"<p>{html.escape(text)}.</p>"]
+
+
 def render_html(report: Mapping[str, Any], path: Path | str) -> Path:
     """Write a self-contained HTML page for ``report``: verdict, assumptions, plots, tables."""
     e = html.escape
@@ -504,6 +517,7 @@ def render_html(report: Mapping[str, Any], path: Path | str) -> Path:
         f"<p>Schema {e(report['schema'])}, created {e(report['created'])}, run configuration "
         f"hash <code>{e(run['config_hash'])}</code>.</p>",
         *_silent(run),
+        *_utility(run),
         "<h2>Assumptions</h2><ul>"
         + "".join(f"<li>{e(text)}</li>" for text in _assumptions(run)) + "</ul>",
     ]

@@ -287,7 +287,7 @@ class Federation:
         fed = self.fed
         final = self.evaluate(nodes, fed.train.eval_episodes, self.done)
         baselines = evaluate_baselines(fed.train.env, fed.train.eval_episodes, EVAL_SEED,
-                                       env_kwargs=fed.train.env_kwargs)
+                                       env_kwargs=fed.train.env_kwargs, team=fed.train.team)
         metrics = self.run.metrics()
         later = [m for m in metrics if m["round"] > 1]  # the first round starts the actors
         graph = torch.as_tensor(shared_part(self.arrays)["graph"].numpy())

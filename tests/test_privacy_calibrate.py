@@ -1,10 +1,17 @@
 """Calibration round trip: the returned noise meets the target, 1% less does not."""
 
+from dataclasses import replace
+
 import pytest
 
 from fedcomm.privacy.accountants import make_accountant
-from fedcomm.privacy.calibrate import noise_for_epsilon
-from fedcomm.privacy.events import RELATION_FACTOR, GaussianRelease
+from fedcomm.privacy.calibrate import Mechanism, noise_for_epsilon, split_budget
+from fedcomm.privacy.events import (
+    RELATION_FACTOR,
+    GaussianRelease,
+    RandomizedResponse,
+    gaussian_release,
+)
 
 SETTINGS = [
     # (target, delta, sample_rate, count, relation, accountant)
@@ -44,3 +51,15 @@ def test_invalid_target():
     with pytest.raises(ValueError, match="target epsilon must be positive"):
         noise_for_epsilon(0.0, 1e-5)
     assert noise_for_epsilon(float("inf"), 1e-5) == 0.0
+
+
+def test_a_fixed_update_share_leaves_the_rest_to_randomized_response():
+    """The update's fixed epsilon, a discrete channel's on the rest of one budget."""
+    rr = Mechanism("message", lambda s: [RandomizedResponse("message", 1 / s, 4)], 0.5, None)
+    update = Mechanism("update", lambda s: [gaussian_release("update", s, 1.0, count=8)],
+                       0.25, 0.8)
+    split = split_budget(4.0, 1e-5, [rr, update])
+    assert split.epsilon["update"] == pytest.approx(0.8, rel=1e-3)
+    assert 3.95 < split.composed <= 4.0 and 3.0 < split.epsilon["message"] < 3.3
+    with pytest.raises(ValueError, match="fixed shares"):
+        split_budget(3.0, 1e-5, [rr, replace(update, target=3.5)])

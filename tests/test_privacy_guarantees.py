@@ -1,7 +1,8 @@
 """Every epsilon a federated run states holds for its unit, through ``fedcomm simulate`` as a
 user runs it (real Ray, real gRPC): vectors calibrated per batch are not stated per episode
 when plain PPO trains the networks that shape them; under DP-SGD their episode's batch is what
-composes; one budget ``--epsilon`` is split, calibrated, stated and verified by the audit."""
+composes; one budget ``--epsilon`` is split, calibrated, stated and verified by the audit; the
+private default states composed epsilon 8 per episode and the gap against its DP ceiling."""
 
 from __future__ import annotations
 
@@ -44,7 +45,7 @@ def messages(run: Path, agent: str) -> list[dict]:
 def plain_run(tmp_path_factory) -> tuple[Path, str]:
     """Vectors whose noise costs epsilon 8 per batch, every network trained by plain PPO."""
     out = tmp_path_factory.mktemp("plain") / "run"
-    return out, simulate(out, "--noise-multiplier", str(PER_BATCH_8))
+    return out, simulate(out, "--non-private", "--noise-multiplier", str(PER_BATCH_8))
 
 
 def test_without_dp_sgd_a_per_batch_vector_epsilon_is_not_stated_per_episode(plain_run):
@@ -88,7 +89,7 @@ def test_the_audit_refuses_a_per_batch_claim_for_a_run_without_dp_sgd(plain_run,
 
 def test_one_budget_under_dp_sgd_is_split_stated_per_episode_and_verified(tmp_path, capsys):
     out = tmp_path / "run"
-    log = simulate(out, "--epsilon", "8", "--message-epsilon", "6")
+    log = simulate(out, "--non-private", "--epsilon", "8", "--message-epsilon", "6")
     config = json.loads((out / "config.json").read_text())["train"]["privacy"]
     assert config["update_noise_multiplier"] is not None  # --epsilon turned DP-SGD on
     assert set(config["split"]) == {"message", "feedback", "update"}
@@ -106,6 +107,34 @@ def test_one_budget_under_dp_sgd_is_split_stated_per_episode_and_verified(tmp_pa
     summary = json.loads((out / "summary.json").read_text())["privacy"]
     assert summary["composed"] <= 8.0 and summary["budget"] == 8.0
     assert "each alone" in log and "of budget 8" in log
+    capsys.readouterr()
+    assert main(["audit", str(out)]) == 0
+    assert "verified" in capsys.readouterr().err
+
+
+def test_the_private_default_covers_every_release_within_8_per_episode(tmp_path, capsys):
+    out = tmp_path / "run"
+    log = simulate(out)  # speaker_listener's federated default, shrunk
+    config = json.loads((out / "config.json").read_text())
+    team, privacy = config["train"]["team"], config["train"]["privacy"]
+    assert (team["channel"], team["feedback"], team["recall"]) == ("discrete", False, True)
+    assert config["train"]["env_kwargs"]["say"] is False  # no release outside the mechanisms
+    assert privacy["epsilon"] == 8.0 and set(privacy["split"]) == {"message", "update"}
+    report = json.loads((out / "privacy_report.json").read_text())
+    assert report["run"]["composition"] == "batch"
+    for agent in AGENTS:
+        composed = report["agents"][agent]["composed"]
+        assert float(composed["epsilon"]) <= 8.0 and composed["within_budget"]
+    rr = [e for e in messages(out, "speaker_0")]
+    assert rr and all(e["kind"] == "randomized_response" for e in rr)
+    assert not messages(out, "listener_0")  # the listener releases no vector
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["privacy"]["composed"] <= 8.0 and summary["privacy"]["budget"] == 8.0
+    assert "ceiling" in summary["baselines"] and summary["of_ceiling"] is not None
+    assert summary["ceiling_gap_closed"] > 0.9  # randomized response at 5.33 carries the goal
+    assert "composed epsilon 8 of budget 8" in log and "DP ceiling" in log
+    assert report["run"]["utility"]["of_ceiling"] == pytest.approx(summary["of_ceiling"])
+    assert "DP ceiling" in (out / "privacy_report.html").read_text()
     capsys.readouterr()
     assert main(["audit", str(out)]) == 0
     assert "verified" in capsys.readouterr().err

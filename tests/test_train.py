@@ -23,7 +23,7 @@ def test_train_writes_a_complete_run_directory(tmp_path, capsys):
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert rows and all({"iteration", "env_steps", "return_mean"} <= set(r) for r in rows)
     summary = json.loads((out / "summary.json").read_text())
-    assert set(summary["baselines"]) == {"random", "no_comm", "oracle"}
+    assert set(summary["baselines"]) == {"random", "no_comm", "oracle", "ceiling"}
     assert summary["final"]["episodes"] == 20
     config = json.loads((out / "config.json").read_text())
     assert TrainConfig.from_dict(config).num_envs == 16
