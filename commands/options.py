@@ -178,8 +178,10 @@ FEDERATION_FLAGS = (
           help="client-level DP: L2 clip of each agent's update (default: 1)"),
 )
 
-# A noise multiplier is either given or calibrated to a target epsilon, not both.
+# A noise multiplier (or randomized response's epsilon) is either given or calibrated to a
+# target epsilon, not both.
 EXCLUSIVE = (("team.noise_multiplier", "privacy.message_epsilon"),
+             ("team.rr_epsilon", "privacy.message_epsilon"),
              ("team.feedback_noise_multiplier", "privacy.feedback_epsilon"),
              ("privacy.update_noise_multiplier", "privacy.update_epsilon"))
 
@@ -278,12 +280,27 @@ def _refuse_both(values: dict[str, Any], names: dict[str, str]) -> None:
 FLAG_NAMES = {f.path: f.names[0] for f in (*TRAINING_FLAGS, *PRIVACY_FLAGS, *FEEDBACK_FLAGS)}
 
 
+def _refuse_under_budget(values: dict[str, Any], cfg: TrainConfig) -> None:
+    """A noise multiplier given where one budget calibrates every mechanism would be
+    silently replaced: refused, with what to give instead."""
+    if cfg.privacy.epsilon is None:
+        return
+    for noise, target in EXCLUSIVE:
+        if noise in values:
+            source = ("--epsilon" if "privacy.epsilon" in values
+                      else "the private default's budget (--non-private: none)")
+            raise ValueError(f"{FLAG_NAMES[noise]} under {source}: one budget calibrates "
+                             f"every mechanism; give {FLAG_NAMES[target]} to fix its share")
+
+
 def _with_flags(args: argparse.Namespace, base: TrainConfig) -> TrainConfig:
     values = given(args, TRAIN)
     _refuse_both(values, FLAG_NAMES)
     if args.env_opt:
         base = replace(base, env_kwargs={**base.env_kwargs, **dict(args.env_opt)})
-    return with_values(base, values)
+    cfg = with_values(base, values)
+    _refuse_under_budget(values, cfg)
+    return cfg
 
 
 def _preset_kind(args: argparse.Namespace) -> str:

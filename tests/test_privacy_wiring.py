@@ -211,3 +211,13 @@ def test_every_mechanism_can_be_set_by_a_target_epsilon_and_costs_at_most_that(t
 def test_a_noise_multiplier_and_a_target_epsilon_for_the_same_mechanism_are_refused(capsys):
     assert main(["train", "--noise", "0.5", "--message-epsilon", "8", "--quiet"]) == 2
     assert "give --noise-multiplier or --message-epsilon, not both" in "".join(capsys.readouterr())
+
+
+@pytest.mark.parametrize("flags", [["simulate", "--update-noise", "2"],  # the default's budget
+                                   ["simulate", "--non-private", "--epsilon", "8", "--noise",
+                                    "0.5"],
+                                   ["train", "--epsilon", "8", "--noise", "0.5"]])
+def test_a_noise_multiplier_under_one_budget_is_refused_not_replaced(flags, capsys):
+    assert main([*flags, "--quiet"]) == 2
+    err = "".join(capsys.readouterr())
+    assert "one budget calibrates every mechanism" in err and "to fix its share" in err
