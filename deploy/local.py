@@ -155,10 +155,11 @@ class LocalDeployment:
         _wait_listening(self.superlink, port)
         self.superlink_address = f"127.0.0.1:{port}"
         self._register_nodes()
-        if self.worker:
+        if self.worker:  # every worker starts at once: each imports torch for a second or two
             self.sockets = Path(tempfile.mkdtemp(prefix="fedcomm-workers-"))  # mode 0700
-            for agent in self.agents:
-                self.workers[agent] = self._start_worker(agent)
+            started = {agent: self._spawn_worker(agent) for agent in self.agents}
+            for agent, worker in started.items():
+                self.workers[agent] = self._await_worker(agent, worker)
         for agent in self.agents:
             self.nodes[agent] = self._start_node(agent)
 
@@ -193,14 +194,20 @@ class LocalDeployment:
         assert self.sockets is not None
         return self.sockets / f"{self.agents.index(agent)}.sock"
 
-    def _start_worker(self, agent: str, timeout: float = 60.0) -> ChildProcess:
+    def _start_worker(self, agent: str) -> ChildProcess:
         """``agent``'s worker, once it listens."""
+        return self._await_worker(agent, self._spawn_worker(agent))
+
+    def _spawn_worker(self, agent: str) -> ChildProcess:
         path = self._socket(agent)
         path.unlink(missing_ok=True)
-        worker = ChildProcess(f"worker of {agent}", [
+        return ChildProcess(f"worker of {agent}", [
             sys.executable, "-m", "fedcomm", "worker", "--socket", str(path),
             "--agent-id", agent], self.layout.logs / f"worker-{agent}.log", self.env)
-        deadline = time.monotonic() + timeout
+
+    def _await_worker(self, agent: str, worker: ChildProcess,
+                      timeout: float = 60.0) -> ChildProcess:
+        path, deadline = self._socket(agent), time.monotonic() + timeout
         while not path.exists():
             if not worker.alive or time.monotonic() > deadline:
                 worker.stop()

@@ -16,6 +16,7 @@ authentication and nothing runs ``--insecure``; the node config is what the Clie
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import os
@@ -51,7 +52,7 @@ SECRETS = REPO / "secrets"  # where compose.yaml expects `fedcomm deploy secrets
 FACTORY_OPTS = {"n_sensors": 1, "n_processors": 1, "n_actuators": 1}
 AGENTS = make_env("factory", 1, **FACTORY_OPTS).spec.agent_ids
 NODE_CONFIG_KEYS = {"agent-id", "state-dir", "sim-address", "token-file", "sim-ca",
-                    "sim-cert", "sim-key"}
+                    "sim-cert", "sim-key", "worker-socket"}
 SUPERLINK_PORT, SIM_PORT = 9093, 50051
 
 
@@ -125,6 +126,12 @@ def agent_services(compose: dict) -> dict[str, dict]:
             if s["command"][0] == "flower-supernode"}
 
 
+def compose_workers(compose: dict) -> dict[str, dict]:
+    """The services that run an agent's worker, by the agent they serve."""
+    return {worker_args(s["command"]).agent_id: s for s in compose["services"].values()
+            if s["command"][:2] == ["fedcomm", "worker"]}
+
+
 def compose_mounts(service: dict) -> dict[str, dict]:
     """A service's mounts by their target inside the container."""
     return {v["target"]: v for v in service.get("volumes", [])}
@@ -174,6 +181,28 @@ def test_compose_agents_mount_only_their_own_secrets(compose: dict) -> None:
         state_volumes.add(state["source"])
     assert len(state_volumes) == len(AGENTS), "agents share a state volume"
     assert state_volumes <= set(compose["volumes"])
+
+
+def test_compose_runs_each_agents_worker_beside_its_supernode(compose: dict) -> None:
+    workers = compose_workers(compose)
+    assert sorted(workers) == sorted(AGENTS)
+    sockets = set()
+    for agent, node in agent_services(compose).items():
+        worker = workers[agent]
+        assert worker["restart"] == "on-failure" and not worker.get("ports")
+        ours, theirs = compose_mounts(node), compose_mounts(worker)
+        folder = socket_folder(node_config(node["command"]), worker_args(worker["command"]),
+                               set(ours) & set(theirs))
+        assert ours[folder]["type"] == "volume" and ours[folder] == theirs[folder]
+        sockets.add(ours[folder]["source"])
+        for target in ("/secrets", "/state"):  # the agent's own, as its SuperNode mounts them
+            assert theirs[target] == ours[target], f"{agent}'s worker: {target}"
+        assert len(theirs) == 3, f"{agent}'s worker mounts more than its own"
+    assert len(sockets) == len(AGENTS), "agents share a worker socket's volume"
+    others = [s for name, s in compose["services"].items()
+              if name not in agent_services(compose) and s not in workers.values()]
+    for service in others:
+        assert not {m.get("source") for m in compose_mounts(service).values()} & sockets
 
 
 def test_compose_servers_and_ports(compose: dict) -> None:
@@ -352,7 +381,7 @@ def test_k8s_has_one_workload_per_agent_with_its_own_secret(k8s: list[dict]) -> 
         secrets = set().union(*(secret_names(v) for v in volumes.values()))
         assert secrets == {f"agent-{agent.replace('_', '-')}"}, f"{agent} mounts {secrets}"
         assert workload["spec"]["replicas"] == 1
-        (container,) = spec["containers"]
+        container = k8s_container(workload, "supernode")
         mounts = {m["mountPath"]: volumes[m["name"]] for m in container["volumeMounts"]}
         state = mounts[node_config(k8s_command(container, k8s))["state-dir"]]
         claims.add(state["persistentVolumeClaim"]["claimName"])
@@ -362,11 +391,28 @@ def test_k8s_has_one_workload_per_agent_with_its_own_secret(k8s: list[dict]) -> 
 
 def test_k8s_node_configs_match_compose(k8s: list[dict], compose: dict) -> None:
     for agent, workload in k8s_agents(k8s).items():
-        (container,) = pod_spec(workload)["containers"]
-        ours = k8s_command(container, k8s)
+        ours = k8s_command(k8s_container(workload, "supernode"), k8s)
         theirs = compose["services"][agent]["command"]
         assert node_config(ours) == node_config(theirs)
         assert ours == theirs, f"{agent}: Kubernetes and Compose start different SuperNodes"
+        worker = k8s_command(k8s_container(workload, "worker"), k8s)
+        assert worker == compose_workers(compose)[agent]["command"], f"{agent}'s worker"
+
+
+def test_k8s_each_agent_pod_runs_its_worker(k8s: list[dict]) -> None:
+    for agent, workload in k8s_agents(k8s).items():
+        spec = pod_spec(workload)
+        assert sorted(c["name"] for c in spec["containers"]) == ["supernode", "worker"]
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        node, worker = k8s_container(workload, "supernode"), k8s_container(workload, "worker")
+        ours = {m["mountPath"]: m["name"] for m in node["volumeMounts"]}
+        theirs = {m["mountPath"]: m["name"] for m in worker["volumeMounts"]}
+        args = worker_args(k8s_command(worker, k8s))
+        assert args.agent_id == agent
+        folder = socket_folder(node_config(k8s_command(node, k8s)), args, set(ours) & set(theirs))
+        assert ours[folder] == theirs[folder] and volumes[ours[folder]] == {
+            "name": ours[folder], "emptyDir": {}}, "the socket is on the pod's own emptyDir"
+        assert ours["/secrets"] == theirs["/secrets"] and ours["/state"] == theirs["/state"]
 
 
 def test_k8s_servers(k8s: list[dict]) -> None:
@@ -489,6 +535,29 @@ def node_config(command: list[str]) -> dict[str, str]:
     for key in ("token-file", "sim-ca", "sim-cert", "sim-key"):
         assert Path(config[key]).parent == Path(args.auth_supernode_private_key).parent
     return config
+
+
+def worker_args(command: list[str]) -> argparse.Namespace:
+    """A ``fedcomm worker`` command, read by fedcomm's own parser."""
+    assert command[:2] == ["fedcomm", "worker"]
+    args = build_parser().parse_args(command[1:])
+    assert args.agent_id, "a worker serves one agent"
+    return args
+
+
+def socket_folder(config: dict[str, str], worker: argparse.Namespace,
+                  shared: set[str]) -> str:
+    """The mount both containers share that holds the worker's socket, as the node config
+    names it."""
+    assert str(worker.socket) == config["worker-socket"]
+    (folder,) = [t for t in shared if Path(config["worker-socket"]).is_relative_to(t)
+                 and t not in ("/secrets", "/state", "/tmp", "/home/fedcomm")]
+    return folder
+
+
+def k8s_container(workload: dict, name: str) -> dict:
+    (container,) = [c for c in pod_spec(workload)["containers"] if c["name"] == name]
+    return container
 
 
 def check_superlink(command: list[str]):
