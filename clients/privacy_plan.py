@@ -130,6 +130,12 @@ class PrivacyPlan:
         return ("per episode, every release of the run composing (the networks that shape the "
                 "releases train on it without DP-SGD)")
 
+    def headline(self) -> str:
+        """One line: what the run will spend for one unit, per mechanism and composed."""
+        mechanisms = ", ".join(f"{k} {_eps(v)}" for k, v in self.epsilon.items())
+        return (f"privacy plan {self.describe()}, {self.relation.replace('_', '-')}, delta "
+                f"{self.delta:g}: {mechanisms or 'no releases'}; composed {_eps(self.composed)}")
+
     def refusal(self) -> str:
         mechanisms = ", ".join(f"{k} {_eps(v)}" for k, v in self.epsilon.items())
         advice = ("set --epsilon to split one budget over every mechanism (it turns DP-SGD on)"

@@ -49,10 +49,11 @@ def run_federated(args: argparse.Namespace, command: str,
     from fedcomm.server.federation import FederationError
 
     fed, out = config_and_out(args, command)
-    check_fits(fed.train, Schedule.of(fed))  # before anything starts: exit 2, one line
+    planned = check_fits(fed.train, Schedule.of(fed))  # before anything starts: exit 2
     console.print(f"[bold]fedcomm {command}[/] {fed.train.env}, {fed.spec.n_agents} agents, "
                   f"{fed.rounds} rounds of {fed.batches_per_round} batches ({fed.strategy}) "
                   f"-> {out}")
+    console.print(planned.headline(), highlight=False)
     try:
         result = run(fed, out)
     except FederationError as e:  # a deployment's failures too

@@ -133,6 +133,7 @@ def test_the_private_default_covers_every_release_within_8_per_episode(tmp_path,
     assert "ceiling" in summary["baselines"] and summary["of_ceiling"] is not None
     assert summary["ceiling_gap_closed"] > 0.9  # randomized response at 5.33 carries the goal
     assert "composed epsilon 8 of budget 8" in log and "DP ceiling" in log
+    assert "privacy plan per episode" in log and "message 5.33, update 2.67; composed 8" in log
     assert report["run"]["utility"]["of_ceiling"] == pytest.approx(summary["of_ceiling"])
     assert "DP ceiling" in (out / "privacy_report.html").read_text()
     capsys.readouterr()
