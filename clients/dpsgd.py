@@ -39,6 +39,7 @@ from fedcomm.config import PPOConfig
 from fedcomm.models.team import SHARED, Team
 
 VALUE = "value."  # the value networks' parameters
+RECALL = "recall."  # a sender's recall decoders
 
 
 class _EpisodeLoss(nn.Module):
@@ -106,9 +107,11 @@ def episode_gradients(team: Team, rollout: Rollout, targets: Targets, cfg: PPOCo
 
 def clip_group(name: str) -> str:
     """The clip group of a parameter: ``shared`` (the shared module), ``value`` (the value
-    networks) or ``private`` (every other network)."""
+    networks), ``recall`` (a sender's recall decoders) or ``private`` (every other network)."""
     if name.startswith(SHARED):
         return "shared"
+    if name.startswith(RECALL):
+        return "recall"
     return "value" if name.startswith(VALUE) else "private"
 
 
@@ -119,8 +122,8 @@ def clip_groups(grads: dict[str, Tensor], clip: float, shares: dict[str, float]
     has norm at most ``clip``."""
     given = sum(shares.values())
     if any(not 0 < w < 1 for w in shares.values()) or not given < 1 or "private" in shares:
-        raise ValueError(f"the shared module's and the value networks' shares must lie in "
-                         f"(0, 1) and sum below 1, got {shares}")
+        raise ValueError(f"the clip groups' shares must lie in (0, 1) and sum below 1, got "
+                         f"{shares}")
     bounds = {**shares, "private": 1 - given}
     out = {}
     for group, share in bounds.items():

@@ -45,7 +45,8 @@ class DpSgd:
     clip: float
     sample_rate: float
     # Shares of the squared clip for parts clipped apart: "shared" (the shared module),
-    # "value" (the value networks); the other private networks get the rest.
+    # "value" (the value networks), "recall" (recall decoders); the other private networks
+    # get the rest.
     clip_shares: dict[str, float] = field(default_factory=dict)
     statistics: bool = False  # one more step releases the batch's statistics
 
@@ -118,7 +119,8 @@ def update_dp(cfg: PrivacyConfig, ppo: PPOConfig) -> DpSgd | None:
     """The DP-SGD settings of a federated agent's update, if it is private."""
     if cfg.update_noise_multiplier is None:
         return None
-    shares = {"shared": cfg.update_shared_share, "value": cfg.update_value_share}
+    shares = {"shared": cfg.update_shared_share, "value": cfg.update_value_share,
+              "recall": cfg.update_recall_share}
     return DpSgd(cfg.update_noise_multiplier, cfg.update_clip, update_sample_rate(cfg, ppo),
                  {k: w for k, w in shares.items() if w is not None}, cfg.update_statistics)
 

@@ -127,6 +127,9 @@ PRIVACY_FLAGS = (
     _switch("--update-statistics", "privacy.update_statistics", True,
             "DP-SGD first releases the batch's mean advantages per step (and a discrete "
             "code's marginal, for --signal-coef) as one more step"),
+    _flag("--update-recall-share", path="privacy.update_recall_share", type=float,
+          help="clip a sender's recall decoder's part of each episode's DP-SGD gradient "
+          "apart, to this share of the squared clip"),
     _flag("--update-value-share", path="privacy.update_value_share", type=float,
           help="clip the value networks' part of each episode's DP-SGD gradient apart, to "
           "this share of the squared clip"),

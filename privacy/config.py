@@ -46,6 +46,10 @@ class PrivacyConfig:
     update_value_share
         The same for the value networks: their part clipped to ``update_clip * sqrt(share)``
         (with ``update_shared_share``, the other private networks get what both leave).
+    update_recall_share
+        The same for a sender's recall decoder (``TeamConfig.recall``): clipped with the
+        feature networks, whose gradient the value loss dominates, it would keep almost none
+        of its own.
     update_statistics
         DP-SGD first releases, as one more sampled step of the same noise and clip, the
         batch's mean advantage per step (which centres each episode's advantages) and, for
@@ -86,6 +90,7 @@ class PrivacyConfig:
     update_sample_rate: float | None = None
     update_shared_share: float | None = None
     update_value_share: float | None = None
+    update_recall_share: float | None = None
     update_statistics: bool = False
     split: dict[str, float] | None = None
 
@@ -116,13 +121,15 @@ class PrivacyConfig:
             raise ValueError(f"update_sample_rate must lie in (0, 1], got "
                              f"{self.update_sample_rate}")
         shares = {"update_shared_share": self.update_shared_share,
-                  "update_value_share": self.update_value_share}
+                  "update_value_share": self.update_value_share,
+                  "update_recall_share": self.update_recall_share}
         for name, share in shares.items():
             if share is not None and not 0 < share < 1:
                 raise ValueError(f"{name} must lie in (0, 1), got {share}")
         if sum(w for w in shares.values() if w is not None) >= 1:
-            raise ValueError("update_shared_share and update_value_share must leave the other "
-                             "private networks a share of the clip (sum below 1)")
+            raise ValueError("update_shared_share, update_value_share and update_recall_share "
+                             "must leave the other private networks a share of the clip (sum "
+                             "below 1)")
         if self.on_budget_spent not in ("silent", "stop"):
             raise ValueError(f"on_budget_spent must be silent or stop, got "
                              f"{self.on_budget_spent!r}")

@@ -14,10 +14,10 @@ from fedcomm.clients.dpsgd import (
     released_statistics,
 )
 from fedcomm.clients.ppo import Targets, ValueNorm, compute_targets, ppo_loss, ppo_update
-from fedcomm.clients.privacy import dp_steps
+from fedcomm.clients.privacy import dp_steps, update_dp
 from fedcomm.clients.rollout import Rollout, collect, party_rollout, replay
 from fedcomm.clients.transport import LocalTransport
-from fedcomm.config import PPOConfig, TeamConfig
+from fedcomm.config import PPOConfig, PrivacyConfig, TeamConfig
 from fedcomm.models.team import Team
 from fedcomm.sim.factory import Factory
 
@@ -177,11 +177,12 @@ def test_groups_clip_apart_within_the_one_clip():
     grads = {"comm.encoder.0.weight": torch.randn(64, 5, 3, generator=g),
              "value.0.0.weight": torch.randn(64, 7, generator=g) * 0.05,
              "features.0.0.weight": torch.randn(64, 4, 2, generator=g) * 3}
+    grads["recall.0.0.weight"] = torch.randn(64, 3, 4, generator=g)
     grads["value.0.0.weight"][:32] *= 100  # half of the episodes' value parts exceed theirs
-    shares = {"shared": 0.5, "value": 0.3}
+    shares = {"shared": 0.5, "value": 0.3, "recall": 0.1}
     out = clip_groups(grads, 2.0, shares)
     bounds = {"comm.encoder.0.weight": 2 * math.sqrt(0.5), "value.0.0.weight": 2 * math.sqrt(0.3),
-              "features.0.0.weight": 2 * math.sqrt(0.2)}
+              "recall.0.0.weight": 2 * math.sqrt(0.1), "features.0.0.weight": 2 * math.sqrt(0.1)}
     for name, bound in bounds.items():
         before, after = grads[name].flatten(1).norm(dim=1), out[name].flatten(1).norm(dim=1)
         torch.testing.assert_close(after, before.clamp(max=bound))
@@ -193,6 +194,14 @@ def test_groups_clip_apart_within_the_one_clip():
     for bad in ({"shared": 0.6, "value": 0.4}, {"value": 1.0}, {"private": 0.2}):
         with pytest.raises(ValueError, match="shares"):
             clip_groups(grads, 2.0, bad)
+
+
+def test_a_recall_decoders_clip_share_reaches_dp_sgd():
+    cfg = PrivacyConfig(update_noise_multiplier=1.0, update_value_share=0.3,
+                        update_recall_share=0.15)
+    assert update_dp(cfg, PPOConfig()).clip_shares == {"value": 0.3, "recall": 0.15}
+    with pytest.raises(ValueError, match="update_recall_share"):
+        PrivacyConfig(update_shared_share=0.5, update_value_share=0.3, update_recall_share=0.2)
 
 
 def speaker_party(envs: int = 16) -> tuple[Team, Rollout, Targets, PPOConfig]:
