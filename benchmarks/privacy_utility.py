@@ -28,6 +28,8 @@ from pathlib import Path
 
 import matplotlib
 
+from fedcomm.baselines import EvalResult, baseline_summary
+
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
@@ -68,6 +70,13 @@ def split(summary: dict) -> str:
     return ", ".join(f"{k} {v if isinstance(v, str) else f'{v:.2f}'}" for k, v in eps.items())
 
 
+def shares(summary: dict) -> dict:
+    """The gap closed, and against the ceiling, recomputed from the run's own returns."""
+    final = EvalResult.from_dict(summary["final"])
+    return baseline_summary(final, {k: EvalResult.from_dict(v)
+                                    for k, v in summary["baselines"].items()})
+
+
 def percent(values: list[float | None]) -> str:
     return " / ".join("n/a" if v is None else f"{100 * v:.1f}%" for v in values)
 
@@ -96,17 +105,18 @@ def main() -> None:
         for eps, runs in by_eps.items():
             mean = statistics.mean(s["final"]["return_mean"] for s in runs)
             print(f"| {name} | {eps:g} | {composed(runs)} | {split(runs[0])} | {mean:.2f} | "
-                  f"{percent([s['gap_closed'] for s in runs])} | "
-                  f"{percent([runs[0].get('ceiling_gap_closed')])} | "
-                  f"{percent([s.get('of_ceiling') for s in runs])} |")
+                  f"{percent([shares(s)['gap_closed'] for s in runs])} | "
+                  f"{percent([shares(runs[0]).get('ceiling_gap_closed')])} | "
+                  f"{percent([shares(s).get('of_ceiling') for s in runs])} |")
 
+    seeds = f"mean of {len(args.seeds)} seeds" if len(args.seeds) > 1 else "one seed"
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for i, (name, by_eps) in enumerate(results.items()):
         color = f"C{i}"
         finite = [(e, runs) for e, runs in by_eps.items() if math.isfinite(e)]
         ax.plot([e for e, _ in finite],
                 [statistics.mean(s["final"]["return_mean"] for s in runs) for _, runs in finite],
-                "o-", color=color, label=f"{name}: trained (mean of {len(args.seeds)} seeds)")
+                "o-", color=color, label=f"{name}: trained ({seeds})")
         for e, runs in finite:
             ax.plot([e] * len(runs), [s["final"]["return_mean"] for s in runs], ".",
                     color=color, alpha=0.4)

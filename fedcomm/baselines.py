@@ -164,11 +164,16 @@ def evaluate_baselines(env_name: str, episodes: int, seed: int = 0, batch: int =
 
 
 def _share(result: EvalResult, baselines: dict[str, EvalResult], top: str) -> float | None:
-    """The share of the no_comm -> ``top`` gap ``result`` closes; None where undefined."""
+    """The share of the no_comm -> ``top`` gap ``result`` closes; None where undefined: no
+    such teams, or a gap within two standard errors of nothing (a DP ceiling that carries
+    almost nothing), where the share would be noise."""
     if "no_comm" not in baselines or top not in baselines:
         return None
-    low, high = baselines["no_comm"].return_mean, baselines[top].return_mean
-    return (result.return_mean - low) / (high - low) if high != low else None
+    low, high = baselines["no_comm"], baselines[top]
+    gap = high.return_mean - low.return_mean
+    if gap == 0 or abs(gap) <= 2 * math.hypot(high.return_se, low.return_se):
+        return None
+    return (result.return_mean - low.return_mean) / gap
 
 
 def baseline_summary(final: EvalResult, baselines: dict[str, EvalResult]) -> dict:

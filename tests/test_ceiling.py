@@ -61,3 +61,9 @@ def test_a_summary_states_the_gap_against_the_ceiling():
     assert summary["of_ceiling"] == pytest.approx(0.5)
     assert summary["ceiling_gap_closed"] == pytest.approx(gap(baselines[CEILING]), rel=0.02)
     assert summary["gap_closed"] == pytest.approx(0.5 * summary["ceiling_gap_closed"])
+
+
+def test_no_share_of_a_ceiling_within_noise_of_no_comm():
+    baselines = evaluate_baselines("speaker_listener", EPISODES, team=once(0.01))
+    summary = baseline_summary(baselines["oracle"], baselines)
+    assert summary["of_ceiling"] is None and summary["gap_closed"] == pytest.approx(1.0)
