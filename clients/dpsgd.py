@@ -118,16 +118,17 @@ def clip_group(name: str) -> str:
 def clip_groups(grads: dict[str, Tensor], clip: float, shares: dict[str, float]
                 ) -> dict[str, Tensor]:
     """Each episode's gradient clipped group by group (``clip_group``): a group with a share
-    ``w`` to ``clip * sqrt(w)``, the private networks to the rest, so the whole gradient still
-    has norm at most ``clip``."""
+    ``w`` to ``clip * sqrt(w)``, the private networks (and every group without a share) to the
+    rest, so the whole gradient still has norm at most ``clip``."""
     given = sum(shares.values())
     if any(not 0 < w < 1 for w in shares.values()) or not given < 1 or "private" in shares:
         raise ValueError(f"the clip groups' shares must lie in (0, 1) and sum below 1, got "
                          f"{shares}")
     bounds = {**shares, "private": 1 - given}
+    group_of = {k: clip_group(k) if clip_group(k) in shares else "private" for k in grads}
     out = {}
     for group, share in bounds.items():
-        names = [k for k in grads if clip_group(k) == group]
+        names = [k for k in grads if group_of[k] == group]
         if not names:
             continue
         bound = clip * math.sqrt(share)

@@ -191,6 +191,11 @@ def test_groups_clip_apart_within_the_one_clip():
     total = torch.stack([v.flatten(1).norm(dim=1) for v in out.values()]).norm(dim=0)
     assert (total <= 2.0 * (1 + 1e-6)).all()
     assert (out["value.0.0.weight"][32:] == grads["value.0.0.weight"][32:]).all()
+    alone = clip_groups(grads, 2.0, {"shared": 0.5})  # the others clipped together
+    assert set(alone) == set(grads)
+    rest = torch.stack([alone[k].flatten(1).norm(dim=1) for k in grads
+                        if not k.startswith("comm.")]).norm(dim=0)
+    assert (rest <= 2 * math.sqrt(0.5) * (1 + 1e-6)).all()
     for bad in ({"shared": 0.6, "value": 0.4}, {"value": 1.0}, {"private": 0.2}):
         with pytest.raises(ValueError, match="shares"):
             clip_groups(grads, 2.0, bad)
