@@ -64,13 +64,15 @@ def _private_speaker_listener(fed: FederationConfig) -> FederationConfig:
     route that needs it; the speaker learns its code from the team reward and a private
     decoder that recalls the goal from its release (``recall``), under DP-SGD; the listener
     releases nothing and shares only what it uses; the ``say`` action, a channel through
-    the environment that no mechanism covers, muted. 93.5-99.7% of the gap in 2M steps over
-    four seeds (BENCHMARKS.md)."""
+    the environment that no mechanism covers, muted. The recall error weighs 10: at 1 the
+    code formed early in five runs of six and not in the sixth (15% of the gap at 2M steps),
+    since the code's own policy gradient and entropy outweighed it (BENCHMARKS.md)."""
     t = fed.train
     return replace(fed, share="used", train=replace(
         t, env_steps=2_000_000, env_kwargs={**t.env_kwargs, "say": False},
         team=replace(t.team, channel="discrete", symbols=4, release_every=25, accumulate=True,
                      routes="speaker>listener", feedback=False, recall=True),
+        ppo=replace(t.ppo, recall_coef=10.0),
         privacy=replace(t.privacy, epsilon=8.0, update_statistics=True,
                         update_shared_share=0.5, update_value_share=0.3)))
 
