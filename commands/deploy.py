@@ -8,7 +8,6 @@ from pathlib import Path
 
 from fedcomm.commands.federated import run_federated
 from fedcomm.commands.options import (
-    FED,
     add_env,
     add_federation,
     env_spec_of,
@@ -16,11 +15,6 @@ from fedcomm.commands.options import (
     parser_of,
 )
 from fedcomm.commands.output import console
-
-# A deployed round pays a fixed cost that a simulated one does not (Flower's per-message
-# ClientApp process and its SuperNode's polling, about 5 s): twice the simulation's batches per
-# round halve it per environment step (BENCHMARKS.md, "Round time in deployment").
-DEPLOY_BATCHES_PER_ROUND = 16
 
 
 def add(sub: argparse._SubParsersAction) -> None:
@@ -32,10 +26,8 @@ def add(sub: argparse._SubParsersAction) -> None:
                     description="Make certificates, tokens and SuperNode keys; start the "
                     "SuperLink (TLS, node authentication), the simulator (mutual TLS) and "
                     "one SuperNode per agent on loopback; flwr run the federation; write "
-                    "the same run directory as fedcomm simulate; stop every process. "
-                    f"Default: {DEPLOY_BATCHES_PER_ROUND} batches per round.")
+                    "the same run directory as fedcomm simulate; stop every process.")
     add_federation(loc)
-    loc.set_defaults(**{FED + "batches_per_round": DEPLOY_BATCHES_PER_ROUND})
     loc.add_argument("--no-restart", action="store_true",
                      help="do not restart an agent's SuperNode or worker that dies")
     loc.add_argument("--no-worker", action="store_true",
@@ -56,10 +48,8 @@ def add(sub: argparse._SubParsersAction) -> None:
     s.set_defaults(func=run_secrets)
     a = parser_of(d, "app", help="write the Flower app directory of a run for flwr run",
                   description="Write APP_DIR/pyproject.toml: the ServerApp and ClientApp "
-                  "of the installed fedcomm, and this run's configuration. Default: "
-                  f"{DEPLOY_BATCHES_PER_ROUND} batches per round.")
+                  "of the installed fedcomm, and this run's configuration.")
     add_federation(a)
-    a.set_defaults(**{FED + "batches_per_round": DEPLOY_BATCHES_PER_ROUND})
     a.add_argument("app_dir", type=Path)
     a.add_argument("--run-dir", required=True,
                    help="where the ServerApp writes the run directory (SuperLink's host)")

@@ -265,16 +265,3 @@ def test_ctrl_c_stops_every_process_of_the_deployment(tmp_path):
     assert f"fedcomm deploy local --resume {out}" in log.replace("\n", "")
     assert "Traceback" not in log
     assert_nothing_left(out)
-
-
-def test_a_deployment_defaults_to_more_batches_per_round_than_a_simulation():
-    from fedcomm.commands.deploy import DEPLOY_BATCHES_PER_ROUND
-
-    def batches(*words: str) -> int:
-        args = build_parser().parse_args([*words, "--env", "factory"])
-        return federation_config_from_args(args).batches_per_round
-
-    assert batches("simulate") == 8 < DEPLOY_BATCHES_PER_ROUND
-    assert batches("deploy", "local") == DEPLOY_BATCHES_PER_ROUND
-    assert batches("deploy", "app", "app", "--run-dir", "/runs/r") == DEPLOY_BATCHES_PER_ROUND
-    assert batches("deploy", "local", "--batches-per-round", "4") == 4
