@@ -66,9 +66,12 @@ def _private_speaker_listener(fed: FederationConfig) -> FederationConfig:
     releases nothing and shares only what it uses; the ``say`` action, a channel through
     the environment that no mechanism covers, muted. The recall error weighs 10: at 1 the
     code formed early in five runs of six and not in the sixth (15% of the gap at 2M steps),
-    since the code's own policy gradient and entropy outweighed it (BENCHMARKS.md)."""
+    since the code's own policy gradient and entropy outweighed it (BENCHMARKS.md). No part
+    of the shared module has two users, so the server averages nothing and a round's length
+    costs no learning: 16 batches per round pay a deployment's fixed cost per round (Flower's
+    per-message process and polling, about 5 s) half as often as 8."""
     t = fed.train
-    return replace(fed, share="used", train=replace(
+    return replace(fed, share="used", batches_per_round=16, train=replace(
         t, env_steps=2_000_000, env_kwargs={**t.env_kwargs, "say": False},
         team=replace(t.team, channel="discrete", symbols=4, release_every=25, accumulate=True,
                      routes="speaker>listener", feedback=False, recall=True),

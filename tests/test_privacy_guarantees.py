@@ -118,7 +118,7 @@ def test_the_private_default_covers_every_release_within_8_per_episode(tmp_path,
     config = json.loads((out / "config.json").read_text())
     team, privacy = config["train"]["team"], config["train"]["privacy"]
     assert (team["channel"], team["feedback"], team["recall"]) == ("discrete", False, True)
-    assert config["train"]["ppo"]["recall_coef"] == 10.0
+    assert config["train"]["ppo"]["recall_coef"] == 10.0 and config["share"] == "used"
     assert config["train"]["env_kwargs"]["say"] is False  # no release outside the mechanisms
     assert privacy["epsilon"] == 8.0 and set(privacy["split"]) == {"message", "update"}
     report = json.loads((out / "privacy_report.json").read_text())
