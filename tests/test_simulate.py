@@ -54,7 +54,7 @@ def test_simulate_three_agents_of_three_types_for_two_rounds(tmp_path, capsys):
         assert row["client_s"] >= max(row["rollout_s"], row["feedback_s"], row["update_s"])
     summary = json.loads((out / "summary.json").read_text())
     assert summary["mode"] == "federated" and summary["rounds"] == 2
-    assert set(summary["baselines"]) == {"random", "no_comm", "oracle"}
+    assert set(summary["baselines"]) == {"random", "no_comm", "oracle", "ceiling"}
     assert summary["final"]["episodes"] == 64
     assert load_checkpoint(out).round == 2
     # Each agent kept its own private state; the team file is assembled from them.
