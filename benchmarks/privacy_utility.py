@@ -20,29 +20,18 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import shlex
 import statistics
 import subprocess
 import sys
 from pathlib import Path
 
 import matplotlib
+from sweep import setting, slug  # benchmarks/sweep.py: NAME=FLAGS and its folder name
 
 from fedcomm.baselines import EvalResult, baseline_summary
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
-
-
-def design(text: str) -> tuple[str, list[str]]:
-    name, sep, flags = text.partition("=")
-    if not sep or not name:
-        raise argparse.ArgumentTypeError(f"expected NAME=FLAGS, got {text!r}")
-    return name, shlex.split(flags)
-
-
-def slug(name: str) -> str:
-    return "".join(c if c.isalnum() else "-" for c in name).strip("-")
 
 
 def run(flags: list[str], eps: float, seed: int, out: Path) -> dict:
@@ -85,7 +74,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epsilons", type=float, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--design", type=design, action="append", metavar="NAME=FLAGS")
+    parser.add_argument("--design", type=setting, action="append", metavar="NAME=FLAGS")
     parser.add_argument("--out", type=Path, default=Path("runs/privacy-utility"))
     parser.add_argument("--plot", type=Path, default=Path("privacy_utility.png"))
     parser.add_argument("simulate", nargs=argparse.REMAINDER,

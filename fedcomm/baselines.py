@@ -164,16 +164,16 @@ def evaluate_baselines(env_name: str, episodes: int, seed: int = 0, batch: int =
 
 
 def _share(result: EvalResult, baselines: dict[str, EvalResult], top: str) -> float | None:
-    """The share of the no_comm -> ``top`` gap ``result`` closes; None where undefined: no
-    such teams, or a gap within two standard errors of nothing (a DP ceiling that carries
-    almost nothing), where the share would be noise."""
+    """The share of the no_comm -> ``top`` gap ``result`` closes; None where undefined."""
     if "no_comm" not in baselines or top not in baselines:
         return None
-    low, high = baselines["no_comm"], baselines[top]
-    gap = high.return_mean - low.return_mean
-    if gap == 0 or abs(gap) <= 2 * math.hypot(high.return_se, low.return_se):
-        return None
-    return (result.return_mean - low.return_mean) / gap
+    low, high = baselines["no_comm"].return_mean, baselines[top].return_mean
+    return (result.return_mean - low) / (high - low) if high != low else None
+
+
+def _within_noise(a: EvalResult, b: EvalResult) -> bool:
+    """Whether two teams' returns differ by at most two standard errors."""
+    return abs(a.return_mean - b.return_mean) <= 2 * math.hypot(a.return_se, b.return_se)
 
 
 def baseline_summary(final: EvalResult, baselines: dict[str, EvalResult]) -> dict:
@@ -187,5 +187,8 @@ def baseline_summary(final: EvalResult, baselines: dict[str, EvalResult]) -> dic
            "gap_closed": _share(final, baselines, "oracle")}
     if CEILING in baselines:
         out["ceiling_gap_closed"] = _share(baselines[CEILING], baselines, "oracle")
-        out["of_ceiling"] = _share(final, baselines, CEILING)
+        # a ceiling that carries almost nothing has no gap of its own to share: noise
+        out["of_ceiling"] = (None if "no_comm" in baselines
+                             and _within_noise(baselines[CEILING], baselines["no_comm"])
+                             else _share(final, baselines, CEILING))
     return out
