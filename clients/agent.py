@@ -161,7 +161,7 @@ class FederatedAgent:
         self.parts = shared_parts(self.spec, fed.share, routes, self.index)
         # Sharing only what is used, no agent's graph decides the routes: they stay the
         # allowed ones for the run.
-        self.fixed_routes = routes if fed.share == "used" else None
+        self.fixed_routes = routes if fed.share != "all" else None
         private = releases_anything(self.spec, train.team, fed.share, routes, self.index)
         transport = GrpcTransport(node.sim_address, self.spec, node.agent_id, node.token,
                                   train.team, node.tls, timeout=fed.round_timeout,

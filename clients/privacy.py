@@ -202,6 +202,8 @@ def shared_parts(spec: EnvSpec, share: str, routes: Tensor, index: int) -> tuple
     agent."""
     if share == "all":
         return SENDER_PARTS + RECEIVER_PARTS
+    if share == "none":
+        return ()
     links = [peers(spec, routes, i) for i in range(spec.n_agents)]
     reach, reached_by = links[index]
     senders = sum(r > 0 for r, _ in links)

@@ -27,10 +27,15 @@ def add(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from fedcomm.clients.evaluate import evaluate_team
     from fedcomm.device import resolve_device
-    from fedcomm.models.team import load_team
+    from fedcomm.models.team import TEAM_FILE, load_team
 
+    config_path = args.run_dir / "config.json"
+    config = json.loads(config_path.read_text()) if config_path.exists() else {}
+    if config.get("share") == "none" and not (args.run_dir / TEAM_FILE).exists():
+        raise FileNotFoundError(f"{args.run_dir} kept a copy of the shared module per agent "
+                                "(--share none): no one team holds them, so there is no team.pt to "
+                                "evaluate; its agents' own greedy evaluation is in summary.json")
     team = load_team(args.run_dir, resolve_device(args.device))
-    config = json.loads((args.run_dir / "config.json").read_text())
     trained = config["train"] if config.get("mode") == "federated" else config
     env = args.env or trained["env"]
     env_kwargs = (dict(args.env_opt) if args.env

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from fedcomm.config import AGGREGATIONS, STRATEGIES, FederationConfig, TrainConfig
+from fedcomm.config import AGGREGATIONS, SHARES, STRATEGIES, FederationConfig, TrainConfig
 
 TRAIN, FED = "train:", "fed:"  # where a flag's field lives: TrainConfig, FederationConfig
 
@@ -153,9 +153,9 @@ FEDERATION_FLAGS = (
           help="server learning rate (fedavgm, fedadam)"),
     _flag("--server-momentum", path="server_momentum", type=float,
           help="server momentum (fedavgm)"),
-    _flag("--share", path="share", choices=["all", "used"],
-          help="send every part of the shared module (default), or each part only among the "
-          "agents that use it"),
+    _flag("--share", path="share", choices=list(SHARES),
+          help="send every part of the shared module (default), each part only among the "
+          "agents that use it, or none (every agent keeps its own copy)"),
     _switch("--aggregate-private", "aggregate_private", True,
             "also average each type's private networks (weaker privacy)"),
     _flag("--on-agent-failure", path="on_agent_failure", choices=["stop", "continue"],

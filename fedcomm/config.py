@@ -211,6 +211,9 @@ OnFailure = Literal["stop", "continue"]
 STRATEGIES: tuple[str, ...] = ("fedavg", "fedavgm", "fedadam")
 Aggregation = Literal["mean", "median", "trimmed_mean", "krum", "multikrum", "bulyan"]
 AGGREGATIONS: tuple[str, ...] = ("mean", "median", "trimmed_mean", "krum", "multikrum", "bulyan")
+# What of the shared module an agent sends: every part, the parts it shares with another
+# agent, or nothing (every agent keeps its own copy: the server aggregates nothing).
+SHARES: tuple[str, ...] = ("all", "used", "none")
 
 
 @dataclass
@@ -226,9 +229,9 @@ class FederationConfig:
     # Average each type's private modules among the agents of that type too (off: they never
     # leave their agent). Weaker privacy: the server then sees every agent's private networks.
     aggregate_private: bool = False
-    # Which parts of the shared module an agent sends: "all"; or "used", each part only among
+    # Which parts of the shared module an agent sends: "all"; "used", each part only among
     # the agents that use it (the encoder among senders; gate, decoder and graph among
-    # receivers), and a part only one agent uses stays with it, released to nobody.
+    # receivers), and a part only one agent uses stays with it, released to nobody; or "none".
     share: str = "all"
     # A round in which an agent fails or does not answer: stop the run, or aggregate the
     # replies that came and go on (the joint environment retries everyone next round).
@@ -253,8 +256,8 @@ class FederationConfig:
         if self.strategy not in STRATEGIES:
             raise ValueError(f"unknown strategy {self.strategy!r}: use "
                              f"{', '.join(STRATEGIES)}")
-        if self.share not in ("all", "used"):
-            raise ValueError(f"share must be all or used, got {self.share!r}")
+        if self.share not in SHARES:
+            raise ValueError(f"share must be all, used or none, got {self.share!r}")
         if self.on_agent_failure not in ("stop", "continue"):
             raise ValueError("on_agent_failure is 'stop' or 'continue'")
         if min(self.round_timeout, self.node_timeout) <= 0:

@@ -7,8 +7,9 @@ Everything started here is stopped here, on success, failure and Ctrl-C.
 
 Every party's state is on this machine in a simulation, so afterwards the run directory also
 gets ``team.pt``, the team assembled from the global shared module and each agent's private
-state, for ``fedcomm eval``. A deployment has no such file: the private networks stay with
-their agents.
+state, for ``fedcomm eval``, where one team can hold them: not where agents keep their own
+copies of a part that several use (``share="none"``). A deployment has no such file: the
+private networks stay with their agents.
 """
 
 from __future__ import annotations
@@ -152,6 +153,20 @@ def run_flower(fed: FederationConfig, run_dir: Path, sim_address: str, tokens: P
     return results[0]
 
 
+def one_team_holds(fed: FederationConfig) -> bool:
+    """Whether one team can hold the run's parties: every part of the shared module that two
+    agents use is averaged among them. With ``share="none"`` each keeps its own copy, and a
+    team has one copy of each part."""
+    routes = initial_routes(fed.train)
+    owners: dict[str, int] = {}
+    for i in range(fed.spec.n_agents):
+        shared = shared_parts(fed.spec, fed.share, routes, i)
+        for part in uses(fed.spec, routes, i):
+            if part not in shared:
+                owners[part] = owners.get(part, 0) + 1
+    return all(n <= 1 for n in owners.values())
+
+
 def assemble_team(run_dir: Path, fed: FederationConfig) -> Team:
     """The team as a whole: the global shared module and every agent's private networks."""
     ckpt = load_checkpoint(run_dir)
@@ -180,11 +195,12 @@ def complete_run(run_dir: Path, fed: FederationConfig) -> RunResult:
     importance, the privacy report from every agent's ledger, and the learning curve."""
     run = RunDir(run_dir)
     summary = run.summary()
-    team = assemble_team(run_dir, fed)
-    team.save(run.path / TEAM_FILE)
-    batch = collect(team, LocalTransport(make_env(fed.train.env, 256, **fed.train.env_kwargs)),
-                    seed=EVAL_SEED, greedy=True)
-    summary.importance = communication_importance(team, batch).tolist()
+    if one_team_holds(fed):  # else the agents' own evaluation (summary.json) is the team's
+        team = assemble_team(run_dir, fed)
+        team.save(run.path / TEAM_FILE)
+        env = make_env(fed.train.env, 256, **fed.train.env_kwargs)
+        batch = collect(team, LocalTransport(env), seed=EVAL_SEED, greedy=True)
+        summary.importance = communication_importance(team, batch).tolist()
     ledgers = {a: run_dir / "agents" / a / LEDGER for a in fed.spec.agent_ids}
     report = write_run_report(run_dir, fed.to_dict(), fed.train.team, fed.train.privacy,
                               ledgers, ppo=fed.train.ppo,

@@ -290,7 +290,9 @@ class Federation:
                                        env_kwargs=fed.train.env_kwargs, team=fed.train.team)
         metrics = self.run.metrics()
         later = [m for m in metrics if m["round"] > 1]  # the first round starts the actors
-        graph = torch.as_tensor(shared_part(self.arrays)["graph"].numpy())
+        graph = torch.sigmoid(torch.as_tensor(shared_part(self.arrays)["graph"].numpy()))
+        if fed.share != "all":  # no global graph decides the routes: the allowed ones stay
+            graph = torch.tensor(fed.train.team.allowed_routes(self.spec), dtype=torch.float32)
         silent: dict[str, int] = {}
         for m in metrics:
             for agent, n in m.get("silent", {}).items():
@@ -300,7 +302,7 @@ class Federation:
             env_steps=self.env_steps, train_time_s=self.train_time,
             wall_time_s=time.perf_counter() - start, n_agents=self.spec.n_agents,
             agent_types=[t.name for t in self.spec.types],
-            route_strength=torch.sigmoid(graph), prune_threshold=fed.train.team.prune_threshold,
+            route_strength=graph, prune_threshold=fed.train.team.prune_threshold,
             rounds=self.done, strategy=fed.strategy, batches_per_round=fed.batches_per_round,
             silent_batches=silent,
             round_time={k: statistics.median(m[k] for m in later) if later else None

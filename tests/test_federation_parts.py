@@ -10,11 +10,13 @@ from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
 
 from fedcomm.clients.agent import global_arrays, load_global
 from fedcomm.clients.party import Party
+from fedcomm.clients.privacy import RECEIVER_PARTS, SENDER_PARTS, shared_parts
+from fedcomm.clients.privacy_plan import initial_routes
 from fedcomm.clients.state import StateStore, load_private_state, private_state_dict
 from fedcomm.clients.transport import Transport
 from fedcomm.config import FederationConfig, TeamConfig, TrainConfig
 from fedcomm.models.team import Team
-from fedcomm.modes.simulation import assemble_team
+from fedcomm.modes.simulation import assemble_team, one_team_holds
 from fedcomm.server.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from fedcomm.server.strategy import (
     aggregate_by_group,
@@ -212,3 +214,16 @@ def test_the_team_is_assembled_from_the_global_module_and_each_agents_state(tmp_
     assembled = assemble_team(tmp_path, FED)
     for (k, a), b in zip(whole.state_dict().items(), assembled.state_dict().values()):
         assert torch.equal(a, b), k
+
+
+@pytest.mark.parametrize("share", ["all", "used", "none"])
+def test_what_each_share_sends_and_whether_one_team_holds_the_parties(share):
+    """Every factory agent sends and receives, so "used" sends everything too; "none" sends
+    nothing, and with seven agents' own encoders and decoders no one team holds the run."""
+    fed = FederationConfig(train=FED.train, share=share)
+    routes = initial_routes(fed.train)
+    sent = {shared_parts(SPEC, share, routes, i) for i in range(SPEC.n_agents)}
+    assert sent == ({()} if share == "none" else {SENDER_PARTS + RECEIVER_PARTS})
+    assert one_team_holds(fed) == (share != "none")
+    with pytest.raises(ValueError, match="share must be all, used or none"):
+        FederationConfig(train=FED.train, share="some")

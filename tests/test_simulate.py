@@ -11,15 +11,19 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from fedcomm.clients.state import StateStore
 from fedcomm.commands import main
+from fedcomm.config import FederationConfig
 from fedcomm.server.checkpoint import load_checkpoint
+from fedcomm.server.layout import initial_arrays
 from tests.processes import assert_nothing_left
 
 SMALL = ["--env", "factory", "--env-opt", "n_sensors=1", "--env-opt", "n_processors=1",
          "--env-opt", "n_actuators=1", "--num-envs", "32", "--batches-per-round", "2",
-         "--eval-episodes", "64", "--quiet"]
+         "--eval-episodes", "64", "--share", "all", "--quiet"]
 ROUND_STEPS = 2 * 32 * 25
 
 
@@ -66,6 +70,33 @@ def test_simulate_three_agents_of_three_types_for_two_rounds(tmp_path, capsys):
     capsys.readouterr()
     assert main(["eval", str(out), "--episodes", "20", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["episodes"] == 20
+    assert_nothing_left(out)
+
+
+def test_with_share_none_the_server_averages_nothing_and_each_agent_keeps_its_copy(
+        tmp_path, capsys):
+    out = tmp_path / "run"
+    proc = simulate(*SMALL, "--share", "none", "--env-steps", str(2 * ROUND_STEPS),
+                    "--out", str(out))
+    log, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, log
+    fed = FederationConfig.from_dict(json.loads((out / "config.json").read_text()))
+    assert fed.share == "none"
+    initial = initial_arrays(fed)
+    ckpt = load_checkpoint(out)
+    assert ckpt.round == 2
+    for k, v in ckpt.arrays.items():  # nothing came back to aggregate
+        np.testing.assert_array_equal(v, initial[k].numpy(), err_msg=k)
+    copies = [StateStore(out / "agents" / a, {}).load(2).state["comm"]
+              for a in ("sensor_0", "processor_0", "actuator_0")]
+    for key in copies[0]:  # each trained its own copy: no two agents' are alike
+        assert not torch.equal(copies[0][key], copies[1][key]) or "graph" in key, key
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["final"]["episodes"] == 64 and "importance" not in summary
+    assert not (out / "team.pt").exists()  # one team cannot hold three copies
+    capsys.readouterr()
+    assert main(["eval", str(out), "--episodes", "20"]) == 2
+    assert "kept a copy of the shared module per agent" in capsys.readouterr().err
     assert_nothing_left(out)
 
 
