@@ -44,8 +44,9 @@ GPU_PRESETS: dict[str, dict] = {
 # steps: the `fedcomm simulate` default, which fits in ten minutes here.
 FEDERATED_STEPS = {"speaker_listener": 5_000_000}
 # Heterogeneous teams keep the shared module per agent: averaged over the factory's 7 agents
-# of 3 roles it closed 27% of the gap at 614k steps, kept per agent 37%, and 92% and 77% at
-# 2.5M against the centralized trainer's (BENCHMARKS.md). Nothing of it is released.
+# of 3 roles it closed 27% of the gap at 614k steps, kept per agent 37%, and 94.9% and 92.7%
+# at 2.5M (seeds 0, 1; BENCHMARKS.md). Nothing of it is released. The platoon, of 3 roles too,
+# follows by analogy: not yet measured federated.
 FEDERATED_SHARE = {"factory": "none", "platoon": "none"}
 UNCLIPPED = 1e6
 PRIVATE_FEEDBACK_CLIP = 0.05  # the feedback clip where a budget calibrates the feedback noise
