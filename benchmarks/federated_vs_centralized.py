@@ -89,8 +89,8 @@ def main() -> None:
     axes[1].set_xlabel("training time (s, this machine)")
     axes[0].set_ylabel("greedy evaluation return per agent")
     axes[1].legend(loc="lower right", fontsize=8)
-    fed = runs["federated"][0][1]
-    fig.suptitle(f"{summary['env']}: federated ({fed.get('strategy', '')}) against centralized")
+    share = json.loads((args.federated[0] / "config.json").read_text()).get("share", "all")
+    fig.suptitle(f"{summary['env']}: federated (--share {share}) against centralized")
     fig.tight_layout()
     fig.savefig(args.out, dpi=120)
     print(f"plot: {args.out}")
