@@ -10,13 +10,14 @@ from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
 
 from fedcomm.clients.agent import global_arrays, load_global
 from fedcomm.clients.party import Party
-from fedcomm.clients.privacy import RECEIVER_PARTS, SENDER_PARTS, shared_parts
+from fedcomm.clients.privacy import RECEIVER_PARTS, SENDER_PARTS, peers, shared_parts
 from fedcomm.clients.privacy_plan import initial_routes
 from fedcomm.clients.state import StateStore, load_private_state, private_state_dict
 from fedcomm.clients.transport import Transport
 from fedcomm.config import FederationConfig, TeamConfig, TrainConfig
 from fedcomm.models.team import Team
 from fedcomm.modes.simulation import assemble_team, one_team_holds
+from fedcomm.presets import federation_preset
 from fedcomm.server.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from fedcomm.server.strategy import (
     aggregate_by_group,
@@ -227,3 +228,17 @@ def test_what_each_share_sends_and_whether_one_team_holds_the_parties(share):
     assert one_team_holds(fed) == (share != "none")
     with pytest.raises(ValueError, match="share must be all, used or none"):
         FederationConfig(train=FED.train, share="some")
+
+
+def test_the_platoons_federated_preset_lets_only_the_emergency_vehicle_send():
+    """Without a global graph nothing prunes the platoon's routes, and under its one-sender
+    bandwidth a truck's or car's vector would take the slot the emergency vehicle needs: the
+    federated preset allows only the emergency vehicle's routes, so it alone releases vectors."""
+    fed = federation_preset("platoon")
+    spec, routes = fed.spec, initial_routes(fed.train)
+    emergency = [t.name for t in spec.types].index("emergency")
+    reach = [peers(spec, routes, i)[0] for i in range(spec.n_agents)]
+    assert fed.share == "none"
+    assert [r > 0 for r in reach] == [k == emergency for k in spec.type_of_agent]
+    assert reach[spec.type_of_agent.index(emergency)] == spec.n_agents - 1
+    assert initial_routes(federation_preset("factory").train).all()
