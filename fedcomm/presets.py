@@ -51,7 +51,8 @@ FEDERATED_SHARE = {"factory": "none", "platoon": "none"}
 # Without a global graph no route is pruned, and under the platoon's one-sender bandwidth the
 # trucks' and cars' vectors, which know nothing of the emergency vehicle, take its slot: kept
 # per agent with every route allowed, the platoon closed 16% and 54% of the gap at 5M steps
-# (seeds 0, 1). Its federated routes are the ones the centralized graph keeps.
+# (seeds 0, 1); with only the emergency vehicle's routes, which the centralized graph keeps
+# strongest, 85.7% and 85.0%, where the centralized trainer closed 66.4% and 62.7%.
 FEDERATED_ROUTES = {"platoon": "emergency>truck,emergency>car"}
 UNCLIPPED = 1e6
 PRIVATE_FEEDBACK_CLIP = 0.05  # the feedback clip where a budget calibrates the feedback noise
