@@ -9,7 +9,8 @@
    declared and its parameters and relation are the declared ones, that its parameters are
    valid and that its sensitivity is at least what its relation requires of the clip norm;
 4. every epsilon, recomputed *from the raw ledger entries* with an independent accountant:
-   dp-accounting's ``PLDAccountant`` fed with ``DpEvent``\\ s built here from
+   dp-accounting's privacy loss distributions, as its ``PLDAccountant`` builds them for
+   ``DpEvent``\\ s made here from
    ``std = noise_multiplier * clip`` and the entry's sensitivity (``ADD_OR_REMOVE_ONE`` with
    ``z = std / sensitivity``; ``REPLACE_ONE`` with ``z = std / (sensitivity / 2)`` when a
    replace-one composition holds Poisson-sampled releases). A reported epsilon below that
@@ -39,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import dp_accounting
-from dp_accounting.pld import pld_privacy_accountant
+from dp_accounting.pld import privacy_loss_distribution as PLD
 
 from .accountants.exact import gdp_epsilon
 from .events import RELATION_FACTOR, GaussianRelease
@@ -137,19 +138,27 @@ def _pld_epsilon(groups: tuple[tuple[tuple[float, float], int], ...],
     mu = math.sqrt(sum(n / z**2 if q == 1 else n * q**2 * math.expm1(min(1 / z**2, 700))
                        for (z, q), n in groups) + sum(n * eps**2 for (eps, _), n in responses))
     interval = max(interval, 1e-4 * gdp_epsilon(mu, delta))
-    accountant = pld_privacy_accountant.PLDAccountant(
-        NR.REPLACE_ONE if replace else NR.ADD_OR_REMOVE_ONE,
-        value_discretization_interval=interval)
+    # The PLDs dp-accounting's PLDAccountant builds for these events, each self-composed here:
+    # its accountant (0.6) drops a randomized response's count, composing it once.
+    neighbours = NR.REPLACE_ONE if replace else NR.ADD_OR_REMOVE_ONE
+    plds = []
     for (z, q), count in groups:
         # Under REPLACE_ONE dp-accounting's noise multiplier is std / (sensitivity / 2).
-        event = dp_accounting.GaussianDpEvent(2 * z if replace else z)
+        noise = 2 * z if replace else z
         if q < 1:
-            event = dp_accounting.PoissonSampledDpEvent(q, event)
-        accountant.compose(event, count)
+            plds.append(PLD.from_gaussian_mechanism(
+                standard_deviation=noise, sampling_prob=q, neighboring_relation=neighbours,
+                value_discretization_interval=interval).self_compose(count))
+        else:
+            plds.append(PLD.from_gaussian_mechanism(
+                standard_deviation=noise / math.sqrt(count), neighboring_relation=neighbours,
+                value_discretization_interval=interval))
     for (eps, k), count in responses:
-        accountant.compose(dp_accounting.RandomizedResponseDpEvent(
-            noise_parameter=k / (math.exp(eps) + k - 1), num_buckets=k), count)
-    return accountant.get_epsilon(delta)
+        plds.append(PLD.from_randomized_response(
+            noise_parameter=k / (math.exp(eps) + k - 1), num_buckets=k,
+            neighboring_relation=neighbours,
+            value_discretization_interval=interval).self_compose(count))
+    return functools.reduce(lambda a, b: a.compose(b), plds).get_epsilon_for_delta(delta)
 
 
 def _load(path: Path | str) -> tuple[Path, dict[str, Any] | None, AuditResult]:
