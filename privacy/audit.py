@@ -9,9 +9,9 @@
    declared and its parameters and relation are the declared ones, that its parameters are
    valid and that its sensitivity is at least what its relation requires of the clip norm;
 4. every epsilon, recomputed *from the raw ledger entries* with an independent accountant:
-   dp-accounting's privacy loss distributions, as its ``PLDAccountant`` builds them for
-   ``DpEvent``\\ s made here from
-   ``std = noise_multiplier * clip`` and the entry's sensitivity (``ADD_OR_REMOVE_ONE`` with
+   dp-accounting's privacy loss distributions (built as its ``PLDAccountant`` builds them,
+   each self-composed by its entries' count) from ``std = noise_multiplier * clip`` and the
+   entry's sensitivity (``ADD_OR_REMOVE_ONE`` with
    ``z = std / sensitivity``; ``REPLACE_ONE`` with ``z = std / (sensitivity / 2)`` when a
    replace-one composition holds Poisson-sampled releases). A reported epsilon below that
    value by more than the tolerance (``rel_tol * value + abs_tol``) is an under-claim and

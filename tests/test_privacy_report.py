@@ -197,7 +197,6 @@ def test_pld_report_and_independent_value(tmp_path):
     assert independent_epsilon(entries, "replace_one", 1e-5) == pytest.approx(claimed, rel=1e-2)
 
 
-
 def test_the_independent_audit_composes_every_randomized_response_a_ledger_counts() -> None:
     """A ledger entry of count 2 is two releases: twice the pure epsilon of one at this delta.
     dp-accounting's PLDAccountant (0.6) composes such an event once whatever its count, which
@@ -210,6 +209,7 @@ def test_the_independent_audit_composes_every_randomized_response_a_ledger_count
         2 * single, rel=1e-3)
     assert independent_epsilon([one, one], "replace_one", 1e-5) == pytest.approx(
         independent_epsilon([{**one, "count": 2}], "replace_one", 1e-5))
+
 
 # --- infinity: a release without noise, an agent without a budget -----------------------------
 
