@@ -99,6 +99,9 @@ PRIVACY_FLAGS = (
     _flag("--update-epsilon", path="privacy.update_epsilon", type=float,
           help="calibrate DP-SGD of a federated agent's update to this epsilon per unit "
           "(turns DP-SGD on; with --epsilon: its fixed share)"),
+    _flag("--update-share", path="privacy.update_share", type=float,
+          help="with --epsilon: DP-SGD's fixed share of it as a fraction (0.2: a fifth), "
+          "the rest to the other mechanisms"),
     _flag("--epsilon", path="privacy.epsilon", type=float,
           help="one privacy budget per unit covering every release: split over the mechanisms "
           "in use (a federated run gets DP-SGD), each calibrated, the run refused if it "

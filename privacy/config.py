@@ -39,6 +39,9 @@ class PrivacyConfig:
         mechanism's releases that compose for one unit cost at most this (rounded to the safe
         side); with ``epsilon``, they fix those mechanisms' shares and the others share the
         rest. ``None``: use the configured noise multiplier (or ``epsilon``'s split).
+    update_share
+        With ``epsilon``: the DP-SGD update's fixed share as a fraction of it
+        (``update_epsilon = update_share * epsilon``), so one design holds at every budget.
     update_shared_share
         Clip each episode's DP-SGD gradient in two parts: the shared module's to
         ``update_clip * sqrt(share)``, the private networks' to the rest (the same sensitivity
@@ -82,6 +85,7 @@ class PrivacyConfig:
     message_epsilon: float | None = None
     feedback_epsilon: float | None = None
     update_epsilon: float | None = None
+    update_share: float | None = None
     accountant: str = "pld"
     on_budget_spent: Literal["silent", "stop"] = "silent"
     seeded_noise: bool = False
@@ -111,6 +115,12 @@ class PrivacyConfig:
             value = getattr(self, name)
             if value is not None and not (value > 0 and math.isfinite(value)):
                 raise ValueError(f"{name} must be positive and finite, got {value}")
+        if self.update_share is not None:
+            if not 0 < self.update_share < 1:
+                raise ValueError(f"update_share must lie in (0, 1), got {self.update_share}")
+            if self.epsilon is None or self.update_epsilon is not None:
+                raise ValueError("update_share is a fraction of epsilon: give it with "
+                                 "--epsilon and without --update-epsilon")
         if self.accountant not in ("rdp", "pld", "prv"):
             raise ValueError(f"accountant must be rdp, pld or prv, got {self.accountant!r}")
         if self.update_noise_multiplier is not None and not self.update_noise_multiplier >= 0:

@@ -84,6 +84,22 @@ def test_under_dp_sgd_the_calibrated_vectors_of_one_episode_cost_at_most_the_tar
     assert 7.9 < spent <= 8.0 and train.privacy.split["message"] == pytest.approx(spent)
 
 
+def test_an_update_share_fixes_dp_sgd_at_that_fraction_of_the_budget():
+    shared = calibrated(PrivacyConfig(epsilon=4.0, update_share=0.2))
+    fixed = calibrated(PrivacyConfig(epsilon=4.0, update_epsilon=0.8))
+    assert shared.privacy.split == fixed.privacy.split
+    assert shared.privacy.split["update"] == pytest.approx(0.8, abs=1e-3)
+    assert shared.privacy.update_noise_multiplier == fixed.privacy.update_noise_multiplier
+
+
+@pytest.mark.parametrize("kwargs", [{"update_share": 0.2},
+                                    {"epsilon": 4.0, "update_share": 0.2, "update_epsilon": 1.0},
+                                    {"epsilon": 4.0, "update_share": 1.0}])
+def test_an_update_share_needs_a_budget_of_which_it_is_a_fraction(kwargs):
+    with pytest.raises(ValueError, match="update_share"):
+        PrivacyConfig(**kwargs)
+
+
 def test_without_dp_sgd_the_target_covers_every_vector_of_the_run(tmp_path):
     """Plain PPO trains the sender's networks on every episode: all later vectors of every
     episode depend on it, so the target is calibrated for all the run's vectors."""
