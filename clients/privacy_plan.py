@@ -181,13 +181,11 @@ def calibrate(train: TrainConfig, schedule: Schedule) -> TrainConfig:
     """``train`` with the noise of every mechanism that has a target (or a share of
     ``epsilon``) calibrated, and ``privacy.split`` stating each one's epsilon alone."""
     cfg = train.privacy
-    update = (cfg.update_share * cfg.epsilon if cfg.update_share is not None
-              and cfg.epsilon is not None else cfg.update_epsilon)
     targets = {"message": cfg.message_epsilon, "feedback": cfg.feedback_epsilon,
-               "update": update}
+               "update": cfg.update_target}
     if cfg.epsilon is None and all(t is None for t in targets.values()):
         return train
-    if schedule.federated and (cfg.epsilon is not None or cfg.update_epsilon is not None):
+    if schedule.federated and (cfg.epsilon is not None or cfg.update_target is not None):
         # the update is calibrated: DP-SGD, and so the episode's own batch composes
         train = replace(train, privacy=replace(cfg, update_noise_multiplier=1.0))
     if (train.team.feedback_clip >= UNCLIPPED

@@ -99,6 +99,14 @@ class PrivacyConfig:
     split: dict[str, float] | None = None
 
     @property
+    def update_target(self) -> float | None:
+        """The DP-SGD update's epsilon target: ``update_epsilon``, or ``update_share`` of
+        ``epsilon``."""
+        if self.update_share is not None and self.epsilon is not None:
+            return self.update_share * self.epsilon
+        return self.update_epsilon
+
+    @property
     def budget(self) -> float:
         """Each agent's cap per unit (``inf``: not capped)."""
         cap = self.epsilon_budget if self.epsilon_budget is not None else self.epsilon
