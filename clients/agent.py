@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import TypeVar
 
@@ -39,18 +39,26 @@ from fedcomm.clients.privacy import (
     AgentPrivacy,
     composition_of_config,
     releases_anything,
-    shared_parts,
     update_dp,
     update_releases,
 )
-from fedcomm.clients.privacy_plan import initial_routes
 from fedcomm.clients.rollout import collect
 from fedcomm.clients.state import StateStore, load_private_state, private_state_dict
 from fedcomm.config import FederationConfig
 from fedcomm.device import resolve_device
+from fedcomm.models.parts import initial_routes, sends_to_server, shared_parts
 from fedcomm.models.team import Team
 from fedcomm.privacy.events import GaussianRelease
-from fedcomm.protocol.round import AGENT_PHASES, TrainReply, module_arrays, shared_part, type_part
+from fedcomm.privacy.ledger import GENESIS, LedgerError
+from fedcomm.protocol.round import (
+    AGENT_PHASES,
+    Anchors,
+    Proof,
+    TrainReply,
+    module_arrays,
+    shared_part,
+    type_part,
+)
 
 R = TypeVar("R")
 
@@ -162,20 +170,27 @@ class FederatedAgent:
         # Sharing only what is used, no agent's graph decides the routes: they stay the
         # allowed ones for the run.
         self.fixed_routes = routes if fed.share != "all" else None
-        private = releases_anything(self.spec, train.team, fed.share, routes, self.index)
+        sends = sends_to_server(self.spec, fed.share, fed.aggregate_private, routes,
+                                self.index)
+        private = sends or releases_anything(self.spec, train.team, fed.share, routes,
+                                             self.index)
         transport = GrpcTransport(node.sim_address, self.spec, node.agent_id, node.token,
                                   train.team, node.tls, timeout=fed.round_timeout,
                                   device=self.device)
-        dp = update_dp(train.privacy, train.ppo) if private else None
-        party = Party(team, transport, train.ppo, seed=train.seed * 1000 + self.index, dp=dp)
-        privacy = AgentPrivacy(node.agent_id, self.index, self.spec, train.team, train.privacy,
+        self.dp = update_dp(train.privacy, train.ppo) if private else None
+        party = Party(team, transport, train.ppo, seed=train.seed * 1000 + self.index,
+                      dp=self.dp)
+        cap = node.policy.cap(train.privacy.budget)  # its own policy caps the run's budget
+        cfg = (train.privacy if cap == train.privacy.budget
+               else replace(train.privacy, epsilon_budget=cap))
+        privacy = AgentPrivacy(node.agent_id, self.index, self.spec, train.team, cfg,
                                node.state_dir / LEDGER, fed.to_dict(), device=self.device,
                                composition=composition_of_config(fed.to_dict()),
-                               episodes=train.num_envs)
-        # DP-SGD's steps compose with the agent's releases even where it sends no part of the
-        # module (they shape its later releases); a plain update counts only if it is sent.
+                               episodes=train.num_envs, seeded_noise=node.policy.seeded_noise)
+        # DP-SGD's steps compose with the agent's releases even where it sends no network
+        # (they shape its later releases); a plain update counts where it is sent.
         steps = (update_releases(train.privacy, train.ppo)
-                 if dp is not None or (self.parts and private) else [])
+                 if self.dp is not None or sends else [])
         self.agent = Agent(party, privacy, steps)
         self.store = StateStore(node.state_dir, context_state)
         saved = self.store.load(restore_round)
@@ -183,6 +198,22 @@ class FederatedAgent:
             load_private_state(party, saved.state)
         self.restored_round = saved.round if saved else 0
         self.restore_s = time.perf_counter() - t0
+
+    def check_anchor(self, anchors: Anchors) -> None:
+        """Refuse to go on unless the ledger extends what the server recorded of it: a ledger
+        cut or rewritten since would let the budget forget what was spent."""
+        entries, last = anchors.get(self.node.agent_id, (0, GENESIS))
+        ledger = self.agent.privacy.ledger
+        held = ledger.entries
+        if len(held) < entries or (entries and held[entries - 1]["hash"] != last):
+            raise LedgerError(f"{ledger.path} no longer holds what the server recorded of it "
+                              f"({entries} entries ending in {last[:12]}; it holds "
+                              f"{len(held)}): it was cut or rewritten; restore it")
+
+    def proof(self) -> Proof:
+        """The reply's proof, unsigned: who the agent is and its ledger's anchor."""
+        ledger = self.agent.privacy.ledger
+        return Proof(self.node.agent_id, len(ledger), ledger.last_hash)
 
     @property
     def team(self) -> Team:

@@ -1,8 +1,9 @@
 """The Flower ClientApp: one agent of the joint environment per SuperNode.
 
 ``train`` messages carry the global shared module and the round's configuration; the agent
-trains its round's episode batches through the simulator and replies with its copy of the shared
-module and metrics. ``evaluate`` messages run greedy episodes and reply with the agent's returns.
+checks the configuration against its own privacy policy, trains its round's episode batches
+through the simulator and replies with its copy of the shared module, metrics and its signed
+proof (``protocol.signing``). ``evaluate`` messages run greedy episodes.
 A failure is answered with one line saying what happened instead of a traceback, and the
 server decides whether the run goes on.
 
@@ -20,6 +21,7 @@ from flwr.clientapp import ClientApp
 
 from fedcomm.clients.host import AgentHost, failure_reason
 from fedcomm.clients.relay import error_reply, process_age
+from fedcomm.protocol.signing import seal
 
 _handled_a_message = False
 
@@ -46,6 +48,7 @@ def make_client_app(defaults: dict | None = None) -> ClientApp:
                 content = host.train(msg.content, settings, context.state, _start_up())
             else:
                 content = host.evaluate(msg.content, settings, context.state)
+            seal(content, msg.metadata.message_id, settings)
         except Exception as e:  # the server hears why; the node stays up for the next round
             return error_reply(msg, failure_reason(msg.content, settings, e,
                                                    f"node {context.node_id}"))

@@ -168,11 +168,10 @@ def released_statistics(team: Team, rollout: Rollout, targets: Targets, cfg: PPO
     clipped = torch.cat([x * (bound / x.norm(dim=1, keepdim=True).clamp(min=bound))
                          for x in parts], dim=1)
     device = rollout.rewards.device
-    draw = torch.rand(b, generator=generator,
-                      device=generator.device if generator is not None else "cpu").to(device)
+    sampled = poisson_sample(b, sample_rate, generator).to(device)
     noise = torch.randn(clipped.shape[1], generator=noise_generator,
                         device=noise_generator.device if noise_generator is not None else "cpu")
-    mean = ((clipped * (draw < sample_rate)[:, None]).sum(dim=0)
+    mean = ((clipped * sampled[:, None]).sum(dim=0)
             + noise.to(device) * (noise_multiplier * clip)) / (sample_rate * b)
     n = adv.shape[1]
     centre = (mean[:n] * scale).view(targets.advantages.shape[0], 1, -1)
@@ -184,6 +183,14 @@ def released_statistics(team: Team, rollout: Rollout, targets: Targets, cfg: PPO
         m = m.clamp(min=other)  # randomized response releases each codeword this often
         marginal = m / m.sum(dim=-1, keepdim=True)
     return Targets(targets.advantages - centre, targets.returns, marginal)
+
+
+def poisson_sample(b: int, rate: float, generator: torch.Generator | None) -> Tensor:
+    """``[B]`` bool: which of ``b`` episodes a DP-SGD step samples, each with probability
+    ``rate``. Subsampling amplifies privacy only while the sample is secret: ``generator`` is
+    the agent's secure source, never a stream seeded from anything public."""
+    device = generator.device if generator is not None else "cpu"
+    return torch.rand(b, generator=generator, device=device) < rate
 
 
 def dp_ppo_update(team: Team, optimizer: torch.optim.Optimizer, rollout: Rollout,
@@ -208,10 +215,11 @@ def dp_ppo_update(team: Team, optimizer: torch.optim.Optimizer, rollout: Rollout
     Each step is one sampled Gaussian release (rate ``sample_rate``, noise multiplier
     ``noise_multiplier``, L2 sensitivity ``clip`` under add/remove of an episode); the
     second value returned is their number, ``dp_steps(cfg, sample_rate)``. A step whose
-    sample is empty still releases noise. ``generator`` draws the samples, ``noise_generator``
-    the noise. ``cfg.max_grad_norm`` is not applied: the per-episode clip bounds the update.
-    Advantages are used as given (see the module's note): rescale them, if at all, by a
-    constant that depends on no episode.
+    sample is empty still releases noise. ``generator`` draws the samples
+    (``poisson_sample``), ``noise_generator`` the noise: both the agent's secure source.
+    ``cfg.max_grad_norm`` is not applied: the per-episode clip bounds the update. Advantages
+    are used as given (see the module's note): rescale them, if at all, by a constant that
+    depends on no episode.
     """
     check_sample_rate(sample_rate)
     if not 0 < clip < math.inf or noise_multiplier < 0:
@@ -236,9 +244,7 @@ def dp_ppo_update(team: Team, optimizer: torch.optim.Optimizer, rollout: Rollout
     stats: dict[str, list[float]] = {}
     try:
         for _ in range(steps - int(statistics)):
-            draw = torch.rand(b, generator=generator,
-                              device=generator.device if generator is not None else "cpu")
-            envs = (draw < sample_rate).nonzero().squeeze(1).to(device)
+            envs = poisson_sample(b, sample_rate, generator).nonzero().squeeze(1).to(device)
             dp.zero_grad(set_to_none=True)
             if len(envs):
                 part = Targets(targets.advantages[:, envs], targets.returns[:, envs],

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from fedcomm.clients.grpc_transport import TransportError
+from fedcomm.clients.policy import PolicyRefusal
 from fedcomm.clients.transport import BatchTruncated
 from fedcomm.protocol.codec import ProtocolError
 
@@ -29,7 +30,8 @@ AGENT_ADVICE: Mapping[str, str] = {  # ``fedcomm agent``: status code name -> wh
                         "and DP settings: start them all from the same checkpoint",
     "FAILED_PRECONDITION": "start every agent of the environment together, against a "
                            "simulator that is not running another round",
-    "RESOURCE_EXHAUSTED": "serve fewer --num-envs or raise the simulator's --max-message-mb",
+    "RESOURCE_EXHAUSTED": "serve fewer --num-envs: the simulator's message limit follows the "
+                          "run's shapes",
     "join barrier": "another agent did not join; start every agent of the environment (one "
                     "`fedcomm agent` per agent id) within the simulator's --join-timeout of "
                     "each other",
@@ -47,6 +49,8 @@ def failure_line(who: str, e: Exception, sim: str,
     def said(line: str, key: str) -> str:
         return line + (f"; {advice[key]}" if key in advice else "")
 
+    if isinstance(e, PolicyRefusal):  # names the agent and the setting already
+        return str(e)
     if isinstance(e, BatchTruncated):
         return said(f"{who}: the simulator ended the episode batch early: {e}", "truncated")
     if isinstance(e, ProtocolError):  # the simulator's data is malformed

@@ -8,6 +8,12 @@ optimizer, channel to the simulator and open ledger as they were. Nothing durabl
 every round still ends with the agent's state written to its directory, so a worker that dies
 is a failed round, and a new one continues from that state.
 
+Before anything is opened or released, the run's configuration is checked against the
+agent's own privacy policy (``clients.policy``): a configuration below it is refused with one
+line. Then the agent's ledger must extend what the server recorded of it (the message's
+anchors). Each reply carries the agent's proof (``protocol.round.Proof``), which the process
+that answers the message signs (``protocol.signing.seal``).
+
 A kept agent also keeps its last round's reply. The server sends a round again, unchanged,
 when some reply of it was lost (a SuperNode killed while its agent worked on): that agent
 then answers with the reply it computed, without training or releasing anything twice. It
@@ -26,15 +32,18 @@ from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
 from fedcomm.clients.agent import FederatedAgent
 from fedcomm.clients.failures import failure_line
+from fedcomm.clients.journal import Journal
 from fedcomm.clients.node import AgentNode
 from fedcomm.config import FederationConfig
 from fedcomm.protocol.round import (
     ARRAYS,
     CONFIG,
     METRICS,
+    PROOF,
     EvaluateInstruction,
     EvaluateReply,
     TrainInstruction,
+    anchors_from_json,
 )
 
 
@@ -68,6 +77,7 @@ class AgentHost:
             return reply
         agent = self._open(held, fed, node, context_state, todo.config, todo.server_round - 1)
         try:
+            agent.check_anchor(anchors_from_json(todo.anchors))
             shared, metrics = agent.train_round(todo.server_round, _arrays(content),
                                                 todo.time_frac)
         except BaseException:
@@ -75,7 +85,12 @@ class AgentHost:
             raise
         metrics = replace(metrics, timings=metrics.timings | {
             "client_s": time.perf_counter() - start, "start_s": start_s})
-        reply = RecordDict({ARRAYS: ArrayRecord(shared), METRICS: metrics.to_record()})
+        Journal(node.state_dir).train(todo.server_round, metrics.return_mean or 0.0,
+                                      metrics.timings, metrics.stats)
+        if node.policy.private:  # nothing that no mechanism covers leaves the agent
+            metrics = metrics.withheld()
+        reply = RecordDict({ARRAYS: ArrayRecord(shared), METRICS: metrics.to_record(),
+                            PROOF: agent.proof().to_record()})
         self._done(key, _Held(agent, todo.config, todo.server_round, (digest, reply)))
         return reply
 
@@ -86,6 +101,7 @@ class AgentHost:
         fed, node, key, held = self._take(todo.config, settings)
         agent = self._open(held, fed, node, context_state, todo.config, todo.server_round)
         try:
+            agent.check_anchor(anchors_from_json(todo.anchors))
             returns = agent.evaluate(_arrays(content), todo.batches, todo.seed,
                                      todo.server_round)
         except BaseException:
@@ -93,14 +109,18 @@ class AgentHost:
             raise
         replay = held.replay if held is not None and held.agent is agent else None
         self._done(key, _Held(agent, todo.config, todo.server_round, replay))
-        return RecordDict({METRICS: EvaluateReply(agent.index, returns).to_record()})
+        Journal(node.state_dir).evaluation(todo.server_round, todo.seed, returns)
+        reply = EvaluateReply(agent.index, len(returns),
+                              None if node.policy.private else returns)
+        return RecordDict({METRICS: reply.to_record(), PROOF: agent.proof().to_record()})
 
     def _take(self, config: str, settings: dict
               ) -> tuple[FederationConfig, AgentNode, tuple[str, Path], _Held | None]:
-        """The run, the node, and the agent held for it (taken out until the message is
-        done)."""
+        """The run (checked against the node's privacy policy), the node, and the agent held
+        for it (taken out until the message is done)."""
         fed = FederationConfig.from_json(config)
         node = AgentNode.from_settings(settings, fed.spec)
+        node.policy.check(fed, fed.spec.agent_ids.index(node.agent_id))
         key = (node.agent_id, node.state_dir)
         return fed, node, key, self._held.pop(key, None)
 

@@ -10,18 +10,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedcomm.clients.grpc_transport import ClientTls
+from fedcomm.clients.policy import PrivacyPolicy
 from fedcomm.protocol.auth import read_tokens
 from fedcomm.sim.base import EnvSpec
 
 
 @dataclass
 class AgentNode:
-    """Where an agent runs: its identity, the simulator it reaches, and its state directory."""
+    """Where an agent runs: its identity, the simulator it reaches, its state directory, and
+    the privacy policy it holds every round's configuration to."""
 
     agent_id: str
     sim_address: str
     token: str
     state_dir: Path
+    policy: PrivacyPolicy
     tls: ClientTls | None = None
     device: str | None = None  # None: the run config's
 
@@ -62,5 +65,7 @@ class AgentNode:
                             Path(settings["sim-cert"]) if settings.get("sim-cert") else None,
                             Path(settings["sim-key"]) if settings.get("sim-key") else None)
         device = str(settings["device"]) if settings.get("device") else None
-        return cls(agent_id, str(settings["sim-address"]), token, state_dir, tls, device)
+        policy = PrivacyPolicy.from_settings(settings, agent_id)
+        return cls(agent_id, str(settings["sim-address"]), token, state_dir, policy, tls,
+                   device)
 

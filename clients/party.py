@@ -68,7 +68,9 @@ class Party:
         ``routes`` fixes the graph's kept routes for the batch (default: the team's own graph);
         ``lr`` sets the learning rate of this batch's update. A ``silent`` party (its privacy
         budget spent) acts but releases nothing: no vectors, no feedback, and it does not train.
-        ``noise`` draws the privacy noise of vectors and feedback (default: the party's stream).
+        ``noise`` draws every random choice an accountant assumes secret: the privacy noise of
+        vectors, feedback and DP-SGD, and DP-SGD's Poisson samples (subsampling amplifies
+        privacy only while the sample is secret); default: the party's seeded stream.
         ``on_joined`` runs once the batch is admitted, before anything is sent.
         """
         t0 = time.perf_counter()
@@ -106,7 +108,7 @@ class Party:
                 update, steps = dp_ppo_update(
                     self.team, self.optimizer, rollout, self.cfg, targets,
                     noise_multiplier=self.dp.noise_multiplier, clip=self.dp.clip,
-                    sample_rate=self.dp.sample_rate, generator=self.generator,
+                    sample_rate=self.dp.sample_rate, generator=noise or self.generator,
                     noise_generator=noise or self.generator, feedback=received,
                     clip_shares=self.dp.clip_shares,
                     statistics=self.dp.statistics)

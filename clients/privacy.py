@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from fedcomm.config import PPOConfig, TeamConfig
+from fedcomm.models.parts import peers, shared_parts
 from fedcomm.privacy.budget import BudgetExhausted, PrivacyAccount, PrivacyBudget, Spent
 from fedcomm.privacy.config import PrivacyConfig
 from fedcomm.privacy.events import (
@@ -184,34 +185,6 @@ def batch_releases(spec: EnvSpec, team: TeamConfig, relation: Relation, routes: 
     return out + list(extra)
 
 
-SENDER_PARTS = ("encoder",)
-RECEIVER_PARTS = ("gate_state", "gate_message", "decoder", "graph")
-
-
-def uses(spec: EnvSpec, routes: Tensor, index: int) -> tuple[str, ...]:
-    """The parts of the shared module agent ``index`` uses: the encoder if its vectors reach
-    someone, the receiving parts if vectors reach it."""
-    reach, reached_by = peers(spec, routes, index)
-    return (SENDER_PARTS if reach else ()) + (RECEIVER_PARTS if reached_by else ())
-
-
-def shared_parts(spec: EnvSpec, share: str, routes: Tensor, index: int) -> tuple[str, ...]:
-    """The parts of the shared module agent ``index`` sends to the server: all of them, or
-    (``share="used"``) those it uses that another agent uses too: the encoder if its vectors
-    reach someone and another agent's do, the receiving parts if vectors reach it and another
-    agent."""
-    if share == "all":
-        return SENDER_PARTS + RECEIVER_PARTS
-    if share == "none":
-        return ()
-    links = [peers(spec, routes, i) for i in range(spec.n_agents)]
-    reach, reached_by = links[index]
-    senders = sum(r > 0 for r, _ in links)
-    receivers = sum(b > 0 for _, b in links)
-    return ((SENDER_PARTS if reach and senders > 1 else ())
-            + (RECEIVER_PARTS if reached_by and receivers > 1 else ()))
-
-
 def releases_anything(spec: EnvSpec, team: TeamConfig, share: str, routes: Tensor,
                       index: int) -> bool:
     """Whether agent ``index`` releases anything its networks shape: vectors, feedback, or
@@ -219,17 +192,6 @@ def releases_anything(spec: EnvSpec, team: TeamConfig, share: str, routes: Tenso
     reach, reached_by = peers(spec, routes, index)
     return bool(reach or (reached_by and team.feedback)
                 or shared_parts(spec, share, routes, index))
-
-
-def peers(spec: EnvSpec, routes: Tensor, index: int) -> tuple[int, int]:
-    """How many other agents ``index``'s vectors can reach, and how many can reach it."""
-    routes = routes.cpu()
-    types = torch.tensor(spec.type_of_agent)
-    others = torch.arange(spec.n_agents) != index
-    k = spec.type_of_agent[index]
-    reach = int((routes[k, types] & others).sum())
-    reached_by = int((routes[types, k] & others).sum())
-    return reach, reached_by
 
 
 class AgentPrivacy:
@@ -253,20 +215,23 @@ class AgentPrivacy:
         Which of its releases compose for a unit (``composition_for`` its training).
     episodes
         Episodes per batch: what each release counts for the unit (``for_unit``).
+    seeded_noise
+        Draw the noise from the agent's seeded stream instead of its secure source: test
+        randomness, marked in every ledger entry (``fedcomm audit`` fails such a run).
     """
 
     def __init__(self, agent: str, index: int, spec: EnvSpec, team: TeamConfig,
                  cfg: PrivacyConfig, ledger_path: Path, run_config: dict[str, Any],
                  device: str | torch.device = "cpu", composition: Composition = "batch",
-                 episodes: int = 1) -> None:
+                 episodes: int = 1, seeded_noise: bool = False) -> None:
         self.agent, self.index, self.spec, self.team, self.cfg = agent, index, spec, team, cfg
         self.composition, self.episodes = composition, episodes
-        ledger_path.parent.mkdir(parents=True, exist_ok=True)
-        self.ledger = Ledger(ledger_path, agent, config_hash(run_config))
+        self.ledger = Ledger(ledger_path, agent, config_hash(run_config),
+                             noise="seeded" if seeded_noise else "secure")
         budget = PrivacyBudget(cfg.budget, cfg.delta, cfg.accountant, cfg.relation)
         self.account = PrivacyAccount.from_ledger(self.ledger.entries, budget, cfg.unit, agent,
                                                   composition)
-        self.noise = None if cfg.seeded_noise else secure_generator(device=device)
+        self.noise = None if seeded_noise else secure_generator(device=device)
 
     def batch_releases(self, routes: Tensor, extra: Sequence[GaussianRelease] = ()
                        ) -> list[GaussianRelease]:

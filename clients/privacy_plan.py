@@ -19,9 +19,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
-import torch
-from torch import Tensor
-
 from fedcomm.clients.privacy import (
     Training,
     batch_releases,
@@ -29,11 +26,11 @@ from fedcomm.clients.privacy import (
     for_unit,
     message_release,
     releases_anything,
-    shared_parts,
     update_releases,
     update_sample_rate,
 )
 from fedcomm.config import FederationConfig, TrainConfig
+from fedcomm.models.parts import initial_routes, sends_to_server
 from fedcomm.presets import PRIVATE_FEEDBACK_CLIP, UNCLIPPED
 from fedcomm.privacy.accountants import make_accountant
 from fedcomm.privacy.budget import PrivacyBudget, mechanism_epsilons
@@ -56,6 +53,7 @@ class Schedule:
     train_batches: int
     eval_batches: int = 0
     share: str = "all"  # FederationConfig.share: which parts of the shared module agents send
+    aggregate_private: bool = False  # FederationConfig.aggregate_private: private networks too
 
     @classmethod
     def of(cls, cfg: TrainConfig | FederationConfig) -> Schedule:
@@ -64,7 +62,8 @@ class Schedule:
         per_evaluation = math.ceil(cfg.train.eval_episodes / cfg.train.num_envs)
         interval = cfg.eval_interval
         periodic = (cfg.rounds - 1) // interval if interval else 0
-        return cls(True, cfg.total_batches, per_evaluation * (periodic + 1), cfg.share)
+        return cls(True, cfg.total_batches, per_evaluation * (periodic + 1), cfg.share,
+                   cfg.aggregate_private)
 
 
 def training(train: TrainConfig, schedule: Schedule) -> Training:
@@ -73,21 +72,15 @@ def training(train: TrainConfig, schedule: Schedule) -> Training:
     return "dp_sgd" if private else "plain"
 
 
-def initial_routes(train: TrainConfig) -> Tensor:
-    """The routes of the first round: all of them, unless the team does not communicate or
-    starts with every route below the pruning threshold."""
-    keep = (train.team.communicate
-            and 1 / (1 + math.exp(-train.team.graph_init)) > train.team.prune_threshold)
-    return torch.tensor(train.team.allowed_routes(train.spec)) & keep
-
-
 def unit_releases(train: TrainConfig, schedule: Schedule, index: int) -> list[GaussianRelease]:
     """What composes for one unit of agent ``index`` in the planned run."""
     routes = initial_routes(train)
     extra = []
     if schedule.federated:  # as the agent decides (clients.agent.FederatedAgent)
-        private = releases_anything(train.spec, train.team, schedule.share, routes, index)
-        sends = bool(shared_parts(train.spec, schedule.share, routes, index))
+        sends = sends_to_server(train.spec, schedule.share, schedule.aggregate_private,
+                                routes, index)
+        private = sends or releases_anything(train.spec, train.team, schedule.share, routes,
+                                             index)
         dp = train.privacy.update_noise_multiplier is not None
         if (dp and private) or (not dp and sends):
             extra = update_releases(train.privacy, train.ppo)

@@ -4,25 +4,39 @@ Flower starts a fresh ClientApp process for every message. Where the SuperNode's
 names a ``worker-socket``, this process imports only Flower's records and this module (no
 torch, no fedcomm agent), hands the message to the agent's long-lived worker on the same host
 (``clients.worker``) and returns its reply; without one it runs the agent itself
-(``clients.app``). A worker that is not listening yet (starting, or restarted by its
-supervisor) is retried for ``CONNECT_S``; one that goes away mid-message fails the message with
-one line, and the server's failure policy decides.
+(``clients.app``). The request carries the worker's token, read from the file the node config
+names as ``worker-token-file``. A worker that is not listening yet (starting, or restarted by
+its supervisor) is retried for ``CONNECT_S``; one that goes away mid-message, or does not answer
+within the run's round timeout (by then the server has given up on the round), fails the message
+with one line, and the server's failure policy decides.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import time
 from pathlib import Path
 
-from flwr.app import Context, Error, Message
+from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 
-from fedcomm.protocol.worker import WORKER_SOCKET, WorkerProtocolError, WorkerRequest, ask
+from fedcomm.protocol.round import CONFIG
+from fedcomm.protocol.signing import seal
+from fedcomm.protocol.worker import (
+    WORKER_SOCKET,
+    WORKER_TOKEN,
+    WorkerProtocolError,
+    WorkerRequest,
+    ask,
+    read_worker_token,
+)
 
 CONNECT_S = 60.0
 RETRY_S = 0.1
+ANSWER_S = 900.0  # seconds for the worker's answer where the message names no round timeout
 
 
 def process_age() -> float:
@@ -45,24 +59,44 @@ def relay(msg: Message, context: Context, kind: str) -> Message:
         from fedcomm.clients.app import app as in_process
 
         return in_process(msg, context)
-    request = WorkerRequest(kind, settings, msg.content, process_age())
+    who = settings.get("agent-id", f"node {context.node_id}")
+    try:
+        token = read_worker_token(settings[WORKER_TOKEN]) if WORKER_TOKEN in settings else ""
+    except ValueError as e:
+        return error_reply(msg, f"{who}: {e}")
+    request = WorkerRequest(kind, settings, msg.content, process_age(), token)
+    timeout = answer_timeout(msg.content)
     deadline = time.monotonic() + CONNECT_S
     while True:
         try:
-            reply = ask(path, request)
+            reply = ask(path, request, timeout)
             break
         except (FileNotFoundError, ConnectionRefusedError) as e:
             if time.monotonic() < deadline:
                 time.sleep(RETRY_S)
                 continue
             error = f"its worker is not listening at {path} ({e}); is `fedcomm worker` running?"
+        except TimeoutError:
+            error = f"its worker at {path} did not answer within {timeout:g} s"
         except (OSError, WorkerProtocolError) as e:
             error = f"its worker at {path} stopped before it answered ({e})"
-        who = settings.get("agent-id", f"node {context.node_id}")
         return error_reply(msg, f"{who}: {error}")
     if reply.error is not None:
         return error_reply(msg, reply.error)
-    return Message(reply.content, reply_to=msg)
+    try:
+        return Message(seal(reply.content, msg.metadata.message_id, settings), reply_to=msg)
+    except ValueError as e:
+        return error_reply(msg, f"{who}: {e}")
+
+
+def answer_timeout(content: RecordDict) -> float:
+    """Seconds to wait for the worker: the run's round timeout, read from the message's run
+    config (JSON, without importing the run's types, which bring torch), else ``ANSWER_S``."""
+    try:
+        seconds = float(json.loads(str(content[CONFIG]["config"]))["round_timeout"])
+    except (KeyError, TypeError, ValueError, RecursionError):
+        return ANSWER_S
+    return seconds if 0 < seconds < math.inf else ANSWER_S
 
 
 def error_reply(msg: Message, reason: str) -> Message:

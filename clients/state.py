@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ import torch
 from flwr.app import ConfigRecord, RecordDict
 
 from fedcomm.clients.party import Party
+from fedcomm.files import private_dir, write_private
 
 CONTEXT_KEY = "fedcomm.private"
 KEEP = 3  # round files kept in the durable directory
@@ -76,14 +76,8 @@ class StateStore:
 
     def save(self, server_round: int, state: dict) -> None:
         blob = _to_bytes(state)
-        self.directory.mkdir(parents=True, exist_ok=True)
-        path = self.directory / f"state-r{server_round:06d}.pt"
-        tmp = path.with_suffix(".tmp")
-        with open(tmp, "wb") as f:
-            f.write(blob)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        # The agent's alone (0700, files 0600), written atomically, never through a link.
+        write_private(private_dir(self.directory) / f"state-r{server_round:06d}.pt", blob)
         for old in self._rounds()[:-KEEP]:
             (self.directory / f"state-r{old:06d}.pt").unlink(missing_ok=True)
         self.context_state[CONTEXT_KEY] = ConfigRecord({"round": server_round, "state": blob})

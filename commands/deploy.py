@@ -37,8 +37,9 @@ def add(sub: argparse._SubParsersAction) -> None:
     loc.set_defaults(func=run_local)
     s = parser_of(d, "secrets", help="make every certificate, key and token of a deployment",
                   description="A CA, server certificates for the SuperLink and the "
-                  "simulator, and per agent: a client certificate, a SuperNode key pair and "
-                  "a token. Hand each host its own folder.")
+                  "simulator, and per agent: a client certificate, a SuperNode key pair, "
+                  "a simulator token, a worker token and a server key. Hand each host its "
+                  "own folder.")
     add_env(s, default="speaker_listener")
     s.add_argument("--out", type=Path, required=True)
     s.add_argument("--superlink-host", action="append", default=[], metavar="NAME",
@@ -53,6 +54,9 @@ def add(sub: argparse._SubParsersAction) -> None:
     a.add_argument("app_dir", type=Path)
     a.add_argument("--run-dir", required=True,
                    help="where the ServerApp writes the run directory (SuperLink's host)")
+    a.add_argument("--agent-keys", required=True,
+                   help="the agents' server keys on the SuperLink's host (superlink/"
+                   "agent-keys.json of fedcomm deploy secrets)")
     a.set_defaults(func=run_app)
 
 
@@ -83,7 +87,7 @@ def run_app(args: argparse.Namespace) -> int:
         raise ValueError("to continue a run, submit its app again: the ServerApp goes on from "
                          "the checkpoint in its --run-dir")
     fed = federation_config_from_args(args)
-    write_app(args.app_dir, fed.to_json(), args.run_dir)
+    write_app(args.app_dir, fed.to_json(), args.run_dir, args.agent_keys)
     console.print(f"wrote {args.app_dir / 'pyproject.toml'}: flwr run {args.app_dir} "
                   "<federation> --stream")
     return 0

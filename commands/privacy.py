@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from fedcomm.commands.options import parser_of
@@ -35,5 +36,33 @@ def run_audit(args: argparse.Namespace) -> int:
     from fedcomm.clients.privacy import composition_of_config
     from fedcomm.privacy.commands import audit_command
 
+    folder = args.path if args.path.is_dir() else args.path.parent
+    agents, anchors = server_record(folder)
     return audit_command(args.path, args.empirical, console,
-                         composition=composition_of_config)
+                         composition=composition_of_config, agents=agents, anchors=anchors)
+
+
+def server_record(folder: Path) -> tuple[list[str] | None, dict[str, list] | None]:
+    """What a federated run's server recorded in ``folder``: the run's agents (its
+    ``config.json``) and every anchor of each agent's ledger (each ``metrics.jsonl`` row's and
+    the final evaluation's in ``summary.json``). ``(None, None)`` for a run without a server
+    (the centralized trainer's)."""
+    from fedcomm.config import FederationConfig
+    from fedcomm.jsonfile import read_json
+
+    config = folder / "config.json"
+    if not config.exists() or read_json(config).get("mode") != "federated":
+        return None, None
+    fed = FederationConfig.from_dict(read_json(config))
+    anchors: dict[str, list] = {}
+    rows = []
+    metrics = folder / "metrics.jsonl"
+    if metrics.exists():
+        rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    summary = folder / "summary.json"
+    if summary.exists():
+        rows.append(read_json(summary))
+    for row in rows:
+        for agent, (entries, last) in (row.get("ledgers") or {}).items():
+            anchors.setdefault(agent, []).append((int(entries), str(last)))
+    return list(fed.spec.agent_ids), anchors

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import os
+import secrets
+import stat
 from pathlib import Path
 
 from fedcomm.commands.options import add_device, add_env, env_spec_of, parser_of
 from fedcomm.commands.output import console
+from fedcomm.sim.limits import DEFAULT_MAX_COMM_DIM
 
 
 def add(sub: argparse._SubParsersAction) -> None:
@@ -17,7 +21,13 @@ def add(sub: argparse._SubParsersAction) -> None:
                   "episode batches, step them over a stream, and exchange DIAL feedback.")
     add_env(s)
     s.add_argument("--num-envs", type=int, default=256, help="parallel environments per batch")
-    s.add_argument("--seed", type=int, default=0, help="round r resets with seed + r")
+    s.add_argument("--seed", type=int, default=0,
+                   help="a batch whose agents declare no label is labelled seed + its round")
+    s.add_argument("--episode-key", type=Path,
+                   help="the secret that keys every batch's seed (32 bytes or more, mode 0600); "
+                   "made there if missing. Default: a fresh one, held in memory only")
+    s.add_argument("--comm-dim", type=int, default=DEFAULT_MAX_COMM_DIM,
+                   help="the largest comm_dim an agent may declare; it sizes the message limit")
     add_device(s)
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=50051, help="0 picks a free port")
@@ -31,7 +41,6 @@ def add(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--join-timeout", type=float, default=60.0)
     s.add_argument("--step-timeout", type=float, default=30.0)
     s.add_argument("--feedback-timeout", type=float, default=60.0)
-    s.add_argument("--max-message-mb", type=float, default=64.0)
     s.set_defaults(func=run_serve)
     t = parser_of(sim, "tokens", help="write a fresh token per agent of an environment")
     add_env(t)
@@ -64,11 +73,12 @@ def run_serve(args: argparse.Namespace) -> int:
     if args.tls_client_ca and not args.tls_cert:
         raise ValueError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
     tls = ServerTls(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None
+    keyed = {"episode_key": episode_key(args.episode_key)} if args.episode_key else {}
     cfg = SimConfig(env=args.env, env_kwargs=dict(args.env_opt), num_envs=args.num_envs,
                     seed=args.seed, run_id=args.run_id, tokens=read_tokens(args.tokens),
-                    join_timeout=args.join_timeout, step_timeout=args.step_timeout,
-                    feedback_timeout=args.feedback_timeout,
-                    max_message_bytes=int(args.max_message_mb * 2**20), device=args.device)
+                    max_comm_dim=args.comm_dim, join_timeout=args.join_timeout,
+                    step_timeout=args.step_timeout, feedback_timeout=args.feedback_timeout,
+                    device=args.device, **keyed)
 
     def announce(port: int) -> None:
         if args.port_file:
@@ -79,3 +89,30 @@ def run_serve(args: argparse.Namespace) -> int:
 
     serve_forever(cfg, args.host, args.port, tls, on_start=announce)
     return 0
+
+
+def episode_key(path: Path) -> bytes:
+    """The episode key in ``path``, or a fresh one written there (mode 0600) if it does not
+    exist. A key that others could read, or one too short, is refused: whoever reads it can
+    regenerate every agent's private observations."""
+    from fedcomm.files import write_private
+    from fedcomm.sim.episodes import KEY_BYTES
+
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        key = secrets.token_bytes(KEY_BYTES)
+        write_private(path, key)
+        return key
+    with os.fdopen(fd, "rb") as f:
+        mode = os.fstat(f.fileno()).st_mode
+        if not stat.S_ISREG(mode):
+            raise ValueError(f"the episode key {path} is not a regular file")
+        if mode & 0o077:
+            raise ValueError(f"the episode key {path} is open to group or others (mode "
+                             f"{stat.S_IMODE(mode):o}): chmod 600 it, or make a new one")
+        key = f.read()
+    if len(key) < KEY_BYTES:
+        raise ValueError(f"the episode key {path} holds {len(key)} bytes; it needs at least "
+                         f"{KEY_BYTES}")
+    return key

@@ -15,12 +15,24 @@ def add(sub: argparse._SubParsersAction) -> None:
                   "shared communication module; write a run directory. With no arguments: "
                   "the embedded default, a speaker_listener team.")
     add_federation(p)
+    p.add_argument("--agent-max-epsilon", type=float, metavar="E",
+                   help="each agent's own privacy policy: the largest epsilon per unit it "
+                   "accepts from the server (default: what the run promises; inf accepts any "
+                   "run and sends metrics in the clear)")
     p.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from fedcomm.clients.policy import PrivacyPolicy
     from fedcomm.modes.simulation import simulate
 
-    return run_federated(args, "simulate", lambda fed, out: simulate(
-        fed, out, progress=not args.quiet, verbose=args.verbose))
+    def start(fed, out):
+        policy = PrivacyPolicy.of_run(fed)
+        if args.agent_max_epsilon is not None:
+            policy = replace(policy, max_epsilon=args.agent_max_epsilon)
+        return simulate(fed, out, progress=not args.quiet, verbose=args.verbose, policy=policy)
+
+    return run_federated(args, "simulate", start)

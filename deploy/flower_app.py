@@ -7,7 +7,9 @@ The app directory holds only its ``pyproject.toml``: the components are imported
 installed ``fedcomm`` package on the SuperLink's and every SuperNode's host, so the code that
 runs is the code that was installed and reviewed there, not code shipped with the run.
 The app's run config carries the whole run: ``fedcomm-config`` (a ``FederationConfig`` as
-JSON) and ``run-dir`` (where the ServerApp writes the run directory, on the SuperLink's host).
+JSON), ``run-dir`` (where the ServerApp writes the run directory) and ``agent-keys`` (the file
+of every agent's server key, which the server verifies replies with), both on the SuperLink's
+host.
 """
 
 from __future__ import annotations
@@ -40,13 +42,16 @@ clientapp = "fedcomm.clients.relay:app"
 """
 
 
-def write_app(out: str | Path, fed_json: str, run_dir: str | Path) -> Path:
+def write_app(out: str | Path, fed_json: str, run_dir: str | Path,
+              agent_keys: str | Path) -> Path:
     """Write the app directory ``out`` for one run: ``fed_json`` (``FederationConfig.to_json``)
-    written to ``run_dir`` on the SuperLink's host. Returns ``out``."""
+    written to ``run_dir`` and verified with the keys in ``agent_keys``, both on the
+    SuperLink's host. Returns ``out``."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     # A JSON string is a valid TOML basic string.
     config = (f"fedcomm-config = {json.dumps(fed_json)}\n"
-              f"run-dir = {json.dumps(str(run_dir))}\n")
+              f"run-dir = {json.dumps(str(run_dir))}\n"
+              f"agent-keys = {json.dumps(str(agent_keys))}\n")
     (out / "pyproject.toml").write_text(PYPROJECT + config)
     return out

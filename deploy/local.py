@@ -13,7 +13,8 @@ Everything lives in the run directory: the run's files as ``fedcomm simulate`` w
 ``agents/<id>/`` (each agent's durable state and privacy ledger) and ``deploy/`` (secrets,
 the Flower app, Flower's homes and every process's log). The workers' sockets live in a
 folder of this user's alone under the system's temporary directory (a Unix socket's path is
-short), removed when the deployment stops.
+short), removed when the deployment stops; each worker answers only requests that carry its
+agent's worker token (``--token-file``, and ``worker-token-file`` in the node config).
 """
 
 from __future__ import annotations
@@ -29,14 +30,15 @@ from pathlib import Path
 
 from rich.console import Console
 
+from fedcomm.clients.policy import PrivacyPolicy
 from fedcomm.clients.privacy_plan import Schedule, check_fits
 from fedcomm.config import FederationConfig
 from fedcomm.deploy.flower_app import write_app
 from fedcomm.deploy.secrets import DeploymentSecrets, make_secrets
 from fedcomm.modes.processes import ChildProcess, SimProcess, child_env, stop_tagged
-from fedcomm.modes.simulation import complete_run, terminate_as_interrupt
+from fedcomm.modes.simulation import check_ledgers_extend, complete_run, terminate_as_interrupt
 from fedcomm.progress import progress_bar, status
-from fedcomm.protocol.worker import WORKER_SOCKET
+from fedcomm.protocol.worker import WORKER_SOCKET, WORKER_TOKEN
 from fedcomm.server.app import ERROR_FILE
 from fedcomm.server.federation import FederationError
 from fedcomm.summary import RunResult
@@ -114,8 +116,10 @@ class LocalDeployment:
     """The processes of one deployment on this host; a context manager that stops them all."""
 
     def __init__(self, fed: FederationConfig, run_dir: Path, console: Console,
-                 restart_agents: bool = True, worker: bool = True) -> None:
+                 restart_agents: bool = True, worker: bool = True,
+                 policy: PrivacyPolicy | None = None) -> None:
         self.fed, self.console, self.restart_agents = fed, console, restart_agents
+        self.policy = policy or PrivacyPolicy.of_run(fed)  # each agent's, in its node config
         self.worker = worker
         self.workers: dict[str, ChildProcess] = {}
         self.sockets: Path | None = None
@@ -138,12 +142,13 @@ class LocalDeployment:
         layout = self.layout
         layout.logs.mkdir(parents=True, exist_ok=True)
         secrets = layout.secrets
-        if not secrets.exists():
+        if not secrets.exists(self.agents):
             make_secrets(secrets.dir, self.agents)
         self.sim = SimProcess(self.fed, secrets.tokens, layout.logs / "sim.log",
                               tls=(secrets.sim / "server.crt", secrets.sim / "server.key",
                                    secrets.ca),
-                              timeout=min(180.0, self.fed.round_timeout / 2))
+                              timeout=min(180.0, self.fed.round_timeout / 2),
+                              episode_key=secrets.episode_key)
         port = free_port()
         self._write_flower_config(port)
         self.superlink = ChildProcess("superlink", [
@@ -199,11 +204,12 @@ class LocalDeployment:
         return self._await_worker(agent, self._spawn_worker(agent))
 
     def _spawn_worker(self, agent: str) -> ChildProcess:
-        path = self._socket(agent)
+        path, token = self._socket(agent), self.layout.secrets.agent(agent).worker_token
         path.unlink(missing_ok=True)
         return ChildProcess(f"worker of {agent}", [
             sys.executable, "-m", "fedcomm", "worker", "--socket", str(path),
-            "--agent-id", agent], self.layout.logs / f"worker-{agent}.log", self.env)
+            "--agent-id", agent, "--token-file", str(token)],
+            self.layout.logs / f"worker-{agent}.log", self.env)
 
     def _await_worker(self, agent: str, worker: ChildProcess,
                       timeout: float = 60.0) -> ChildProcess:
@@ -221,9 +227,11 @@ class LocalDeployment:
         settings = {"agent-id": agent, "state-dir": self.layout.state_dir(agent),
                     "sim-address": f"localhost:{self.sim.port}",
                     "token-file": mine.token_file, "sim-ca": mine.ca, "sim-cert": mine.cert,
-                    "sim-key": mine.key}
+                    "sim-key": mine.key, "server-key-file": mine.server_key,
+                    **self.policy.to_settings()}
         if self.worker:
             settings[WORKER_SOCKET] = self._socket(agent)
+            settings[WORKER_TOKEN] = mine.worker_token
         home = self.layout.node_home(agent)
         home.mkdir(parents=True, exist_ok=True)
         return ChildProcess(f"SuperNode of {agent}", [
@@ -237,7 +245,8 @@ class LocalDeployment:
     def run(self, progress: bool = True) -> None:
         """Submit the run with ``flwr run`` and follow it to its end."""
         layout = self.layout
-        app = write_app(layout.root / "app", self.fed.to_json(), layout.run_dir)
+        app = write_app(layout.root / "app", self.fed.to_json(), layout.run_dir,
+                        layout.secrets.agent_keys)
         self.flwr_run = ChildProcess("flwr run", [
             tool("flwr"), "run", str(app), FEDERATION, "--stream"],
             layout.logs / "flwr-run.log", self.env)
@@ -334,6 +343,7 @@ def deploy_local(fed: FederationConfig, out: str | Path, progress: bool = True,
     starts."""
     check_fits(fed.train, Schedule.of(fed))
     run_dir = Path(out)
+    check_ledgers_extend(run_dir, fed)
     run_dir.mkdir(parents=True, exist_ok=True)
     console = console or Console(stderr=True)
     with terminate_as_interrupt(), LocalDeployment(fed, run_dir, console, restart_agents,

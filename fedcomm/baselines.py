@@ -163,9 +163,10 @@ def evaluate_baselines(env_name: str, episodes: int, seed: int = 0, batch: int =
     return out
 
 
-def _share(result: EvalResult, baselines: dict[str, EvalResult], top: str) -> float | None:
+def _share(result: EvalResult | None, baselines: dict[str, EvalResult], top: str
+           ) -> float | None:
     """The share of the no_comm -> ``top`` gap ``result`` closes; None where undefined."""
-    if "no_comm" not in baselines or top not in baselines:
+    if result is None or "no_comm" not in baselines or top not in baselines:
         return None
     low, high = baselines["no_comm"].return_mean, baselines[top].return_mean
     return (result.return_mean - low) / (high - low) if high != low else None
@@ -176,7 +177,7 @@ def _within_noise(a: EvalResult, b: EvalResult) -> bool:
     return abs(a.return_mean - b.return_mean) <= 2 * math.hypot(a.return_se, b.return_se)
 
 
-def baseline_summary(final: EvalResult, baselines: dict[str, EvalResult]) -> dict:
+def baseline_summary(final: EvalResult | None, baselines: dict[str, EvalResult]) -> dict:
     """A run summary's baselines, the missing ones named, ``gap_closed`` (the share of the
     no_comm -> oracle gap the team closes), and where the run has a DP ceiling,
     ``ceiling_gap_closed`` (the ceiling's own share of that gap) and ``of_ceiling`` (the share

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from functools import lru_cache
 from typing import Literal
 
@@ -135,6 +135,19 @@ class TeamConfig:
         return -(-episode_length // self.release_every)
 
 
+ADAM_BETAS = (0.9, 0.999)
+"""Every agent's optimizer is Adam with these betas (``clients.ppo.make_optimizer``): with
+them the server bounds how far an honest agent's update can move a parameter in a round."""
+
+
+def adam_step_bound(betas: tuple[float, float] = ADAM_BETAS) -> float:
+    """The most one Adam step moves a parameter, in units of the learning rate, whatever the
+    gradients: ``(1 - b1) / sqrt(1 - b2) / sqrt(1 - b1**2 / b2)`` (Cauchy-Schwarz on the
+    moment estimates; 7.27 for the default betas, never reached in practice)."""
+    b1, b2 = betas
+    return (1 - b1) / math.sqrt(1 - b2) / math.sqrt(1 - b1**2 / b2)
+
+
 @dataclass
 class PPOConfig:
     """PPO's settings for every agent."""
@@ -195,15 +208,30 @@ class TrainConfig:
         """Environment steps of one episode batch (one iteration of the centralized trainer)."""
         return self.num_envs * self.spec.episode_length
 
+    @property
+    def optimizer_steps(self) -> int:
+        """The most optimizer steps one episode batch's update takes: PPO's epochs times its
+        minibatches or, under DP-SGD, times the steps of one DP-SGD epoch
+        (``clients.privacy.dp_steps``), whichever is more."""
+        per_epoch = self.ppo.minibatches
+        if self.privacy.update_noise_multiplier is not None:
+            rate = self.privacy.update_sample_rate or 1.0 / self.ppo.minibatches
+            per_epoch = max(per_epoch, round(1 / rate))
+        return self.ppo.epochs * per_epoch
+
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
-        """From ``to_dict`` output, or a run directory's ``config.json``."""
+        """From ``to_dict`` output, or a run directory's ``config.json``; a setting it does not
+        know is refused by name."""
         d = dict(d)
-        return cls(team=TeamConfig(**d.pop("team", {})), ppo=PPOConfig(**d.pop("ppo", {})),
-                   privacy=PrivacyConfig(**d.pop("privacy", {})), **d)
+        parts = {"team": TeamConfig, "ppo": PPOConfig, "privacy": PrivacyConfig}
+        made = {name: _of(kind, d.pop(name, {}), f"train.{name}")
+                for name, kind in parts.items()}
+        _known(cls, d, "train")
+        return cls(**made, **d)
 
 
 Strategy = Literal["fedavg", "fedavgm", "fedadam"]
@@ -305,9 +333,28 @@ class FederationConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> FederationConfig:
-        """From ``to_dict`` output, or a run directory's ``config.json`` (which adds ``mode``)."""
-        return cls(**{k: v for k, v in d.items() if k != "mode"})
+        """From ``to_dict`` output, or a run directory's ``config.json`` (which adds ``mode``);
+        a setting it does not know is refused by name."""
+        d = {k: v for k, v in d.items() if k != "mode"}
+        _known(cls, d, "")
+        return cls(**d)
 
     @classmethod
     def from_json(cls, text: str) -> FederationConfig:
         return cls.from_dict(json.loads(text))
+
+
+def _known(cls: type, d: dict, where: str) -> None:
+    """Refuse settings ``cls`` does not have, naming them (a configuration from elsewhere, the
+    server's included, may carry anything)."""
+    unknown = sorted(set(d) - {f.name for f in fields(cls)})
+    if unknown:
+        names = ", ".join(f"{where}.{k}" if where else k for k in unknown)
+        raise ValueError(f"unknown setting{'s' if len(unknown) > 1 else ''} {names}")
+
+
+def _of(cls: type, d: dict, where: str):
+    if not isinstance(d, dict):
+        raise ValueError(f"{where} must be an object, got {type(d).__name__}")
+    _known(cls, d, where)
+    return cls(**d)

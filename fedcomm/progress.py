@@ -16,8 +16,11 @@ def progress_bar(enabled: bool, console: Console | None = None, unit: str = "") 
 
 
 def status(row: dict) -> str:
-    """A metrics row in a few words: the training return, and the evaluation's if there is one."""
-    text = f"return {row['return_mean']:.2f}"
+    """A metrics row in a few words: the training return, and the evaluation's if there is one
+    (neither where private agents keep them)."""
+    parts = []
+    if "return_mean" in row:
+        parts.append(f"return {row['return_mean']:.2f}")
     if "eval_return" in row:
-        text += f" | eval {row['eval_return']:.2f}"
-    return text
+        parts.append(f"eval {row['eval_return']:.2f}")
+    return " | ".join(parts)

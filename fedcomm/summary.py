@@ -9,7 +9,7 @@ of the file.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -29,7 +29,9 @@ class RunSummary:
     env, mode
         The environment and how it was trained.
     final, baselines
-        The trained team's greedy evaluation, and each scripted team's on the same seeds.
+        The trained team's greedy evaluation (``None`` on a server whose private agents keep
+        their returns: whoever runs every party adds it, ``with_final``), and each scripted
+        team's.
     missing_baselines, gap_closed
         The scripted teams the environment lacks, and the share of the no_comm -> oracle gap
         closed (``None`` where either is missing or they score the same).
@@ -54,11 +56,14 @@ class RunSummary:
         Where it ran; each sender type's counterfactual importance to each receiver type;
         the privacy report's figures (``clients.privacy.report_summary``); why training
         stopped early, if it did.
+    ledgers
+        Federated: each agent's ledger (entries, last hash) as its last reply stated it,
+        after the final evaluation: what an audit requires each ledger to extend.
     """
 
     env: str
     mode: Mode
-    final: EvalResult
+    final: EvalResult | None
     baselines: dict[str, EvalResult]
     missing_baselines: list[str]
     gap_closed: float | None
@@ -82,22 +87,29 @@ class RunSummary:
     stopped: str | None = None
     ceiling_gap_closed: float | None = None
     of_ceiling: float | None = None
+    ledgers: dict[str, list] | None = None
 
     @classmethod
-    def of(cls, *, final: EvalResult, baselines: dict[str, EvalResult], env_steps: int,
-           train_time_s: float, n_agents: int, route_strength: torch.Tensor,
+    def of(cls, *, final: EvalResult | None, baselines: dict[str, EvalResult],
+           env_steps: int, train_time_s: float, n_agents: int, route_strength: torch.Tensor,
            prune_threshold: float, **rest: Any) -> RunSummary:
         """A summary with what follows from the figures computed: the gap closed, the rates
         and the kept routes."""
-        gap = baseline_summary(final, baselines)
         rate = env_steps / max(train_time_s, 1e-9)
-        return cls(final=final, baselines=baselines,
-                   missing_baselines=gap["missing_baselines"], gap_closed=gap["gap_closed"],
-                   ceiling_gap_closed=gap.get("ceiling_gap_closed"),
-                   of_ceiling=gap.get("of_ceiling"),
-                   env_steps=env_steps, train_time_s=train_time_s, env_steps_per_s=rate,
-                   agent_steps_per_s=rate * n_agents, route_strength=route_strength.tolist(),
-                   kept_routes=(route_strength > prune_threshold).tolist(), **rest)
+        summary = cls(final=None, baselines=baselines, missing_baselines=[], gap_closed=None,
+                      env_steps=env_steps, train_time_s=train_time_s, env_steps_per_s=rate,
+                      agent_steps_per_s=rate * n_agents,
+                      route_strength=route_strength.tolist(),
+                      kept_routes=(route_strength > prune_threshold).tolist(), **rest)
+        return summary.with_final(final)
+
+    def with_final(self, final: EvalResult | None) -> RunSummary:
+        """The summary with the trained team's evaluation ``final`` and the gaps it closes."""
+        gap = baseline_summary(final, self.baselines)
+        return replace(self, final=final, missing_baselines=gap["missing_baselines"],
+                       gap_closed=gap["gap_closed"],
+                       ceiling_gap_closed=gap.get("ceiling_gap_closed"),
+                       of_ceiling=gap.get("of_ceiling"))
 
     def utility(self) -> dict[str, float]:
         """The gap closed, and against the DP ceiling, for the privacy report."""
@@ -114,7 +126,8 @@ class RunSummary:
     def from_dict(cls, d: dict[str, Any]) -> RunSummary:
         known = {f.name for f in fields(cls)}
         d = {k: v for k, v in d.items() if k in known}
-        return cls(**{**d, "final": EvalResult.from_dict(d["final"]),
+        final = d.get("final")
+        return cls(**{**d, "final": None if final is None else EvalResult.from_dict(final),
                       "baselines": {k: EvalResult.from_dict(v)
                                     for k, v in d["baselines"].items()}})
 
@@ -128,7 +141,7 @@ class RunResult:
     metrics: list[dict[str, Any]]
 
     @property
-    def final(self) -> EvalResult:
+    def final(self) -> EvalResult | None:
         return self.summary.final
 
     @property

@@ -205,13 +205,22 @@ class Team(nn.Module):
         if self.cfg.channel == "gaussian":
             noise = torch.randn(*clean.shape, generator=generator, device=device)
             return noise * (self.cfg.noise_multiplier * self.cfg.clip)
+        keep, other = self.response_probabilities()
+        k = self.cfg.symbols
+        # The encoder's own choice, then randomized response applied to whatever it is: the
+        # mechanism's guarantee does not depend on the encoder's output being a distribution.
+        probs = ((clean - other) / (keep - other)).nan_to_num(0.0, 0.0, 0.0).clamp_(min=0.0)
+        total = probs.sum(dim=-1, keepdim=True)
+        probs = torch.where(total > 0, probs / total.clamp(min=1e-30), 1.0 / k)
         if greedy:
-            keep, other = self.response_probabilities()
-            chosen = clean.argmax(dim=-1, keepdim=True)
-            clean = torch.full_like(clean, other).scatter_(-1, chosen, keep)
-        u = torch.rand(clean.shape, generator=generator, device=device).clamp_(min=1e-20)
-        symbol = (clean.clamp(min=1e-30).log() - torch.log(-torch.log(u))).argmax(dim=-1)
-        return one_hot(symbol, self.cfg.symbols).to(clean.dtype)
+            chosen = probs.argmax(dim=-1)
+        else:
+            u = torch.rand(clean.shape, generator=generator, device=device).clamp_(min=1e-20)
+            chosen = (probs.clamp(min=1e-30).log() - torch.log(-torch.log(u))).argmax(dim=-1)
+        kept = torch.rand(chosen.shape, generator=generator, device=device) < keep
+        shift = torch.randint(1, k, chosen.shape, generator=generator, device=device)
+        symbol = torch.where(kept, chosen, (chosen + shift) % k)
+        return one_hot(symbol, k).to(clean.dtype)
 
     def release(self, clean: Tensor, drawn: Tensor) -> Tensor:
         """The released vector: ``clean + noise`` (Gaussian); the drawn one-hot, with the

@@ -105,21 +105,31 @@ def stop_tagged(tag: str, grace: float = 5.0) -> list[int]:
     return pids
 
 
+EPISODE_KEY = Path("sim") / "episode.key"
+
+
 class SimProcess(ChildProcess):
     """``fedcomm sim serve`` for a federated run, on a free port of ``host``.
 
     ``tls`` are the simulator's certificate, key and the CA its clients must be signed by.
+    ``episode_key`` is the file of the secret that keys its episodes, made if missing (default:
+    ``sim/episode.key`` beside ``log``, in the run directory of ``fedcomm simulate``, so that a
+    resumed run keeps its key).
     """
 
     def __init__(self, fed: FederationConfig, tokens: Path, log: Path, host: str = "127.0.0.1",
-                 tls: tuple[Path, Path, Path] | None = None, timeout: float = 180.0) -> None:
+                 tls: tuple[Path, Path, Path] | None = None, timeout: float = 180.0,
+                 episode_key: Path | None = None) -> None:
         train = fed.train
         port_file = log.with_suffix(".port")
         port_file.unlink(missing_ok=True)
+        episode_key = episode_key or log.parent / EPISODE_KEY
+        episode_key.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         options = [a for k, v in train.env_kwargs.items()
                    for a in ("--env-opt", f"{k}={json.dumps(v)}")]
         command = [sys.executable, "-m", "fedcomm", "sim", "serve", "--env", train.env,
                    *options, "--num-envs", str(train.num_envs), "--seed", str(train.seed),
+                   "--episode-key", str(episode_key), "--comm-dim", str(train.team.comm_dim),
                    "--device", train.device, "--host", host, "--port", "0",
                    "--port-file", str(port_file), "--tokens", str(tokens),
                    "--join-timeout", str(timeout),

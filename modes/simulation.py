@@ -9,7 +9,12 @@ Every party's state is on this machine in a simulation, so afterwards the run di
 gets ``team.pt``, the team assembled from the global shared module and each agent's private
 state, for ``fedcomm eval``, where one team can hold them: not where agents keep their own
 copies of a part that several use (``share="none"``). A deployment has no such file: the
-private networks stay with their agents.
+private networks stay with their agents. For the same reason the result and the learning curve
+of a private run, whose agents keep their returns from the server, are read from the agents'
+own journals (``clients.journal``).
+
+Each agent holds a privacy policy (``clients.policy``): by default exactly what the run as
+given on the command line promises, so a server that sent anything less would be refused.
 """
 
 from __future__ import annotations
@@ -18,37 +23,41 @@ import contextlib
 import logging
 import os
 import signal
+import statistics
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
 
 import torch
 
-from fedcomm.baselines import EVAL_SEED
+from fedcomm.baselines import EVAL_SEED, EvalResult
 from fedcomm.clients.importance import communication_importance
-from fedcomm.clients.privacy import (
-    LEDGER,
-    RECEIVER_PARTS,
-    SENDER_PARTS,
-    report_summary,
-    shared_parts,
-    uses,
-    write_run_report,
-)
-from fedcomm.clients.privacy_plan import Schedule, check_fits, initial_routes
+from fedcomm.clients.journal import read_journal
+from fedcomm.clients.policy import PrivacyPolicy
+from fedcomm.clients.privacy import LEDGER, report_summary, write_run_report
+from fedcomm.clients.privacy_plan import Schedule, check_fits
 from fedcomm.clients.rollout import collect
 from fedcomm.clients.state import StateStore
 from fedcomm.clients.transport import LocalTransport
 from fedcomm.config import FederationConfig
 from fedcomm.device import resolve_device
+from fedcomm.models.parts import (
+    RECEIVER_PARTS,
+    SENDER_PARTS,
+    initial_routes,
+    sends_to_server,
+    shared_parts,
+    uses,
+)
 from fedcomm.models.team import TEAM_FILE, Team
 from fedcomm.modes.processes import SimProcess
+from fedcomm.privacy.ledger import LedgerError, read_ledger
 from fedcomm.protocol.auth import generate_tokens, write_tokens
-from fedcomm.protocol.round import shared_part
+from fedcomm.protocol.round import AGENT_PHASES, arrays_release, release_of, shared_part
 from fedcomm.rundir import RunDir
 from fedcomm.server.checkpoint import load_checkpoint
-from fedcomm.server.federation import FederationError
+from fedcomm.server.federation import FederationError, round_medians
 from fedcomm.sim.registry import make_env
 from fedcomm.summary import RunResult
 
@@ -117,8 +126,9 @@ def backend_config(n_agents: int, device: torch.device, verbose: bool = False) -
 
 
 def run_flower(fed: FederationConfig, run_dir: Path, sim_address: str, tokens: Path,
-               progress: bool, verbose: bool) -> RunResult:
-    """The ServerApp and every agent's ClientApp on Flower's simulation engine."""
+               keys: Path, policy: PrivacyPolicy, progress: bool, verbose: bool) -> RunResult:
+    """The ServerApp and every agent's ClientApp (each holding ``policy``) on Flower's
+    simulation engine; ``keys`` is the file of the agents' keys shared with the server."""
     import ray
     from flwr.simulation import run_simulation
 
@@ -128,10 +138,12 @@ def run_flower(fed: FederationConfig, run_dir: Path, sim_address: str, tokens: P
     n = fed.spec.n_agents
     results: list = []
     stop = threading.Event()
-    server_app = make_server_app(fed, run_dir, progress, results, stop)
+    local = journal_status(run_dir, fed) if policy.private else None
+    server_app = make_server_app(fed, run_dir, progress, results, stop, keys, local)
     device = resolve_device(fed.train.device)
     defaults = {"sim-address": sim_address, "token-file": str(tokens),
-                "state-root": str(run_dir / "agents")}
+                "server-key-file": str(keys), "state-root": str(run_dir / "agents"),
+                **policy.to_settings()}
     if device.type == "cuda":  # Ray sets each actor's CUDA_VISIBLE_DEVICES to its share
         defaults["device"] = "cuda"
     client_app = make_client_app(defaults)
@@ -189,12 +201,64 @@ def assemble_team(run_dir: Path, fed: FederationConfig) -> Team:
     return team
 
 
+def agent_journals(run_dir: Path, fed: FederationConfig) -> dict[str, list[dict]]:
+    """Every agent's journal, by agent id (all of them on this machine)."""
+    return {a: read_journal(run_dir / "agents" / a) for a in fed.spec.agent_ids}
+
+
+def journal_status(run_dir: Path, fed: FederationConfig) -> Callable[[int], str]:
+    """Round r's mean training return over the agents, from their journals: what the operator
+    of every party sees where the server sees no return."""
+    def status(rnd: int) -> str:
+        rows = [r for rows in agent_journals(run_dir, fed).values() for r in rows
+                if r["kind"] == "train" and r["round"] == rnd]
+        if len(rows) != fed.spec.n_agents:
+            return ""
+        return f"return {statistics.fmean(r['return_mean'] for r in rows):.2f} (journals)"
+
+    return status
+
+
+def operator_view(metrics: list[dict], journals: dict[str, list[dict]],
+                  final_round: int) -> tuple[list[dict], EvalResult | None]:
+    """The server's metrics rows completed from the agents' journals (each round's mean
+    training return, periodic evaluation and the agents' phases, where the server has none),
+    and the final evaluation the journals hold (``None`` if an agent's is missing)."""
+    rows = []
+    for row in metrics:
+        rnd, row = row["round"], dict(row)
+        train = [r for j in journals.values() for r in j
+                 if r["kind"] == "train" and r["round"] == rnd]
+        if "return_mean" not in row and len(train) == len(journals):
+            row["return_mean"] = statistics.fmean(r["return_mean"] for r in train)
+        if "client_s" not in row and len(train) == len(journals):
+            phases = {k: max(r.get(k, 0.0) for r in train) for k in AGENT_PHASES}
+            row |= {**phases, "flower_s": row["round_time_s"] - phases["client_s"]
+                    - phases["start_s"]}
+        periodic = [r["returns"] for j in journals.values() for r in j
+                    if r["kind"] == "evaluate" and r["round"] == rnd and r["seed"] != EVAL_SEED]
+        if "eval_s" in row and "eval_return" not in row and len(periodic) == len(journals):
+            row["eval_return"] = float(torch.tensor(periodic).mean())
+        rows.append(row)
+    final = [r["returns"] for j in journals.values() for r in j
+             if r["kind"] == "evaluate" and r["round"] == final_round and r["seed"] == EVAL_SEED]
+    if len(final) != len(journals) or len({len(r) for r in final}) != 1:
+        return rows, None
+    return rows, EvalResult.of(torch.tensor(final).mean(dim=0))
+
+
 def complete_run(run_dir: Path, fed: FederationConfig) -> RunResult:
     """Finish a run whose rounds are done, with every agent's state on this machine (a
-    simulation, or a deployment on one host): the team for ``fedcomm eval``, communication
-    importance, the privacy report from every agent's ledger, and the learning curve."""
+    simulation, or a deployment on one host): the result and learning curve completed from
+    the agents' journals where they kept them from the server, the team for ``fedcomm eval``,
+    communication importance, the privacy report from every agent's ledger."""
     run = RunDir(run_dir)
     summary = run.summary()
+    metrics, final = operator_view(run.metrics(), agent_journals(run_dir, fed),
+                                   summary.rounds or 0)
+    if summary.final is None:
+        summary = summary.with_final(final)
+        summary.round_time = round_medians([m for m in metrics if m["round"] > 1])
     if one_team_holds(fed):  # else the agents' own evaluation (summary.json) is the team's
         team = assemble_team(run_dir, fed)
         team.save(run.path / TEAM_FILE)
@@ -205,27 +269,71 @@ def complete_run(run_dir: Path, fed: FederationConfig) -> RunResult:
     report = write_run_report(run_dir, fed.to_dict(), fed.train.team, fed.train.privacy,
                               ledgers, ppo=fed.train.ppo,
                               extra={"silent_batches": summary.silent_batches or {},
-                                     "utility": summary.utility()})
+                                     "utility": summary.utility(),
+                                     "released": released_fields(run.metrics(), fed)})
     summary.privacy = report_summary(report)
     run.write_summary(summary)
     from fedcomm.plots import learning_curve
 
-    learning_curve(run.metrics(), summary, run_dir / "learning_curve.png",
+    learning_curve(metrics, summary, run_dir / "learning_curve.png",
                    f"{fed.train.env}: federated ({fed.strategy}), noise sigma="
                    f"{fed.train.team.noise_multiplier}")
-    return RunResult(run_dir, summary, run.metrics())
+    return RunResult(run_dir, summary, metrics)
+
+
+def released_fields(metrics: list[dict], fed: FederationConfig) -> dict[str, str]:
+    """Every field the agents' replies carried to the server over the run (as the server
+    recorded them), and how the server learns it (``protocol.round.RELEASES``); ``arrays``
+    where any agent sends parts of its networks."""
+    fields = {name for row in metrics for name in row.get("released", [])}
+    out: dict[str, str] = {name: release_of(name) for name in sorted(fields)}
+    routes = initial_routes(fed.train)
+    if any(sends_to_server(fed.spec, fed.share, fed.aggregate_private, routes, i)
+           for i in range(fed.spec.n_agents)):
+        out["arrays"] = arrays_release(fed.train.privacy.update_noise_multiplier is not None)
+    return out
+
+
+def check_ledgers_extend(run_dir: Path, fed: FederationConfig) -> None:
+    """Refuse (``ValueError``, one line) to resume a run whose agents' ledgers do not extend
+    what the server recorded of them in its checkpoint: a cut or rewritten ledger would let
+    an agent's budget forget what it spent."""
+    ckpt = load_checkpoint(run_dir)
+    if ckpt is None:
+        return
+    for agent in fed.spec.agent_ids:
+        entries, last = ckpt.anchors.get(agent, (0, ""))
+        path = run_dir / "agents" / agent / LEDGER
+        if not path.exists():
+            if entries:
+                raise ValueError(f"cannot resume: {agent}'s ledger {path} is gone; the server "
+                                 f"recorded {entries} entries of it")
+            continue
+        try:
+            held = read_ledger(path)
+        except LedgerError as e:
+            raise ValueError(f"cannot resume: {e}") from None
+        if len(held) < entries or (entries and held[entries - 1]["hash"] != last):
+            raise ValueError(f"cannot resume: {agent}'s ledger {path} holds {len(held)} "
+                             f"entries and does not extend the {entries} the server recorded "
+                             "(cut or rewritten); restore it")
 
 
 def simulate(fed: FederationConfig, out: str | Path, progress: bool = True,
-             verbose: bool = False) -> RunResult:
-    """Run (or, if ``out`` holds a checkpoint, continue) a federated simulation; a run that
-    cannot fit its privacy budget is refused (``ValueError``) before anything starts."""
+             verbose: bool = False, policy: PrivacyPolicy | None = None) -> RunResult:
+    """Run (or, if ``out`` holds a checkpoint, continue) a federated simulation whose agents
+    hold ``policy`` (default: what ``fed`` promises); a run that cannot fit its privacy budget,
+    or whose ledgers do not extend the checkpoint's record, is refused (``ValueError``) before
+    anything starts."""
     check_fits(fed.train, Schedule.of(fed))
     run_dir = Path(out)
+    check_ledgers_extend(run_dir, fed)
     run_dir.mkdir(parents=True, exist_ok=True)
-    tokens = run_dir / "tokens.json"
-    if not tokens.exists():
-        write_tokens(tokens, generate_tokens(fed.spec.agent_ids))
+    tokens, keys = run_dir / "tokens.json", run_dir / "agent-keys.json"
+    for path in (tokens, keys):
+        if not path.exists():
+            write_tokens(path, generate_tokens(fed.spec.agent_ids))
     with terminate_as_interrupt(), SimProcess(fed, tokens, run_dir / "sim.log") as sim:
-        run_flower(fed, run_dir, sim.address, tokens, progress, verbose)
+        run_flower(fed, run_dir, sim.address, tokens, keys, policy or PrivacyPolicy.of_run(fed),
+                   progress, verbose)
     return complete_run(run_dir, fed)

@@ -4,10 +4,16 @@
 
 1. the report's schema and that ``run.config_hash`` is the hash of ``run.config``;
 2. each ledger (found relative to the report's folder): its hash chain, and that its entry
-   count and final hash are the ones the report states;
+   count and final hash are the ones the report states; where the caller names the run's
+   agents, that every one of them has a section and a ledger; where it gives the anchors the
+   server recorded (each ledger's length and last hash as the agent's replies stated them),
+   that each ledger extends every one of them: a ledger cut, re-hashed or deleted after the
+   fact, with a report rebuilt from it, fails here;
 3. every ledger entry against the run: agent, config hash, unit, that its mechanism is
    declared and its parameters and relation are the declared ones, that its parameters are
-   valid and that its sensitivity is at least what its relation requires of the clip norm;
+   valid, that its sensitivity is at least what its relation requires of the clip norm, and
+   that its randomness came from the agent's secure source (``noise``), not from a seeded
+   stream that whoever knows the seed reproduces;
 4. every epsilon, recomputed *from the raw ledger entries* with an independent accountant:
    dp-accounting's privacy loss distributions (built as its ``PLDAccountant`` builds them,
    each self-composed by its entries' count) from ``std = noise_multiplier * clip`` and the
@@ -178,17 +184,23 @@ def _load(path: Path | str) -> tuple[Path, dict[str, Any] | None, AuditResult]:
 
 
 def audit(report_path: Path | str, *, rel_tol: float = REL_TOL, abs_tol: float = ABS_TOL,
-          composition: Callable[[Mapping[str, Any]], str] | None = None) -> AuditResult:
+          composition: Callable[[Mapping[str, Any]], str] | None = None,
+          agents: Sequence[str] | None = None,
+          anchors: Mapping[str, Sequence[tuple[int, str]]] | None = None) -> AuditResult:
     """Re-verify the report at ``report_path`` (the file, or the run folder holding it).
 
     ``composition`` derives from the run's configuration which releases compose for a unit
     (``"batch"`` or ``"all"``, :data:`~fedcomm.privacy.ledger.Composition`); the report's claim
     must be that one. It is the caller's, who knows how the configured agents train.
+    ``agents`` are the run's agents, each of which must have a ledger; ``anchors`` what the
+    server recorded of each agent's ledger, ``(entries, last hash)``, which it must extend
+    (an agent of ``agents`` with no anchor fails).
     """
     path, report, result = _load(report_path)
     if report is None:
         return result
     name = path.name
+    run_agents = agents
     try:
         run = report["run"]
         info = run_info_from_report(report)
@@ -210,6 +222,13 @@ def audit(report_path: Path | str, *, rel_tol: float = REL_TOL, abs_tol: float =
                             f"{expected!r}")
     for agent, section in agents.items():
         _audit_agent(result, path, agent, section, report, info, rel_tol, abs_tol)
+    for agent in run_agents or ():
+        if agent not in agents:
+            result.fail(f"{name}:agents.{agent}", "missing: the run's agent has no ledger in "
+                        "the report (deleted?)")
+    if anchors is not None:
+        for agent in run_agents or sorted(anchors):
+            _check_anchors(result, path, agents.get(agent), agent, anchors.get(agent, ()))
     expected = verdict(agents)
     if report.get("verdict") != expected:
         result.fail(f"{name}:verdict",
@@ -250,6 +269,28 @@ def _audit_agent(result: AuditResult, path: Path, agent: str, section: Mapping[s
         result.fail(f"{here}.composed.epsilon", f"{spent} exceeds the budget {budget}")
 
 
+def _check_anchors(result: AuditResult, path: Path, section: Mapping[str, Any] | None,
+                   agent: str, anchors: Sequence[tuple[int, str]]) -> None:
+    """The agent's ledger extends every anchor the server recorded of it."""
+    where = f"{path.name}:agents.{agent}.ledger"
+    if not anchors:
+        result.fail(where, "the server recorded no anchor of this agent's ledger")
+        return
+    if section is None:
+        return  # already failed as missing
+    try:
+        entries = read_ledger(path.parent / section["ledger"]["path"])
+    except (OSError, LedgerError, KeyError, TypeError) as exc:
+        result.fail(where, f"cannot read the ledger: {exc}")
+        return
+    for count, last in anchors:
+        if len(entries) < count or (count and entries[count - 1].get("hash") != last):
+            result.fail(where, f"does not extend what the server recorded ({count} entries "
+                        f"ending in {str(last)[:12]}; the ledger has {len(entries)}): cut or "
+                        "rewritten after the fact")
+            return
+
+
 def _check_entry(result: AuditResult, ledger: str, number: int, e: Mapping[str, Any],
                  agent: str, run: Mapping[str, Any]) -> bool:
     at = f"{ledger}:{number}"
@@ -263,6 +304,10 @@ def _check_entry(result: AuditResult, ledger: str, number: int, e: Mapping[str, 
     for key, value in expected.items():
         if e.get(key) != value:
             result.fail(f"{at}:{key}", f"is {e.get(key)!r}, the run says {value!r}")
+    if e.get("noise") != "secure":
+        result.fail(f"{at}:noise", f"is {e.get('noise')!r}: the release's randomness came from "
+                    "a seeded stream that anyone who knows the seed reproduces; no guarantee "
+                    "holds")
     declared = run["mechanisms"].get(e["mechanism"])
     if declared is None:
         result.fail(f"{at}:mechanism", f"{e['mechanism']!r} is not declared in the run")

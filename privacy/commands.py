@@ -7,7 +7,7 @@ without a process, and so that the parser does not import dp-accounting until it
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,17 +42,19 @@ def report_command(run_dir: Path) -> Path:
 
 def audit_command(path: Path, empirical: bool, console: Console, *, canaries: int = 100_000,
                   seed: int | None = None,
-                  composition: Callable[[Mapping[str, Any]], str] | None = None) -> int:
+                  composition: Callable[[Mapping[str, Any]], str] | None = None,
+                  agents: Sequence[str] | None = None,
+                  anchors: Mapping[str, Sequence[tuple[int, str]]] | None = None) -> int:
     """Audit the report at ``path`` (the file or its run folder) and print the outcome.
 
     With ``empirical`` also run the canary audit of the message mechanism as the report
-    configures it (``canaries`` of them); ``composition`` as in :func:`.audit.audit`. Returns
-    0 only if every check passes, else 1.
+    configures it (``canaries`` of them); ``composition``, ``agents`` and ``anchors`` as in
+    :func:`.audit.audit`. Returns 0 only if every check passes, else 1.
     """
     path = Path(path)
     report_path = path / REPORT_NAME if path.is_dir() else path
     console.print(f"Privacy audit of [bold]{escape(str(report_path))}[/bold]")
-    result = audit(report_path, composition=composition)
+    result = audit(report_path, composition=composition, agents=agents, anchors=anchors)
     problems = [(f.where, f.message) for f in result.failures]
     try:
         report: dict[str, Any] | None = load_report(report_path)

@@ -67,9 +67,6 @@ class PrivacyConfig:
         An agent whose next batch would exceed its budget goes ``"silent"`` (acts, releases
         nothing, the run goes on without its vectors, feedback and updates) or ``"stop"``s the
         run.
-    seeded_noise
-        Draw privacy noise from the agent's seeded stream instead of a cryptographically
-        seeded one: reproducible, for tests only.
     update_noise_multiplier, update_clip, update_sample_rate
         DP-SGD on a federated agent's whole model, whose shared part it sends to the server:
         each step Poisson-samples episodes with the rate (default ``1 / minibatches``), clips
@@ -88,7 +85,6 @@ class PrivacyConfig:
     update_share: float | None = None
     accountant: str = "pld"
     on_budget_spent: Literal["silent", "stop"] = "silent"
-    seeded_noise: bool = False
     update_noise_multiplier: float | None = None
     update_clip: float = 1.0
     update_sample_rate: float | None = None

@@ -43,6 +43,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, get_args
 
+from fedcomm.files import open_private, private_dir
+
 from .events import GaussianRelease, RandomizedResponse, Release
 
 log = logging.getLogger(__name__)
@@ -72,8 +74,11 @@ def group_key(unit: Unit, composition: Composition, batch: int) -> int | None:
 GENESIS = "0" * 64
 COMMON_FIELDS: tuple[str, ...] = (
     "seq", "time", "agent", "round", "batch", "mechanism", "unit", "relation", "count",
-    "config_hash", "prev", "hash",
+    "noise", "config_hash", "prev", "hash",
 )
+NOISE_SOURCES: tuple[str, ...] = ("secure", "seeded")
+"""Where an entry's randomness came from: the agent's secure source, or a seeded stream
+(test randomness, which a peer who knows the seed reproduces: no guarantee holds)."""
 KIND_FIELDS: dict[str, tuple[str, ...]] = {
     "gaussian": ("noise_multiplier", "clip", "sensitivity", "sample_rate"),
     "randomized_response": ("epsilon", "symbols"),
@@ -202,16 +207,24 @@ class Ledger:
     config_hash
         Hash of the run configuration (:func:`config_hash`); an existing ledger written under
         another configuration is refused.
+    noise
+        Where the randomness of the releases comes from (:data:`NOISE_SOURCES`), stated in
+        every entry.
     """
 
-    def __init__(self, path: Path | str, agent: str, config_hash: str) -> None:
+    def __init__(self, path: Path | str, agent: str, config_hash: str,
+                 noise: str = "secure") -> None:
+        if noise not in NOISE_SOURCES:
+            raise ValueError(f"noise must be one of {NOISE_SOURCES}, got {noise!r}")
         self.path, self.agent, self.config_hash = Path(path), agent, config_hash
+        self.noise = noise
         self.recovered: str | None = None
         self._lock = threading.Lock()
         self._broken = False
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        private_dir(self.path.parent)  # the agent's own: 0700
         created = not self.path.exists()
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+        # 0600, and a link planted at the path is refused (ELOOP), never written through.
+        self._fd = open_private(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND)
         try:
             try:
                 fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -255,7 +268,8 @@ class Ledger:
                 "seq": len(self._entries) + 1, "time": time.time(), "agent": self.agent,
                 "round": round, "batch": batch, "mechanism": release.mechanism, "unit": unit,
                 "relation": release.relation, **release_parameters(release),
-                "count": release.count, "config_hash": self.config_hash, "prev": self.last_hash,
+                "count": release.count, "noise": self.noise, "config_hash": self.config_hash,
+                "prev": self.last_hash,
             }
             entry["hash"] = entry_hash(entry)
             data = (canonical_json(entry) + "\n").encode()

@@ -389,8 +389,9 @@ def _assumptions(run: Mapping[str, Any]) -> list[str]:
         "hash-chained ledger before it left the agent.",
         "Not covered: what a peer can infer through the shared environment itself (it acts "
         "in the same world and observes the agent's actions and their effects); the "
-        "simulator, which sees the world state; data that never passes through a recorded "
-        "mechanism.",
+        "simulator, which sees the world state and keys every episode's randomness with its "
+        "own secret; data that never passes through a recorded mechanism (listed below where "
+        "an agent sent any to the server).",
         "The unit is the agent's whole history, so the guarantee covers all it contributes."
         if run["unit"] == "history" else
         "No guarantee beyond the unit: a person or agent behind many episodes is protected "
@@ -486,6 +487,30 @@ def _silent(run: Mapping[str, Any]) -> list[str]:
                 f"{a} in {n} training batches" for a, n in silent.items())) + "</p>"]
 
 
+RELEASE_WORDS = {
+    "known": "a count or identity the server already knows",
+    "ledger": "post-processing of the agent's ledger (public parameters and counts)",
+    "dp": "post-processing of DP-SGD steps in the agent's ledger",
+    "clear": "in the clear: no mechanism covers it",
+}
+"""How the server learns each kind of field an agent sends it (``run.released``)."""
+
+
+def _released(run: Mapping[str, Any]) -> list[str]:
+    """What the agents sent the server besides their releases to peers, field by field."""
+    released = run.get("released")
+    if released is None:
+        return []
+    rows = [[name, RELEASE_WORDS.get(kind, kind)] for name, kind in sorted(released.items())]
+    clear = sorted(name for name, kind in released.items() if kind == "clear")
+    note = (f"<p class='bad'>Sent in the clear, outside every figure above: "
+            f"{html.escape(', '.join(clear))}.</p>" if clear else
+            "<p>Every field sent to the server is a count, post-processing of the ledger or a "
+            "DP release: nothing outside the figures above.</p>")
+    return ["<h2>What the agents sent the server</h2>",
+            _table(rows, ["field", "how the server learns it"]), note]
+
+
 def _utility(run: Mapping[str, Any]) -> list[str]:
     """What the run's privacy left of its team's coordination: the gap closed, and against the
     DP ceiling (a scripted team through the same mechanism, schedule and budget)."""
@@ -518,6 +543,7 @@ def render_html(report: Mapping[str, Any], path: Path | str) -> Path:
         f"hash <code>{e(run['config_hash'])}</code>.</p>",
         *_silent(run),
         *_utility(run),
+        *_released(run),
         "<h2>Assumptions</h2><ul>"
         + "".join(f"<li>{e(text)}</li>" for text in _assumptions(run)) + "</ul>",
     ]

@@ -2,9 +2,16 @@
 
 The server's messages carry an ``ArrayRecord`` (``"arrays"``, the global module) and a
 ``ConfigRecord`` (``"config"``: a :class:`TrainInstruction` or an :class:`EvaluateInstruction`);
-an agent's replies carry its arrays and a ``MetricRecord`` (``"metrics"``: a
-:class:`TrainReply` or an :class:`EvaluateReply`). Each is a small dataclass with ``to_record``
-and ``from_record``; the server and the agents share this module and nothing else of each other.
+an agent's replies carry its arrays, a ``MetricRecord`` (``"metrics"``: a :class:`TrainReply`
+or an :class:`EvaluateReply`) and a ``ConfigRecord`` (``"proof"``: a :class:`Proof`, the
+anchor of its privacy ledger and the signature that binds the reply to the agent and to the
+message it answers, ``protocol.signing``). Each is a small dataclass with ``to_record`` and
+``from_record``; the server and the agents share this module and nothing else of each other.
+
+What an agent may send is classified field by field (:data:`RELEASES`): a private agent (one
+whose policy promises a finite epsilon) sends only counts the server already knows,
+post-processing of its ledger and DP releases; its training return, losses, timings and
+evaluation returns stay in its own log.
 
 Array keys: ``comm.<path>`` for the shared communication module, ``type.<type name>.<path>`` for
 a type's private networks (sent only when a run averages them, ``aggregate_private``).
@@ -12,13 +19,14 @@ a type's private networks (sent only when a run averages them, ``aggregate_priva
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, fields
-from typing import Any, TypeVar
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any, Literal, TypeVar
 
 from flwr.app import ConfigRecord, Message, MetricRecord
 
-ARRAYS, CONFIG, METRICS = "arrays", "config", "metrics"  # the keys of a message's records
+ARRAYS, CONFIG, METRICS, PROOF = "arrays", "config", "metrics", "proof"  # a message's records
 SHARED = "comm."
 TYPE = "type."
 WEIGHT_KEY = "num-examples"  # what Flower's averaging weighs a reply by
@@ -89,6 +97,22 @@ def _typed(kind: Any, value: Any) -> Any:
     return value
 
 
+Anchors = dict[str, tuple[int, str]]
+"""Per agent id, the length and last hash of its ledger as the server last recorded them."""
+
+
+def anchors_to_json(anchors: Mapping[str, tuple[int, str]]) -> str:
+    return json.dumps({a: [int(n), str(h)] for a, (n, h) in sorted(anchors.items())})
+
+
+def anchors_from_json(text: str) -> Anchors:
+    try:
+        raw = json.loads(text or "{}")
+        return {str(a): (int(n), str(h)) for a, (n, h) in raw.items()}
+    except (ValueError, TypeError, AttributeError) as e:
+        raise ValueError(f"the ledger anchors are malformed: {e}") from None
+
+
 @dataclass(frozen=True)
 class TrainInstruction(_Record):
     """Server -> agent: train this round's episode batches from the global module.
@@ -96,16 +120,21 @@ class TrainInstruction(_Record):
     Parameters
     ----------
     config
-        The run's ``FederationConfig`` as JSON: every agent reads the whole run from it.
+        The run's ``FederationConfig`` as JSON: every agent reads the whole run from it, and
+        checks it against its own privacy policy first.
     server_round
         The round; its batches are ``FederationConfig.batches_in(server_round)``.
     time_frac
         The share of the run's time budget spent (0 without one): the learning-rate schedule.
+    anchors
+        JSON of :data:`Anchors`: every agent's ledger as the server recorded it; an agent
+        whose ledger does not extend its anchor (cut or rewritten) refuses the round.
     """
 
     config: str
     server_round: int
     time_frac: float = 0.0
+    anchors: str = "{}"
 
     def to_record(self) -> ConfigRecord:
         return ConfigRecord(self.to_dict())
@@ -117,12 +146,14 @@ class TrainInstruction(_Record):
 
 @dataclass(frozen=True)
 class EvaluateInstruction(_Record):
-    """Server -> agent: play ``batches`` greedy episode batches from ``seed`` on."""
+    """Server -> agent: play ``batches`` greedy episode batches labelled from ``seed`` on
+    (the simulator keys each label with its own secret)."""
 
     config: str
     server_round: int
     batches: int
     seed: int
+    anchors: str = "{}"
 
     def to_record(self) -> ConfigRecord:
         return ConfigRecord(self.to_dict())
@@ -146,15 +177,15 @@ class TrainReply(_Record):
     batches, silent_batches
         The round's episode batches, and those in which it stayed silent (budget spent).
     epsilon
-        Its composed epsilon spent so far (``inf`` where a release carries no noise).
+        Its composed epsilon spent so far (``inf`` where a release carries no noise):
+        post-processing of its ledger.
     restored_round
         The round whose end its private state continued from (0: a fresh agent).
-    return_mean
-        Its mean training return over the round's batches.
-    timings
-        Seconds per phase (``AGENT_PHASES``).
-    stats
-        The update's statistics, averaged over the round's batches.
+    return_mean, timings, stats
+        Its mean training return over the round's batches, seconds per phase
+        (``AGENT_PHASES``) and the update's statistics averaged over the batches: functions
+        of its private episodes that no mechanism covers, sent only by an agent that promises
+        no finite epsilon (``None`` and empty otherwise; the agent logs them itself).
     """
 
     agent: int
@@ -163,12 +194,13 @@ class TrainReply(_Record):
     silent_batches: int
     epsilon: float
     restored_round: int
-    return_mean: float
+    return_mean: float | None = None
     timings: dict[str, float] = field(default_factory=dict)
     stats: dict[str, float] = field(default_factory=dict)
 
     def to_record(self) -> MetricRecord:
-        scalars = {k: v for k, v in self.to_dict().items() if k not in ("timings", "stats")}
+        scalars = {k: v for k, v in self.to_dict().items()
+                   if k not in ("timings", "stats") and v is not None}
         return MetricRecord({**self.stats, **self.timings, **scalars,
                              WEIGHT_KEY: self.env_steps})
 
@@ -177,7 +209,11 @@ class TrainReply(_Record):
         named = {f.name for f in fields(cls)} | {WEIGHT_KEY}
         timings = {k: float(record[k]) for k in AGENT_PHASES if k in record}
         stats = {k: float(v) for k, v in record.items() if k not in named and k not in timings}
-        return cls._from({**record, "timings": timings, "stats": stats})
+        return cls._from({"return_mean": None, **record, "timings": timings, "stats": stats})
+
+    def withheld(self) -> TrainReply:
+        """The reply without what no mechanism covers (a private agent's)."""
+        return replace(self, return_mean=None, timings={}, stats={})
 
     @classmethod
     def from_message(cls, message: Message) -> TrainReply:
@@ -186,19 +222,85 @@ class TrainReply(_Record):
 
 @dataclass(frozen=True)
 class EvaluateReply(_Record):
-    """Agent -> server: the agent's return in each evaluation episode."""
+    """Agent -> server: how many evaluation episodes the agent played and, where its policy
+    promises no finite epsilon, its return in each (``None``: kept in its own log)."""
 
     agent: int
-    returns: list[float]
+    episodes: int
+    returns: list[float] | None = None
 
     def to_record(self) -> MetricRecord:
-        return MetricRecord({"agent": self.agent, "returns": list(self.returns),
-                             WEIGHT_KEY: len(self.returns)})
+        out: dict[str, Any] = {"agent": self.agent, "episodes": self.episodes,
+                               WEIGHT_KEY: self.episodes}
+        if self.returns is not None:
+            out["returns"] = list(self.returns)
+        return MetricRecord(out)
 
     @classmethod
     def from_record(cls, record: MetricRecord) -> EvaluateReply:
-        return cls(int(record["agent"]), [float(x) for x in record["returns"]])
+        returns = record.get("returns")
+        return cls(int(record["agent"]), int(record["episodes"]),
+                   None if returns is None else [float(x) for x in returns])
 
     @classmethod
     def from_message(cls, message: Message) -> EvaluateReply:
         return cls.from_record(message.content[METRICS])
+
+
+@dataclass(frozen=True)
+class Proof(_Record):
+    """Agent -> server, beside every reply: who sent it, the anchor of its privacy ledger, and
+    the signature (``protocol.signing``) that binds the reply to that agent and to the message
+    it answers.
+
+    Parameters
+    ----------
+    agent_id
+        The agent the reply speaks for; the server verifies the signature with its key.
+    ledger_entries, ledger_hash
+        The length and last hash of the agent's ledger after the round: the server records
+        them, and an audit or a resumed run requires the ledger to extend them.
+    signature
+        HMAC-SHA256 with the agent's server key over the message id answered and the reply's
+        content (empty until signed).
+    """
+
+    agent_id: str
+    ledger_entries: int
+    ledger_hash: str
+    signature: str = ""
+
+    def to_record(self) -> ConfigRecord:
+        return ConfigRecord(self.to_dict())
+
+    @classmethod
+    def from_record(cls, record: ConfigRecord) -> Proof:
+        return cls._from(record)
+
+
+Release = Literal["known", "ledger", "dp", "clear"]
+"""How the server may learn a field: a count or identity it already knows (``known``),
+post-processing of the agent's ledger (``ledger``), a DP release in the ledger (``dp``), or
+in the clear, covered by no mechanism (``clear``)."""
+
+RELEASES: dict[str, Release] = {
+    "agent": "known", "agent_id": "known", "env_steps": "known", WEIGHT_KEY: "known",
+    "batches": "known", "silent_batches": "known", "restored_round": "known",
+    "episodes": "known",
+    "epsilon": "ledger", "ledger_entries": "ledger", "ledger_hash": "ledger",
+    "signature": "known",  # a MAC of the reply under a key the server holds: nothing new
+    "return_mean": "clear", "returns": "clear", **dict.fromkeys(AGENT_PHASES, "clear"),
+}
+"""Every field a reply's metrics and proof may hold; any other (the update's statistics) is
+``clear``."""
+
+
+def release_of(name: str) -> Release:
+    """How the server learns the reply field ``name`` (:data:`RELEASES`)."""
+    return RELEASES.get(name, "clear")
+
+
+def arrays_release(dp_sgd: bool) -> Release:
+    """How the server learns an agent's arrays: post-processing of its DP-SGD steps (each in
+    its ledger) where it trains under DP-SGD, in the clear otherwise."""
+    return "dp" if dp_sgd else "clear"

@@ -1,7 +1,8 @@
 """The server's checkpoint: enough to continue a stopped run without repeating or losing a round.
 
 Written atomically after every committed round: the round number, the global shared module, the
-strategy's server-side optimizer state, the run configuration and the running totals. The
+strategy's server-side optimizer state, the run configuration, the running totals and every
+agent's ledger anchor as its replies stated it. The
 agents' private state is not in it: each agent keeps its own, tagged by round
 (``clients/state.py``), and restores the one that matches the checkpoint's round.
 """
@@ -26,6 +27,9 @@ class Checkpoint:
     strategy: dict = field(default_factory=dict)  # server-side optimizer state
     env_steps: int = 0
     train_time_s: float = 0.0  # seconds spent in rounds, evaluations excluded
+    # Each agent's ledger (entries, last hash) as its replies stated it, by agent id: a resumed
+    # run, and an audit, require every ledger to extend it.
+    anchors: dict[str, tuple[int, str]] = field(default_factory=dict)
 
 
 def _to_torch(value):
@@ -49,7 +53,8 @@ def save_checkpoint(run_dir: str | Path, ckpt: Checkpoint) -> None:
     tmp = path.with_suffix(".tmp")
     payload = {"round": ckpt.round, "arrays": _to_torch(ckpt.arrays), "config": ckpt.config,
                "strategy": _to_torch(ckpt.strategy), "env_steps": ckpt.env_steps,
-               "train_time_s": ckpt.train_time_s}
+               "train_time_s": ckpt.train_time_s,
+               "anchors": {a: [int(n), str(h)] for a, (n, h) in ckpt.anchors.items()}}
     with open(tmp, "wb") as f:
         torch.save(payload, f)
         f.flush()
@@ -64,4 +69,5 @@ def load_checkpoint(run_dir: str | Path) -> Checkpoint | None:
     d = torch.load(path, map_location="cpu", weights_only=True)
     return Checkpoint(round=int(d["round"]), arrays=_to_numpy(d["arrays"]), config=d["config"],
                       strategy=_to_numpy(d["strategy"]), env_steps=int(d["env_steps"]),
-                      train_time_s=float(d["train_time_s"]))
+                      train_time_s=float(d["train_time_s"]),
+                      anchors={a: (int(n), str(h)) for a, (n, h) in d.get("anchors", {}).items()})

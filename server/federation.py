@@ -1,11 +1,14 @@
 """The federated training loop the ServerApp runs: rounds, failures, evaluation, checkpoints.
 
-Per round: send the global shared module and the round's configuration to every agent, wait
-for their replies, aggregate with the configured Flower strategy, write one line of
-``metrics.jsonl`` and a checkpoint. Every agent takes part in every round, because the joint
-environment needs all of them. At the end the agents play greedy evaluation episodes through the
-simulator (nobody ever assembles the team), and the server compares the result with the scripted
-reference teams, which it runs on its own copy of the environment.
+Per round: send the global shared module, the round's configuration and every agent's ledger
+anchor to every agent, wait for their replies, screen them (``server/validation.py``),
+aggregate with the configured Flower strategy, write one line of ``metrics.jsonl`` (with the
+anchors the replies stated) and a checkpoint. Every agent takes part in every round, because
+the joint environment needs all of them. At the end the agents play greedy evaluation episodes
+through the simulator (nobody ever assembles the team), and the server compares the result with
+the scripted reference teams, which it runs on its own copy of the environment. Private agents
+keep their returns (``protocol.round.RELEASES``): the server then states only the baselines, and
+whoever runs every party reads the result from the agents' journals.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import math
 import statistics
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,10 +33,12 @@ from fedcomm.protocol.round import (
     AGENT_PHASES,
     ARRAYS,
     CONFIG,
+    METRICS,
+    PROOF,
     EvaluateInstruction,
-    EvaluateReply,
     TrainInstruction,
     TrainReply,
+    anchors_to_json,
     shared_part,
 )
 from fedcomm.rundir import RunDir
@@ -54,6 +59,25 @@ POLL_S = 0.05  # seconds between polls for replies
 
 class FederationError(RuntimeError):
     """The run cannot go on; the message says why and what to do."""
+
+
+def round_medians(rows: list[dict]) -> dict[str, float | None]:
+    """The median seconds of each part of a round over ``rows`` (``None`` for a part no row
+    states: a private run's agents keep their timings)."""
+    out: dict[str, float | None] = {}
+    for k in ("round_time_s", "flower_s", "aggregate_s", *AGENT_PHASES):
+        values = [m[k] for m in rows if k in m]
+        out[k] = statistics.median(values) if values else None
+    return out
+
+
+def _released(replies: list[Message]) -> list[str]:
+    """Every field of the replies' metrics and proof: what the agents released this round."""
+    names: set[str] = set()
+    for m in replies:
+        for record in (METRICS, PROOF):
+            names |= set(m.content.get(record, {}).keys())
+    return sorted(names)
 
 
 def wait_for_nodes(grid: Grid, n: int, timeout: float,
@@ -107,6 +131,7 @@ class RoundReplies:
     failures: list[str]  # one line per agent that failed, did not answer or was rejected
     seconds: float
     norms: dict[str, float] = field(default_factory=dict)  # each accepted update's L2 norm
+    released: list[str] = field(default_factory=list)  # every field the replies carried
 
 
 class Federation:
@@ -116,24 +141,30 @@ class Federation:
     receive the replies (``train_round``), aggregate them (``aggregate``), evaluate now and
     then (``evaluate``) and record the round (``commit``: one metrics line, then the
     checkpoint).
+
+    ``keys`` are the agents' keys shared with the server: a reply counts only under its
+    agent's signature. ``local_status`` adds to the progress line what the operator of every
+    party sees of round r (``fedcomm simulate``: the agents' own journals).
     """
 
     def __init__(self, grid: Grid, fed: FederationConfig, run_dir: str | Path,
-                 progress: bool = True, console: Console | None = None,
-                 stop: threading.Event | None = None) -> None:
+                 keys: Mapping[str, str], progress: bool = True,
+                 console: Console | None = None, stop: threading.Event | None = None,
+                 local_status: Callable[[int], str] | None = None) -> None:
         self.grid, self.fed, self.run = grid, fed, RunDir(run_dir)
-        self.stop = stop
+        self.stop, self.local_status = stop, local_status
         self.spec = fed.spec
         self.console = console or Console(stderr=True)
         self.progress = progress
         initial = initial_arrays(fed)
+        ckpt = load_checkpoint(self.run.path)
         try:
-            self.strategy = make_strategy(fed, self.spec.n_agents, initial, self.run.path)
+            self.strategy = make_strategy(fed, self.spec.n_agents, keys, initial,
+                                          self.run.path, ckpt.anchors if ckpt else None)
         except ValueError as e:
             raise FederationError(str(e)) from None
         self.screen = screen_of(self.strategy)
         self.failed_in_a_row = 0
-        ckpt = load_checkpoint(self.run.path)
         if ckpt is None:
             self.run.write_config({"mode": "federated", **fed.to_dict()})
             self.arrays = ArrayRecord(initial)
@@ -169,7 +200,10 @@ class Federation:
                 self.commit(rnd, row)
                 if on_round:
                     on_round(row)
-                bar.update(task, completed=rnd, status=status(row))
+                line = status(row)
+                if self.local_status is not None:
+                    line = " | ".join(t for t in (line, self.local_status(rnd)) if t)
+                bar.update(task, completed=rnd, status=line)
                 if fed.train.time_budget and self.train_time >= fed.train.time_budget:
                     break
                 rnd += 1
@@ -183,7 +217,8 @@ class Federation:
         at all is run again, up to ``max_failed_rounds`` times in a row."""
         budget = self.fed.train.time_budget
         todo = TrainInstruction(self.fed.to_json(), rnd,
-                                self.train_time / budget if budget else 0.0)
+                                self.train_time / budget if budget else 0.0,
+                                anchors_to_json(self.screen.anchors))
         t0 = time.perf_counter()
         messages = list(self.strategy.configure_train(rnd, self.arrays, todo.to_record(),
                                                       self.grid))
@@ -191,7 +226,7 @@ class Federation:
         screened = self.screen.screen(rnd, good)  # never reaches the average unless it passes
         good, failures = screened.accepted, failures + screened.rejected
         replies = RoundReplies(good, [TrainReply.from_message(m) for m in good], failures,
-                               time.perf_counter() - t0, screened.norms)
+                               time.perf_counter() - t0, screened.norms, _released(good))
         if failures:
             message = f"round {rnd}: " + "; ".join(failures)
             if self.fed.on_agent_failure == "stop":
@@ -216,20 +251,25 @@ class Federation:
         aggregate_s = time.perf_counter() - t0
         got = replies.replies
         self.env_steps += len(self.fed.batches_in(rnd)) * self.fed.train.batch_steps
-        phases = {k: max(r.timings.get(k, 0.0) for r in got) for k in AGENT_PHASES}
         row = {"round": rnd, "env_steps": self.env_steps,
                "agent_steps": self.env_steps * self.spec.n_agents,
-               "return_mean": statistics.fmean(r.return_mean for r in got),
                "agents": len(got), "failures": len(replies.failures),
                "round_time_s": replies.seconds, "aggregate_s": aggregate_s,
-               "flower_s": replies.seconds - phases["client_s"] - phases["start_s"],
-               **phases, "train_time_s": self.train_time + replies.seconds + aggregate_s,
+               "train_time_s": self.train_time + replies.seconds + aggregate_s,
                "epsilon_max": max(r.epsilon for r in got),
                "silent_agents": sum(r.silent_batches > 0 for r in got),
                "silent": {self.spec.agent_ids[r.agent]: r.silent_batches for r in got
                           if r.silent_batches},
                # every agent continued from its state of the round before
-               "restored_round_min": min(r.restored_round for r in got)}
+               "restored_round_min": min(r.restored_round for r in got),
+               "released": replies.released,
+               "ledgers": {a: list(anchor) for a, anchor in sorted(self.screen.anchors.items())}}
+        if all(r.return_mean is not None for r in got):  # agents that promise no epsilon
+            row["return_mean"] = statistics.fmean(r.return_mean for r in got)
+        if all(r.timings for r in got):
+            phases = {k: max(r.timings.get(k, 0.0) for r in got) for k in AGENT_PHASES}
+            row |= {"flower_s": replies.seconds - phases["client_s"] - phases["start_s"],
+                    **phases}
         if replies.failures:  # who was left out of the round, and why
             row["failed"] = list(replies.failures)
         norms = [v for v in replies.norms.values() if math.isfinite(v)]
@@ -250,25 +290,33 @@ class Federation:
         t0 = time.perf_counter()
         result = self.evaluate(nodes, self.fed.train.eval_episodes, rnd,
                                seed=EVAL_SEED + rnd * PERIODIC_EVAL_STRIDE)
-        return {"eval_return": result.return_mean, "eval_s": time.perf_counter() - t0}
+        row = {"eval_s": time.perf_counter() - t0}
+        return row if result is None else row | {"eval_return": result.return_mean}
 
     def evaluate(self, nodes: list[int], episodes: int, rnd: int, seed: int = EVAL_SEED
-                 ) -> EvalResult:
+                 ) -> EvalResult | None:
         """Greedy episodes played by every agent through the simulator (rounded up to whole
-        episode batches); each episode's return is averaged over agents.
+        episode batches); each episode's return is averaged over agents. ``None`` where the
+        agents keep their returns (private agents).
 
-        The final evaluation plays the scripted baselines' seeds; the periodic ones play fresh
-        seeds, so that no episode's vectors are released twice.
+        Evaluation episodes are labelled from ``seed`` (the simulator keys each label with its
+        own secret); the periodic evaluations use labels apart from the final one's, so that no
+        episode's vectors are released twice.
         """
         batches = math.ceil(episodes / self.fed.train.num_envs)
-        todo = EvaluateInstruction(self.fed.to_json(), rnd, batches, seed)
+        todo = EvaluateInstruction(self.fed.to_json(), rnd, batches, seed,
+                                   anchors_to_json(self.screen.anchors))
         messages = [Message(RecordDict({ARRAYS: self.arrays, CONFIG: todo.to_record()}),
                             dst_node_id=n, message_type=MessageType.EVALUATE) for n in nodes]
         good, failures = exchange(self.grid, messages, self.fed.round_timeout, self.stop)
-        failures += self.screen.evaluation(good, batches * self.fed.train.num_envs)
-        if failures or len(good) != self.spec.n_agents:
+        problems, replies = self.screen.evaluation(messages, good,
+                                                   batches * self.fed.train.num_envs)
+        failures += problems
+        if failures or len(replies) != self.spec.n_agents:
             raise FederationError("evaluation failed: " + "; ".join(failures))
-        returns = torch.tensor([EvaluateReply.from_message(m).returns for m in good])
+        if any(r.returns is None for r in replies.values()):
+            return None
+        returns = torch.tensor([r.returns for r in replies.values()])
         return EvalResult.of(returns.mean(dim=0))
 
     # -- record ------------------------------------------------------------------------------
@@ -279,7 +327,8 @@ class Federation:
         self.run.append_metrics(row)
         save_checkpoint(self.run.path, Checkpoint(
             rnd, {k: v.numpy() for k, v in self.arrays.items()}, self.fed.to_dict(),
-            strategy_state(self.strategy), self.env_steps, self.train_time))
+            strategy_state(self.strategy), self.env_steps, self.train_time,
+            dict(self.screen.anchors)))
         row["checkpoint_s"] = time.perf_counter() - t0
         self.done = rnd
 
@@ -304,9 +353,8 @@ class Federation:
             agent_types=[t.name for t in self.spec.types],
             route_strength=graph, prune_threshold=fed.train.team.prune_threshold,
             rounds=self.done, strategy=fed.strategy, batches_per_round=fed.batches_per_round,
-            silent_batches=silent,
-            round_time={k: statistics.median(m[k] for m in later) if later else None
-                        for k in ("round_time_s", "flower_s", "aggregate_s", *AGENT_PHASES)})
+            silent_batches=silent, round_time=round_medians(later),
+            ledgers={a: list(anchor) for a, anchor in sorted(self.screen.anchors.items())})
         self.run.write_summary(summary)
         if fed.client_dp_noise > 0:
             self._report_client_dp()

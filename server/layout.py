@@ -2,9 +2,11 @@
 
 The global module of round 1 is the initial team's shared module (``comm.*``) and, when the run
 averages them, each type's private networks (``type.<name>.*``). An agent replies with exactly
-the shared module and, with ``aggregate_private``, its own type's networks: the same keys,
-shapes and dtypes as the global module's, whatever it trained. The server builds this from
-``fedcomm.models`` (never from the agents' code), so a reply can be checked against it.
+the parts of the shared module it sends (every part with ``share="all"``; with ``"used"`` those
+it shares with another agent, ``models.parts.shared_parts``; none with ``"none"``) and, with
+``aggregate_private``, its own type's networks: the same keys, shapes and dtypes as the global
+module's, whatever it trained. The server builds this from ``fedcomm.models`` (never from the
+agents' code), so a reply can be checked against it, key by key.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import numpy as np
 import torch
 
 from fedcomm.config import FederationConfig
+from fedcomm.models.parts import initial_routes, shared_parts
 from fedcomm.models.team import Team
 from fedcomm.protocol.round import SHARED, TYPE, key_group, module_arrays
 
@@ -47,9 +50,6 @@ class Layout:
 
     agents: tuple[dict[str, ArraySpec], ...]
     type_names: tuple[str, ...]  # each agent's type name, by index
-    # Whether a reply may leave out whole parts of the shared module (``share="used"``: which
-    # parts an agent sends follows from the routes it may use, the agent's own reckoning).
-    partial: bool = False
 
     @classmethod
     def of(cls, fed: FederationConfig, arrays: Mapping[str, object]) -> Layout:
@@ -58,12 +58,14 @@ class Layout:
         spec = fed.spec
         specs = {k: ArraySpec(tuple(np.shape(v)), _dtype(v)) for k, v in arrays.items()}
         names = tuple(spec.types[k].name for k in spec.type_of_agent)
+        routes = initial_routes(fed.train)
         agents = []
-        for name in names:
+        for index, name in enumerate(names):
+            parts = {f"{SHARED}{p}" for p in shared_parts(spec, fed.share, routes, index)}
             own = f"{TYPE}{name}."
-            agents.append({k: s for k, s in specs.items() if k.startswith(SHARED)
+            agents.append({k: s for k, s in specs.items() if key_group(k) in parts
                            or (fed.aggregate_private and k.startswith(own))})
-        return cls(tuple(agents), names, getattr(fed, "share", "all") != "all")
+        return cls(tuple(agents), names)
 
     def carriers(self) -> dict[str, int]:
         """How many agents may carry each key group."""

@@ -1,8 +1,10 @@
 """The Flower strategies that aggregate the shared module, and what of them a checkpoint keeps.
 
-Agents reply with their copy of the shared module (keys ``comm.*``) and, with
+Agents reply with the parts of the shared module they send (keys ``comm.*``) and, with
 ``aggregate_private``, their type's private networks (keys ``type.<name>.*``). Every reply is
-checked and reweighed by the server first (``server/validation.py``); then each group of keys
+checked and reweighed by the server's reply screen first, once (``server/validation.py``:
+replies it already accepted pass through the strategy's own call unchanged); then each group of
+keys
 is aggregated over the replies that carry it: by default averaged, weighted by environment
 steps, with Flower's own ``aggregate_arrayrecords``, or by one of Flower's robust strategies
 (``server/robust.py``). A group no reply carries keeps the global module's value. FedAvgM and
@@ -12,7 +14,7 @@ FedAdam then apply their server-side step to the result; client-level DP
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +23,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, Strategy
 
 from fedcomm.config import FederationConfig
-from fedcomm.protocol.round import WEIGHT_KEY, key_group
+from fedcomm.protocol.round import WEIGHT_KEY, Anchors, key_group
 from fedcomm.server.layout import Layout, initial_arrays
 from fedcomm.server.robust import check_options, reduce_group
 from fedcomm.server.validation import ReplyScreen
@@ -73,13 +75,14 @@ class GroupedFedAvg(FedAvg):
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
+        messages = list(super().configure_train(server_round, arrays, config, grid))
         if self.screen is not None:
-            self.screen.configure(arrays, grid.get_node_ids())
-        return super().configure_train(server_round, arrays, config, grid)
+            self.screen.configure(arrays, messages)
+        return messages
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        valid, _ = self._check_and_log_replies(replies, is_train=True, validate=False)
+        valid = [m for m in replies if not m.has_error()]
         if self.screen is not None:
             valid = self.screen.screen(server_round, valid).accepted
         self.held = []
@@ -105,14 +108,17 @@ class GroupedFedAdam(FedAdam, GroupedFedAvg):
     """FedAdam whose averaging step is ``GroupedFedAvg``'s."""
 
 
-def make_strategy(fed: FederationConfig, n_agents: int,
+def make_strategy(fed: FederationConfig, n_agents: int, keys: Mapping[str, str],
                   arrays: dict[str, object] | None = None,
-                  run_dir: str | Path | None = None) -> Strategy:
+                  run_dir: str | Path | None = None,
+                  anchors: Anchors | None = None) -> Strategy:
     """The configured strategy, screening every reply; every agent trains in every round.
 
-    ``arrays`` is the run's initial global module (built from the models if not given);
-    ``run_dir`` is where client-level DP keeps its ledgers (needed with ``client_dp_noise``).
-    Options that cannot work in this run raise ``ValueError``.
+    ``keys`` are the agents' keys shared with the server (each reply is verified under its
+    agent's); ``arrays`` is the run's initial global module (built from the models if not
+    given); ``run_dir`` is where client-level DP keeps its ledgers (needed with
+    ``client_dp_noise``); ``anchors`` the ledger anchors recorded so far. Options that cannot
+    work in this run raise ``ValueError``.
     """
     layout = Layout.of(fed, arrays if arrays is not None else initial_arrays(fed))
     check_options(fed, layout.carriers())
@@ -127,7 +133,7 @@ def make_strategy(fed: FederationConfig, n_agents: int,
     else:
         strategy = GroupedFedAvg(**common)
     private = fed.client_dp_noise > 0
-    strategy.screen = ReplyScreen(fed, layout, uniform=private)
+    strategy.screen = ReplyScreen(fed, layout, keys, uniform=private, anchors=anchors)
     strategy.rule, strategy.faulty = fed.aggregation, fed.faulty_agents
     strategy.carriers, strategy.held = layout.carriers(), []
     if not private:

@@ -20,6 +20,7 @@ from torch import Tensor
 
 from fedcomm.protocol.codec import ProtocolError
 from fedcomm.protocol.v1 import joint_env_pb2 as pb
+from fedcomm.sim.limits import INBOX_FRAMES
 from fedcomm.sim.validation import FAILED, Terms, check_round_number, next_seq, same_terms
 
 
@@ -30,6 +31,12 @@ class Phase(Enum):
     CLOSED = "closed"
 
 
+def _inbox() -> asyncio.Queue:
+    """Room for ``INBOX_FRAMES`` frames and the two ends a stream reports: its reader's (closed,
+    failed, refused) and its handler's, so that an end never waits and is never lost."""
+    return asyncio.Queue(INBOX_FRAMES + 2)
+
+
 @dataclass
 class Slot:
     """One agent's place in a round, and the queues between its Step stream and the driver."""
@@ -38,11 +45,31 @@ class Slot:
     agent_id: str
     seq: int = 1  # the last sequence number received (the join carries 1)
     streaming: asyncio.Event = field(default_factory=asyncio.Event)
-    inbox: asyncio.Queue = field(default_factory=asyncio.Queue)
+    inbox: asyncio.Queue = field(default_factory=_inbox)
     outbox: asyncio.Queue = field(default_factory=asyncio.Queue)
 
     def next_seq(self, header: pb.Header) -> None:
         self.seq = next_seq(header, self.seq)
+
+    def take(self, frame: object) -> bool:
+        """Queue a frame of the agent's stream for the driver; False, queueing nothing, once
+        ``INBOX_FRAMES`` wait: more than an honest agent ever has in flight."""
+        if self.inbox.qsize() >= INBOX_FRAMES:
+            return False
+        self.inbox.put_nowait(frame)
+        return True
+
+    def end(self, why: object) -> None:
+        """Tell the driver how the agent's stream ended (see ``_inbox`` for why there is room)."""
+        self.inbox.put_nowait(why)
+
+    def overflow(self, error: ProtocolError) -> None:
+        """The agent sent more than ``INBOX_FRAMES`` ahead: its frames are dropped, the driver
+        gets ``error`` next, and so does the agent's stream, at once."""
+        while not self.inbox.empty():
+            self.inbox.get_nowait()
+        self.end(error)
+        self.outbox.put_nowait(error)
 
 
 @dataclass
@@ -166,6 +193,10 @@ def round_to_join(current: Round | None, started: int, number: int,
                   agent_ids: tuple[str, ...], joiner: int | None = None) -> Round:
     """The round a join for round ``number`` goes to: the one gathering agents, or a new one.
 
+    Only the next round (``started + 1``, what ``Describe`` tells agents) can be joined: a join
+    for a later one would open a round that every honest join is refused from until it times
+    out.
+
     Parameters
     ----------
     current
@@ -182,17 +213,20 @@ def round_to_join(current: Round | None, started: int, number: int,
         than ending the round the others are finishing (one that has sent none has left it,
         and the round ends).
     """
-    if current is not None and current.phase is Phase.JOINING:
-        if number != current.number:
-            raise ProtocolError(FAILED, f"round {current.number} is gathering agents; "
-                                        f"cannot join round {number}")
-        return current
+    if current is not None and current.phase is Phase.JOINING and number != current.number:
+        raise ProtocolError(FAILED, f"round {current.number} is gathering agents; "
+                                    f"cannot join round {number}")
     if current is not None and current.phase is Phase.RUNNING:
         raise ProtocolError(FAILED, f"round {current.number} is running; join after it ends")
     if number <= started:
         raise ProtocolError(FAILED, f"round {number} already ran; the next round is "
-                                    f"{started + 1} or later")
+                                    f"{started + 1}")
+    if number > started + 1:
+        raise ProtocolError(FAILED, f"round {number} is not open; the next round is "
+                                    f"{started + 1}")
     check_round_number(number)
+    if current is not None and current.phase is Phase.JOINING:
+        return current
     if current is not None and current.phase is Phase.FEEDBACK:
         if joiner is not None and joiner in current.feedback:
             raise ProtocolError(FAILED, f"{agent_ids[joiner]} sent its feedback for round "

@@ -6,19 +6,25 @@ observation down, its knowledge vector up, the vectors the graph lets through do
 up, then one step of all ``B`` environments. After the batch, ``Feedback`` collects each
 receiver's DIAL gradients and returns to each sender the sum over its receivers.
 
-Every call is authenticated here, and every message is checked before use
+Every call is authenticated before anything it sends is read (``sim/serve.py``) and again here,
+where a method must not rely on how it was registered; every message is checked before use
 (``sim/validation.py``: headers, sequence numbers, declared DP parameters, delivery, and
 ``protocol/codec.py``'s tensor checks); a violation is answered with a precise status on the
 offender's call. An agent that breaks the protocol, leaves or stays silent past the step timeout
 ends the batch for everyone: the others get an ``EpisodeEnd`` marked truncated with the reason,
 and the service goes on serving the next round.
+
+What is bounded and why: ``sim/limits.py``; how each batch's seed is kept from the agents:
+``sim/episodes.py``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import grpc
@@ -31,6 +37,8 @@ from fedcomm.protocol.auth import claimed_identity, token_matches
 from fedcomm.protocol.codec import ProtocolError, encode, invalid
 from fedcomm.protocol.v1 import joint_env_pb2 as pb
 from fedcomm.protocol.v1 import joint_env_pb2_grpc as pb_grpc
+from fedcomm.sim.episodes import KEY_BYTES, check_key, episode_seed
+from fedcomm.sim.limits import DEFAULT_MAX_COMM_DIM, INBOX_FRAMES, message_limit
 from fedcomm.sim.registry import make_env
 from fedcomm.sim.rounds import Phase, Round, Slot, round_to_join
 from fedcomm.sim.router import delivery_mask
@@ -48,6 +56,7 @@ from fedcomm.sim.validation import (
 log = logging.getLogger("fedcomm.sim")
 
 SIM = "sim"
+SHOWN_ID_CHARS = 64  # of an unknown agent id, in the refusal
 
 
 @dataclass
@@ -55,13 +64,16 @@ class SimConfig:
     env: str = "factory"
     env_kwargs: dict = field(default_factory=dict)
     num_envs: int = 256
-    seed: int = 0
+    seed: int = 0  # a batch whose agents declare no label is labelled seed + its round
     run_id: str = "fedcomm"
     tokens: dict[str, str] = field(default_factory=dict)
+    # Keys every batch's seed (sim/episodes.py); never sent, never shown.
+    episode_key: bytes = field(default_factory=lambda: secrets.token_bytes(KEY_BYTES),
+                               repr=False)
+    max_comm_dim: int = DEFAULT_MAX_COMM_DIM  # the largest a join may declare; sizes messages
     join_timeout: float = 60.0  # seconds for every agent of a round to join and open its stream
     step_timeout: float = 30.0  # seconds for every agent to answer within one phase of a step
     feedback_timeout: float = 60.0
-    max_message_bytes: int = 64 * 2**20
     device: str = "auto"  # where the environment steps (fedcomm.device); the wire is the host's
 
 
@@ -84,22 +96,30 @@ class Truncate(Exception):
 class JointEnvironmentService(pb_grpc.JointEnvironmentServicer):
     def __init__(self, cfg: SimConfig) -> None:
         self.cfg = cfg
+        check_key(cfg.episode_key)
         self.env = make_env(cfg.env, cfg.num_envs, resolve_device(cfg.device), **cfg.env_kwargs)
         self.spec = self.env.spec
         missing = set(self.spec.agent_ids) - set(cfg.tokens)
         if missing:
             raise ValueError(f"no token for agents {sorted(missing)}")
+        if cfg.max_comm_dim < 1:
+            raise ValueError("max_comm_dim must be positive")
+        self.max_message_bytes = message_limit(self.spec, cfg.num_envs, cfg.max_comm_dim)
         self.type_of_agent = torch.tensor(self.spec.type_of_agent)
         self.round: Round | None = None
         self.started = -1  # the last round whose episode batch started: never joined again
 
-    def _authenticate(self, context: grpc.aio.ServicerContext) -> int:
-        """The index of the agent whose token the call presents."""
-        agent_id, token = claimed_identity(context.invocation_metadata() or ())
-        if agent_id not in self.spec.agent_ids:
-            raise ProtocolError(grpc.StatusCode.NOT_FOUND,
-                                f"no agent {agent_id!r} in {self.spec.name}; agents: "
-                                f"{', '.join(self.spec.agent_ids)}")
+    def authenticate(self, context: grpc.aio.ServicerContext) -> int:
+        """The index of the agent whose token the call presents; UNAUTHENTICATED for any call
+        that does not present one agent of this run with its token, whatever its metadata
+        holds."""
+        try:
+            agent_id, token = claimed_identity(_metadata(context))
+        except ValueError as e:
+            raise ProtocolError(grpc.StatusCode.UNAUTHENTICATED, str(e)) from None
+        if agent_id not in self.spec.agent_ids:  # named, not listed: the caller is nobody yet
+            raise ProtocolError(grpc.StatusCode.UNAUTHENTICATED,
+                                f"no agent {_shown(agent_id)} in this run")
         if not token_matches(self.cfg.tokens[agent_id], token):
             raise ProtocolError(grpc.StatusCode.UNAUTHENTICATED, f"wrong token for {agent_id}")
         return self.spec.agent_ids.index(agent_id)
@@ -109,13 +129,15 @@ class JointEnvironmentService(pb_grpc.JointEnvironmentServicer):
 
     # -- Describe --------------------------------------------------------------------------
     async def Describe(self, request: pb.DescribeRequest, context) -> pb.SimInfo:
-        cur = self.round
-        current = cur.number if cur and cur.phase is Phase.JOINING else self.started + 1
+        try:
+            self.authenticate(context)
+        except ProtocolError as e:
+            await context.abort(e.code, e.message)
         return pb.SimInfo(
             run_id=self.cfg.run_id, env=self.spec.name, num_envs=self.cfg.num_envs,
             episode_length=self.spec.episode_length, bandwidth=self.spec.bandwidth or 0,
             agents=self._agent_infos(), agent_types=[t.name for t in self.spec.types],
-            round=current, max_message_bytes=self.cfg.max_message_bytes)
+            round=self.started + 1, max_message_bytes=self.max_message_bytes)
 
     def _agent_infos(self) -> list[pb.AgentInfo]:
         return [pb.AgentInfo(agent_id=a, agent_type=self.spec.types[k].name, index=i)
@@ -124,12 +146,12 @@ class JointEnvironmentService(pb_grpc.JointEnvironmentServicer):
     # -- Join ------------------------------------------------------------------------------
     async def Join(self, request: pb.JoinRequest, context) -> pb.JoinReply:
         try:
-            index = self._authenticate(context)
+            index = self.authenticate(context)
             check_header(request.header, self.spec.agent_ids[index], self.cfg.run_id)
             check_join_seq(request.header)
-            terms = join_terms(request, self.spec, index)
+            terms = join_terms(request, self.spec, index, self.cfg.max_comm_dim)
             rnd = self.round = round_to_join(self.round, self.started, request.header.round,
-                                             self.spec.agent_ids)
+                                             self.spec.agent_ids, joiner=index)
             if rnd.admit(index, terms, request.silent):
                 self.started = rnd.number
                 rnd.start(asyncio.get_running_loop().create_task(self._drive(rnd)))
@@ -152,7 +174,7 @@ class JointEnvironmentService(pb_grpc.JointEnvironmentServicer):
     # -- Step ------------------------------------------------------------------------------
     async def Step(self, request_iterator, context) -> None:
         try:
-            index = self._authenticate(context)
+            index = self.authenticate(context)
             rnd = self.round
             slot = rnd.slots.get(index) if rnd is not None else None
             if rnd is None or rnd.phase is not Phase.RUNNING or slot is None:
@@ -175,28 +197,34 @@ class JointEnvironmentService(pb_grpc.JointEnvironmentServicer):
                 await context.write(item)
         finally:
             reader.cancel()
-            slot.inbox.put_nowait(_Left("its step stream closed"))
+            slot.end(_Left("its step stream closed"))
 
     @staticmethod
     async def _read(request_iterator, slot: Slot) -> None:
+        """Hand the agent's frames to the driver; one that sends ahead of the simulator's
+        answers is cut off, not buffered."""
         try:
             async for frame in request_iterator:
-                await slot.inbox.put(frame)
-            await slot.inbox.put(_Left("it closed its step stream"))
+                if not slot.take(frame):
+                    slot.overflow(ProtocolError(
+                        grpc.StatusCode.RESOURCE_EXHAUSTED,
+                        f"more than {INBOX_FRAMES} frames sent ahead of the simulator's answers"))
+                    return
+            slot.end(_Left("it closed its step stream"))
         except asyncio.CancelledError:
             raise
         except DecodeError as e:  # the sender broke the protocol: its call gets the status
-            await slot.inbox.put(invalid(f"cannot parse the frame: {e}"))
+            slot.end(invalid(f"cannot parse the frame: {e}"))
         except Exception as e:  # any other failure ends the stream
-            await slot.inbox.put(_Left(f"its stream failed: {e}"))
+            slot.end(_Left(f"its stream failed: {e}"))
 
     # -- the driver: one episode batch ----------------------------------------------------
     async def _drive(self, rnd: Round) -> None:
         t = 0
         try:
             await self._await_streams(rnd)
-            seed = rnd.terms.seed
-            obs = self.env.reset(self.cfg.seed + rnd.number if seed is None else seed)
+            obs = self.env.reset(episode_seed(self.cfg.episode_key, self.cfg.run_id,
+                                              rnd.terms.seed, self.cfg.seed + rnd.number))
             obs = [o.cpu() for o in obs]  # one transfer per step from an accelerator
             reward: Tensor | None = None
             for t in range(self.spec.episode_length):
@@ -306,7 +334,7 @@ class JointEnvironmentService(pb_grpc.JointEnvironmentServicer):
     async def Feedback(self, request: pb.FeedbackRequest, context) -> pb.FeedbackReply:
         t = self.spec.episode_length
         try:
-            index = self._authenticate(context)
+            index = self.authenticate(context)
             rnd = self.round
             if rnd is None or rnd.phase is not Phase.FEEDBACK or index not in rnd.slots:
                 raise ProtocolError(FAILED, "no episode batch is waiting for feedback from "
@@ -331,3 +359,18 @@ class JointEnvironmentService(pb_grpc.JointEnvironmentServicer):
         receivers = int(rnd.delivered[:, index].sum())
         return pb.FeedbackReply(header=self._header(rnd.number, t),
                                 grad=encode(rnd.feedback_sums[index]), receivers=receivers)
+
+
+def _metadata(context: grpc.aio.ServicerContext) -> Iterable[tuple[str, str | bytes]]:
+    """The call's metadata; reading it may fail on bytes gRPC cannot decode."""
+    try:
+        return tuple(context.invocation_metadata() or ())
+    except Exception as e:
+        raise ValueError(f"unreadable call metadata: {e}") from None
+
+
+def _shown(agent_id: str) -> str:
+    """An unknown agent id as a refusal names it: quoted, and cut short."""
+    if len(agent_id) <= SHOWN_ID_CHARS:
+        return repr(agent_id)
+    return f"{agent_id[:SHOWN_ID_CHARS]!r}..."

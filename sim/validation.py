@@ -29,11 +29,11 @@ FAILED = grpc.StatusCode.FAILED_PRECONDITION
 @dataclass(frozen=True, eq=False)
 class Terms:
     """What every agent of a round agrees on: its first joiner declares them, every later
-    joiner must declare the same, so that all see one graph, one seed and one mechanism."""
+    joiner must declare the same, so that all see one graph, one batch and one mechanism."""
 
     routes: Tensor  # [K, K] bool, routes[sender_type, receiver_type]: the graph kept
     comm_dim: int
-    seed: int | None  # None: the simulator's own seed plus the round number
+    seed: int | None  # the batch's public label (sim/episodes.py); None: labelled by its round
     vector_dp: pb.DpParams
     feedback_dp: pb.DpParams
     release_every: int = 1  # vectors at steps 0, k, 2k, ...
@@ -111,8 +111,10 @@ def same_dp(got: pb.DpParams, agreed: pb.DpParams, what: str) -> None:
 
 
 # -- joins -------------------------------------------------------------------------------------
-def join_terms(request: pb.JoinRequest, spec: EnvSpec, index: int) -> Terms:
-    """The terms a join declares, once its declarations match agent ``index`` of ``spec``."""
+def join_terms(request: pb.JoinRequest, spec: EnvSpec, index: int,
+               max_comm_dim: int) -> Terms:
+    """The terms a join declares, once its declarations match agent ``index`` of ``spec`` and
+    its ``comm_dim`` fits the simulator's ``max_comm_dim`` (which sizes its message limit)."""
     kind = spec.types[spec.type_of_agent[index]]
     declared = (request.agent_type, request.obs_dim, request.n_actions)
     if declared != (kind.name, kind.obs_dim, kind.n_actions):
@@ -121,6 +123,9 @@ def join_terms(request: pb.JoinRequest, spec: EnvSpec, index: int) -> Terms:
                       f"{declared}")
     if request.comm_dim < 1:
         raise invalid("comm_dim must be positive")
+    if request.comm_dim > max_comm_dim:
+        raise invalid(f"comm_dim {request.comm_dim} exceeds the simulator's largest, "
+                      f"{max_comm_dim} (fedcomm sim serve --comm-dim)")
     check_dp(request.vector_dp, "vector_dp")
     check_dp(request.feedback_dp, "feedback_dp")
     if request.feedback_dp.rr_epsilon:

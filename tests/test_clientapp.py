@@ -8,6 +8,7 @@ would run them at once.
 
 from __future__ import annotations
 
+import math
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -23,6 +24,7 @@ from fedcomm.baselines import EVAL_SEED
 from fedcomm.clients.agent import global_arrays
 from fedcomm.clients.app import make_client_app
 from fedcomm.clients.dpsgd import dp_steps
+from fedcomm.clients.policy import PrivacyPolicy
 from fedcomm.clients.privacy import LEDGER, AgentPrivacy, update_releases, write_run_report
 from fedcomm.clients.rollout import collect
 from fedcomm.clients.state import StateStore
@@ -36,9 +38,11 @@ from fedcomm.protocol.auth import write_tokens
 from fedcomm.protocol.codec import decode
 from fedcomm.protocol.round import EvaluateInstruction, TrainInstruction
 from fedcomm.protocol.v1 import joint_env_pb2 as pb
+from fedcomm.sim.episodes import episode_seed
 from fedcomm.sim.registry import make_env
 from fedcomm.sim.serve import SimServer
 from fedcomm.sim.service import JointEnvironmentService, SimConfig
+from tests.replies import agent_keys, pushed
 
 B = 16
 FACTORY = {"n_sensors": 1, "n_processors": 1, "n_actuators": 1}
@@ -89,14 +93,18 @@ class Nodes:
     """Three SuperNodes' worth of contexts and one ClientApp, against ``service``."""
 
     def __init__(self, tmp: Path, fed: FederationConfig, service: RecordingService,
-                 port: int) -> None:
+                 port: int, policy: PrivacyPolicy | None = None) -> None:
         self.fed, self.service = fed, service
         self.state_root = tmp / "agents"
         self.spec = fed.spec
-        tokens = tmp / "tokens.json"
+        tokens, keys = tmp / "tokens.json", tmp / "agent-keys.json"
         write_tokens(tokens, service.cfg.tokens)
+        self.keys = agent_keys(self.spec.agent_ids)
+        write_tokens(keys, self.keys)
+        policy = policy or PrivacyPolicy.of_run(fed)
         self.app_settings = {"sim-address": f"127.0.0.1:{port}", "token-file": str(tokens),
-                             "state-root": str(self.state_root)}
+                             "server-key-file": str(keys), "state-root": str(self.state_root),
+                             **policy.to_settings()}
         self.app = make_client_app(self.app_settings)
         self.contexts = [Context(run_id=1, node_id=i + 1,
                                  node_config={"partition-id": i, "num-partitions": 3},
@@ -111,8 +119,8 @@ class Nodes:
         config = self.fed.to_json()
         record = (TrainInstruction(config, server_round) if kind == MessageType.TRAIN
                   else EvaluateInstruction(config, server_round, batches, seed)).to_record()
-        messages = [Message(RecordDict({"arrays": ArrayRecord(arrays), "config": record}),
-                            dst_node_id=c.node_id, message_type=kind) for c in contexts]
+        messages = pushed([Message(RecordDict({"arrays": ArrayRecord(arrays), "config": record}),
+                                   dst_node_id=c.node_id, message_type=kind) for c in contexts])
         with ThreadPoolExecutor(len(messages)) as pool:
             return list(pool.map(app or self.app, messages, contexts))
 
@@ -125,15 +133,17 @@ def server_identity():
 
 @pytest.fixture
 def nodes(tmp_path: Path):
-    def start(fed: FederationConfig = FED, join_timeout: float = 20.0) -> Nodes:
+    def start(fed: FederationConfig = FED, join_timeout: float = 20.0,
+              policy: PrivacyPolicy | None = None) -> Nodes:
         spec = fed.spec
         cfg = SimConfig(env="factory", env_kwargs=FACTORY, num_envs=B, run_id="clientapp-test",
                         tokens={a: f"token-{a}" for a in spec.agent_ids},
-                        join_timeout=join_timeout, step_timeout=20, feedback_timeout=20)
+                        join_timeout=join_timeout, step_timeout=20, feedback_timeout=20,
+                        episode_key=b"the same episodes in every test run")
         service = RecordingService(cfg)
         server = SimServer(cfg, service=service)
         servers.append(server)
-        return Nodes(tmp_path, fed, service, server.port)
+        return Nodes(tmp_path, fed, service, server.port, policy)
 
     servers: list[SimServer] = []
     yield start
@@ -193,9 +203,12 @@ def test_a_federated_evaluation_measures_what_the_team_would_in_process(nodes):
     returns = torch.tensor([list(r.content["metrics"]["returns"]) for r in replies])
     assert returns.shape == (3, 2 * B)
 
+    # the simulator played the episodes its key derives from the labels, which it alone knows
+    cfg = n.service.cfg
     env = make_env("factory", B, **FACTORY)
-    expected = torch.cat([collect(team, LocalTransport(env), seed=EVAL_SEED + i * B,
-                                  greedy=True).rewards.sum(dim=0) for i in range(2)]).T
+    expected = torch.cat([collect(team, LocalTransport(env), seed=episode_seed(
+        cfg.episode_key, cfg.run_id, EVAL_SEED + i * B, 0), greedy=True).rewards.sum(dim=0)
+        for i in range(2)]).T
     torch.testing.assert_close(returns, expected, rtol=0, atol=1e-5)
     assert returns.std() > 0  # the episodes differ: a real measurement, not a constant
 
@@ -249,7 +262,7 @@ def test_an_agent_out_of_budget_goes_silent_at_the_boundary_and_never_past_it(no
     budget = 1.5 * one_batch
     private = replace(private, epsilon_budget=budget)
     fed = replace(FED, train=replace(FED.train, privacy=private))
-    n = nodes(fed)
+    n = nodes(fed, policy=PrivacyPolicy(math.inf))  # the run's budget alone decides
     team = Team.initial(n.spec, fed.train.team, fed.train.seed)
     replies = n.send(MessageType.TRAIN, global_arrays(team), server_round=1)
 

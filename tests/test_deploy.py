@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -67,10 +68,16 @@ def ledger_keys(run_dir: Path, agent: str) -> Counter:
 
 
 def secret_texts(run_dir: Path) -> list[str]:
-    """Every token, and a line of every private key's body."""
+    """Every token and server key, a line of every private key's body, and the simulator's
+    episode key (in hex)."""
     secrets = run_dir / "deploy" / "secrets"
     texts = list(json.loads((secrets / "sim" / "tokens.json").read_text()).values())
+    texts += list(json.loads((secrets / "superlink" / "agent-keys.json").read_text()).values())
+    texts += [(secrets / "agents" / a / "worker.token").read_text().strip() for a in AGENTS]
+    texts.append((secrets / "sim" / "episode.key").read_bytes().hex())
     for key in secrets.rglob("*.key"):
+        if key.name == "episode.key":
+            continue
         body = [line for line in key.read_text().splitlines() if "PRIVATE KEY" not in line]
         texts.append(body[1])
     return texts
@@ -101,6 +108,19 @@ def test_deploy_runs_two_rounds_over_tls_with_node_authentication(tmp_path):
     for agent in AGENTS:
         assert (logs / f"supernode-{agent}.log").exists()
         assert (out / "agents" / agent / "state-r000002.pt").exists()
+        # each worker answered its own ClientApp, which showed it the agent's worker token
+        worker_log = (logs / f"worker-{agent}.log").read_text()
+        assert "refused" not in worker_log and "no token file" not in worker_log
+        assert worker_log.count(f"train for {agent}: answered") >= 2
+    # secrets, ledgers and private state are their owner's alone
+    private = [*(out / "deploy" / "secrets").rglob("*.key"),
+               *(out / "deploy" / "secrets").rglob("*token*"), *(out / "agents").rglob("*.pt"),
+               *(out / "agents").rglob("ledger.jsonl")]
+    assert len(private) >= 4 + 5 * len(AGENTS)
+    for path in private:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+    for agent in AGENTS:
+        assert stat.S_IMODE((out / "agents" / agent).stat().st_mode) == 0o700
     # no secret in any log or in the output
     everything = log + "".join(p.read_text(errors="replace") for p in logs.iterdir())
     for secret in secret_texts(out):

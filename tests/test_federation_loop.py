@@ -18,6 +18,7 @@ from fedcomm.config import FederationConfig, TeamConfig, TrainConfig
 from fedcomm.protocol.round import ARRAYS, METRICS, EvaluateReply, TrainReply
 from fedcomm.server.checkpoint import load_checkpoint
 from fedcomm.server.federation import Federation, FederationError
+from tests.replies import agent_keys, signed_reply
 
 B = 4
 FED = FederationConfig(
@@ -28,16 +29,25 @@ FED = FederationConfig(
 Answer = Callable[[int, Message], Message | None]  # node id, message -> reply (None: silence)
 
 
+KEYS = agent_keys(FED.spec.agent_ids)
+
+
+def answer(node: int, msg: Message, content: RecordDict) -> Message:
+    """``content`` signed as node ``node``'s agent (agent ``node - 1``)."""
+    agent = FED.spec.agent_ids[node - 1]
+    return signed_reply(content, msg, agent, KEYS[agent])
+
+
 def trains(node: int, msg: Message) -> Message:
     """An agent that trained both batches of the round and returns the module it was sent."""
     if msg.metadata.message_type == MessageType.EVALUATE:
-        reply = EvaluateReply(node - 1, [-10.0 - node] * B).to_record()
-        return Message(RecordDict({METRICS: reply}), reply_to=msg)
+        reply = EvaluateReply(node - 1, B, [-10.0 - node] * B).to_record()
+        return answer(node, msg, RecordDict({METRICS: reply}))
     reply = TrainReply(agent=node - 1, env_steps=2 * B * 25, batches=2, silent_batches=0,
                        epsilon=1.0, restored_round=0, return_mean=-20.0,
                        timings={"client_s": 0.01})
-    return Message(RecordDict({ARRAYS: msg.content[ARRAYS], METRICS: reply.to_record()}),
-                   reply_to=msg)
+    return answer(node, msg, RecordDict({ARRAYS: msg.content[ARRAYS],
+                                         METRICS: reply.to_record()}))
 
 
 def fails(node: int, msg: Message) -> Message:
@@ -80,7 +90,7 @@ def server_identity():
 
 def federation(tmp_path: Path, answers: dict[int, Answer], **change: object) -> Federation:
     fed = FederationConfig(**{**FED.to_dict(), **change})
-    return Federation(Grid(answers), fed, tmp_path, progress=False,
+    return Federation(Grid(answers), fed, tmp_path, KEYS, progress=False,
                       console=Console(quiet=True))
 
 

@@ -10,11 +10,10 @@ from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
 
 from fedcomm.clients.agent import global_arrays, load_global
 from fedcomm.clients.party import Party
-from fedcomm.clients.privacy import RECEIVER_PARTS, SENDER_PARTS, peers, shared_parts
-from fedcomm.clients.privacy_plan import initial_routes
 from fedcomm.clients.state import StateStore, load_private_state, private_state_dict
 from fedcomm.clients.transport import Transport
 from fedcomm.config import FederationConfig, TeamConfig, TrainConfig
+from fedcomm.models.parts import RECEIVER_PARTS, SENDER_PARTS, initial_routes, peers, shared_parts
 from fedcomm.models.team import Team
 from fedcomm.modes.simulation import assemble_team, one_team_holds
 from fedcomm.presets import federation_preset
@@ -25,6 +24,7 @@ from fedcomm.server.strategy import (
     make_strategy,
     strategy_state,
 )
+from tests.replies import agent_keys
 
 FED = FederationConfig(train=TrainConfig(env="factory", num_envs=8, env_steps=8 * 25 * 10,
                                          team=TeamConfig(hidden=8, comm_dim=4)),
@@ -183,7 +183,7 @@ def test_the_route_price_is_shared_so_parties_add_up_to_the_centralized_loss():
 # -- what the server keeps -------------------------------------------------------------------
 def test_a_checkpoint_keeps_the_module_and_the_server_optimizer_state(tmp_path):
     fed = FederationConfig(train=FED.train, strategy="fedadam")
-    strategy = make_strategy(fed, SPEC.n_agents)
+    strategy = make_strategy(fed, SPEC.n_agents, agent_keys(SPEC.agent_ids))
     strategy.m_t = {"comm.w": np.arange(3.0)}
     strategy.v_t = {"comm.w": np.ones(3)}
     arrays = {"comm.w": np.arange(3, dtype=np.float32)}
@@ -193,11 +193,12 @@ def test_a_checkpoint_keeps_the_module_and_the_server_optimizer_state(tmp_path):
     assert (ckpt.round, ckpt.env_steps, ckpt.train_time_s) == (4, 1000, 12.5)
     assert FederationConfig.from_dict(ckpt.config) == fed
     np.testing.assert_array_equal(ckpt.arrays["comm.w"], arrays["comm.w"])
-    resumed = make_strategy(fed, SPEC.n_agents)
+    resumed = make_strategy(fed, SPEC.n_agents, agent_keys(SPEC.agent_ids))
     load_strategy_state(resumed, ckpt.strategy)
     np.testing.assert_array_equal(resumed.m_t["comm.w"], np.arange(3.0))
     with pytest.raises(ValueError, match="does not fit"):
-        load_strategy_state(make_strategy(FED, SPEC.n_agents), ckpt.strategy)  # FedAvg
+        fedavg = make_strategy(FED, SPEC.n_agents, agent_keys(SPEC.agent_ids))
+        load_strategy_state(fedavg, ckpt.strategy)
     assert load_checkpoint(tmp_path / "elsewhere") is None
 
 

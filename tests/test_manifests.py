@@ -11,7 +11,10 @@ what to install.
 What matters beyond the schemas: every agent of the 3-agent factory has its own SuperNode
 workload with only its own secrets and its own state volume; the SuperLink has TLS and SuperNode
 authentication and nothing runs ``--insecure``; the node config is what the ClientApp reads
-(``AgentNode.from_settings``); the simulator and the submitted run agree on the environment.
+(``AgentNode.from_settings``, its privacy policy included, which accepts the submitted run) and
+names the agent's own server key and worker token; each worker asks for the token its ClientApp
+shows; the simulator reads its episode key at mode 0400; the ServerApp reads the agents' server
+keys on the SuperLink; the simulator and the submitted run agree on the environment.
 """
 
 from __future__ import annotations
@@ -32,9 +35,14 @@ import yaml
 
 from fedcomm.clients.node import AgentNode
 from fedcomm.commands import build_parser, federation_config_from_args
+from fedcomm.commands.sim import episode_key
+from fedcomm.config import FederationConfig
 from fedcomm.deploy.local import DeploymentError, tool
-from fedcomm.deploy.secrets import make_secrets
+from fedcomm.deploy.secrets import AgentSecrets, DeploymentSecrets, make_secrets
 from fedcomm.protocol.auth import read_tokens
+from fedcomm.protocol.signing import KEY_FILE, agent_key
+from fedcomm.protocol.worker import WORKER_SOCKET, WORKER_TOKEN, read_worker_token
+from fedcomm.sim.episodes import KEY_BYTES
 from fedcomm.sim.registry import make_env
 
 try:
@@ -48,11 +56,14 @@ COMPOSE_FILE = DEPLOY / "compose" / "compose.yaml"
 K8S = DEPLOY / "k8s"
 DOCS = REPO / "docs" / "deployment.md"
 SECRETS = REPO / "secrets"  # where compose.yaml expects `fedcomm deploy secrets --out secrets`
+LAYOUT = DeploymentSecrets(SECRETS)  # what `fedcomm deploy secrets` writes there
 
 FACTORY_OPTS = {"n_sensors": 1, "n_processors": 1, "n_actuators": 1}
 AGENTS = make_env("factory", 1, **FACTORY_OPTS).spec.agent_ids
 NODE_CONFIG_KEYS = {"agent-id", "state-dir", "sim-address", "token-file", "sim-ca",
-                    "sim-cert", "sim-key", "worker-socket"}
+                    "sim-cert", "sim-key", KEY_FILE, "max-epsilon", WORKER_SOCKET, WORKER_TOKEN}
+# The node config's keys that name a file of the agent's own secrets.
+SECRET_FILE_KEYS = ("token-file", "sim-ca", "sim-cert", "sim-key", KEY_FILE, WORKER_TOKEN)
 SUPERLINK_PORT, SIM_PORT = 9093, 50051
 
 
@@ -137,6 +148,14 @@ def compose_mounts(service: dict) -> dict[str, dict]:
     return {v["target"]: v for v in service.get("volumes", [])}
 
 
+def compose_host_path(service: dict, path: str | Path) -> Path:
+    """Where a file inside a service's container lies on the host: under one of its binds."""
+    for target, mount in sorted(compose_mounts(service).items(), key=lambda m: -len(m[0])):
+        if mount["type"] == "bind" and Path(path).is_relative_to(target):
+            return Path(mount["source"]) / Path(path).relative_to(target)
+    raise AssertionError(f"{path} is on no bind mount")
+
+
 def compose_script(service: dict) -> str:
     """The shell script of a `sh -c` service, as the shell gets it (Compose turns $$ into $)."""
     assert service["entrypoint"] == ["/bin/sh", "-c"]
@@ -191,8 +210,9 @@ def test_compose_runs_each_agents_worker_beside_its_supernode(compose: dict) -> 
         worker = workers[agent]
         assert worker["restart"] == "on-failure" and not worker.get("ports")
         ours, theirs = compose_mounts(node), compose_mounts(worker)
-        folder = socket_folder(node_config(node["command"]), worker_args(worker["command"]),
-                               set(ours) & set(theirs))
+        config, args = node_config(node["command"]), worker_args(worker["command"])
+        check_worker(config, args)
+        folder = socket_folder(config, args, set(ours) & set(theirs))
         assert ours[folder]["type"] == "volume" and ours[folder] == theirs[folder]
         sockets.add(ours[folder]["source"])
         for target in ("/secrets", "/state"):  # the agent's own, as its SuperNode mounts them
@@ -219,10 +239,11 @@ def test_compose_servers_and_ports(compose: dict) -> None:
             assert mount["read_only"] is True
             assert Path(mount["source"]) in (SECRETS / "ca.crt", SECRETS / "superlink"), target
     sim = compose["services"]["sim"]
-    check_sim(sim["command"])
+    sim_args = check_sim(sim["command"])
     for mount in compose_mounts(sim).values():
         assert mount["type"] == "bind" and mount["read_only"] is True
         assert Path(mount["source"]) in (SECRETS / "ca.crt", SECRETS / "sim")
+    assert compose_host_path(sim, sim_args.episode_key) == LAYOUT.episode_key
     for name, service in compose["services"].items():
         assert "--insecure" not in json.dumps(service), f"{name} runs --insecure"
         assert service["read_only"] is True, f"{name}'s root file system is writable"
@@ -236,16 +257,33 @@ def test_compose_submit_holds_no_private_key(compose: dict) -> None:
                        *(SECRETS / "agents" / a / "node.pub" for a in AGENTS)}
 
 
+def compose_submission(compose: dict) -> argparse.Namespace:
+    return check_submission(compose_script(compose["services"]["submit"]),
+                            compose["services"]["sim"]["command"])
+
+
 def test_compose_submission_script(compose: dict, tmp_path: Path) -> None:
     script = compose_script(compose["services"]["submit"])
     run_shellcheck(script, tmp_path, "compose-submit")
-    check_submission(script, compose["services"]["sim"]["command"])
+    args = check_submission(script, compose["services"]["sim"]["command"])
+    # the ServerApp reads it on the SuperLink
+    assert compose_host_path(compose["services"]["superlink"], args.agent_keys) == \
+        LAYOUT.agent_keys
 
 
 def test_compose_node_config_is_read_by_the_agent(compose: dict, tmp_path: Path) -> None:
-    """Each agent's node config, its mounts replaced by real folders, makes its AgentNode."""
+    """Each agent's node config, its mounts replaced by real folders, makes its AgentNode; it
+    signs with the key the ServerApp verifies with, shows the token its worker asks for, and
+    its policy accepts the submitted run."""
     secrets = make_secrets(tmp_path / "secrets", AGENTS)
-    spec = make_env("factory", 1, **FACTORY_OPTS).spec
+
+    def made(service: dict, path: str | Path) -> Path:  # a secret file, as the party sees it
+        return secrets.dir / compose_host_path(service, path).relative_to(SECRETS)
+
+    args = compose_submission(compose)
+    fed = federation_config_from_args(args)
+    server_keys = read_tokens(made(compose["services"]["superlink"], args.agent_keys))
+    workers = compose_workers(compose)
     for agent, service in agent_services(compose).items():
         mounts = {}
         for target, mount in compose_mounts(service).items():
@@ -253,8 +291,22 @@ def test_compose_node_config_is_read_by_the_agent(compose: dict, tmp_path: Path)
                 mounts[target] = secrets.dir / Path(mount["source"]).relative_to(SECRETS)
             else:
                 mounts[target] = tmp_path / "volumes" / mount["source"]
-        check_agent_node(node_config(service["command"]), mounts, spec, agent,
-                         read_tokens(secrets.tokens)[agent])
+        worker = workers[agent]
+        token_file = made(worker, worker_args(worker["command"]).token_file)
+        assert token_file == secrets.agent(agent).worker_token, f"{agent}'s worker"
+        check_agent_node(node_config(service["command"]), mounts, fed, agent,
+                         read_tokens(secrets.tokens)[agent], secrets.agent(agent),
+                         server_keys[agent], read_worker_token(token_file))
+
+
+def test_compose_simulator_reads_its_episode_key(compose: dict, tmp_path: Path) -> None:
+    """The key `fedcomm deploy secrets` writes (0600), bind-mounted with its mode, is one the
+    simulator accepts (it refuses a key that group or others can read)."""
+    secrets = make_secrets(tmp_path / "secrets", AGENTS)
+    sim = compose["services"]["sim"]
+    path = compose_host_path(sim, check_sim(sim["command"]).episode_key)
+    key = episode_key(secrets.dir / path.relative_to(SECRETS))
+    assert key == secrets.episode_key.read_bytes() and len(key) >= KEY_BYTES
 
 
 # -- Kubernetes ---------------------------------------------------------------------------------
@@ -325,6 +377,35 @@ def secret_names(volume: dict) -> set[str]:
         return {volume["secret"]["secretName"]}
     return {s["secret"]["name"] for s in volume.get("projected", {}).get("sources", [])
             if "secret" in s}
+
+
+def secret_items(volume: dict) -> list[tuple[str, dict]]:
+    """The (Secret, item) pairs a volume lists; a Secret mounted whole lists none."""
+    if "secret" in volume:
+        return [(volume["secret"]["secretName"], i) for i in volume["secret"].get("items", [])]
+    return [(s["secret"]["name"], i) for s in volume.get("projected", {}).get("sources", [])
+            if "secret" in s for i in s["secret"].get("items", [])]
+
+
+def secret_file(volume: dict, path: str) -> tuple[str, str, int]:
+    """The Secret, key and file mode (as set, before the kubelet applies an fsGroup) of the
+    file at ``path`` inside a secret or projected volume."""
+    if "secret" in volume and "items" not in volume["secret"]:  # each key a file of its name
+        return volume["secret"]["secretName"], path, volume["secret"].get("defaultMode", 0o644)
+    default = volume.get("secret", volume.get("projected", {})).get("defaultMode", 0o644)
+    found = [(name, item["key"], item.get("mode", default))
+             for name, item in secret_items(volume) if item["path"] == path]
+    assert len(found) == 1, f"{path}: no secret file of volume {volume['name']}"
+    return found[0]
+
+
+def k8s_volume_path(spec: dict, container: dict, path: str | Path) -> tuple[dict, str]:
+    """The volume a file inside a container lies on, and the file's path inside it."""
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    for mount in sorted(container["volumeMounts"], key=lambda m: -len(m["mountPath"])):
+        if Path(path).is_relative_to(mount["mountPath"]):
+            return volumes[mount["name"]], str(Path(path).relative_to(mount["mountPath"]))
+    raise AssertionError(f"{container['name']}: {path} is on no volume")
 
 
 def k8s_agents(k8s: list[dict]) -> dict[str, dict]:
@@ -409,7 +490,9 @@ def test_k8s_each_agent_pod_runs_its_worker(k8s: list[dict]) -> None:
         theirs = {m["mountPath"]: m["name"] for m in worker["volumeMounts"]}
         args = worker_args(k8s_command(worker, k8s))
         assert args.agent_id == agent
-        folder = socket_folder(node_config(k8s_command(node, k8s)), args, set(ours) & set(theirs))
+        config = node_config(k8s_command(node, k8s))
+        check_worker(config, args)
+        folder = socket_folder(config, args, set(ours) & set(theirs))
         assert ours[folder] == theirs[folder] and volumes[ours[folder]] == {
             "name": ours[folder], "emptyDir": {}}, "the socket is on the pod's own emptyDir"
         assert ours["/secrets"] == theirs["/secrets"] and ours["/state"] == theirs["/state"]
@@ -431,6 +514,29 @@ def test_k8s_servers(k8s: list[dict]) -> None:
     assert "--insecure" not in json.dumps(k8s)
 
 
+def test_k8s_simulator_reads_its_episode_key_at_mode_0400(k8s: list[dict]) -> None:
+    """The simulator refuses a key that group or others can read, and with the pod's fsGroup
+    the kubelet gives every file of a secret volume group read whatever its mode
+    (kubernetes/kubernetes#57923): an init container installs the key, mode 0400, on a volume
+    in memory, from the item episode.key (mode 0400) of the simulator's Secret."""
+    workload = objects(k8s, "Deployment")["sim"]
+    spec = pod_spec(workload)
+    sim = k8s_container(workload, "sim")
+    path = check_sim(k8s_command(sim, k8s)).episode_key
+    volume, inside = k8s_volume_path(spec, sim, path)
+    assert volume.get("emptyDir", {}).get("medium") == "Memory", \
+        "the simulator reads its episode key from a copy in memory, not from the Secret"
+    copies = [c for c in spec.get("initContainers", [])
+              if any(m["name"] == volume["name"] for m in c["volumeMounts"])]
+    (init,) = copies
+    command = k8s_command(init, k8s)
+    assert command[:3] == ["install", "-m", "0400"] and len(command) == 5, command
+    source, target = command[3:]
+    assert k8s_volume_path(spec, init, target) == (volume, inside)
+    assert secret_file(*k8s_volume_path(spec, init, source)) == ("sim-tls", "episode.key", 0o400)
+    assert next(m for m in sim["volumeMounts"] if m["name"] == volume["name"])["readOnly"] is True
+
+
 def test_k8s_pods_are_hardened(k8s: list[dict]) -> None:
     assert not objects(k8s, "Secret"), "secret values are never committed"
     workloads = [*objects(k8s, "Deployment").values(), *objects(k8s, "StatefulSet").values(),
@@ -441,7 +547,7 @@ def test_k8s_pods_are_hardened(k8s: list[dict]) -> None:
         spec = pod_spec(workload)
         assert spec["securityContext"]["runAsNonRoot"] is True, name
         assert spec["automountServiceAccountToken"] is False, name
-        for container in spec["containers"]:
+        for container in [*spec.get("initContainers", []), *spec["containers"]]:
             security = container["securityContext"]
             assert security["readOnlyRootFilesystem"] is True, name
             assert security["allowPrivilegeEscalation"] is False, name
@@ -471,18 +577,54 @@ def test_k8s_submission(k8s: list[dict], tmp_path: Path) -> None:
     script = re.sub(r'"\$([A-Z_]+)"|\$([A-Z_]+)',
                     lambda m: env.get(m.group(1) or m.group(2), m.group(0)), command[2])
     sim = pod_spec(objects(k8s, "Deployment")["sim"])["containers"][0]
-    check_submission(script, k8s_command(sim, k8s))
+    args = check_submission(script, k8s_command(sim, k8s))
+    superlink = objects(k8s, "Deployment")["superlink"]  # the ServerApp reads it there
+    keys = k8s_volume_path(pod_spec(superlink), k8s_container(superlink, "superlink"),
+                           args.agent_keys)
+    assert secret_file(*keys)[:2] == ("superlink-tls", LAYOUT.agent_keys.name)
 
 
-def test_docs_create_every_secret_the_manifests_use(k8s: list[dict]) -> None:
-    text = DOCS.read_text()
-    created = set(re.findall(r"create secret generic ([a-z0-9.-]+)", text))
+def docs_secrets(folder: Path) -> dict[str, set[str]]:
+    """The keys of each Secret that docs/deployment.md creates, from the output of `fedcomm
+    deploy secrets` in ``folder`` (`--from-file` of a folder: a key per file)."""
+    made = make_secrets(folder, AGENTS)
+    created: dict[str, set[str]] = {}
+    for line in DOCS.read_text().replace("\\\n", " ").splitlines():
+        found = re.search(r"create secret generic ([a-z0-9.-]+)(.*)", line)
+        if not found:
+            continue
+        keys = created.setdefault(found.group(1), set())
+        for word in shlex.split(found.group(2)):
+            if word.startswith("--from-file="):
+                key, _, source = word.removeprefix("--from-file=").rpartition("=")
+                path = made.dir / Path(source).relative_to("secrets")
+                assert path.exists(), f"docs/deployment.md: {source} is not made"
+                keys |= {p.name for p in path.iterdir()} if path.is_dir() else {key or path.name}
+    return created
+
+
+def test_docs_create_every_secret_the_manifests_use(k8s: list[dict], tmp_path: Path) -> None:
+    created = docs_secrets(tmp_path / "secrets")
     used = set()
     for kind in ("Deployment", "StatefulSet", "Job"):
         for workload in objects(k8s, kind).values():
             for volume in pod_spec(workload)["volumes"]:
                 used |= secret_names(volume)
-    assert used <= created, f"docs/deployment.md does not create {sorted(used - created)}"
+                for name, item in secret_items(volume):
+                    assert item["key"] in created.get(name, ()), \
+                        f"docs/deployment.md: the Secret {name} has no {item['key']}"
+    assert used <= set(created), f"docs/deployment.md does not create {sorted(used - created)}"
+    for agent, workload in k8s_agents(k8s).items():  # their Secret is mounted whole
+        spec = pod_spec(workload)
+        node, worker = k8s_container(workload, "supernode"), k8s_container(workload, "worker")
+        command = k8s_command(node, k8s)
+        config = node_config(command)
+        files = [(node, config[k]) for k in SECRET_FILE_KEYS]
+        files += [(node, command[command.index("--auth-supernode-private-key") + 1]),
+                  (worker, str(worker_args(k8s_command(worker, k8s)).token_file))]
+        for container, path in files:
+            name, key, _ = secret_file(*k8s_volume_path(spec, container, path))
+            assert key in created[name], f"{agent}: the Secret {name} has no {key}"
 
 
 # -- the image ----------------------------------------------------------------------------------
@@ -532,8 +674,8 @@ def node_config(command: list[str]) -> dict[str, str]:
     config = parse_config_args([args.node_config])
     assert set(config) == NODE_CONFIG_KEYS
     assert config["sim-address"] == f"sim:{SIM_PORT}"
-    for key in ("token-file", "sim-ca", "sim-cert", "sim-key"):
-        assert Path(config[key]).parent == Path(args.auth_supernode_private_key).parent
+    for key in SECRET_FILE_KEYS:  # in the agent's own secrets, beside its SuperNode key
+        assert Path(config[key]).parent == Path(args.auth_supernode_private_key).parent, key
     return config
 
 
@@ -543,6 +685,12 @@ def worker_args(command: list[str]) -> argparse.Namespace:
     args = build_parser().parse_args(command[1:])
     assert args.agent_id, "a worker serves one agent"
     return args
+
+
+def check_worker(config: dict[str, str], worker: argparse.Namespace) -> None:
+    """The worker asks for the token its SuperNode's ClientApp shows (the same file)."""
+    assert worker.token_file is not None, "the worker answers any process of its user"
+    assert str(worker.token_file) == config[WORKER_TOKEN]
 
 
 def socket_folder(config: dict[str, str], worker: argparse.Namespace,
@@ -580,11 +728,14 @@ def check_sim(command: list[str]):
     assert args.tls_cert and args.tls_key and args.tls_client_ca, "the simulator needs mTLS"
     assert args.port == SIM_PORT and args.host == "0.0.0.0"
     assert args.env == "factory" and dict(args.env_opt) == FACTORY_OPTS
+    # without a key file of its own, a restarted simulator would key its episodes afresh
+    assert args.episode_key, "the simulator has no --episode-key"
     return args
 
 
-def check_submission(script: str, sim_command: list[str]) -> None:
-    """The script registers the keys and submits a run the simulator serves."""
+def check_submission(script: str, sim_command: list[str]) -> argparse.Namespace:
+    """The script registers the keys and submits a run the simulator serves; its `fedcomm
+    deploy app` arguments."""
     assert "flwr supernode register" in script and "--stream" in script
     joined = script.replace("\\\n", " ")
     (line,) = [x for x in joined.splitlines() if x.strip().startswith("fedcomm deploy app")]
@@ -596,19 +747,29 @@ def check_submission(script: str, sim_command: list[str]) -> None:
     assert fed.train.num_envs == sim.num_envs and fed.train.seed == sim.seed
     assert fed.spec.agent_ids == AGENTS
     assert args.run_dir.startswith("/runs/")
+    assert args.agent_keys, "the ServerApp verifies every reply with the agents' server keys"
+    return args
 
 
-def check_agent_node(config: dict[str, str], mounts: dict[str, Path], spec, agent: str,
-                     token: str) -> None:
+def check_agent_node(config: dict[str, str], mounts: dict[str, Path], fed: FederationConfig,
+                     agent: str, token: str, mine: AgentSecrets, server_key: str,
+                     worker_token: str) -> None:
+    """The agent's node config, its paths on ``mounts``, makes its AgentNode; its server key
+    is its own and ``server_key`` (the ServerApp's), its worker token ``worker_token`` (its
+    worker's), and its privacy policy accepts the run ``fed``."""
     def host_path(path: str) -> str:
         for target in sorted(mounts, key=len, reverse=True):
             if path == target or path.startswith(target + "/"):
                 return str(mounts[target]) + path[len(target):]
         raise AssertionError(f"{agent}: {path} is on no mount")
 
-    settings = {k: (host_path(v) if k not in ("agent-id", "sim-address") else v)
-                for k, v in config.items()}
-    node = AgentNode.from_settings(settings, spec)
+    settings = {k: (host_path(v) if v.startswith("/") else v) for k, v in config.items()}
+    node = AgentNode.from_settings(settings, fed.spec)
     assert (node.agent_id, node.token, node.sim_address) == (agent, token, f"sim:{SIM_PORT}")
     assert node.tls is not None
     assert node.tls.ca.is_file() and node.tls.cert.is_file() and node.tls.key.is_file()
+    assert Path(settings[KEY_FILE]) == mine.server_key
+    assert agent_key(settings, agent) == server_key, f"{agent} signs with another key"
+    assert Path(settings[WORKER_TOKEN]) == mine.worker_token
+    assert read_worker_token(settings[WORKER_TOKEN]) == worker_token
+    node.policy.check(fed, fed.spec.agent_ids.index(agent))  # PolicyRefusal if it refuses

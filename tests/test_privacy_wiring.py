@@ -57,12 +57,14 @@ def test_released_feedback_carries_the_declared_noise_and_each_episode_is_clippe
 
 def test_outside_tests_the_noise_comes_from_a_cryptographically_seeded_stream(tmp_path):
     def agent(seeded: bool, name: str) -> AgentPrivacy:
-        return AgentPrivacy("sensor_0", 0, SPEC, TeamConfig(), PrivacyConfig(seeded_noise=seeded),
-                            tmp_path / name / LEDGER, {"run": 1})
+        return AgentPrivacy("sensor_0", 0, SPEC, TeamConfig(), PrivacyConfig(),
+                            tmp_path / name / LEDGER, {"run": 1}, seeded_noise=seeded)
 
     one, two = agent(False, "a"), agent(False, "b")
     assert one.noise is not None and one.noise.initial_seed() != two.noise.initial_seed()
-    assert agent(True, "c").noise is None  # the party's own, seeded stream
+    assert one.ledger.noise == "secure"
+    seeded = agent(True, "c")
+    assert seeded.noise is None and seeded.ledger.noise == "seeded"  # the party's own stream
 
 
 FACTORY_1 = {"n_sensors": 1, "n_processors": 1, "n_actuators": 1}

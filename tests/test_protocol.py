@@ -1,6 +1,7 @@
 """The wire protocol: committed stubs match the .proto; tensors round-trip and are checked."""
 
 import math
+import re
 
 import grpc
 import pytest
@@ -83,3 +84,20 @@ def test_tokens_identify_agents(tmp_path):
     (tmp_path / "bad.json").write_text('{"a": 3}')
     with pytest.raises(ValueError, match="agent id -> non-empty token"):
         read_tokens(tmp_path / "bad.json")
+
+
+@pytest.mark.parametrize(("metadata", "fragment"), [
+    ((), "no x-fedcomm-agent metadata"),
+    ((("x-fedcomm-agent", "a"),), "no authorization metadata"),
+    ((("x-fedcomm-agent", "a"), ("authorization", "t")), "expected 'Bearer <token>'"),
+    ((*call_metadata("a", "t"), ("x-fedcomm-agent", "b")), "2 x-fedcomm-agent metadata values"),
+    ((("x-fedcomm-agent-bin", b"\xff"), ("authorization", "Bearer t")),
+     "x-fedcomm-agent-bin metadata: the x-fedcomm-agent is text"),
+    ((("x-fedcomm-agent", b"a"), ("authorization", "Bearer t")),
+     "x-fedcomm-agent metadata: not text"),
+])
+def test_metadata_that_does_not_name_one_agent_and_its_token_is_refused(metadata, fragment):
+    with pytest.raises(ValueError, match=re.escape(fragment)):
+        claimed_identity(metadata)
+    garbage = (("trace-bin", b"\xff\xfe"), ("user-agent", "x"))
+    assert claimed_identity((*garbage, *call_metadata("a", "t"))) == ("a", "t")

@@ -15,7 +15,12 @@ from fedcomm.protocol.round import ARRAYS, METRICS
 from fedcomm.server.checkpoint import load_checkpoint
 from fedcomm.server.client_dp import REPORT, ledger_paths
 from fedcomm.server.federation import FederationError
-from tests.test_federation_loop import federation, server_identity, trains  # noqa: F401
+from tests.test_federation_loop import (  # noqa: F401
+    answer,
+    federation,
+    server_identity,
+    trains,
+)
 
 
 def sends_nan(node: int, msg: Message) -> Message:
@@ -24,8 +29,8 @@ def sends_nan(node: int, msg: Message) -> Message:
     if msg.metadata.message_type != MessageType.TRAIN:
         return reply
     arrays = {k: Array(np.full_like(v.numpy(), np.nan)) for k, v in reply.content[ARRAYS].items()}
-    return Message(RecordDict({ARRAYS: ArrayRecord(arrays), METRICS: reply.content[METRICS]}),
-                   reply_to=msg)
+    return answer(node, msg, RecordDict({ARRAYS: ArrayRecord(arrays),
+                                         METRICS: reply.content[METRICS]}))
 
 
 def test_a_refused_reply_stops_the_run_naming_the_agent_and_nothing_is_committed(tmp_path):

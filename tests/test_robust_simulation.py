@@ -1,8 +1,9 @@
 """One faulty agent in a federated run on Flower's simulation engine (real Ray, real gRPC to
 the simulator process), as ``fedcomm simulate`` runs it: the actuator's ClientApp is defined
 here, trains honestly through the simulator, and then replies, round by round, NaN, 1e30, an
-array of the wrong shape, a claim of 10^12 environment steps, a reply as another agent, and
-another type's networks. With ``on_agent_failure="continue"`` each such reply is a failed agent
+array of the wrong shape, a claim of 10^12 environment steps, a reply as another agent (signed
+with its own key, the only one it holds), and another type's networks, all against the default
+options. With ``on_agent_failure="continue"`` each such reply is a failed agent
 named in the round's metrics and the global module is exactly the mean of the honest agents'
 replies; with ``"stop"`` the run stops naming it, its checkpoint and every ledger intact, and
 ``fedcomm simulate --resume`` (honest agents) continues it to the end."""
@@ -12,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +22,9 @@ from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordD
 from flwr.clientapp import ClientApp
 
 from fedcomm.clients.app import make_client_app
+from fedcomm.clients.policy import PrivacyPolicy
 from fedcomm.clients.privacy import LEDGER
+from fedcomm.commands.privacy import server_record
 from fedcomm.config import FederationConfig, TeamConfig, TrainConfig
 from fedcomm.modes.processes import SimProcess
 from fedcomm.modes.simulation import (
@@ -32,23 +36,25 @@ from fedcomm.modes.simulation import (
 )
 from fedcomm.privacy.audit import audit
 from fedcomm.privacy.ledger import read_ledger, verify_chain
-from fedcomm.protocol.auth import generate_tokens, write_tokens
-from fedcomm.protocol.round import ARRAYS, CONFIG, METRICS, WEIGHT_KEY, key_group
+from fedcomm.protocol.auth import generate_tokens, read_tokens, write_tokens
+from fedcomm.protocol.round import ARRAYS, CONFIG, METRICS, PROOF, WEIGHT_KEY, Proof, key_group
 from fedcomm.server.app import make_server_app
 from fedcomm.server.checkpoint import load_checkpoint
 from fedcomm.server.federation import FederationError
 from tests.processes import assert_nothing_left
+from tests.replies import signed_reply
 
 FAULTY = 2  # the actuator's partition (and agent index)
 FAULTS = {2: "nan", 3: "huge", 4: "shape", 5: "steps", 6: "agent", 7: "type"}
 REASONS = {  # what each round's metrics say of the actuator's reply
     2: r"actuator_0 \(node \d+\): comm\.\S+ is not finite \(\d+ NaN, 0 infinite\)",
-    3: r"actuator_0 \(node \d+\): its update's L2 norm \S+ exceeds max_update_norm 10",
+    3: r"actuator_0 \(node \d+\): comm\.\S+ moved 1e\+30, further than an honest agent's "
+       r"optimizer can in 1 batches \(\S+\)",
     4: r"actuator_0 \(node \d+\): comm\.graph is float32\[7, 7\]; the global module's is "
        r"float32\[3, 3\]",
     5: r"actuator_0 \(node \d+\): claims 1000000000000 environment steps; the server "
        r"scheduled 1 batches of 400 steps, 0 of them silent: 400",
-    6: r"node \d+ answers as processor_0, but it is actuator_0",
+    6: r"node \d+: its reply is not signed with processor_0's key; not counted",
     7: r"actuator_0 \(node \d+\): a actuator replies with the networks of processor",
 }
 
@@ -58,12 +64,11 @@ def fed_of(rounds: int, **change: object) -> FederationConfig:
                         env_kwargs={"n_sensors": 1, "n_processors": 1, "n_actuators": 1},
                         eval_every=0, eval_episodes=16, device="cpu",
                         team=TeamConfig(hidden=16))
-    return FederationConfig(train=train, batches_per_round=1, max_update_norm=10.0,
-                            round_timeout=300.0, **change)
+    return FederationConfig(train=train, batches_per_round=1, round_timeout=300.0, **change)
 
 
-def corrupt(reply: Message, msg: Message, fault: str) -> Message:
-    """The honest ``reply`` made faulty."""
+def corrupt(reply: Message, msg: Message, fault: str, key: str) -> Message:
+    """The honest ``reply`` made faulty, signed with the faulty agent's own ``key``."""
     arrays = {k: v.numpy() for k, v in reply.content[ARRAYS].items()}
     metrics = MetricRecord(dict(reply.content[METRICS]))
     if fault == "nan":
@@ -74,16 +79,20 @@ def corrupt(reply: Message, msg: Message, fault: str) -> Message:
         arrays["comm.graph"] = np.zeros((7, 7), np.float32)
     elif fault == "steps":
         metrics["env_steps"] = metrics[WEIGHT_KEY] = 10**12
-    elif fault == "agent":
-        metrics["agent"] = 1  # the processor's index
+    proof = Proof.from_record(reply.content[PROOF])
+    if fault == "agent":  # it answers as the processor, whose key it does not hold
+        metrics["agent"] = 1
+        proof = replace(proof, agent_id="processor_0")
     elif fault == "type":
         arrays = {k.replace("type.actuator.", "type.processor."): v for k, v in arrays.items()}
     content = RecordDict({ARRAYS: ArrayRecord({k: Array(v) for k, v in arrays.items()}),
                           METRICS: metrics})
-    return Message(content, reply_to=msg)
+    return signed_reply(content, msg, proof.agent_id, key, proof.ledger_entries,
+                        proof.ledger_hash)
 
 
-def faulty_client_app(defaults: dict, faults: dict[int, str], record: str) -> ClientApp:
+def faulty_client_app(defaults: dict, faults: dict[int, str], record: str,
+                      key: str) -> ClientApp:
     """Every agent the real ClientApp; the actuator's replies then made faulty by round. Each
     agent writes what it was sent and what it replied honestly to ``record``."""
     honest = make_client_app(defaults)
@@ -101,7 +110,7 @@ def faulty_client_app(defaults: dict, faults: dict[int, str], record: str) -> Cl
         np.savez(f"{record}/reply-r{rnd}-a{part}.npz",
                  **{k: v.numpy() for k, v in reply.content[ARRAYS].items()})
         fault = faults.get(rnd) if part == FAULTY else None
-        return corrupt(reply, msg, fault) if fault else reply
+        return corrupt(reply, msg, fault, key) if fault else reply
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
@@ -119,19 +128,24 @@ def run(fed: FederationConfig, run_dir: Path, faults: dict[int, str]) -> object:
     run_dir.mkdir(parents=True, exist_ok=True)
     record = run_dir.parent / f"{run_dir.name}-record"
     record.mkdir(exist_ok=True)
-    tokens = run_dir / "tokens.json"
+    tokens, keys = run_dir / "tokens.json", run_dir / "agent-keys.json"
     write_tokens(tokens, generate_tokens(fed.spec.agent_ids))
+    write_tokens(keys, generate_tokens(fed.spec.agent_ids))
+    actuator_key = read_tokens(keys)[fed.spec.agent_ids[FAULTY]]
     results: list = []
     os.environ["OMP_NUM_THREADS"] = "1"
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     with SimProcess(fed, tokens, run_dir / "sim.log") as sim:
         defaults = {"sim-address": sim.address, "token-file": str(tokens),
-                    "state-root": str(run_dir / "agents")}
+                    "server-key-file": str(keys), "state-root": str(run_dir / "agents"),
+                    **PrivacyPolicy.of_run(fed).to_settings()}
         n = fed.spec.n_agents
         try:
             with _all_agents_at_once(n), _quiet_flower(False):
-                run_simulation(server_app=make_server_app(fed, run_dir, False, results),
-                               client_app=faulty_client_app(defaults, faults, str(record)),
+                run_simulation(server_app=make_server_app(fed, run_dir, False, results,
+                                                          keys=keys),
+                               client_app=faulty_client_app(defaults, faults, str(record),
+                                                            actuator_key),
                                num_supernodes=n,
                                backend_config=backend_config(n, torch.device("cpu")))
         finally:
@@ -200,7 +214,8 @@ def test_a_faulty_agent_is_left_out_of_every_round_it_replies_wrongly(tmp_path: 
     # Checkpoint, ledgers and the privacy report are whole; the run finishes as simulate does.
     assert_ledgers_intact(out, fed)
     complete_run(out, fed)
-    assert audit(out).ok
+    agents, anchors = server_record(out)
+    assert audit(out, agents=agents, anchors=anchors).ok
     assert (out / "team.pt").exists()
     assert_nothing_left(out)
 
@@ -223,5 +238,6 @@ def test_with_stop_the_run_stops_naming_the_agent_and_resume_continues(tmp_path:
     assert ckpt.round == rounds and ckpt.env_steps == rounds * 400
     assert all(np.isfinite(v).all() for v in ckpt.arrays.values())
     assert_ledgers_intact(out, fed)
-    assert audit(out).ok
+    agents, anchors = server_record(out)
+    assert audit(out, agents=agents, anchors=anchors).ok
     assert_nothing_left(out)

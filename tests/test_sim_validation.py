@@ -40,6 +40,7 @@ from fedcomm.sim.validation import (
 Code = grpc.StatusCode
 INVALID = Code.INVALID_ARGUMENT
 T, B, D = 3, 4, 4  # episode length, environments per batch, comm_dim
+MAX_D = 8  # the largest comm_dim the simulator takes
 SPEC = EnvSpec("toy", (AgentType("speaker", 1, obs_dim=3, n_actions=2),
                        AgentType("listener", 2, obs_dim=5, n_actions=4)), episode_length=T)
 AGENTS = SPEC.agent_ids
@@ -185,12 +186,12 @@ def join(agent: str = LISTENER, **fields: object) -> pb.JoinRequest:
 
 def test_a_valid_join_declares_the_round_terms() -> None:
     routes = torch.tensor([[False, True], [True, False]])
-    terms = join_terms(join(SPEAKER, routes=encode(routes), comm_dim=7), SPEC, 0)
+    terms = join_terms(join(SPEAKER, routes=encode(routes), comm_dim=7), SPEC, 0, MAX_D)
     assert torch.equal(terms.routes, routes) and terms.routes.dtype == torch.bool
     assert (terms.comm_dim, terms.seed) == (7, None)
     assert (terms.vector_dp, terms.feedback_dp) == (VECTOR_DP, FEEDBACK_DP)
-    assert join_terms(join(OTHER, seed=0), SPEC, 2).seed == 0  # declared, though zero
-    assert join_terms(join(seed=2**64 - 1), SPEC, 1).seed == 2**64 - 1
+    assert join_terms(join(OTHER, seed=0), SPEC, 2, MAX_D).seed == 0  # declared, though zero
+    assert join_terms(join(seed=2**64 - 1), SPEC, 1, MAX_D).seed == 2**64 - 1
 
 
 JOIN_DECLARATIONS = {
@@ -201,6 +202,8 @@ JOIN_DECLARATIONS = {
     "obs_dim": ({"obs_dim": 3}, "the join declares ('listener', 3, 4)"),
     "n_actions": ({"n_actions": 2}, "the join declares ('listener', 5, 2)"),
     "zero comm_dim": ({"comm_dim": 0}, "comm_dim must be positive"),
+    "comm_dim too large": ({"comm_dim": MAX_D + 1},
+                           f"comm_dim {MAX_D + 1} exceeds the simulator's largest, {MAX_D}"),
     "zero vector clip": ({"vector_dp": pb.DpParams(clip_norm=0.0)},
                          "vector_dp: clip norm must be positive"),
     "NaN vector noise": ({"vector_dp": pb.DpParams(clip_norm=1.0, noise_multiplier=math.nan)},
@@ -224,14 +227,14 @@ JOIN_DECLARATIONS = {
 @pytest.mark.parametrize(("fields", "fragment"), JOIN_DECLARATIONS.values(),
                          ids=JOIN_DECLARATIONS)
 def test_a_join_declaring_what_the_agent_is_not_is_refused(fields: dict, fragment: str) -> None:
-    refused(INVALID, fragment, join_terms, join(**fields), SPEC, 1)
+    refused(INVALID, fragment, join_terms, join(**fields), SPEC, 1, MAX_D)
 
 
 def test_a_join_is_checked_against_the_agent_it_comes_from() -> None:
     """A listener's join is valid for a listener's index only."""
-    join_terms(join(LISTENER), SPEC, 2)
+    join_terms(join(LISTENER), SPEC, 2, MAX_D)
     refused(INVALID, "speaker_0 is a speaker with observations of 3 and 2 actions",
-            join_terms, join(LISTENER), SPEC, 0)
+            join_terms, join(LISTENER), SPEC, 0, MAX_D)
 
 
 ROUND_TERMS = {
@@ -499,7 +502,8 @@ def test_the_terms_leave_with_the_last_joiner() -> None:
     assert not rnd.admit(1, TERMS, silent=False)  # the round takes new terms
 
 
-def test_a_join_for_a_round_other_than_the_one_open_is_refused() -> None:
+def test_only_the_next_round_can_be_joined() -> None:
+    """A join for a later round would open a round that blocks every honest join."""
     gathering = Round(3, AGENTS)
     assert round_to_join(gathering, 2, 3, AGENTS) is gathering
     refused(Code.FAILED_PRECONDITION, "round 3 is gathering agents; cannot join round 4",
@@ -507,10 +511,13 @@ def test_a_join_for_a_round_other_than_the_one_open_is_refused() -> None:
     running = Round(3, AGENTS, phase=Phase.RUNNING)
     refused(Code.FAILED_PRECONDITION, "round 3 is running; join after it ends",
             round_to_join, running, 3, 4, AGENTS)
-    refused(Code.FAILED_PRECONDITION, "round 3 already ran; the next round is 4 or later",
+    refused(Code.FAILED_PRECONDITION, "round 3 already ran; the next round is 4",
             round_to_join, None, 3, 3, AGENTS)
+    for far in (5, 2**32 - 1):
+        refused(Code.FAILED_PRECONDITION, f"round {far} is not open; the next round is 4",
+                round_to_join, None, 3, far, AGENTS)
     refused(INVALID, "leaves no number for the round after it",
-            round_to_join, None, -1, 2**32 - 1, AGENTS)
+            round_to_join, None, 2**32 - 2, 2**32 - 1, AGENTS)
     assert round_to_join(None, -1, 0, AGENTS).number == 0
 
 
@@ -540,15 +547,15 @@ RR_DP = pb.DpParams(clip_norm=1.0, rr_epsilon=2.0, symbols=D)
 
 
 def test_a_discrete_channel_declares_randomized_response_over_comm_dim_codewords() -> None:
-    assert join_terms(join(vector_dp=RR_DP), SPEC, 1).vector_dp == RR_DP
+    assert join_terms(join(vector_dp=RR_DP), SPEC, 1, MAX_D).vector_dp == RR_DP
     refused(INVALID, "randomized response needs at least 2 symbols, clip norm 1 and no "
                      "Gaussian noise", join_terms,
             join(vector_dp=pb.DpParams(clip_norm=1.0, noise_multiplier=0.5, rr_epsilon=2.0,
-                                       symbols=D)), SPEC, 1)
+                                       symbols=D)), SPEC, 1, MAX_D)
     refused(INVALID, "one-hot rows of its 3 symbols, not of comm_dim 4", join_terms,
-            join(vector_dp=pb.DpParams(clip_norm=1.0, rr_epsilon=2.0, symbols=3)), SPEC, 1)
+            join(vector_dp=pb.DpParams(clip_norm=1.0, rr_epsilon=2.0, symbols=3)), SPEC, 1, MAX_D)
     refused(INVALID, "feedback_dp: feedback is a Gaussian release", join_terms,
-            join(vector_dp=RR_DP, feedback_dp=RR_DP), SPEC, 1)
+            join(vector_dp=RR_DP, feedback_dp=RR_DP), SPEC, 1, MAX_D)
     refused(INVALID, "rr_epsilon must be finite", check_dp,
             pb.DpParams(clip_norm=1.0, rr_epsilon=math.inf, symbols=D), "vector_dp")
     refused(INVALID, "declares randomized response over 4 symbols at epsilon 3; the round "
@@ -577,7 +584,7 @@ def test_a_sender_releases_only_on_its_schedule_and_every_joiner_declares_it() -
     assert not check_vector(vector_frame(False).vector, every_5, B, 1, False, 3).any()
     refused(INVALID, "the knowledge vector is missing", check_vector,
             vector_frame(False).vector, every_5, B, 1, False, 5)
-    assert join_terms(join(release_every=5), SPEC, 1).release_every == 5
-    assert join_terms(join(), SPEC, 1).release_every == 1  # 0 on the wire: every step
+    assert join_terms(join(release_every=5), SPEC, 1, MAX_D).release_every == 5
+    assert join_terms(join(), SPEC, 1, MAX_D).release_every == 1  # 0 on the wire: every step
     refused(INVALID, "a release every 1 steps declared; the round releases every 5",
             same_terms, terms(), every_5)

@@ -5,7 +5,8 @@ socket to a real worker, which trains through a real simulator on loopback.
 What must hold: an agent kept between rounds computes what an agent restored every round
 computes; a round sent again unchanged is answered with its reply and releases nothing twice;
 a worker that is gone fails the message with one line, and a new one continues from the
-state on disk; only this user, and only the agent a worker serves, reach it.
+state on disk; only this user, with the worker's token, and only the agent a worker serves,
+reach it.
 """
 
 from __future__ import annotations
@@ -24,12 +25,14 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, R
 
 from fedcomm.clients import relay
 from fedcomm.clients.agent import global_arrays
+from fedcomm.clients.policy import PrivacyPolicy
 from fedcomm.clients.worker import AgentWorker
 from fedcomm.models.team import Team
 from fedcomm.protocol.round import TrainInstruction
 from fedcomm.protocol.worker import (
     MAX_FRAME,
     WORKER_SOCKET,
+    WORKER_TOKEN,
     WorkerProtocolError,
     WorkerReply,
     WorkerRequest,
@@ -37,29 +40,32 @@ from fedcomm.protocol.worker import (
 )
 from tests.test_clientapp import FED, nodes, server_identity  # noqa: F401 - fixtures
 
-SEEDED = replace(FED, train=replace(FED.train, privacy=replace(FED.train.privacy,
-                                                               seeded_noise=True)))
+SEEDED = replace(PrivacyPolicy.of_run(FED), seeded_noise=True)  # reproducible noise
 
 
 class Workers:
-    """One worker per agent, each serving in a thread, and the SuperNodes' contexts."""
+    """One worker per agent, each serving in a thread and asking for its own token, and the
+    SuperNodes' contexts, which name the token's file as a deployment's node config does."""
 
     def __init__(self, tmp: Path, n) -> None:
         self.n, self.folder = n, Path(tmp) / "sockets"
         self.workers: dict[int, AgentWorker] = {}
         self.contexts = []
+        self.tokens = [f"worker-token-{i}" for i in range(n.spec.n_agents)]
         for i, agent in enumerate(n.spec.agent_ids):
-            settings = {"agent-id": agent, "sim-address": n.app_settings["sim-address"],
-                        "token-file": n.app_settings["token-file"],
-                        "state-dir": str(n.state_root / agent),
-                        WORKER_SOCKET: str(self.folder / f"{i}.sock")}
+            token_file = Path(tmp) / f"worker-{i}.token"
+            token_file.write_text(self.tokens[i] + "\n")
+            settings = {**{k: v for k, v in n.app_settings.items() if k != "state-root"},
+                        "agent-id": agent, "state-dir": str(n.state_root / agent),
+                        WORKER_SOCKET: str(self.folder / f"{i}.sock"),
+                        WORKER_TOKEN: str(token_file)}
             self.contexts.append(Context(run_id=1, node_id=i + 1, node_config=settings,
                                          state=RecordDict(), run_config={}))
             self.start(i)
 
     def start(self, i: int) -> AgentWorker:
         worker = AgentWorker(self.contexts[i].node_config[WORKER_SOCKET],
-                             self.n.spec.agent_ids[i])
+                             self.n.spec.agent_ids[i], self.tokens[i])
         threading.Thread(target=_serve, args=(worker,), daemon=True).start()
         self.workers[i] = worker
         return worker
@@ -85,8 +91,8 @@ def _serve(worker: AgentWorker) -> None:
 def workers(nodes, tmp_path):  # noqa: F811 - the fixture of tests.test_clientapp
     made = []
 
-    def start(fed=SEEDED, join_timeout=20.0):
-        n = nodes(fed, join_timeout)
+    def start(fed=FED, join_timeout=20.0):
+        n = nodes(fed, join_timeout, policy=SEEDED)
         w = Workers(tmp_path, n)
         made.append(w)
         return w
@@ -107,8 +113,8 @@ def ledger_lines(n, agent: str) -> list[str]:
 
 def test_a_kept_agent_computes_what_an_agent_restored_every_round_computes(nodes,  # noqa: F811
                                                                            workers):
-    fresh = nodes(SEEDED)
-    team = Team.initial(fresh.spec, SEEDED.train.team, SEEDED.train.seed)
+    fresh = nodes(FED, policy=SEEDED)
+    team = Team.initial(fresh.spec, FED.train.team, FED.train.seed)
     start = global_arrays(team)
     r1 = fresh.send(MessageType.TRAIN, start, server_round=1)
     r2 = fresh.send(MessageType.TRAIN, arrays_of(r1[0]), server_round=2)
@@ -128,7 +134,7 @@ def test_a_kept_agent_computes_what_an_agent_restored_every_round_computes(nodes
 def test_a_round_sent_again_is_answered_with_its_reply_and_releases_nothing_twice(workers):
     w = workers()
     n = w.n
-    team = Team.initial(n.spec, SEEDED.train.team, SEEDED.train.seed)
+    team = Team.initial(n.spec, FED.train.team, FED.train.seed)
     first = w.send(MessageType.TRAIN, global_arrays(team), server_round=1)
     ledgers = {a: ledger_lines(n, a) for a in n.spec.agent_ids}
     joins = len(n.service.requests)
@@ -150,7 +156,7 @@ def test_a_worker_gone_fails_the_message_and_a_new_one_continues_from_disk(worke
                                                                              monkeypatch):
     w = workers(join_timeout=3.0)
     n = w.n
-    team = Team.initial(n.spec, SEEDED.train.team, SEEDED.train.seed)
+    team = Team.initial(n.spec, FED.train.team, FED.train.seed)
     r1 = w.send(MessageType.TRAIN, global_arrays(team), server_round=1)
     w.stop(0)
     monkeypatch.setattr(relay, "CONNECT_S", 0.5)
@@ -171,8 +177,9 @@ def test_a_worker_gone_fails_the_message_and_a_new_one_continues_from_disk(worke
 def test_a_worker_serves_its_own_agent_only(workers):
     w = workers()
     n = w.n
-    team = Team.initial(n.spec, SEEDED.train.team, SEEDED.train.seed)
+    team = Team.initial(n.spec, FED.train.team, FED.train.seed)
     w.contexts[1].node_config[WORKER_SOCKET] = w.contexts[0].node_config[WORKER_SOCKET]
+    w.contexts[1].node_config[WORKER_TOKEN] = w.contexts[0].node_config[WORKER_TOKEN]
     replies = w.send(MessageType.TRAIN, global_arrays(team), server_round=1)
     assert replies[1].has_error()
     assert (f"this worker serves {n.spec.agent_ids[0]}, not {n.spec.agent_ids[1]}"
@@ -237,7 +244,7 @@ def test_without_a_worker_socket_the_clientapp_runs_the_agent_itself(workers):
                         node_config={k: v for k, v in c.node_config.items()
                                      if k != WORKER_SOCKET}) for c in w.contexts]
     w.close()  # no worker listens: the agents run in the ClientApp's process
-    team = Team.initial(n.spec, SEEDED.train.team, SEEDED.train.seed)
+    team = Team.initial(n.spec, FED.train.team, FED.train.seed)
     replies = n.send(MessageType.TRAIN, global_arrays(team), 1, app=relay.app,
                      contexts=contexts)
     assert all(r.content["metrics"]["restored_round"] == 0 for r in replies)
