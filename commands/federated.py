@@ -67,7 +67,8 @@ def run_federated(args: argparse.Namespace, command: str,
                       highlight=False)
         exit_if_stranded(130)
         return 130
-    print_result(f"{fed.train.env}: federated, mean return per agent over "
-                 f"{result.final.episodes} episodes", result.summary)
+    episodes = result.final.episodes if result.final is not None else fed.train.eval_episodes
+    print_result(f"{fed.train.env}: federated, mean return per agent over {episodes} episodes",
+                 result.summary)
     console.print(f"run directory: {result.run_dir}")
     return 0

@@ -20,8 +20,11 @@ def print_result(title: str, summary: RunSummary) -> None:
     table.add_column("team")
     table.add_column("return", justify="right")
     table.add_column("± s.e.", justify="right")
+    if summary.final is None:  # its private agents kept their returns, or it failed
+        table.add_row("trained", "not known here", "")
     for name, res in [("trained", summary.final), *summary.baselines.items()]:
-        table.add_row(name, f"{res.return_mean:.3f}", f"{res.return_se:.3f}")
+        if res is not None:
+            table.add_row(name, f"{res.return_mean:.3f}", f"{res.return_se:.3f}")
     console.print(table)
     s = summary
     console.print(f"{gap_closed_text(s)}; {s.env_steps:,} env steps in {s.train_time_s:.0f} s "

@@ -288,10 +288,21 @@ class Federation:
 
     def evaluate_periodically(self, nodes: list[int], rnd: int) -> dict:
         t0 = time.perf_counter()
-        result = self.evaluate(nodes, self.fed.train.eval_episodes, rnd,
-                               seed=EVAL_SEED + rnd * PERIODIC_EVAL_STRIDE)
+        try:
+            result = self.evaluate(nodes, self.fed.train.eval_episodes, rnd,
+                                   seed=EVAL_SEED + rnd * PERIODIC_EVAL_STRIDE)
+        except FederationError as e:
+            self._tolerate(e)
+            return {"eval_s": time.perf_counter() - t0, "eval_failed": str(e)}
         row = {"eval_s": time.perf_counter() - t0}
         return row if result is None else row | {"eval_return": result.return_mean}
+
+    def _tolerate(self, e: FederationError) -> None:
+        """Go on past a failed evaluation where the run goes on without failed agents; stop
+        otherwise."""
+        if self.fed.on_agent_failure == "stop":
+            raise e
+        self.console.print(f"[yellow]warning:[/] {e}", highlight=False)
 
     def evaluate(self, nodes: list[int], episodes: int, rnd: int, seed: int = EVAL_SEED
                  ) -> EvalResult | None:
@@ -334,7 +345,11 @@ class Federation:
 
     def _finish(self, nodes: list[int], start: float) -> RunResult:
         fed = self.fed
-        final = self.evaluate(nodes, fed.train.eval_episodes, self.done)
+        try:
+            final = self.evaluate(nodes, fed.train.eval_episodes, self.done)
+        except FederationError as e:
+            self._tolerate(e)
+            final = None
         baselines = evaluate_baselines(fed.train.env, fed.train.eval_episodes, EVAL_SEED,
                                        env_kwargs=fed.train.env_kwargs, team=fed.train.team)
         metrics = self.run.metrics()

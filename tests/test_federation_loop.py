@@ -164,6 +164,20 @@ def test_a_failed_evaluation_stops_the_run_with_its_reason(tmp_path: Path):
     assert load_checkpoint(tmp_path).round == 2  # the trained rounds stay committed
 
 
+def test_with_continue_a_failed_evaluation_leaves_the_run_without_a_result(tmp_path: Path):
+    def trains_but_cannot_evaluate(node: int, msg: Message) -> Message:
+        if msg.metadata.message_type == MessageType.EVALUATE:
+            return fails(node, msg)
+        return trains(node, msg)
+
+    run = federation(tmp_path, {1: trains, 2: trains_but_cannot_evaluate},
+                     on_agent_failure="continue", eval_every=1)
+    result = run.run_rounds()
+    assert [m["round"] for m in result.metrics] == [1, 2]
+    assert "agent 2: broken" in result.metrics[0]["eval_failed"]
+    assert result.final is None and result.summary.gap_closed is None
+
+
 def test_a_resumed_run_continues_after_its_checkpoint(tmp_path: Path):
     def stops_in_round_2(node: int, msg: Message) -> Message:
         if msg.content["config"]["server_round"] == 2:
