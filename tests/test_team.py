@@ -252,6 +252,23 @@ def test_a_discrete_release_keeps_the_codeword_with_randomized_responses_probabi
     torch.testing.assert_close(sampled, clean[0, 0], atol=0.01, rtol=0)
 
 
+@pytest.mark.parametrize("broken", [math.nan, math.inf, -1.0])
+def test_randomized_response_applies_whatever_the_encoder_outputs(broken: float):
+    """An encoder whose output is no distribution (NaN, infinite, negative) still has its
+    codeword released through randomized response: kept with probability e^eps / (e^eps + K -
+    1), never released as it is."""
+    team = Team(SL_SPEC, TeamConfig(channel="discrete", symbols=4, rr_epsilon=1.0))
+    keep, other = team.response_probabilities()
+    clean = torch.full((100_000, 1, 4), broken)
+    greedy = team.draw(clean, torch.Generator().manual_seed(0), greedy=True).mean(dim=(0, 1))
+    chosen = int(greedy.argmax())
+    assert abs(greedy[chosen].item() - keep) < 0.01
+    assert (greedy[torch.arange(4) != chosen] - other).abs().max() < 0.01
+    # sampled, a NaN encoder released codeword 0 every time, without randomized response
+    sampled = team.draw(clean, torch.Generator().manual_seed(1)).mean(dim=(0, 1))
+    torch.testing.assert_close(sampled, torch.full((4,), 0.25), atol=0.01, rtol=0)
+
+
 def test_a_discrete_release_passes_its_expectations_gradient_to_the_sender():
     """Straight through: the receiver hears exactly the drawn one-hot, and the sender's
     encoder gets the gradient of its expectation; randomized response scales it by a - b."""
