@@ -132,6 +132,8 @@ class RoundReplies:
     seconds: float
     norms: dict[str, float] = field(default_factory=dict)  # each accepted update's L2 norm
     released: list[str] = field(default_factory=list)  # every field the replies carried
+    reach: float = 0.0  # Screened.reach
+    median_ratio: float = 0.0  # Screened.median_ratio
 
 
 class Federation:
@@ -226,7 +228,8 @@ class Federation:
         screened = self.screen.screen(rnd, good)  # never reaches the average unless it passes
         good, failures = screened.accepted, failures + screened.rejected
         replies = RoundReplies(good, [TrainReply.from_message(m) for m in good], failures,
-                               time.perf_counter() - t0, screened.norms, _released(good))
+                               time.perf_counter() - t0, screened.norms, _released(good),
+                               screened.reach, screened.median_ratio)
         if failures:
             message = f"round {rnd}: " + "; ".join(failures)
             if self.fed.on_agent_failure == "stop":
@@ -273,8 +276,9 @@ class Federation:
         if replies.failures:  # who was left out of the round, and why
             row["failed"] = list(replies.failures)
         norms = [v for v in replies.norms.values() if math.isfinite(v)]
-        if norms:  # what max_update_norm is compared with
-            row["update_norm_max"] = max(norms)
+        if norms:  # what max_update_norm is compared with, and the default bounds' margins
+            row |= {"update_norm_max": max(norms), "update_reach_max": replies.reach,
+                    "update_median_ratio_max": replies.median_ratio}
         held = getattr(self.strategy, "held", [])
         if held:  # groups too few replies for the robust rule: kept as they were
             row["held_groups"] = list(held)

@@ -68,12 +68,17 @@ class Rejected(Exception):
 @dataclass
 class Screened:
     """A round's replies after the checks: those accepted, one line per rejected one, the
-    update norm of each accepted agent and its ledger anchor (by agent id)."""
+    update norm of each accepted agent and its ledger anchor (by agent id); and how close the
+    accepted updates came to the default bounds: the largest move of a parameter as a
+    fraction of the optimizer's reach, and the largest norm of a part over that part's median
+    (where three or more agents carry it)."""
 
     accepted: list[Message] = field(default_factory=list)
     rejected: list[str] = field(default_factory=list)
     norms: dict[str, float] = field(default_factory=dict)
     anchors: Anchors = field(default_factory=dict)
+    reach: float = 0.0
+    median_ratio: float = 0.0
 
 
 @dataclass
@@ -82,6 +87,7 @@ class _Candidate:
     reply: TrainReply
     proof: Proof
     norms: dict[str, float]  # the update's L2 norm per key group
+    reach: float  # its largest move of a parameter as a fraction of the optimizer's reach
 
 
 class ReplyScreen:
@@ -149,14 +155,16 @@ class ReplyScreen:
                     raise Rejected(f"{self._who(msg, reply.agent)}: a second reply this round")
                 counted.add(reply.agent)
                 candidates.append(_Candidate(msg, reply, proof,
-                                             self._check(server_round, msg, reply, proof)))
+                                             *self._check(server_round, msg, reply, proof)))
             except Rejected as e:
                 out.rejected.append(str(e))
-        for candidate in self._within_the_median(candidates, out.rejected):
+        kept, out.median_ratio = self._within_the_median(candidates, out.rejected)
+        for candidate in kept:
             name = self.agent_ids[candidate.reply.agent]
             out.accepted.append(candidate.msg)
             out.norms[name] = math.sqrt(sum(n * n for n in candidate.norms.values()))
             out.anchors[name] = (candidate.proof.ledger_entries, candidate.proof.ledger_hash)
+            out.reach = max(out.reach, candidate.reach)
         self.anchors |= out.anchors
         self._passed = {id(m) for m in out.accepted}
         return out
@@ -186,9 +194,9 @@ class ReplyScreen:
         return reply, proof
 
     def _check(self, server_round: int, msg: Message, reply: TrainReply, proof: Proof
-               ) -> dict[str, float]:
+               ) -> tuple[dict[str, float], float]:
         """The round's checks of one identified reply, which is then reweighed; returns its
-        update's L2 norm per key group (none for a silent agent)."""
+        update's L2 norm per key group (none for a silent agent) and its reach (``_update``)."""
         name = self._who(msg, reply.agent)
         scheduled = len(self.fed.batches_in(server_round))
         if reply.batches != scheduled:
@@ -208,11 +216,11 @@ class ReplyScreen:
         if steps == 0 or not arrays:  # silent: nothing of it enters the average
             msg.content[ARRAYS] = ArrayRecord()
             msg.content[METRICS][WEIGHT_KEY] = 0
-            return {}
+            return {}, 0.0
         values = self._arrays(name, reply.agent, arrays)
-        norms = self._update(name, values, scheduled)
+        norms, reach = self._update(name, values, scheduled)
         msg.content[METRICS][WEIGHT_KEY] = 1 if self.uniform else steps
-        return norms
+        return norms, reach
 
     def _check_anchor(self, name: str, proof: Proof) -> None:
         entries, last = self.anchors.get(proof.agent_id, (0, ""))
@@ -254,19 +262,22 @@ class ReplyScreen:
         return values
 
     def _update(self, name: str, values: Mapping[str, np.ndarray], batches: int
-                ) -> dict[str, float]:
+                ) -> tuple[dict[str, float], float]:
         """The update's L2 norm per key group, once it is within the optimizer's reach and
-        ``max_update_norm``."""
+        ``max_update_norm``, and its largest move of a parameter as a fraction of that
+        reach."""
         if not self._base:
-            return {}
+            return {}, 0.0
         reach = self.step_bound(batches)
         squares: dict[str, float] = {}
+        furthest = 0.0
         for key, value in values.items():
             diff = value.astype(np.float64) - self._base[key]
             moved = float(np.abs(diff).max(initial=0.0))
             if moved > reach:
                 raise Rejected(f"{name}: {key} moved {moved:.4g}, further than an honest "
                                f"agent's optimizer can in {batches} batches ({reach:.4g})")
+            furthest = max(furthest, moved)
             group = key_group(key)
             squares[group] = squares.get(group, 0.0) + float(np.dot(diff.ravel(), diff.ravel()))
         norm = math.sqrt(sum(squares.values()))
@@ -274,7 +285,7 @@ class ReplyScreen:
         if bound is not None and not norm <= bound:
             raise Rejected(f"{name}: its update's L2 norm {norm:.4g} exceeds max_update_norm "
                            f"{bound:g}")
-        return {group: math.sqrt(s) for group, s in squares.items()}
+        return {group: math.sqrt(s) for group, s in squares.items()}, furthest / reach
 
     def step_bound(self, batches: int) -> float:
         """The furthest an honest agent's optimizer moves one parameter in ``batches`` episode
@@ -285,16 +296,17 @@ class ReplyScreen:
                 * (1 + 1e-6))
 
     def _within_the_median(self, candidates: list[_Candidate], rejected: list[str]
-                           ) -> list[_Candidate]:
+                           ) -> tuple[list[_Candidate], float]:
         """The candidates whose update of every part three or more of them carry is within
-        ``RELATIVE_NORM`` times that part's median this round."""
+        ``RELATIVE_NORM`` times that part's median this round, and the largest ratio to the
+        median among them."""
         by_group: dict[str, list[float]] = {}
         for c in candidates:
             for group, norm in c.norms.items():
                 by_group.setdefault(group, []).append(norm)
         limits = {g: RELATIVE_NORM * statistics.median(n) for g, n in by_group.items()
                   if len(n) >= 3}
-        kept = []
+        kept, ratio = [], 0.0
         for c in candidates:
             over = [(g, n) for g, n in c.norms.items() if g in limits and n > limits[g]]
             if over and limits[over[0][0]] > 0:
@@ -302,9 +314,11 @@ class ReplyScreen:
                 rejected.append(f"{self._who(c.msg, c.reply.agent)}: its update of {group} has "
                                 f"norm {norm:.4g}, over {RELATIVE_NORM:g} times the round's "
                                 f"median ({limits[group] / RELATIVE_NORM:.4g})")
-            else:
-                kept.append(c)
-        return kept
+                continue
+            kept.append(c)
+            ratio = max([ratio, *(RELATIVE_NORM * n / limits[g] for g, n in c.norms.items()
+                                  if limits.get(g, 0) > 0)])
+        return kept, ratio
 
     # -- evaluation ----------------------------------------------------------------------------
     def evaluation(self, messages: Sequence[Message], replies: Iterable[Message],

@@ -177,6 +177,8 @@ def test_the_default_bound_is_what_an_honest_optimizer_can_move_and_no_less():
         run.reply(1, run.honest(0, 0.9 * reach)), run.reply(2, run.honest(1, 0.9 * reach)),
         run.reply(3, run.honest(2, 0.9 * reach))])
     assert screened.rejected == [] and len(screened.accepted) == 3
+    assert screened.reach == pytest.approx(0.9, rel=1e-3)  # what the round's metrics state
+    assert screened.median_ratio == pytest.approx(1.0)
     run.send()
     screened = screen_of(run.strategy).screen(run.rnd, [
         run.reply(1, run.honest(0, 0.001)), run.reply(2, run.honest(1, 0.001)),
