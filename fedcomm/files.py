@@ -51,7 +51,7 @@ def write_private(path: str | Path, data: bytes | str) -> Path:
         raise
     os.close(fd)
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     return path
 
 
@@ -67,7 +67,8 @@ def open_private(path: str | Path, flags: int = os.O_RDWR | os.O_CREAT | os.O_AP
     return fd
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: str | Path) -> None:
+    """Make a file's creation or rename in ``directory`` durable."""
     fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(fd)

@@ -43,7 +43,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-from fedcomm.files import open_private, private_dir
+from fedcomm.files import fsync_dir, open_private, private_dir
 
 from .events import GaussianRelease, RandomizedResponse, Release
 
@@ -231,7 +231,7 @@ class Ledger:
             except BlockingIOError:
                 raise LedgerLocked(f"{self.path}: another writer holds this ledger") from None
             if created:
-                _fsync_dir(self.path.parent)
+                fsync_dir(self.path.parent)
             self._entries = self._load()
         except BaseException:
             os.close(self._fd)
@@ -332,11 +332,3 @@ class Ledger:
                               "(append never returned, so it was never released)")
         os.fsync(self._fd)
         log.warning("%s: %s", self.path, self.recovered)
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
