@@ -25,10 +25,10 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from fedcomm.clients.dpsgd import dp_ppo_update
-from fedcomm.clients.ppo import ValueNorm, compute_targets, make_optimizer, ppo_update
-from fedcomm.clients.rollout import collect, party_rollout
-from fedcomm.clients.transport import LocalTransport
+from fedcomm.learning.dpsgd import dp_ppo_update
+from fedcomm.learning.ppo import ValueNorm, compute_targets, make_optimizer, ppo_update
+from fedcomm.learning.rollout import collect, party_rollout
+from fedcomm.learning.transport import LocalTransport
 from fedcomm.models.team import Team
 from fedcomm.presets import preset
 from fedcomm.sim.registry import make_env

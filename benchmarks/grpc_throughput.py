@@ -31,9 +31,9 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from fedcomm.clients.rollout import collect
-from fedcomm.clients.transport import LocalTransport, Transport
 from fedcomm.config import TeamConfig
+from fedcomm.learning.rollout import collect
+from fedcomm.learning.transport import LocalTransport, Transport
 from fedcomm.models.team import Team, load_team
 from fedcomm.protocol.auth import generate_tokens, write_tokens
 from fedcomm.protocol.codec import decode, encode

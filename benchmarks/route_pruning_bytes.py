@@ -23,10 +23,10 @@ from rich.console import Console
 from rich.table import Table
 
 from fedcomm.clients.grpc_transport import GrpcTransport
-from fedcomm.clients.importance import communication_importance
-from fedcomm.clients.party import Party
-from fedcomm.clients.rollout import collect
-from fedcomm.clients.transport import LocalTransport
+from fedcomm.learning.importance import communication_importance
+from fedcomm.learning.party import Party
+from fedcomm.learning.rollout import collect
+from fedcomm.learning.transport import LocalTransport
 from fedcomm.models.team import Team, load_team
 from fedcomm.protocol.auth import generate_tokens
 from fedcomm.sim.factory import Factory

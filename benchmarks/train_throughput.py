@@ -23,10 +23,10 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from fedcomm.clients.ppo import ValueNorm, compute_targets, make_optimizer, ppo_update
-from fedcomm.clients.rollout import collect
-from fedcomm.clients.transport import LocalTransport
 from fedcomm.device import describe, resolve_device
+from fedcomm.learning.ppo import ValueNorm, compute_targets, make_optimizer, ppo_update
+from fedcomm.learning.rollout import collect
+from fedcomm.learning.transport import LocalTransport
 from fedcomm.models.team import Team
 from fedcomm.presets import preset
 from fedcomm.sim.registry import make_env

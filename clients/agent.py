@@ -32,20 +32,12 @@ from torch import Tensor
 
 from fedcomm.clients.grpc_transport import GrpcTransport
 from fedcomm.clients.node import AgentNode
-from fedcomm.clients.party import BatchRecord, Party
-from fedcomm.clients.ppo import annealed_lr
-from fedcomm.clients.privacy import (
-    LEDGER,
-    AgentPrivacy,
-    composition_of_config,
-    releases_anything,
-    update_dp,
-    update_releases,
-)
-from fedcomm.clients.rollout import collect
 from fedcomm.clients.state import StateStore, load_private_state, private_state_dict
 from fedcomm.config import FederationConfig
 from fedcomm.device import resolve_device
+from fedcomm.learning.party import BatchRecord, Party
+from fedcomm.learning.ppo import annealed_lr
+from fedcomm.learning.rollout import collect
 from fedcomm.models.parts import initial_routes, sends_to_server, shared_parts
 from fedcomm.models.team import Team
 from fedcomm.privacy.events import GaussianRelease
@@ -58,6 +50,13 @@ from fedcomm.protocol.round import (
     module_arrays,
     shared_part,
     type_part,
+)
+from fedcomm.releases.account import LEDGER, AgentPrivacy
+from fedcomm.releases.schedule import (
+    composition_of_config,
+    releases_anything,
+    update_dp,
+    update_releases,
 )
 
 R = TypeVar("R")

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 
 from fedcomm.clients.grpc_transport import TransportError
 from fedcomm.clients.policy import PolicyRefusal
-from fedcomm.clients.transport import BatchTruncated
+from fedcomm.learning.transport import BatchTruncated
 from fedcomm.protocol.codec import ProtocolError
 
 NODE_ADVICE: Mapping[str, str] = {}  # a SuperNode's agent: the server's failure policy decides

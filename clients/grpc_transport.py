@@ -13,8 +13,8 @@ import grpc
 import torch
 from torch import Tensor
 
-from fedcomm.clients.transport import BatchTruncated, Transport, TransportStep
 from fedcomm.config import TeamConfig
+from fedcomm.learning.transport import BatchTruncated, Transport, TransportStep
 from fedcomm.protocol.auth import call_metadata
 from fedcomm.protocol.codec import decode, encode
 from fedcomm.protocol.v1 import joint_env_pb2 as pb

@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 from flwr.app import ConfigRecord, RecordDict
 
-from fedcomm.clients.party import Party
 from fedcomm.files import private_dir, write_private
+from fedcomm.learning.party import Party
 
 CONTEXT_KEY = "fedcomm.private"
 KEEP = 3  # round files kept in the durable directory

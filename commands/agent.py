@@ -58,14 +58,15 @@ def run(args: argparse.Namespace) -> int:
     from fedcomm.clients.agent import Agent
     from fedcomm.clients.failures import AGENT_ADVICE, failure_line
     from fedcomm.clients.grpc_transport import ClientTls, GrpcTransport, TransportError
-    from fedcomm.clients.party import Party
-    from fedcomm.clients.privacy import AgentPrivacy, composition_for
-    from fedcomm.clients.transport import BatchTruncated
     from fedcomm.device import resolve_device
+    from fedcomm.learning.party import Party
+    from fedcomm.learning.transport import BatchTruncated
     from fedcomm.models.team import load_team
     from fedcomm.privacy.config import PrivacyConfig
     from fedcomm.protocol.auth import read_tokens
     from fedcomm.protocol.codec import ProtocolError
+    from fedcomm.releases.account import AgentPrivacy
+    from fedcomm.releases.schedule import composition_for
 
     device = resolve_device(args.device)
     team = load_team(args.checkpoint, device)

@@ -25,8 +25,8 @@ def add(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from fedcomm.clients.evaluate import evaluate_team
     from fedcomm.device import resolve_device
+    from fedcomm.learning.evaluate import evaluate_team
     from fedcomm.models.team import TEAM_FILE, load_team
 
     config_path = args.run_dir / "config.json"

@@ -45,7 +45,7 @@ def config_and_out(args: argparse.Namespace, command: str) -> tuple[FederationCo
 def run_federated(args: argparse.Namespace, command: str,
                   run: Callable[[FederationConfig, Path], RunResult]) -> int:
     """A federated run, simulated or deployed: ``run(fed, out)`` returns its result."""
-    from fedcomm.clients.privacy_plan import Schedule, check_fits
+    from fedcomm.releases.plan import Schedule, check_fits
     from fedcomm.server.federation import FederationError
 
     fed, out = config_and_out(args, command)

@@ -318,8 +318,9 @@ def _preset_kind(args: argparse.Namespace) -> str:
 def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
     """The environment's preset with every given training flag applied and the noise of the
     centralized run calibrated to any target epsilon."""
-    from fedcomm.clients.privacy_plan import Schedule, calibrate
     from fedcomm.presets import preset
+    from fedcomm.releases.calibration import calibrate
+    from fedcomm.releases.plan import Schedule
 
     cfg = _with_flags(args, preset(args.env, _preset_kind(args)))
     return calibrate(cfg, Schedule.of(cfg))
@@ -328,8 +329,9 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
 def federation_config_from_args(args: argparse.Namespace) -> FederationConfig:
     """The environment's federated preset with every given flag applied and the noise of the
     federated run calibrated to any target epsilon."""
-    from fedcomm.clients.privacy_plan import Schedule, calibrate
     from fedcomm.presets import federation_preset
+    from fedcomm.releases.calibration import calibrate
+    from fedcomm.releases.plan import Schedule
 
     base = federation_preset(args.env, _preset_kind(args), private=not args.non_private)
     fed = with_values(replace(base, train=_with_flags(args, base.train)), given(args, FED))

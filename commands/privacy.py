@@ -33,8 +33,8 @@ def run_report(args: argparse.Namespace) -> int:
 
 
 def run_audit(args: argparse.Namespace) -> int:
-    from fedcomm.clients.privacy import composition_of_config
     from fedcomm.privacy.commands import audit_command
+    from fedcomm.releases.schedule import composition_of_config
 
     folder = args.path if args.path.is_dir() else args.path.parent
     agents, anchors = server_record(folder)

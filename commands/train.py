@@ -18,8 +18,8 @@ def add(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from fedcomm.clients.privacy_plan import Schedule, check_fits
     from fedcomm.modes.centralized import train
+    from fedcomm.releases.plan import Schedule, check_fits
 
     cfg = train_config_from_args(args)
     check_fits(cfg, Schedule.of(cfg))  # before anything is written: exit 2, one line

@@ -31,7 +31,6 @@ from pathlib import Path
 from rich.console import Console
 
 from fedcomm.clients.policy import PrivacyPolicy
-from fedcomm.clients.privacy_plan import Schedule, check_fits
 from fedcomm.config import FederationConfig
 from fedcomm.deploy.flower_app import write_app
 from fedcomm.deploy.secrets import DeploymentSecrets, make_secrets
@@ -39,6 +38,7 @@ from fedcomm.modes.processes import ChildProcess, SimProcess, child_env, stop_ta
 from fedcomm.modes.simulation import check_ledgers_extend, complete_run, terminate_as_interrupt
 from fedcomm.progress import progress_bar, status
 from fedcomm.protocol.worker import WORKER_SOCKET, WORKER_TOKEN
+from fedcomm.releases.plan import Schedule, check_fits
 from fedcomm.server.app import ERROR_FILE
 from fedcomm.server.federation import FederationError
 from fedcomm.summary import RunResult

@@ -136,7 +136,7 @@ class TeamConfig:
 
 
 ADAM_BETAS = (0.9, 0.999)
-"""Every agent's optimizer is Adam with these betas (``clients.ppo.make_optimizer``): with
+"""Every agent's optimizer is Adam with these betas (``learning.ppo.make_optimizer``): with
 them the server bounds how far an honest agent's update can move a parameter in a round."""
 
 
@@ -212,7 +212,7 @@ class TrainConfig:
     def optimizer_steps(self) -> int:
         """The most optimizer steps one episode batch's update takes: PPO's epochs times its
         minibatches or, under DP-SGD, times the steps of one DP-SGD epoch
-        (``clients.privacy.dp_steps``), whichever is more."""
+        (``releases.schedule.dp_steps``), whichever is more."""
         per_epoch = self.ppo.minibatches
         if self.privacy.update_noise_multiplier is not None:
             rate = self.privacy.update_sample_rate or 1.0 / self.ppo.minibatches

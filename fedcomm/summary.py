@@ -54,7 +54,7 @@ class RunSummary:
         batches in which it did.
     device, importance, privacy, stopped
         Where it ran; each sender type's counterfactual importance to each receiver type;
-        the privacy report's figures (``clients.privacy.report_summary``); why training
+        the privacy report's figures (``releases.report.report_summary``); why training
         stopped early, if it did.
     ledgers
         Federated: each agent's ledger (entries, last hash) as its last reply stated it,

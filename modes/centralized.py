@@ -14,24 +14,20 @@ from pathlib import Path
 import torch
 
 from fedcomm.baselines import EVAL_SEED, EvalResult, evaluate_baselines
-from fedcomm.clients.evaluate import evaluate_team
-from fedcomm.clients.importance import communication_importance
-from fedcomm.clients.ppo import ValueNorm, annealed_lr, compute_targets, make_optimizer, ppo_update
-from fedcomm.clients.privacy import (
-    LEDGER,
-    AgentPrivacy,
-    composition_for,
-    report_summary,
-    write_run_report,
-)
-from fedcomm.clients.privacy_plan import Schedule, check_fits
-from fedcomm.clients.rollout import collect
-from fedcomm.clients.transport import LocalTransport
 from fedcomm.config import TrainConfig
 from fedcomm.device import describe, resolve_device
+from fedcomm.learning.evaluate import evaluate_team
+from fedcomm.learning.importance import communication_importance
+from fedcomm.learning.ppo import ValueNorm, annealed_lr, compute_targets, make_optimizer, ppo_update
+from fedcomm.learning.rollout import collect
+from fedcomm.learning.transport import LocalTransport
 from fedcomm.models.team import TEAM_FILE, Team
 from fedcomm.plots import learning_curve
 from fedcomm.progress import progress_bar, status
+from fedcomm.releases.account import LEDGER, AgentPrivacy
+from fedcomm.releases.plan import Schedule, check_fits
+from fedcomm.releases.report import report_summary, write_run_report
+from fedcomm.releases.schedule import composition_for
 from fedcomm.rundir import RunDir
 from fedcomm.sim.registry import make_env
 from fedcomm.summary import RunResult, RunSummary

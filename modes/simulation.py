@@ -32,16 +32,14 @@ from pathlib import Path
 import torch
 
 from fedcomm.baselines import EVAL_SEED, EvalResult
-from fedcomm.clients.importance import communication_importance
 from fedcomm.clients.journal import read_journal
 from fedcomm.clients.policy import PrivacyPolicy
-from fedcomm.clients.privacy import LEDGER, report_summary, write_run_report
-from fedcomm.clients.privacy_plan import Schedule, check_fits
-from fedcomm.clients.rollout import collect
 from fedcomm.clients.state import StateStore
-from fedcomm.clients.transport import LocalTransport
 from fedcomm.config import FederationConfig
 from fedcomm.device import resolve_device
+from fedcomm.learning.importance import communication_importance
+from fedcomm.learning.rollout import collect
+from fedcomm.learning.transport import LocalTransport
 from fedcomm.models.parts import (
     RECEIVER_PARTS,
     SENDER_PARTS,
@@ -55,6 +53,9 @@ from fedcomm.modes.processes import SimProcess
 from fedcomm.privacy.ledger import LedgerError, read_ledger
 from fedcomm.protocol.auth import generate_tokens, write_tokens
 from fedcomm.protocol.round import AGENT_PHASES, arrays_release, release_of, shared_part
+from fedcomm.releases.account import LEDGER
+from fedcomm.releases.plan import Schedule, check_fits
+from fedcomm.releases.report import report_summary, write_run_report
 from fedcomm.rundir import RunDir
 from fedcomm.server.checkpoint import load_checkpoint
 from fedcomm.server.federation import FederationError, round_medians

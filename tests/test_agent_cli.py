@@ -21,8 +21,8 @@ import pytest
 import torch
 
 from fedcomm.clients.grpc_transport import GrpcTransport
-from fedcomm.clients.party import Party
 from fedcomm.config import TeamConfig
+from fedcomm.learning.party import Party
 from fedcomm.models.team import Team, load_team
 from fedcomm.protocol.auth import call_metadata, write_tokens
 from fedcomm.protocol.codec import encode

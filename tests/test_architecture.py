@@ -20,6 +20,8 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("fedcomm.deploy",),
     ("fedcomm.modes",),
     ("fedcomm.clients", "fedcomm.server"),
+    ("fedcomm.learning",),
+    ("fedcomm.releases",),
     ("fedcomm.models",),
     ("fedcomm.config", "fedcomm.presets", "fedcomm.rundir", "fedcomm.summary",
      "fedcomm.baselines", "fedcomm.plots", "fedcomm.progress"),

@@ -23,13 +23,12 @@ from flwr.supercore.task_identity import TaskIdentity
 from fedcomm.baselines import EVAL_SEED
 from fedcomm.clients.agent import global_arrays
 from fedcomm.clients.app import make_client_app
-from fedcomm.clients.dpsgd import dp_steps
 from fedcomm.clients.policy import PrivacyPolicy
-from fedcomm.clients.privacy import LEDGER, AgentPrivacy, update_releases, write_run_report
-from fedcomm.clients.rollout import collect
 from fedcomm.clients.state import StateStore
-from fedcomm.clients.transport import LocalTransport
 from fedcomm.config import FederationConfig, PPOConfig, TeamConfig, TrainConfig
+from fedcomm.learning.dpsgd import dp_steps
+from fedcomm.learning.rollout import collect
+from fedcomm.learning.transport import LocalTransport
 from fedcomm.models.team import Team
 from fedcomm.privacy.audit import audit
 from fedcomm.privacy.config import PrivacyConfig
@@ -38,6 +37,9 @@ from fedcomm.protocol.auth import write_tokens
 from fedcomm.protocol.codec import decode
 from fedcomm.protocol.round import EvaluateInstruction, TrainInstruction
 from fedcomm.protocol.v1 import joint_env_pb2 as pb
+from fedcomm.releases.account import LEDGER, AgentPrivacy
+from fedcomm.releases.report import write_run_report
+from fedcomm.releases.schedule import update_releases
 from fedcomm.sim.episodes import episode_seed
 from fedcomm.sim.registry import make_env
 from fedcomm.sim.serve import SimServer

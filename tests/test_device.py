@@ -16,15 +16,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedcomm.clients.evaluate import evaluate_team
-from fedcomm.clients.feedback import privatize, receiver_feedback
-from fedcomm.clients.importance import communication_importance
-from fedcomm.clients.ppo import ValueNorm, compute_targets, make_optimizer, ppo_update
-from fedcomm.clients.rollout import collect, party_rollout
-from fedcomm.clients.transport import LocalTransport
 from fedcomm.commands import build_parser, main, train_config_from_args
 from fedcomm.config import PPOConfig, TeamConfig, TrainConfig
 from fedcomm.device import resolve_device
+from fedcomm.learning.evaluate import evaluate_team
+from fedcomm.learning.feedback import privatize, receiver_feedback
+from fedcomm.learning.importance import communication_importance
+from fedcomm.learning.ppo import ValueNorm, compute_targets, make_optimizer, ppo_update
+from fedcomm.learning.rollout import collect, party_rollout
+from fedcomm.learning.transport import LocalTransport
 from fedcomm.models.team import Team, load_team
 from fedcomm.modes.centralized import train
 from fedcomm.presets import PRESETS, preset

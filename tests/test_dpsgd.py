@@ -7,18 +7,18 @@ import math
 import pytest
 import torch
 
-from fedcomm.clients.dpsgd import (
+from fedcomm.config import PPOConfig, PrivacyConfig, TeamConfig
+from fedcomm.learning.dpsgd import (
     clip_groups,
     dp_ppo_update,
     episode_gradients,
     released_statistics,
 )
-from fedcomm.clients.ppo import Targets, ValueNorm, compute_targets, ppo_loss, ppo_update
-from fedcomm.clients.privacy import dp_steps, update_dp
-from fedcomm.clients.rollout import Rollout, collect, party_rollout, replay
-from fedcomm.clients.transport import LocalTransport
-from fedcomm.config import PPOConfig, PrivacyConfig, TeamConfig
+from fedcomm.learning.ppo import Targets, ValueNorm, compute_targets, ppo_loss, ppo_update
+from fedcomm.learning.rollout import Rollout, collect, party_rollout, replay
+from fedcomm.learning.transport import LocalTransport
 from fedcomm.models.team import Team
+from fedcomm.releases.schedule import dp_steps, update_dp
 from fedcomm.sim.factory import Factory
 
 
@@ -228,8 +228,8 @@ def test_released_statistics_are_the_batch_means_without_noise_and_one_more_step
     """Without noise, sampling or clipping: the advantages centred on the batch's exact mean
     per step, and the speaker's marginal the mean of its release distributions over the
     release steps and episodes. The release is one more step of the update's shape."""
-    from fedcomm.clients.privacy import DpSgd, update_releases
     from fedcomm.privacy.config import PrivacyConfig
+    from fedcomm.releases.schedule import DpSgd, update_releases
 
     team, rollout, targets, ppo = speaker_party()
     out = released_statistics(team, rollout, targets, ppo, noise_multiplier=0.0, clip=1e9,

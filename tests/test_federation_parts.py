@@ -9,10 +9,10 @@ import torch
 from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
 
 from fedcomm.clients.agent import global_arrays, load_global
-from fedcomm.clients.party import Party
 from fedcomm.clients.state import StateStore, load_private_state, private_state_dict
-from fedcomm.clients.transport import Transport
 from fedcomm.config import FederationConfig, TeamConfig, TrainConfig
+from fedcomm.learning.party import Party
+from fedcomm.learning.transport import Transport
 from fedcomm.models.parts import RECEIVER_PARTS, SENDER_PARTS, initial_routes, peers, shared_parts
 from fedcomm.models.team import Team
 from fedcomm.modes.simulation import assemble_team, one_team_holds

@@ -4,11 +4,11 @@
 import pytest
 import torch
 
-from fedcomm.clients.feedback import in_process_feedback, privatize, receiver_feedback
-from fedcomm.clients.ppo import ValueNorm, compute_targets, ppo_loss
-from fedcomm.clients.rollout import collect, party_rollout
-from fedcomm.clients.transport import LocalTransport
 from fedcomm.config import PPOConfig, TeamConfig
+from fedcomm.learning.feedback import in_process_feedback, privatize, receiver_feedback
+from fedcomm.learning.ppo import ValueNorm, compute_targets, ppo_loss
+from fedcomm.learning.rollout import collect, party_rollout
+from fedcomm.learning.transport import LocalTransport
 from fedcomm.models.team import Team
 from fedcomm.sim.factory import Factory
 from fedcomm.sim.platoon import Platoon

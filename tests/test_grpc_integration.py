@@ -7,10 +7,10 @@ in-process trainer computes for the same batch, in one autograd graph.
 import pytest
 import torch
 
-from fedcomm.clients.feedback import in_process_feedback
-from fedcomm.clients.ppo import ValueNorm, compute_targets
-from fedcomm.clients.rollout import Rollout, replay
 from fedcomm.config import PPOConfig, TeamConfig
+from fedcomm.learning.feedback import in_process_feedback
+from fedcomm.learning.ppo import ValueNorm, compute_targets
+from fedcomm.learning.rollout import Rollout, replay
 from fedcomm.models.team import Team
 from fedcomm.sim.factory import factory_spec
 from tests.conftest import fedcomm, finish

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from fedcomm.clients.ppo import ValueNorm, annealed_lr, gae
+from fedcomm.learning.ppo import ValueNorm, annealed_lr, gae
 
 
 def reference_gae(rewards: Tensor, values: Tensor, gamma: float, lam: float) -> Tensor:

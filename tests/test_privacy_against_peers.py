@@ -17,10 +17,9 @@ from flwr.app import ArrayRecord, Context, Message, MessageType, RecordDict
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.supercore.task_identity import TaskIdentity
 
-import fedcomm.clients.dpsgd as dpsgd
+import fedcomm.learning.dpsgd as dpsgd
 from fedcomm.clients.agent import global_arrays
 from fedcomm.clients.policy import PrivacyPolicy
-from fedcomm.clients.privacy import LEDGER, composition_of_config, write_run_report
 from fedcomm.commands.privacy import server_record
 from fedcomm.models.team import Team
 from fedcomm.modes.simulation import check_ledgers_extend, complete_run, released_fields
@@ -35,6 +34,9 @@ from fedcomm.protocol.round import (
     release_of,
 )
 from fedcomm.protocol.v1 import joint_env_pb2 as pb
+from fedcomm.releases.account import LEDGER
+from fedcomm.releases.report import write_run_report
+from fedcomm.releases.schedule import composition_of_config
 from fedcomm.server.federation import FederationError
 from fedcomm.sim.registry import make_env
 from fedcomm.sim.service import JointEnvironmentService

@@ -15,12 +15,13 @@ from pathlib import Path
 
 import pytest
 
-from fedcomm.clients.privacy import LEDGER, composition_of_config
 from fedcomm.commands import main
 from fedcomm.privacy.audit import audit, independent_epsilon
 from fedcomm.privacy.calibrate import noise_for_epsilon
 from fedcomm.privacy.ledger import read_ledger
 from fedcomm.privacy.report import build_report, run_info_from_report, write_report
+from fedcomm.releases.account import LEDGER
+from fedcomm.releases.schedule import composition_of_config
 
 SMALL = ["--env", "speaker_listener", "--num-envs", "16", "--env-steps", str(4 * 16 * 25),
          "--batches-per-round", "2", "--eval-episodes", "16", "--hidden", "16", "--quiet"]

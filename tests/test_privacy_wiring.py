@@ -14,15 +14,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedcomm.clients.feedback import privatize
-from fedcomm.clients.privacy import LEDGER, AgentPrivacy, update_releases
-from fedcomm.clients.privacy_plan import Schedule, calibrate
 from fedcomm.commands import main
 from fedcomm.config import PPOConfig, TeamConfig, TrainConfig
+from fedcomm.learning.feedback import privatize
 from fedcomm.models.team import Team
 from fedcomm.privacy.audit import audit
 from fedcomm.privacy.config import PrivacyConfig
 from fedcomm.privacy.ledger import read_ledger
+from fedcomm.releases.account import LEDGER, AgentPrivacy
+from fedcomm.releases.calibration import calibrate
+from fedcomm.releases.plan import Schedule
+from fedcomm.releases.schedule import update_releases
 from fedcomm.sim.registry import make_env
 
 SPEC = make_env("factory", 1, n_sensors=1, n_processors=1, n_actuators=1).spec
@@ -121,7 +123,7 @@ def test_without_dp_sgd_the_target_covers_every_vector_of_the_run(tmp_path):
 KILLED_AFTER_WRITING = """
 import os, signal, sys, torch
 from pathlib import Path
-from fedcomm.clients.privacy import AgentPrivacy
+from fedcomm.releases.account import AgentPrivacy
 from fedcomm.models.team import TeamConfig
 from fedcomm.privacy.config import PrivacyConfig
 from fedcomm.sim.registry import make_env

@@ -23,7 +23,6 @@ from flwr.clientapp import ClientApp
 
 from fedcomm.clients.app import make_client_app
 from fedcomm.clients.policy import PrivacyPolicy
-from fedcomm.clients.privacy import LEDGER
 from fedcomm.commands.privacy import server_record
 from fedcomm.config import FederationConfig, TeamConfig, TrainConfig
 from fedcomm.modes.processes import SimProcess
@@ -38,6 +37,7 @@ from fedcomm.privacy.audit import audit
 from fedcomm.privacy.ledger import read_ledger, verify_chain
 from fedcomm.protocol.auth import generate_tokens, read_tokens, write_tokens
 from fedcomm.protocol.round import ARRAYS, CONFIG, METRICS, PROOF, WEIGHT_KEY, Proof, key_group
+from fedcomm.releases.account import LEDGER
 from fedcomm.server.app import make_server_app
 from fedcomm.server.checkpoint import load_checkpoint
 from fedcomm.server.federation import FederationError

@@ -23,9 +23,9 @@ import pytest
 import torch
 
 from fedcomm.clients.grpc_transport import GrpcTransport
-from fedcomm.clients.party import Party
-from fedcomm.clients.transport import BatchTruncated
 from fedcomm.config import TeamConfig
+from fedcomm.learning.party import Party
+from fedcomm.learning.transport import BatchTruncated
 from fedcomm.models.team import Team
 from fedcomm.protocol.auth import call_metadata, write_tokens
 from fedcomm.protocol.codec import encode

@@ -34,8 +34,8 @@ from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 from fedcomm.clients.grpc_transport import ClientTls, GrpcTransport, TransportError
-from fedcomm.clients.party import Party
 from fedcomm.config import TeamConfig
+from fedcomm.learning.party import Party
 from fedcomm.models.team import Team
 from fedcomm.protocol.auth import call_metadata
 from fedcomm.protocol.codec import NUMPY, encode

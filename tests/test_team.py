@@ -5,10 +5,10 @@ import math
 import pytest
 import torch
 
-from fedcomm.clients.importance import communication_importance
-from fedcomm.clients.rollout import Rollout, collect, replay
-from fedcomm.clients.transport import LocalTransport
 from fedcomm.config import TeamConfig
+from fedcomm.learning.importance import communication_importance
+from fedcomm.learning.rollout import Rollout, collect, replay
+from fedcomm.learning.transport import LocalTransport
 from fedcomm.models.comm import clip_norm
 from fedcomm.models.layers import GroupLinear
 from fedcomm.models.team import Team, log_probs
@@ -298,8 +298,8 @@ def test_a_discrete_code_without_feedback_is_part_of_the_senders_action(feedback
     speaker's, not the listener's, which has no route), the replay reproduces it (ratio 1),
     and PPO's loss reaches the encoder from the speaker's own advantages alone. With feedback
     the codeword is not part of the action."""
-    from fedcomm.clients.ppo import Targets, ppo_loss
     from fedcomm.config import PPOConfig
+    from fedcomm.learning.ppo import Targets, ppo_loss
 
     cfg = TeamConfig(channel="discrete", symbols=3, rr_epsilon=2.0, release_every=5,
                      accumulate=True, routes="speaker>listener", feedback=feedback)
@@ -341,10 +341,10 @@ def test_positive_signalling_is_the_codes_mutual_information_with_what_the_sende
     code that is a one-to-one function of a uniform observation, 0 for one that ignores it;
     a PPO step with it makes a new (uninformative) code informative. Under DP-SGD it is
     refused, in the loss and before a run starts, unless the marginal is released."""
-    from fedcomm.clients.ppo import Targets, ppo_loss, signalling
-    from fedcomm.clients.privacy_plan import Schedule, check_fits
     from fedcomm.config import PPOConfig, TrainConfig
+    from fedcomm.learning.ppo import Targets, ppo_loss, signalling
     from fedcomm.privacy.config import PrivacyConfig
+    from fedcomm.releases.plan import Schedule, check_fits
 
     cfg = TeamConfig(channel="discrete", symbols=3, rr_epsilon=50.0, release_every=5,
                      accumulate=True, routes="speaker>listener")
@@ -391,8 +391,8 @@ def test_the_recall_error_is_each_episodes_own_and_makes_a_new_code_informative(
     them, so DP-SGD takes it as it is), a listener's observations and steps without a release
     do not enter it, and training on it alone, in DP-SGD's per-episode form, turns a new code
     into one that tells the goals apart."""
-    from fedcomm.clients.ppo import Targets, ppo_loss, signalling
     from fedcomm.config import PPOConfig
+    from fedcomm.learning.ppo import Targets, ppo_loss, signalling
 
     cfg = TeamConfig(channel="discrete", symbols=3, rr_epsilon=50.0, release_every=5,
                      accumulate=True, routes="speaker>listener", feedback=False, recall=True)

@@ -5,9 +5,9 @@ import json
 import pytest
 
 from fedcomm.baselines import EVAL_SEED, evaluate_scripted
-from fedcomm.clients.evaluate import evaluate_team
 from fedcomm.commands import main
 from fedcomm.config import TrainConfig
+from fedcomm.learning.evaluate import evaluate_team
 from fedcomm.models.team import load_team
 from fedcomm.modes.centralized import train
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from fedcomm.clients.transport import Transport
+from fedcomm.learning.transport import Transport
 from fedcomm.models.team import Team, TeamOutput, log_probs, memory_of, sample_actions
 
 

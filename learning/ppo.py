@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from fedcomm.clients.rollout import Rollout, replay
 from fedcomm.config import ADAM_BETAS, PPOConfig
+from fedcomm.learning.rollout import Rollout, replay
 from fedcomm.models.team import Team, TeamOutput, categorical_entropy, log_probs
 
 
@@ -127,7 +127,7 @@ def ppo_loss(team: Team, batch: Rollout, targets: Targets, cfg: PPOConfig,
     """The local agents' summed PPO loss on a batch (each agent's terms averaged over steps).
 
     ``standardize=False`` takes the advantages as given, so that no statistic of other
-    episodes enters one episode's loss (DP-SGD, ``clients/dpsgd.py``).
+    episodes enters one episode's loss (DP-SGD, ``learning/dpsgd.py``).
     """
     out = replay(team, batch)
     logp, entropy = log_probs(out.logits, batch.actions)

@@ -16,13 +16,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from fedcomm.clients.feedback import privatize, receiver_feedback
-from fedcomm.clients.ppo import ValueNorm, compute_targets, make_optimizer, ppo_update
-from fedcomm.clients.privacy import DpSgd
-from fedcomm.clients.rollout import Rollout, collect
-from fedcomm.clients.transport import Transport
 from fedcomm.config import PPOConfig
+from fedcomm.learning.feedback import privatize, receiver_feedback
+from fedcomm.learning.ppo import ValueNorm, compute_targets, make_optimizer, ppo_update
+from fedcomm.learning.rollout import Rollout, collect
+from fedcomm.learning.transport import Transport
 from fedcomm.models.team import Team
+from fedcomm.releases.schedule import DpSgd
 
 
 @dataclass
@@ -103,7 +103,7 @@ class Party:
                 stats |= ppo_update(self.team, self.optimizer, rollout, self.cfg, targets,
                                     self.generator, feedback=received)
             else:
-                from fedcomm.clients.dpsgd import dp_ppo_update  # Opacus: only where used
+                from fedcomm.learning.dpsgd import dp_ppo_update  # Opacus: only where used
 
                 update, steps = dp_ppo_update(
                     self.team, self.optimizer, rollout, self.cfg, targets,

@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 
 from fedcomm.baselines import EvalResult, batches
-from fedcomm.clients.rollout import collect
-from fedcomm.clients.transport import LocalTransport
+from fedcomm.learning.rollout import collect
+from fedcomm.learning.transport import LocalTransport
 from fedcomm.models.team import Team
 from fedcomm.sim.base import EnvSpec
 from fedcomm.sim.registry import make_env

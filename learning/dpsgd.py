@@ -32,11 +32,11 @@ from opacus.optimizers import DPOptimizer
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
-from fedcomm.clients.ppo import Targets, ppo_loss
-from fedcomm.clients.privacy import check_sample_rate, dp_steps
-from fedcomm.clients.rollout import Rollout, replay
 from fedcomm.config import PPOConfig
+from fedcomm.learning.ppo import Targets, ppo_loss
+from fedcomm.learning.rollout import Rollout, replay
 from fedcomm.models.team import SHARED, Team
+from fedcomm.releases.schedule import check_sample_rate, dp_steps
 
 VALUE = "value."  # the value networks' parameters
 RECALL = "recall."  # a sender's recall decoders

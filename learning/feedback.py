@@ -14,9 +14,9 @@ from dataclasses import replace
 import torch
 from torch import Tensor
 
-from fedcomm.clients.ppo import Targets, ppo_loss
-from fedcomm.clients.rollout import Rollout
 from fedcomm.config import PPOConfig
+from fedcomm.learning.ppo import Targets, ppo_loss
+from fedcomm.learning.rollout import Rollout
 from fedcomm.models.comm import clip_norm
 from fedcomm.models.team import Team
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fedcomm.clients.rollout import Rollout
+from fedcomm.learning.rollout import Rollout
 from fedcomm.models.team import Team, memory_of
 
 

@@ -1,6 +1,6 @@
 """How a party's agents reach the joint environment and each other: a swappable piece.
 
-The rollout (``clients/rollout.py``) is written once against ``Transport``. In process,
+The rollout (``learning/rollout.py``) is written once against ``Transport``. In process,
 ``LocalTransport`` drives a ``VecEnv`` and the router directly, for a team that holds every
 agent (the centralized trainer, evaluation, tests). Over the network, ``GrpcTransport``
 (``clients/grpc_transport.py``) speaks the ``fedcomm.v1`` protocol to the simulator service for

@@ -1,0 +1,56 @@
+"""A finished run's privacy report, from every agent's ledger: what the run states and sums up.
+
+The library (``privacy.report``) builds, renders and audits a report; this module says what a
+fedcomm run declares in it (its mechanisms and their parameters, the unit and what composes
+for it, the budget's split, the fields the agents sent the server) and what a run's summary
+states of it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from fedcomm.config import PPOConfig, TeamConfig
+from fedcomm.privacy.config import PrivacyConfig
+from fedcomm.releases.schedule import composition_of_config, declared_mechanisms
+
+
+def write_run_report(run_dir: Path, run_config: dict[str, Any], team: TeamConfig,
+                     cfg: PrivacyConfig, ledgers: dict[str, Path],
+                     mechanisms: Sequence[str] = ("message", "feedback", "update"),
+                     ppo: PPOConfig | None = None,
+                     extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """``privacy_report.json`` and ``privacy_report.html`` of a finished (or stopped) run;
+    ``extra`` adds to what the report states about the run (its silent batches)."""
+    from fedcomm.privacy.report import RunInfo, build_report, render_html, write_report
+
+    composition = composition_of_config(run_config)
+    declared = declared_mechanisms(team, cfg, ppo or PPOConfig(), composition)
+    stated = {"split": cfg.split} if cfg.split else {}
+    run = RunInfo(config=run_config, delta=cfg.delta, budget=cfg.budget,
+                  mechanisms={k: declared[k] for k in mechanisms}, accountant=cfg.accountant,
+                  unit=cfg.unit, relation=cfg.relation,
+                  composition=composition, extra={**stated, **(extra or {})})
+    report = build_report({a: p for a, p in ledgers.items() if p.exists()}, run, run_dir)
+    write_report(report, run_dir)
+    render_html(report, run_dir / "privacy_report.html")
+    return report
+
+
+def report_summary(report: dict[str, Any]) -> dict[str, Any]:
+    """The figures a run's summary states: the largest epsilon over agents, per mechanism and
+    composed, with the unit, relation and delta they hold for."""
+    run, agents = report["run"], report["agents"].values()
+    per_mechanism: dict[str, float] = {}
+    for agent in agents:
+        for name, section in agent["mechanisms"].items():
+            per_mechanism[name] = max(per_mechanism.get(name, 0.0), float(section["epsilon"]))
+    budgets = [float(a["budget"]["epsilon"]) for a in agents]
+    return {"unit": run["unit"], "composition": run.get("composition", "batch"),
+            "relation": run["relation"], "delta": run["delta"], "epsilon": per_mechanism,
+            "budget": min(budgets, default=math.inf), "split": run.get("split"),
+            "composed": max((float(a["composed"]["epsilon"]) for a in agents), default=0.0),
+            "within_budget": report["verdict"]["within_budget"]}
