@@ -1,12 +1,11 @@
-"""One agent's runtime: its batches under its privacy budget, and its federated rounds.
+"""One federated agent for one round: restored, given the global module, trained or evaluated
+through the simulator under its budget, and saved.
 
-``Agent`` runs one agent's episode batches through a transport. Before a batch it knows
-everything it will release (vectors, feedback, its update's DP-SGD steps) and asks its budget;
-refused, it stays silent (acts, releases nothing, does not train). Allowed, the releases are
-written to its ledger once the simulator admitted the batch and before anything of it leaves,
-so a batch that never started (a peer missing at the join) costs nothing. The same runtime
-serves the Flower ClientApp (``FederatedAgent``: one round, restored from and saved to its
-state directory) and ``fedcomm agent`` (rounds against a simulator, from a checkpoint).
+``FederatedAgent`` builds the agent's party (``learning.party``: its models, optimizer and
+transport, held to its privacy account, which refuses a batch its budget cannot pay for and
+writes every release to the ledger before it leaves) from the run's configuration and the
+node's settings, and runs its round's batches; the Flower ClientApp (``clients.host``) opens it
+for each message, a deployment's worker keeps it between them.
 
 What crosses a federated agent's boundary: to the simulator, its knowledge vectors, feedback
 gradients and actions (``GrpcTransport``); to the server, its copy of the shared communication
@@ -22,10 +21,8 @@ private networks. Nothing trained on anyone's data is ever loaded from outside.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
-from functools import partial
-from typing import TypeVar
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
 
 import torch
 from torch import Tensor
@@ -35,12 +32,10 @@ from fedcomm.clients.node import AgentNode
 from fedcomm.clients.state import StateStore, load_private_state, private_state_dict
 from fedcomm.config import FederationConfig
 from fedcomm.device import resolve_device
-from fedcomm.learning.party import BatchRecord, Party
+from fedcomm.learning.party import Party
 from fedcomm.learning.ppo import annealed_lr
-from fedcomm.learning.rollout import collect
 from fedcomm.models.parts import initial_routes, sends_to_server, shared_parts
 from fedcomm.models.team import Team
-from fedcomm.privacy.events import GaussianRelease
 from fedcomm.privacy.ledger import GENESIS, LedgerError
 from fedcomm.protocol.round import (
     AGENT_PHASES,
@@ -58,78 +53,6 @@ from fedcomm.releases.schedule import (
     update_dp,
     update_releases,
 )
-
-R = TypeVar("R")
-
-
-@dataclass
-class Batch:
-    """One episode batch of an agent: what it recorded, and whether it spoke."""
-
-    record: BatchRecord
-    spoke: bool
-
-
-class Agent:
-    """One agent's party (models and training over a transport) and its privacy (ledger,
-    budget, noise), batch by batch.
-
-    Parameters
-    ----------
-    party
-        The agent's models, optimizer and transport.
-    privacy
-        Its ledger, odometer and noise source.
-    update_releases
-        What one batch's update releases (its DP-SGD steps); none where the update stays
-        with the agent.
-    """
-
-    def __init__(self, party: Party, privacy: AgentPrivacy,
-                 update_releases: Sequence[GaussianRelease] = ()) -> None:
-        self.party, self.privacy = party, privacy
-        self.update_releases = list(update_releases)
-
-    @property
-    def team(self) -> Team:
-        return self.party.team
-
-    def train_batch(self, *, round: int, batch: int, routes: Tensor, seed: int | None = None,
-                    lr: float | None = None, update: bool = True) -> Batch:
-        """Roll out, exchange feedback and (``update``) train on one batch, if the budget
-        allows its releases; silent otherwise."""
-        releases = self.privacy.batch_releases(routes, self.update_releases if update else ())
-        record, spoke = self._under_budget(releases, round, batch, partial(
-            self.party.run_batch, seed=seed, routes=routes, lr=lr, update=update))
-        return Batch(record, spoke)
-
-    @torch.no_grad()
-    def play_batch(self, *, round: int, batch: int, routes: Tensor, seed: int,
-                   generator: torch.Generator) -> Tensor:
-        """``[B]`` this agent's returns in one batch of greedy episodes.
-
-        Evaluation episodes are episodes too: their vectors are releases, keyed by ``batch``
-        (a replayed key composes with its first use).
-        """
-        releases = [r for r in self.privacy.batch_releases(routes) if r.mechanism == "message"]
-        rollout, _ = self._under_budget(releases, round, batch, partial(
-            collect, self.team, self.party.transport, seed=seed, generator=generator,
-            greedy=True, routes=routes))
-        return rollout.rewards.sum(dim=0)[:, 0]
-
-    def _under_budget(self, releases: list[GaussianRelease], round: int, batch: int,
-                      run: Callable[..., R]) -> tuple[R, bool]:
-        """``run`` silent if the budget refuses ``releases``; else with them charged once the
-        simulator admitted the batch."""
-        speaks = self.privacy.allows(releases, batch=batch)
-        charge = partial(self.privacy.charge, releases, round=round, batch=batch)
-        result = run(silent=not speaks, noise=self.privacy.noise,
-                     on_joined=charge if speaks else None)
-        return result, speaks
-
-    def close(self) -> None:
-        self.party.transport.close()
-        self.privacy.close()
 
 
 def global_arrays(team: Team, with_private: bool = False,
@@ -177,12 +100,10 @@ class FederatedAgent:
                                   train.team, node.tls, timeout=fed.round_timeout,
                                   device=self.device)
         self.dp = update_dp(train.privacy, train.ppo) if private else None
-        party = Party(team, transport, train.ppo, seed=train.seed * 1000 + self.index,
-                      dp=self.dp)
         cap = node.policy.cap(train.privacy.budget)  # its own policy caps the run's budget
         cfg = (train.privacy if cap == train.privacy.budget
                else replace(train.privacy, epsilon_budget=cap))
-        privacy = AgentPrivacy(node.agent_id, self.index, self.spec, train.team, cfg,
+        account = AgentPrivacy(node.agent_id, self.index, self.spec, train.team, cfg,
                                node.state_dir / LEDGER, fed.to_dict(), device=self.device,
                                composition=composition_of_config(fed.to_dict()),
                                episodes=train.num_envs, seeded_noise=node.policy.seeded_noise)
@@ -190,11 +111,12 @@ class FederatedAgent:
         # (they shape its later releases); a plain update counts where it is sent.
         steps = (update_releases(train.privacy, train.ppo)
                  if self.dp is not None or sends else [])
-        self.agent = Agent(party, privacy, steps)
+        self.party = Party(team, transport, train.ppo, seed=train.seed * 1000 + self.index,
+                           dp=self.dp, account=account, update_releases=steps)
         self.store = StateStore(node.state_dir, context_state)
         saved = self.store.load(restore_round)
         if saved is not None:
-            load_private_state(party, saved.state)
+            load_private_state(self.party, saved.state)
         self.restored_round = saved.round if saved else 0
         self.restore_s = time.perf_counter() - t0
 
@@ -202,7 +124,7 @@ class FederatedAgent:
         """Refuse to go on unless the ledger extends what the server recorded of it: a ledger
         cut or rewritten since would let the budget forget what was spent."""
         entries, last = anchors.get(self.node.agent_id, (0, GENESIS))
-        ledger = self.agent.privacy.ledger
+        ledger = self.party.account.ledger
         held = ledger.entries
         if len(held) < entries or (entries and held[entries - 1]["hash"] != last):
             raise LedgerError(f"{ledger.path} no longer holds what the server recorded of it "
@@ -211,12 +133,12 @@ class FederatedAgent:
 
     def proof(self) -> Proof:
         """The reply's proof, unsigned: who the agent is and its ledger's anchor."""
-        ledger = self.agent.privacy.ledger
+        ledger = self.party.account.ledger
         return Proof(self.node.agent_id, len(ledger), ledger.last_hash)
 
     @property
     def team(self) -> Team:
-        return self.agent.team
+        return self.party.team
 
     def continue_in_memory(self, last_round: int) -> None:
         """Go on from the end of ``last_round``, whose state this agent still holds (a
@@ -243,21 +165,21 @@ class FederatedAgent:
         for it in batches:
             lr = (annealed_lr(train.ppo.lr, it, self.fed.total_batches, time_frac)
                   if train.anneal_lr else train.ppo.lr)
-            batch = self.agent.train_batch(round=server_round, batch=it, routes=routes,
-                                           seed=train.seed * 1_000_000 + it, lr=lr)
-            trained += batch.spoke
-            for k, v in batch.record.stats.items():
+            record = self.party.train_batch(round=server_round, batch=it, routes=routes,
+                                            seed=train.seed * 1_000_000 + it, lr=lr)
+            trained += record.spoke
+            for k, v in record.stats.items():
                 totals[k] = totals.get(k, 0.0) + v
         t0 = time.perf_counter()
-        self.store.save(server_round, private_state_dict(self.agent.party))
+        self.store.save(server_round, private_state_dict(self.party))
         n = max(len(batches), 1)
         timings = {k: totals.pop(k, 0.0) for k in AGENT_PHASES}
         timings |= {"restore_s": self.restore_s, "persist_s": time.perf_counter() - t0}
         stats = {k: v / n for k, v in totals.items()}
         reply = TrainReply(
-            agent=self.index, env_steps=trained * self.agent.party.transport.num_envs
+            agent=self.index, env_steps=trained * self.party.transport.num_envs
             * self.spec.episode_length, batches=len(batches),
-            silent_batches=len(batches) - trained, epsilon=self.agent.privacy.spent().composed,
+            silent_batches=len(batches) - trained, epsilon=self.party.account.spent().composed,
             restored_round=self.restored_round, return_mean=stats.pop("return_mean", 0.0),
             timings=timings, stats=stats)
         if not trained:  # nothing learned that the budget allowed to share
@@ -270,14 +192,14 @@ class FederatedAgent:
         load_global(self.team, arrays, self.parts)
         routes = self.routes()
         generator = torch.Generator(self.device).manual_seed(seed)
-        num_envs = self.agent.party.transport.num_envs
+        num_envs = self.party.transport.num_envs
         returns: list[float] = []
         for i in range(batches):
             # Seeds of evaluation episodes lie far above the training batches' indices.
             first = seed + i * num_envs
-            returns += self.agent.play_batch(round=server_round, batch=first, routes=routes,
+            returns += self.party.play_batch(round=server_round, batch=first, routes=routes,
                                              seed=first, generator=generator).tolist()
         return returns
 
     def close(self) -> None:
-        self.agent.close()
+        self.party.close()

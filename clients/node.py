@@ -1,7 +1,8 @@
 """Where an agent runs: its identity, the simulator it reaches and its durable state directory.
 
 A SuperNode's node config says it in deployment; in simulation the defaults ``fedcomm
-simulate`` gives the ClientApp plus Flower's ``partition-id`` do.
+simulate`` gives the ClientApp plus Flower's ``partition-id`` do. ``node_config`` writes such
+settings and ``AgentNode.from_settings`` reads them: the keys live here alone.
 """
 
 from __future__ import annotations
@@ -12,7 +13,29 @@ from pathlib import Path
 from fedcomm.clients.grpc_transport import ClientTls
 from fedcomm.clients.policy import PrivacyPolicy
 from fedcomm.protocol.auth import read_tokens
+from fedcomm.protocol.signing import KEY_FILE
+from fedcomm.protocol.worker import WORKER_SOCKET, WORKER_TOKEN
 from fedcomm.sim.base import EnvSpec
+
+
+def node_config(*, sim_address: str, token_file: str | Path, server_key_file: str | Path,
+                policy: PrivacyPolicy, agent_id: str | None = None,
+                state_dir: str | Path | None = None, state_root: str | Path | None = None,
+                tls: ClientTls | None = None, device: str | None = None,
+                worker_socket: str | Path | None = None,
+                worker_token: str | Path | None = None) -> dict[str, str]:
+    """The node settings ``AgentNode.from_settings`` reads: who the agent is (``agent_id``;
+    in simulation Flower's ``partition-id`` instead), where it reaches the simulator and with
+    what token and TLS files, the key it signs its replies with, its state directory (or a
+    root of one per agent), its privacy policy, its device, and its worker's socket and token
+    where it has one."""
+    settings: dict[str, object] = {
+        "agent-id": agent_id, "state-dir": state_dir, "state-root": state_root,
+        "sim-address": sim_address, "token-file": token_file, KEY_FILE: server_key_file,
+        "device": device, WORKER_SOCKET: worker_socket, WORKER_TOKEN: worker_token}
+    if tls is not None:
+        settings |= {"sim-ca": tls.ca, "sim-cert": tls.cert, "sim-key": tls.key}
+    return {k: str(v) for k, v in settings.items() if v is not None} | policy.to_settings()
 
 
 @dataclass

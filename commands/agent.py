@@ -1,8 +1,8 @@
 """``fedcomm agent``: one agent against a simulator over gRPC, without Flower.
 
 The agent's model comes from a checkpoint; every round it runs one episode batch through the
-same runtime a federated agent uses (``clients.agent.Agent``): its budget checked and its
-releases written to its ledger before they leave.
+same runtime a federated agent uses (``learning.party.Party`` with its privacy account): its
+budget checked and its releases written to its ledger before they leave.
 """
 
 from __future__ import annotations
@@ -55,7 +55,6 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from rich.markup import escape
 
-    from fedcomm.clients.agent import Agent
     from fedcomm.clients.failures import AGENT_ADVICE, failure_line
     from fedcomm.clients.grpc_transport import ClientTls, GrpcTransport, TransportError
     from fedcomm.device import resolve_device
@@ -96,16 +95,15 @@ def run(args: argparse.Namespace) -> int:
                                 "training": training},
                                device=device, composition=composition_for(training),
                                episodes=transport.num_envs)
-        agent = Agent(Party(party_team, transport, seed=args.seed), privacy)
+        party = Party(party_team, transport, seed=args.seed, account=privacy)
         for r in range(args.rounds):
-            batch = agent.train_batch(round=r, batch=privacy.next_batch,
-                                      routes=party_team.kept_routes(),
-                                      update=not args.no_update)
+            record = party.train_batch(round=r, batch=privacy.next_batch,
+                                       routes=party_team.kept_routes(),
+                                       update=not args.no_update)
             console.print(f"{args.agent_id} round {transport.round}: return "
-                          f"{batch.record.stats['return_mean']:.3f}"
-                          + ("" if batch.spoke else " (silent: privacy budget spent)"))
+                          f"{record.stats['return_mean']:.3f}"
+                          + ("" if record.spoke else " (silent: privacy budget spent)"))
             if args.dump:
-                record = batch.record
                 args.dump.mkdir(parents=True, exist_ok=True)
                 torch.save({"rollout": asdict(record.rollout), "sent": record.sent,
                             "senders": record.senders, "received": record.received,

@@ -30,6 +30,8 @@ from pathlib import Path
 
 from rich.console import Console
 
+from fedcomm.clients.grpc_transport import ClientTls
+from fedcomm.clients.node import node_config
 from fedcomm.clients.policy import PrivacyPolicy
 from fedcomm.config import FederationConfig
 from fedcomm.deploy.flower_app import write_app
@@ -37,7 +39,6 @@ from fedcomm.deploy.secrets import DeploymentSecrets, make_secrets
 from fedcomm.modes.processes import ChildProcess, SimProcess, child_env, stop_tagged
 from fedcomm.modes.simulation import check_ledgers_extend, complete_run, terminate_as_interrupt
 from fedcomm.progress import progress_bar, status
-from fedcomm.protocol.worker import WORKER_SOCKET, WORKER_TOKEN
 from fedcomm.releases.plan import Schedule, check_fits
 from fedcomm.server.app import ERROR_FILE
 from fedcomm.server.federation import FederationError
@@ -90,12 +91,12 @@ def _wait_listening(process: ChildProcess, port: int, timeout: float = 60.0) -> 
                           f"{process.tail()}")
 
 
-def node_config(settings: dict[str, str]) -> str:
+def flower_node_config(settings: dict[str, str]) -> str:
     """Flower's ``--node-config`` text: space-separated TOML ``key="value"`` pairs."""
     return " ".join(f"{k}={json.dumps(str(v))}" for k, v in settings.items())
 
 
-class Layout:
+class LocalFiles:
     """Where a local deployment keeps its files, inside the run directory."""
 
     def __init__(self, run_dir: Path) -> None:
@@ -123,7 +124,7 @@ class LocalDeployment:
         self.worker = worker
         self.workers: dict[str, ChildProcess] = {}
         self.sockets: Path | None = None
-        self.layout = Layout(run_dir.resolve())  # Flower wants absolute paths
+        self.files = LocalFiles(run_dir.resolve())  # Flower wants absolute paths
         self.agents = fed.spec.agent_ids
         self.nodes: dict[str, ChildProcess] = {}
         self.down_since: dict[str, float] = {}  # agents whose SuperNode is being restarted
@@ -131,20 +132,20 @@ class LocalDeployment:
         self.superlink: ChildProcess | None = None
         self.flwr_run: ChildProcess | None = None
         # Every process of the deployment carries the tag, Flower's own children included.
-        self.env = {"FLWR_HOME": str(self.layout.flwr_home),
-                    DEPLOYMENT_TAG: str(self.layout.run_dir),
+        self.env = {"FLWR_HOME": str(self.files.flwr_home),
+                    DEPLOYMENT_TAG: str(self.files.run_dir),
                     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
                     "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": SUPEREXEC_POLL_S,
                     "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
     # -- start ------------------------------------------------------------------------------
     def start(self) -> None:
-        layout = self.layout
-        layout.logs.mkdir(parents=True, exist_ok=True)
-        secrets = layout.secrets
+        files = self.files
+        files.logs.mkdir(parents=True, exist_ok=True)
+        secrets = files.secrets
         if not secrets.exists(self.agents):
             make_secrets(secrets.dir, self.agents)
-        self.sim = SimProcess(self.fed, secrets.tokens, layout.logs / "sim.log",
+        self.sim = SimProcess(self.fed, secrets.tokens, files.logs / "sim.log",
                               tls=(secrets.sim / "server.crt", secrets.sim / "server.key",
                                    secrets.ca),
                               timeout=min(180.0, self.fed.round_timeout / 2),
@@ -156,7 +157,7 @@ class LocalDeployment:
             "--ssl-certfile", str(secrets.superlink / "server.crt"),
             "--ssl-keyfile", str(secrets.superlink / "server.key"),
             "--enable-supernode-auth", "--disable-runtime-dependency-installation",
-            "--host", "127.0.0.1", "--port", str(port)], layout.logs / "superlink.log", self.env)
+            "--host", "127.0.0.1", "--port", str(port)], files.logs / "superlink.log", self.env)
         _wait_listening(self.superlink, port)
         self.superlink_address = f"127.0.0.1:{port}"
         self._register_nodes()
@@ -169,12 +170,12 @@ class LocalDeployment:
             self.nodes[agent] = self._start_node(agent)
 
     def _write_flower_config(self, port: int) -> None:
-        home = self.layout.flwr_home
+        home = self.files.flwr_home
         home.mkdir(parents=True, exist_ok=True)
         (home / "config.toml").write_text(
             f'[superlink]\ndefault = "{FEDERATION}"\n\n[superlink.{FEDERATION}]\n'
             f'address = "127.0.0.1:{port}"\n'
-            f"root-certificates = {json.dumps(str(self.layout.secrets.ca))}\n")
+            f"root-certificates = {json.dumps(str(self.files.secrets.ca))}\n")
 
     def _flwr(self, *args: str) -> subprocess.CompletedProcess:
         return subprocess.run([tool("flwr"), *args], env=child_env(self.env),
@@ -189,7 +190,7 @@ class LocalDeployment:
         """
         for agent in self.agents:
             out = self._flwr("supernode", "register",
-                             str(self.layout.secrets.agent(agent).node_pub), FEDERATION,
+                             str(self.files.secrets.agent(agent).node_pub), FEDERATION,
                              "--name", agent)
             if out.returncode != 0:
                 raise DeploymentError(f"registering {agent}'s SuperNode key failed:\n"
@@ -204,12 +205,12 @@ class LocalDeployment:
         return self._await_worker(agent, self._spawn_worker(agent))
 
     def _spawn_worker(self, agent: str) -> ChildProcess:
-        path, token = self._socket(agent), self.layout.secrets.agent(agent).worker_token
+        path, token = self._socket(agent), self.files.secrets.agent(agent).worker_token
         path.unlink(missing_ok=True)
         return ChildProcess(f"worker of {agent}", [
             sys.executable, "-m", "fedcomm", "worker", "--socket", str(path),
             "--agent-id", agent, "--token-file", str(token)],
-            self.layout.logs / f"worker-{agent}.log", self.env)
+            self.files.logs / f"worker-{agent}.log", self.env)
 
     def _await_worker(self, agent: str, worker: ChildProcess,
                       timeout: float = 60.0) -> ChildProcess:
@@ -222,34 +223,32 @@ class LocalDeployment:
         return worker
 
     def _start_node(self, agent: str) -> ChildProcess:
-        mine = self.layout.secrets.agent(agent)
+        mine = self.files.secrets.agent(agent)
         assert self.sim is not None
-        settings = {"agent-id": agent, "state-dir": self.layout.state_dir(agent),
-                    "sim-address": f"localhost:{self.sim.port}",
-                    "token-file": mine.token_file, "sim-ca": mine.ca, "sim-cert": mine.cert,
-                    "sim-key": mine.key, "server-key-file": mine.server_key,
-                    **self.policy.to_settings()}
-        if self.worker:
-            settings[WORKER_SOCKET] = self._socket(agent)
-            settings[WORKER_TOKEN] = mine.worker_token
-        home = self.layout.node_home(agent)
+        settings = node_config(
+            agent_id=agent, state_dir=self.files.state_dir(agent),
+            sim_address=f"localhost:{self.sim.port}", token_file=mine.token_file,
+            tls=ClientTls(mine.ca, mine.cert, mine.key), server_key_file=mine.server_key,
+            policy=self.policy, worker_socket=self._socket(agent) if self.worker else None,
+            worker_token=mine.worker_token if self.worker else None)
+        home = self.files.node_home(agent)
         home.mkdir(parents=True, exist_ok=True)
         return ChildProcess(f"SuperNode of {agent}", [
             tool("flower-supernode"), "--root-certificates", str(mine.ca),
             "--superlink", self.superlink_address,
             "--auth-supernode-private-key", str(mine.node_key),
-            "--port", str(free_port()), "--node-config", node_config(settings)],
-            self.layout.logs / f"supernode-{agent}.log", {**self.env, "FLWR_HOME": str(home)})
+            "--port", str(free_port()), "--node-config", flower_node_config(settings)],
+            self.files.logs / f"supernode-{agent}.log", {**self.env, "FLWR_HOME": str(home)})
 
     # -- run --------------------------------------------------------------------------------
     def run(self, progress: bool = True) -> None:
         """Submit the run with ``flwr run`` and follow it to its end."""
-        layout = self.layout
-        app = write_app(layout.root / "app", self.fed.to_json(), layout.run_dir,
-                        layout.secrets.agent_keys)
+        files = self.files
+        app = write_app(files.root / "app", self.fed.to_json(), files.run_dir,
+                        files.secrets.agent_keys)
         self.flwr_run = ChildProcess("flwr run", [
             tool("flwr"), "run", str(app), FEDERATION, "--stream"],
-            layout.logs / "flwr-run.log", self.env)
+            files.logs / "flwr-run.log", self.env)
         with progress_bar(progress, self.console, "rounds") as bar:
             task = bar.add_task(f"deployed {self.fed.train.env} x {len(self.agents)} agents",
                                 total=self.fed.rounds, status="starting")
@@ -259,16 +258,16 @@ class LocalDeployment:
                 if row:
                     bar.update(task, completed=row["round"], status=status(row))
                 time.sleep(POLL_S)
-        error = layout.run_dir / ERROR_FILE
+        error = files.run_dir / ERROR_FILE
         if not error.exists():
             self._check_parties()  # `flwr run` also ends when the SuperLink dies: say so
         if error.exists():
             raise FederationError(error.read_text().strip())
-        if not (layout.run_dir / "summary.json").exists():
+        if not (files.run_dir / "summary.json").exists():
             raise DeploymentError(f"the run ended without a result:\n{self.flwr_run.tail()}")
 
     def _last_row(self) -> dict | None:
-        path = self.layout.run_dir / "metrics.jsonl"
+        path = self.files.run_dir / "metrics.jsonl"
         if not path.exists():
             return None
         lines = path.read_text().splitlines()
@@ -323,7 +322,7 @@ class LocalDeployment:
             if party is not None:
                 party.stop(grace=5)
         # e.g. the ServerApp of a SuperLink that was killed
-        stray = stop_tagged(f"{DEPLOYMENT_TAG}={self.layout.run_dir}")
+        stray = stop_tagged(f"{DEPLOYMENT_TAG}={self.files.run_dir}")
         if stray:
             self.console.print(f"[red]processes {stray} of the deployment could not be "
                                "stopped[/]")

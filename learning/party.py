@@ -1,17 +1,25 @@
-"""One party's training over any transport, one episode batch at a time.
+"""One party's training over any transport, one episode batch at a time, under its budget.
 
 The party holds some of the agents (one, in deployment). Per batch: collect the episode batch
 through the transport; differentiate its agents' loss with respect to every vector they received,
 clip and noise that per episode, and exchange it through the router; then PPO on its own
 trajectories, with the feedback its vectors earned added to its encoder's gradient. One feedback
 exchange per batch: each exchange is a private release, and the update reuses it across epochs.
+
+A party with a privacy account (``releases.account``) holds every batch to it: before a batch it
+knows everything the batch will release (vectors, feedback, its update's DP-SGD steps) and asks
+its budget; refused, it stays silent (acts, releases nothing, does not train). Allowed, the
+releases are written to its ledger once the simulator admitted the batch and before anything of
+it leaves, so a batch that never started (a peer missing at the join) costs nothing.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
+from typing import TypeVar
 
 import torch
 from torch import Tensor
@@ -22,7 +30,11 @@ from fedcomm.learning.ppo import ValueNorm, compute_targets, make_optimizer, ppo
 from fedcomm.learning.rollout import Rollout, collect
 from fedcomm.learning.transport import Transport
 from fedcomm.models.team import Team
+from fedcomm.privacy.events import GaussianRelease
+from fedcomm.releases.account import AgentPrivacy
 from fedcomm.releases.schedule import DpSgd
+
+R = TypeVar("R")
 
 
 @dataclass
@@ -32,17 +44,33 @@ class BatchRecord:
     senders: Tensor  # [N] bool: whose vectors reached this party
     received: Tensor  # [T, B, n_local, D] the summed feedback for this party's vectors
     stats: dict[str, float]  # return, PPO statistics, and seconds spent in each phase
+    spoke: bool = True  # False: its budget kept it silent (it released nothing)
 
 
 class Party:
-    """A party's agents, their optimizer, value normaliser and random stream.
+    """A party's agents, their optimizer, value normaliser and random stream, and the privacy
+    account its batches are held to.
 
-    The three are the party's private training state besides the networks: a federated agent
-    keeps them across rounds (``clients/state.py``).
+    The first three are the party's private training state besides the networks: a federated
+    agent keeps them across rounds (``clients/state.py``).
+
+    Parameters
+    ----------
+    team, transport
+        The party's agents and its channel to the simulator (or the environment in process).
+    cfg, seed, dp
+        PPO's settings, the seed of the party's own stream (actions and minibatches), and
+        DP-SGD's settings where its update is private.
+    account
+        Its ledger, budget and noise source (``train_batch`` and ``play_batch`` need one).
+    update_releases
+        What one batch's update releases (its DP-SGD steps); none where the update stays
+        with the party.
     """
 
     def __init__(self, team: Team, transport: Transport, cfg: PPOConfig | None = None,
-                 seed: int = 0, dp: DpSgd | None = None) -> None:
+                 seed: int = 0, dp: DpSgd | None = None, account: AgentPrivacy | None = None,
+                 update_releases: Sequence[GaussianRelease] = ()) -> None:
         if team.whole:
             raise ValueError("a party holds some of the agents; train a whole team with "
                              "the centralized trainer")
@@ -58,6 +86,58 @@ class Party:
         self.value_norm = ValueNorm(team.n_local, scale).to(device)
         self.generator = torch.Generator(device).manual_seed(seed)
         self.dp = dp
+        self.account, self.update_releases = account, list(update_releases)
+
+    # -- batches under the party's budget ----------------------------------------------------
+    def train_batch(self, *, round: int, batch: int, routes: Tensor, seed: int | None = None,
+                    lr: float | None = None, update: bool = True) -> BatchRecord:
+        """Roll out, exchange feedback and (``update``) train on one batch, if the budget
+        allows its releases; silent otherwise (``BatchRecord.spoke``)."""
+        account = self._account()
+        releases = account.batch_releases(routes, self.update_releases if update else ())
+        return self._under_budget(releases, round, batch, partial(
+            self.run_batch, seed=seed, routes=routes, lr=lr, update=update))
+
+    @torch.no_grad()
+    def play_batch(self, *, round: int, batch: int, routes: Tensor, seed: int,
+                   generator: torch.Generator) -> Tensor:
+        """``[B]`` this party's (first agent's) returns in one batch of greedy episodes.
+
+        Evaluation episodes are episodes too: their vectors are releases, keyed by ``batch``
+        (a replayed key composes with its first use).
+        """
+        releases = [r for r in self._account().batch_releases(routes)
+                    if r.mechanism == "message"]
+        rollout = self._under_budget(releases, round, batch, partial(
+            collect, self.team, self.transport, seed=seed, generator=generator, greedy=True,
+            routes=routes))
+        return rollout.rewards.sum(dim=0)[:, 0]
+
+    def _under_budget(self, releases: list[GaussianRelease], round: int, batch: int,
+                      run: Callable[..., R]) -> R:
+        """``run`` silent if the budget refuses ``releases``; else with them charged once the
+        simulator admitted the batch."""
+        account = self._account()
+        speaks = account.allows(releases, batch=batch)
+        charge = partial(account.charge, releases, round=round, batch=batch)
+        result = run(silent=not speaks, noise=account.noise,
+                     on_joined=charge if speaks else None)
+        if isinstance(result, BatchRecord):
+            result.spoke = speaks
+        return result
+
+    def _account(self) -> AgentPrivacy:
+        if self.account is None:
+            raise ValueError("a party without a privacy account runs batches with run_batch")
+        return self.account
+
+    def close(self) -> None:
+        """Close the channel and the ledger."""
+        self.transport.close()
+        if self.account is not None:
+            self.account.close()
+
+    # -- one batch ---------------------------------------------------------------------------
 
     def run_batch(self, *, seed: int | None = None, routes: Tensor | None = None,
                   lr: float | None = None, update: bool = True, silent: bool = False,

@@ -33,6 +33,7 @@ import torch
 
 from fedcomm.baselines import EVAL_SEED, EvalResult
 from fedcomm.clients.journal import read_journal
+from fedcomm.clients.node import node_config
 from fedcomm.clients.policy import PrivacyPolicy
 from fedcomm.clients.state import StateStore
 from fedcomm.config import FederationConfig
@@ -142,11 +143,10 @@ def run_flower(fed: FederationConfig, run_dir: Path, sim_address: str, tokens: P
     local = journal_status(run_dir, fed) if policy.private else None
     server_app = make_server_app(fed, run_dir, progress, results, stop, keys, local)
     device = resolve_device(fed.train.device)
-    defaults = {"sim-address": sim_address, "token-file": str(tokens),
-                "server-key-file": str(keys), "state-root": str(run_dir / "agents"),
-                **policy.to_settings()}
-    if device.type == "cuda":  # Ray sets each actor's CUDA_VISIBLE_DEVICES to its share
-        defaults["device"] = "cuda"
+    # on a GPU, Ray sets each actor's CUDA_VISIBLE_DEVICES to its share
+    defaults = node_config(sim_address=sim_address, token_file=tokens, server_key_file=keys,
+                           policy=policy, state_root=run_dir / "agents",
+                           device="cuda" if device.type == "cuda" else None)
     client_app = make_client_app(defaults)
     os.environ["OMP_NUM_THREADS"] = "1"  # inherited by the actors: one thread per agent
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # no GPUs are asked for

@@ -8,8 +8,8 @@ The pieces, in the order a release meets them:
 * :mod:`.budget`: a budget checked before spending, and the per-agent odometer;
 * :mod:`.ledger`: the write-ahead, hash-chained ledger each release is written to first;
 * :mod:`.noise`: cryptographically seeded generators for the noise;
-* :mod:`.report`, :mod:`.audit`, :mod:`.canary`: the run's report, its independent audit,
-  and the empirical one-run canary audit.
+* :mod:`.report`, :mod:`.page`, :mod:`.audit`, :mod:`.canary`: the run's report, its page,
+  its independent audit, and the empirical one-run canary audit.
 """
 
 from importlib import import_module
@@ -25,7 +25,8 @@ _EXPORTS = {
     "ledger": ["Ledger", "LedgerError", "LedgerLocked", "config_hash", "read_ledger",
                "verify_chain"],
     "noise": ["secure_generator"],
-    "report": ["RunInfo", "build_report", "render_html", "write_report"],
+    "page": ["render_html"],
+    "report": ["RunInfo", "build_report", "write_report"],
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 

@@ -18,7 +18,8 @@ from rich.table import Table
 from .audit import AuditResult, audit
 from .canary import CanaryAudit, empirical_audit, empirical_response_audit
 from .ledger import LedgerError, group_key, read_ledger
-from .report import HTML_NAME, REPORT_NAME, decode_eps, load_report, render_html
+from .page import render_html
+from .report import HTML_NAME, REPORT_NAME, decode_eps, load_report
 
 MESSAGE = "message"
 MAX_NORMALS = 50_000_000

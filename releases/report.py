@@ -1,9 +1,9 @@
 """A finished run's privacy report, from every agent's ledger: what the run states and sums up.
 
-The library (``privacy.report``) builds, renders and audits a report; this module says what a
-fedcomm run declares in it (its mechanisms and their parameters, the unit and what composes
-for it, the budget's split, the fields the agents sent the server) and what a run's summary
-states of it.
+The library builds a report (``privacy.report``), renders it (``privacy.page``) and audits it;
+this module says what a fedcomm run declares in it (its mechanisms and their parameters, the
+unit and what composes for it, the budget's split, the fields the agents sent the server) and
+what a run's summary states of it.
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ def write_run_report(run_dir: Path, run_config: dict[str, Any], team: TeamConfig
                      extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """``privacy_report.json`` and ``privacy_report.html`` of a finished (or stopped) run;
     ``extra`` adds to what the report states about the run (its silent batches)."""
-    from fedcomm.privacy.report import RunInfo, build_report, render_html, write_report
+    from fedcomm.privacy.page import render_html
+    from fedcomm.privacy.report import RunInfo, build_report, write_report
 
     composition = composition_of_config(run_config)
     declared = declared_mechanisms(team, cfg, ppo or PPOConfig(), composition)

@@ -128,7 +128,8 @@ class ClientLevelDP(DifferentialPrivacyServerSideFixedClipping):
 def write_report(run_dir: str | Path, fed: FederationConfig) -> dict[str, Any]:
     """``client_dp_report.json`` (and ``.html``) from the server's ledgers: each agent's
     client-level epsilon at the run's delta, by its accountant."""
-    from fedcomm.privacy.report import RunInfo, build_report, render_html
+    from fedcomm.privacy.page import render_html
+    from fedcomm.privacy.report import RunInfo, build_report
     from fedcomm.privacy.report import write_report as write
 
     privacy, run_dir = fed.train.privacy, Path(run_dir)

@@ -45,14 +45,14 @@ class ArraySpec:
 
 
 @dataclass(frozen=True)
-class Layout:
+class ReplyLayout:
     """Per agent index, the arrays its reply carries (in the global module's order)."""
 
     agents: tuple[dict[str, ArraySpec], ...]
     type_names: tuple[str, ...]  # each agent's type name, by index
 
     @classmethod
-    def of(cls, fed: FederationConfig, arrays: Mapping[str, object]) -> Layout:
+    def of(cls, fed: FederationConfig, arrays: Mapping[str, object]) -> ReplyLayout:
         """The layout of a run whose global module is ``arrays`` (any round's: the keys,
         shapes and dtypes never change)."""
         spec = fed.spec

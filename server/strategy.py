@@ -24,7 +24,7 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, Strategy
 
 from fedcomm.config import FederationConfig
 from fedcomm.protocol.round import WEIGHT_KEY, Anchors, key_group
-from fedcomm.server.layout import Layout, initial_arrays
+from fedcomm.server.layout import ReplyLayout, initial_arrays
 from fedcomm.server.robust import check_options, reduce_group
 from fedcomm.server.validation import ReplyScreen
 
@@ -120,7 +120,7 @@ def make_strategy(fed: FederationConfig, n_agents: int, keys: Mapping[str, str],
     ``client_dp_noise``); ``anchors`` the ledger anchors recorded so far. Options that cannot
     work in this run raise ``ValueError``.
     """
-    layout = Layout.of(fed, arrays if arrays is not None else initial_arrays(fed))
+    layout = ReplyLayout.of(fed, arrays if arrays is not None else initial_arrays(fed))
     check_options(fed, layout.carriers())
     common = {"fraction_train": 1.0, "fraction_evaluate": 0.0, "min_train_nodes": n_agents,
               "min_available_nodes": n_agents, "weighted_by_key": WEIGHT_KEY}

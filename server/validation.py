@@ -53,7 +53,7 @@ from fedcomm.protocol.round import (
     key_group,
 )
 from fedcomm.protocol.signing import SIGNATURE, verifies
-from fedcomm.server.layout import Layout
+from fedcomm.server.layout import ReplyLayout
 
 INTEGERS = ("agent", "env_steps", "batches", "silent_batches", "restored_round")
 RELATIVE_NORM = 10.0
@@ -109,7 +109,7 @@ class ReplyScreen:
         Each agent's ledger anchor as recorded so far (a resumed run's checkpoint).
     """
 
-    def __init__(self, fed: FederationConfig, layout: Layout, keys: Mapping[str, str],
+    def __init__(self, fed: FederationConfig, layout: ReplyLayout, keys: Mapping[str, str],
                  uniform: bool = False, anchors: Anchors | None = None) -> None:
         self.fed, self.layout, self.uniform = fed, layout, uniform
         self.agent_ids = fed.spec.agent_ids

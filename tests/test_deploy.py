@@ -247,7 +247,7 @@ def test_deployment_refuses_unregistered_nodes_plaintext_and_wrong_tokens(tmp_pa
     fed = federation_config_from_args(build_parser().parse_args(["simulate", *SMALL]))
     with LocalDeployment(fed, tmp_path / "run", Console(quiet=True)) as deployment:
         deployment.start()
-        secrets = deployment.layout.secrets
+        secrets = deployment.files.secrets
         mine = secrets.agent("sensor_0")
         intruder = make_secrets(tmp_path / "intruder", ["sensor_0"]).agent("sensor_0")
         base = [tool("flower-supernode"), "--superlink", deployment.superlink_address,

@@ -4,6 +4,7 @@ Infinite epsilons and budgets (a release without noise, an agent without a cap) 
 ``"inf"`` and get the same guarantees.
 """
 
+import html
 import json
 import math
 import re
@@ -15,6 +16,7 @@ from fedcomm.privacy.audit import audit, independent_epsilon
 from fedcomm.privacy.budget import PrivacyAccount, PrivacyBudget, remaining_budget
 from fedcomm.privacy.events import gaussian_release
 from fedcomm.privacy.ledger import Ledger, config_hash, entry_hash
+from fedcomm.privacy.page import render_html
 from fedcomm.privacy.report import (
     REPORT_NAME,
     SCHEMA,
@@ -22,7 +24,6 @@ from fedcomm.privacy.report import (
     build_report,
     decode_eps,
     encode_eps,
-    render_html,
     run_info_from_report,
     write_report,
 )
@@ -285,6 +286,46 @@ def test_infinite_epsilon_over_a_finite_budget(tmp_path):
         ("privacy_report.json:agents.a.composed.epsilon", "inf exceeds the budget 400.0")]
     page = render_html(report, tmp_path / "privacy_report.html").read_text()
     assert "OVER BUDGET" in page and "remaining 0.000000" in page
+
+
+def test_page_states_every_section_in_order_and_escapes_every_value(tmp_path):
+    """The page (``fedcomm.privacy.page`` filling ``templates/report.html``) with every optional
+    section; a value from the report reaches it escaped, never as markup."""
+    report = make_run(tmp_path, "episode")
+    report["run"].update(
+        split={"message": 1.25, "<i>feedback</i>": 2.5}, silent_batches={"b<1>": 3},
+        utility={"gap_closed": 0.8123, "ceiling_gap_closed": 0.9, "of_ceiling": 0.7},
+        released={"steps": "known", "<b>loss</b>": "clear", "grads": "dp"})
+    report["schema"] += "<s>"
+    report["run"]["config_hash"] = "<h>"
+    report["agents"]["a0"]["ledger"]["path"] = "<p>.jsonl"
+    report["verdict"] = {"within_budget": False, "agents_over_budget": ["<z>"]}
+    page = render_html(report, tmp_path / "privacy_report.html").read_text(encoding="utf-8")
+    assert page.startswith("<!DOCTYPE html>") and page.count("data:image/png;base64,") == 2
+    text = re.sub(r"<img[^>]*>", "", page)  # base64 holds any letters
+    for raw in ("<s>", "<h>", "<p>.jsonl", "<z>", "<b>loss</b>", "<i>feedback</i>", "b<1>"):
+        assert raw not in text and html.escape(raw) in text
+    sections = [
+        "<p class='bad'><b>Verdict: over budget: &lt;z&gt;</b></p>", "Schema fedcomm.",
+        "<p class='bad'>Silent (the budget refused their releases, so they released nothing "
+        "and did not train): b&lt;1&gt; in 3 training batches</p>",
+        "The trained team closed 81.2% of the no-communication -&gt; oracle gap; the DP "
+        "ceiling at these mechanisms closes 90.0%, and the team 70.0%",
+        "<h2>What the agents sent the server</h2>",
+        "<p class='bad'>Sent in the clear, outside every figure above: &lt;b&gt;loss&lt;/b&gt;.",
+        "<h2>Assumptions</h2>", "<li>Not covered:", "<li>One budget split", "<h2>Agent a0</h2>",
+        "<code>&lt;p&gt;.jsonl</code>, 12 entries", "<h2>Agent b&lt;1&gt;</h2>",
+        "<span class='ok'>within budget</span>. Ledger <code>ledgers/b1.jsonl</code>", "</html>"]
+    positions = [text.index(s) for s in sections]
+    assert positions == sorted(positions)
+    assert text.count("<table>") == 3 and text.count("<th>epsilon (delta=1e-05)</th>") == 2
+    assert "$" not in text and "\n\n" not in page  # every placeholder filled, no empty line
+
+    report["run"].update(released={"steps": "known"}, utility={"gap_closed": 0.5})
+    page = render_html(report, tmp_path / "privacy_report.html").read_text(encoding="utf-8")
+    assert "<p>Every field sent to the server is a count, post-processing of the ledger or a " \
+        "DP release: nothing outside the figures above.</p>" in page
+    assert "oracle gap.</p>" in page and "Sent in the clear" not in page
 
 
 @pytest.mark.parametrize(("change", "where"), [
