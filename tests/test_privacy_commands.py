@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from fedcomm.privacy import commands
-from fedcomm.privacy.commands import audit_command, message_setup, report_command
+from fedcomm.commands import privacy as commands
+from fedcomm.commands.privacy import audit_command, message_setup, report_command
+from fedcomm.privacy import canary
 from fedcomm.privacy.events import gaussian_release
 from fedcomm.privacy.ledger import Ledger, config_hash
 from fedcomm.privacy.report import REPORT_NAME, RunInfo, build_report, write_report
@@ -110,8 +111,8 @@ def test_empirical_audit_of_an_honest_run(tmp_path, monkeypatch, fold):
 def test_empirical_audit_catches_a_leaky_mechanism(tmp_path, monkeypatch):
     make_run(tmp_path)
     # The mechanism adds an eighth of the noise its ledger and report state.
-    monkeypatch.setattr(commands, "empirical_audit",
-                        functools.partial(commands.empirical_audit, true_noise_multiplier=1.0))
+    monkeypatch.setattr(canary, "empirical_audit",
+                        functools.partial(canary.empirical_audit, true_noise_multiplier=1.0))
     con, out = console()
     assert audit_command(tmp_path, True, con, canaries=10_000, seed=0) == 1
     text = out.getvalue()
