@@ -63,9 +63,9 @@ def add(sub: argparse._SubParsersAction) -> None:
 def run_local(args: argparse.Namespace) -> int:
     from fedcomm.deploy.local import deploy_local
 
-    return run_federated(args, "deploy local", lambda fed, out: deploy_local(
+    return run_federated(args, "deploy local", lambda fed, out, plan: deploy_local(
         fed, out, progress=not args.quiet, restart_agents=not args.no_restart,
-        console=console, worker=not args.no_worker))
+        console=console, worker=not args.no_worker, plan=plan))
 
 
 def run_secrets(args: argparse.Namespace) -> int:

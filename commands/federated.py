@@ -13,6 +13,7 @@ from pathlib import Path
 from fedcomm.commands.options import default_out, federation_config_from_args
 from fedcomm.commands.output import console, print_result
 from fedcomm.config import FederationConfig
+from fedcomm.releases.plan import PrivacyPlan
 from fedcomm.summary import RunResult
 
 
@@ -43,19 +44,19 @@ def config_and_out(args: argparse.Namespace, command: str) -> tuple[FederationCo
 
 
 def run_federated(args: argparse.Namespace, command: str,
-                  run: Callable[[FederationConfig, Path], RunResult]) -> int:
-    """A federated run, simulated or deployed: ``run(fed, out)`` returns its result."""
-    from fedcomm.releases.plan import Schedule, check_fits
+                  run: Callable[[FederationConfig, Path, PrivacyPlan], RunResult]) -> int:
+    """A federated run, simulated or deployed: ``run(fed, out, plan)`` returns its result."""
+    from fedcomm.releases.plan import plan_of
     from fedcomm.server.federation import FederationError
 
     fed, out = config_and_out(args, command)
-    planned = check_fits(fed.train, Schedule.of(fed))  # before anything starts: exit 2
+    planned = plan_of(fed)  # once, before anything starts: exit 2
     console.print(f"[bold]fedcomm {command}[/] {fed.train.env}, {fed.spec.n_agents} agents, "
                   f"{fed.rounds} rounds of {fed.batches_per_round} batches ({fed.strategy}) "
                   f"-> {out}")
     console.print(planned.headline(), highlight=False)
     try:
-        result = run(fed, out)
+        result = run(fed, out, planned)
     except FederationError as e:  # a deployment's failures too
         console.print(f"[red]error:[/] {e}", soft_wrap=True, highlight=False)
         console.print(f"the run directory keeps every committed round: continue it with "

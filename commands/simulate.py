@@ -29,10 +29,11 @@ def run(args: argparse.Namespace) -> int:
     from fedcomm.clients.policy import PrivacyPolicy
     from fedcomm.modes.simulation import simulate
 
-    def start(fed, out):
+    def start(fed, out, plan):
         policy = PrivacyPolicy.of_run(fed)
         if args.agent_max_epsilon is not None:
             policy = replace(policy, max_epsilon=args.agent_max_epsilon)
-        return simulate(fed, out, progress=not args.quiet, verbose=args.verbose, policy=policy)
+        return simulate(fed, out, progress=not args.quiet, verbose=args.verbose, policy=policy,
+                        plan=plan)
 
     return run_federated(args, "simulate", start)

@@ -19,13 +19,13 @@ def add(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from fedcomm.modes.centralized import train
-    from fedcomm.releases.plan import Schedule, check_fits
+    from fedcomm.releases.plan import plan_of
 
     cfg = train_config_from_args(args)
-    check_fits(cfg, Schedule.of(cfg))  # before anything is written: exit 2, one line
+    planned = plan_of(cfg)  # before anything is written: exit 2, one line
     out = args.out or default_out(cfg.env)
     console.print(f"[bold]fedcomm train[/] {cfg.env} -> {out}")
-    result = train(cfg, out, progress=not args.quiet)
+    result = train(cfg, out, progress=not args.quiet, plan=planned)
     print_result(f"{cfg.env}: mean return per agent over {cfg.eval_episodes} episodes",
                  result.summary)
     console.print(f"run directory: {result.run_dir}")

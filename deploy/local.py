@@ -39,7 +39,7 @@ from fedcomm.deploy.secrets import DeploymentSecrets, make_secrets
 from fedcomm.modes.processes import ChildProcess, SimProcess, child_env, stop_tagged
 from fedcomm.modes.simulation import check_ledgers_extend, complete_run, terminate_as_interrupt
 from fedcomm.progress import progress_bar, status
-from fedcomm.releases.plan import Schedule, check_fits
+from fedcomm.releases.plan import PrivacyPlan, plan_of
 from fedcomm.server.app import ERROR_FILE
 from fedcomm.server.federation import FederationError
 from fedcomm.summary import RunResult
@@ -336,11 +336,12 @@ class LocalDeployment:
 
 def deploy_local(fed: FederationConfig, out: str | Path, progress: bool = True,
                  restart_agents: bool = True, console: Console | None = None,
-                 worker: bool = True) -> RunResult:
+                 worker: bool = True, plan: PrivacyPlan | None = None) -> RunResult:
     """Run (or, if ``out`` holds a checkpoint, continue) a federated run deployed on this host;
-    a run that cannot fit its privacy budget is refused (``ValueError``) before anything
-    starts."""
-    check_fits(fed.train, Schedule.of(fed))
+    a run that cannot fit its privacy budget (its ``plan``, made here if not given) is refused
+    (``ValueError``) before anything starts."""
+    if plan is None:  # the caller has not planned the run: refused here if it cannot fit
+        plan_of(fed)
     run_dir = Path(out)
     check_ledgers_extend(run_dir, fed)
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -25,7 +25,7 @@ from fedcomm.models.team import TEAM_FILE, Team
 from fedcomm.plots import learning_curve
 from fedcomm.progress import progress_bar, status
 from fedcomm.releases.account import LEDGER, AgentPrivacy
-from fedcomm.releases.plan import Schedule, check_fits
+from fedcomm.releases.plan import PrivacyPlan, plan_of
 from fedcomm.releases.report import report_summary, write_run_report
 from fedcomm.releases.schedule import composition_for
 from fedcomm.rundir import RunDir
@@ -33,8 +33,12 @@ from fedcomm.sim.registry import make_env
 from fedcomm.summary import RunResult, RunSummary
 
 
-def train(cfg: TrainConfig, out: str | Path, progress: bool = True) -> RunResult:
-    check_fits(cfg, Schedule.of(cfg))  # before anything is written
+def train(cfg: TrainConfig, out: str | Path, progress: bool = True,
+          plan: PrivacyPlan | None = None) -> RunResult:
+    """Train ``cfg`` centrally into ``out``; a run that cannot fit its privacy budget is refused
+    (``ValueError``) before anything is written, by its ``plan`` (made here if not given)."""
+    if plan is None:  # the caller has not planned the run: refused here if it cannot fit
+        plan_of(cfg)
     run = RunDir(out)
     run.write_config(asdict(cfg))
     device = resolve_device(cfg.device)

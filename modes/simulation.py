@@ -55,7 +55,7 @@ from fedcomm.privacy.ledger import LedgerError, read_ledger
 from fedcomm.protocol.auth import generate_tokens, write_tokens
 from fedcomm.protocol.round import AGENT_PHASES, arrays_release, release_of, shared_part
 from fedcomm.releases.account import LEDGER
-from fedcomm.releases.plan import Schedule, check_fits
+from fedcomm.releases.plan import PrivacyPlan, plan_of
 from fedcomm.releases.report import report_summary, write_run_report
 from fedcomm.rundir import RunDir
 from fedcomm.server.checkpoint import load_checkpoint
@@ -321,12 +321,14 @@ def check_ledgers_extend(run_dir: Path, fed: FederationConfig) -> None:
 
 
 def simulate(fed: FederationConfig, out: str | Path, progress: bool = True,
-             verbose: bool = False, policy: PrivacyPolicy | None = None) -> RunResult:
+             verbose: bool = False, policy: PrivacyPolicy | None = None,
+             plan: PrivacyPlan | None = None) -> RunResult:
     """Run (or, if ``out`` holds a checkpoint, continue) a federated simulation whose agents
-    hold ``policy`` (default: what ``fed`` promises); a run that cannot fit its privacy budget,
-    or whose ledgers do not extend the checkpoint's record, is refused (``ValueError``) before
-    anything starts."""
-    check_fits(fed.train, Schedule.of(fed))
+    hold ``policy`` (default: what ``fed`` promises); a run that cannot fit its privacy budget
+    (its ``plan``, made here if not given), or whose ledgers do not extend the checkpoint's
+    record, is refused (``ValueError``) before anything starts."""
+    if plan is None:  # the caller has not planned the run: refused here if it cannot fit
+        plan_of(fed)
     run_dir = Path(out)
     check_ledgers_extend(run_dir, fed)
     run_dir.mkdir(parents=True, exist_ok=True)

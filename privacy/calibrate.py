@@ -2,10 +2,10 @@
 several that share one budget.
 
 :func:`noise_for_epsilon` calibrates one Gaussian release. :func:`split_budget` calibrates
-several mechanisms to one composed epsilon: each free mechanism's own epsilon is its share of a
-common scale, the scale is the largest whose composition still fits the budget, and mechanisms
-with a fixed target keep it. Every noise is rounded up and every composed value checked with the
-accountant before it is returned, so a caller can configure the result as is.
+several mechanisms to one composed epsilon: each free mechanism's own epsilon is its weight's
+part of a common scale, the scale is the largest whose composition still fits the budget, and
+mechanisms with a fixed target keep it. Every noise is rounded up and every composed value
+checked with the accountant before it is returned, so a caller can configure the result as is.
 """
 
 from __future__ import annotations
@@ -123,15 +123,15 @@ class Mechanism:
         As the releases name it.
     releases
         The unit's releases of this mechanism at a noise multiplier.
-    share
-        Its share of the budget, relative to the other mechanisms without a target.
+    weight
+        Its part of the budget, relative to the other mechanisms without a target.
     target
-        A fixed epsilon for this mechanism alone instead of a share.
+        A fixed epsilon for this mechanism alone instead of a weighted part.
     """
 
     name: str
     releases: Callable[[float], list[Release]]
-    share: float = 1.0
+    weight: float = 1.0
     target: float | None = None
 
 
@@ -151,7 +151,7 @@ def split_budget(total: float, delta: float, mechanisms: Sequence[Mechanism],
                  together: Sequence[Sequence[str]] | None = None) -> Split:
     """Calibrate ``mechanisms`` so that together they cost at most ``total`` for one unit.
 
-    Each mechanism without a target gets the epsilon ``scale * share / sum(shares)`` alone;
+    Each mechanism without a target gets the epsilon ``scale * weight / sum(weights)`` alone;
     the scale is the largest (to ``rel_tol``) whose composition fits ``total``. ``together``
     names the mechanisms each party releases (default: one party releasing all of them): what
     must fit is the composition of the party that spends most. Raises ``ValueError`` if the
@@ -162,7 +162,7 @@ def split_budget(total: float, delta: float, mechanisms: Sequence[Mechanism],
     if not mechanisms:
         return Split({}, {}, 0.0)
     free = [m for m in mechanisms if m.target is None]
-    weights = {m.name: m.share / sum(f.share for f in free) for m in free}
+    weights = {m.name: m.weight / sum(f.weight for f in free) for m in free}
 
     def alone(m: Mechanism, sigma: float) -> float:
         return search_epsilon(m.releases(sigma), delta, acc, relation)
@@ -185,7 +185,7 @@ def split_budget(total: float, delta: float, mechanisms: Sequence[Mechanism],
         def at(scale: float) -> Split:
             return calibrate({**fixed, **{k: scale * w for k, w in weights.items()}})
 
-        if fixed and calibrate(fixed).composed > total:  # the fixed shares alone
+        if fixed and calibrate(fixed).composed > total:  # the fixed epsilons alone
             raise ValueError(_over(fixed, total))
         lo, hi = 0.0, total
         while at(hi).composed <= total:
@@ -218,4 +218,4 @@ def search_epsilon(releases: Sequence[Release], delta: float, accountant: Accoun
 
 def _over(fixed: dict[str, float], total: float) -> str:
     given = ", ".join(f"{k} {v:g}" for k, v in fixed.items())
-    return f"the fixed shares ({given}) compose to more than the budget {total:g}"
+    return f"the fixed epsilons ({given}) compose to more than the budget {total:g}"

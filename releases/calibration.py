@@ -18,34 +18,42 @@ from fedcomm.presets import PRIVATE_FEEDBACK_CLIP, UNCLIPPED
 from fedcomm.privacy.accountants import make_accountant
 from fedcomm.privacy.budget import PrivacyBudget
 from fedcomm.privacy.calibrate import Mechanism, search_epsilon, smallest_noise, split_budget
-from fedcomm.privacy.events import gaussian_release
+from fedcomm.privacy.events import GaussianRelease, gaussian_release
 from fedcomm.releases.plan import Schedule, training, unit_releases
-from fedcomm.releases.schedule import composition_for, for_unit, message_release, update_sample_rate
+from fedcomm.releases.schedule import (
+    Training,
+    composition_for,
+    for_unit,
+    message_release,
+    update_sample_rate,
+)
 
-DEFAULT_SHARES = {"message": 0.5, "feedback": 0.25, "update": 0.25}
-"""How one budget is split: each mechanism's own epsilon in proportion, scaled until all of them
-compose to the budget."""
+DEFAULT_WEIGHTS = {"message": 0.5, "feedback": 0.25, "update": 0.25}
+"""How one budget is split: each mechanism's own epsilon in proportion to its weight, scaled
+until all of them compose to the budget."""
 
 
 def calibrate(train: TrainConfig, schedule: Schedule) -> TrainConfig:
-    """``train`` with the noise of every mechanism that has a target (or a share of
+    """``train`` with the noise of every mechanism that has a target (or a part of
     ``epsilon``) calibrated, and ``privacy.split`` stating each one's epsilon alone."""
     cfg = train.privacy
     targets = {"message": cfg.message_epsilon, "feedback": cfg.feedback_epsilon,
                "update": cfg.update_target}
     if cfg.epsilon is None and all(t is None for t in targets.values()):
         return train
-    if schedule.federated and (cfg.epsilon is not None or cfg.update_target is not None):
-        # the update is calibrated: DP-SGD, and so the episode's own batch composes
-        train = replace(train, privacy=replace(cfg, update_noise_multiplier=1.0))
+    # a calibrated update is DP-SGD's: then the episode's own batch is what composes
+    dp_sgd = schedule.federated and (cfg.update_noise_multiplier is not None
+                                     or cfg.epsilon is not None or cfg.update_target is not None)
+    how: Training = "dp_sgd" if dp_sgd else training(train, schedule)
     if (train.team.feedback_clip >= UNCLIPPED
             and (cfg.epsilon is not None or cfg.feedback_epsilon is not None)):
         train = replace(train, team=replace(train.team, feedback_clip=PRIVATE_FEEDBACK_CLIP))
-    mechanisms = _mechanisms(train, schedule, targets)
+    per_agent = [unit_releases(train, schedule, i, how) for i in range(train.spec.n_agents)]
+    mechanisms = _mechanisms(train, per_agent, how, targets)
     if cfg.epsilon is not None:
         calibrated_names = {m.name for m in mechanisms}
-        parties = [sorted({r.mechanism for r in unit_releases(train, schedule, i)}
-                          & calibrated_names) for i in range(train.spec.n_agents)]
+        parties = [sorted({r.mechanism for r in releases} & calibrated_names)
+                   for releases in per_agent]
         split = split_budget(cfg.epsilon, cfg.delta, mechanisms, cfg.accountant, cfg.relation,
                              together=[p for p in parties if p])
         noise, stated = split.noise, split.epsilon
@@ -74,15 +82,16 @@ def _alone(train: TrainConfig, m: Mechanism, sigma: float) -> float:
     return budget.epsilon_of(m.releases(sigma))
 
 
-def _mechanisms(train: TrainConfig, schedule: Schedule, targets: dict[str, float | None]
-                ) -> list[Mechanism]:
-    """The mechanisms the planned run uses, each as what composes of it for the unit of the
-    agent that releases most of it, at a noise multiplier."""
-    spec, cfg = train.spec, train.privacy
+def _mechanisms(train: TrainConfig, per_agent: list[list[GaussianRelease]], how: Training,
+                targets: dict[str, float | None]) -> list[Mechanism]:
+    """The mechanisms the planned run uses (``per_agent``: what composes for each agent's
+    unit), each as what composes of it for the unit of the agent that releases most of it, at
+    a noise multiplier."""
+    cfg = train.privacy
     counts: dict[str, int] = {}
-    for index in range(spec.n_agents):
+    for releases in per_agent:
         mine: dict[str, int] = {}
-        for r in unit_releases(train, schedule, index):
+        for r in releases:
             mine[r.mechanism] = mine.get(r.mechanism, 0) + r.count
         for name, n in mine.items():
             counts[name] = max(counts.get(name, 0), n)
@@ -95,12 +104,12 @@ def _mechanisms(train: TrainConfig, schedule: Schedule, targets: dict[str, float
                                                    relation=cfg.relation, count=n)],
         "update": lambda s, n: for_unit([gaussian_release(
             "update", s, cfg.update_clip, relation=cfg.relation, sample_rate=q,
-            count=n)], cfg.unit, composition_for(training(train, schedule)), train.num_envs),
+            count=n)], cfg.unit, composition_for(how), train.num_envs),
     }
     out = []
     for name, count in counts.items():
-        if name == "update" and cfg.update_noise_multiplier is None:
+        if name == "update" and how != "dp_sgd":
             continue  # plain PPO: nothing to calibrate (its epsilon is infinite)
         out.append(Mechanism(name, lambda s, name=name, count=count: make[name](s, count),
-                             DEFAULT_SHARES[name], targets[name]))
+                             DEFAULT_WEIGHTS[name], targets[name]))
     return out

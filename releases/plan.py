@@ -59,8 +59,12 @@ def training(train: TrainConfig, schedule: Schedule) -> Training:
     return "dp_sgd" if private else "plain"
 
 
-def unit_releases(train: TrainConfig, schedule: Schedule, index: int) -> list[GaussianRelease]:
-    """What composes for one unit of agent ``index`` in the planned run."""
+def unit_releases(train: TrainConfig, schedule: Schedule, index: int,
+                  how: Training | None = None) -> list[GaussianRelease]:
+    """What composes for one unit of agent ``index`` in the planned run, whose agents train
+    ``how`` (default: as ``train`` says; the calibration asks for DP-SGD before its noise is
+    known, and gets DP-SGD's steps without noise)."""
+    how = how or training(train, schedule)
     routes = initial_routes(train)
     extra = []
     if schedule.federated:  # as the agent decides (clients.agent.FederatedAgent)
@@ -68,13 +72,13 @@ def unit_releases(train: TrainConfig, schedule: Schedule, index: int) -> list[Ga
                                 routes, index)
         private = sends or releases_anything(train.spec, train.team, schedule.share, routes,
                                              index)
-        dp = train.privacy.update_noise_multiplier is not None
+        dp = how == "dp_sgd"
         if (dp and private) or (not dp and sends):
-            extra = update_releases(train.privacy, train.ppo)
+            extra = update_releases(train.privacy, train.ppo, dp)
     batch = batch_releases(train.spec, train.team, train.privacy.relation, routes, index, extra)
     if not schedule.federated:  # one process: only the vectors cross between agents
         batch = [r for r in batch if r.mechanism == "message"]
-    composition = composition_for(training(train, schedule))
+    composition = composition_for(how)
     if not composes_every_release(train.privacy.unit, composition):
         return batch
     batch = for_unit(batch, train.privacy.unit, composition, train.num_envs)
@@ -96,6 +100,31 @@ class PrivacyPlan:
     budget: float
     epsilon: dict[str, float]
     composed: float
+
+    @classmethod
+    def of(cls, train: TrainConfig, schedule: Schedule) -> PrivacyPlan:
+        """The plan of a run that trains ``train`` on ``schedule``, worked out once before
+        anything starts: ``ValueError`` with one line (what to set) where the run cannot fit
+        its budget, or trains positive signalling under DP-SGD without a released marginal."""
+        cfg = train.privacy
+        how = training(train, schedule)
+        if train.ppo.signal_coef and how == "dp_sgd" and not cfg.update_statistics:
+            raise ValueError("positive signalling (--signal-coef) links the episodes of a "
+                             "minibatch, so DP-SGD trains with it only on a released codeword "
+                             "marginal: add --update-statistics, or set --signal-coef 0")
+        budget = PrivacyBudget(cfg.budget, cfg.delta, cfg.accountant, cfg.relation)
+        per_mechanism: dict[str, float] = {}
+        composed = 0.0
+        for index in range(train.spec.n_agents):
+            releases = unit_releases(train, schedule, index, how)
+            composed = max(composed, budget.epsilon_of(releases))
+            for name, eps in mechanism_epsilons(releases, budget).items():
+                per_mechanism[name] = max(per_mechanism.get(name, 0.0), eps)
+        planned = cls(cfg.unit, composition_for(how), cfg.relation, cfg.delta, cfg.budget,
+                      per_mechanism, composed)
+        if not planned.fits:
+            raise ValueError(planned.refusal())
+        return planned
 
     @property
     def fits(self) -> bool:
@@ -126,32 +155,11 @@ class PrivacyPlan:
                 f"planned {mechanisms}; composed {_eps(self.composed)}; {advice}")
 
 
+def plan_of(cfg: TrainConfig | FederationConfig) -> PrivacyPlan:
+    """The plan of a centralized or federated run (``PrivacyPlan.of`` its schedule)."""
+    train = cfg if isinstance(cfg, TrainConfig) else cfg.train
+    return PrivacyPlan.of(train, Schedule.of(cfg))
+
+
 def _eps(value: float) -> str:
     return "inf (no noise)" if value == math.inf else f"{value:.3g}"
-
-
-def plan(train: TrainConfig, schedule: Schedule) -> PrivacyPlan:
-    cfg = train.privacy
-    budget = PrivacyBudget(cfg.budget, cfg.delta, cfg.accountant, cfg.relation)
-    per_mechanism: dict[str, float] = {}
-    composed = 0.0
-    for index in range(train.spec.n_agents):
-        releases = unit_releases(train, schedule, index)
-        composed = max(composed, budget.epsilon_of(releases))
-        for name, eps in mechanism_epsilons(releases, budget).items():
-            per_mechanism[name] = max(per_mechanism.get(name, 0.0), eps)
-    return PrivacyPlan(cfg.unit, composition_for(training(train, schedule)), cfg.relation,
-                       cfg.delta, cfg.budget, per_mechanism, composed)
-
-
-def check_fits(train: TrainConfig, schedule: Schedule) -> PrivacyPlan:
-    """The plan, or ``ValueError`` with one line if the run cannot fit its budget."""
-    if (train.ppo.signal_coef and training(train, schedule) == "dp_sgd"
-            and not train.privacy.update_statistics):
-        raise ValueError("positive signalling (--signal-coef) links the episodes of a "
-                         "minibatch, so DP-SGD trains with it only on a released codeword "
-                         "marginal: add --update-statistics, or set --signal-coef 0")
-    planned = plan(train, schedule)
-    if not planned.fits:
-        raise ValueError(planned.refusal())
-    return planned

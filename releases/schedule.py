@@ -101,15 +101,20 @@ def update_dp(cfg: PrivacyConfig, ppo: PPOConfig) -> DpSgd | None:
                  {k: w for k, w in shares.items() if w is not None}, cfg.update_statistics)
 
 
-def update_releases(cfg: PrivacyConfig, ppo: PPOConfig) -> list[GaussianRelease]:
+def update_releases(cfg: PrivacyConfig, ppo: PPOConfig, dp_sgd: bool | None = None
+                    ) -> list[GaussianRelease]:
     """What one batch's update releases to the server: DP-SGD steps, each a Poisson-sampled
-    Gaussian release; without DP-SGD, one release without noise (epsilon infinite)."""
-    dp = update_dp(cfg, ppo)
-    if dp is None:
+    Gaussian release; without DP-SGD, one release without noise (epsilon infinite).
+    ``dp_sgd`` (default: whether ``cfg`` sets DP-SGD's noise) asks for DP-SGD's steps before
+    their noise is calibrated: then they carry none."""
+    if dp_sgd is None:
+        dp_sgd = cfg.update_noise_multiplier is not None
+    if not dp_sgd:
         return [gaussian_release("update", 0.0, ppo.max_grad_norm, relation=cfg.relation)]
-    return [gaussian_release("update", dp.noise_multiplier, dp.clip, relation=cfg.relation,
-                             sample_rate=dp.sample_rate,
-                             count=dp_steps(ppo, dp.sample_rate, dp.statistics))]
+    rate = update_sample_rate(cfg, ppo)
+    return [gaussian_release("update", cfg.update_noise_multiplier or 0.0, cfg.update_clip,
+                             relation=cfg.relation, sample_rate=rate,
+                             count=dp_steps(ppo, rate, cfg.update_statistics))]
 
 
 def message_release(team: TeamConfig, relation: Relation, count: int) -> Release:

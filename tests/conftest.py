@@ -1,18 +1,18 @@
-"""Shared fixtures: real simulator and agent processes on loopback."""
+"""Shared fixtures: real simulator and agent processes on loopback, simulators in process, and a
+throwaway PKI. What they start and stop lives in tests/harness/; these only tie it to a test's
+lifetime."""
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
-import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-FEDCOMM = [sys.executable, "-m", "fedcomm"]
+from tests.harness.processes import SimServeProcesses
+from tests.harness.secrets import Pki, make_pki
+from tests.harness.sim import Client, Simulators
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -27,49 +27,43 @@ def pytest_configure(config: pytest.Config) -> None:
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
-def fedcomm(*args: str, **kwargs) -> subprocess.Popen:
-    """Start ``fedcomm ARGS`` as its own process."""
-    # PYTHONFAULTHANDLER: a process that hangs dumps every thread's stack on SIGABRT.
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
-           "PYTHONFAULTHANDLER": "1"}
-    return subprocess.Popen([*FEDCOMM, *args], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, **kwargs)
-
-
-def wait_for_file(path: Path, proc: subprocess.Popen, timeout: float = 60.0) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if path.exists() and path.read_text().strip():
-            return path.read_text().strip()
-        if proc.poll() is not None:
-            raise RuntimeError(f"process exited ({proc.returncode}):\n{proc.stdout.read()}")
-        time.sleep(0.1)
-    raise TimeoutError(f"{path} did not appear within {timeout} s")
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Say what a run left out and how to run it: no test is left out silently."""
+    deselected = terminalreporter.stats.get("deselected", [])
+    if deselected:
+        integration = sum(1 for item in deselected if item.get_closest_marker("integration"))
+        terminalreporter.write_line(
+            f"{len(deselected)} tests deselected, {integration} of them marked integration "
+            "(processes, servers, slow): `python -m pytest` runs every test")
 
 
 @pytest.fixture
-def sim_process(tmp_path: Path):
+def sim_process(tmp_path: Path) -> Iterator[Callable[..., str]]:
     """Start ``fedcomm sim serve`` with the given options; yields its address."""
-    procs: list[subprocess.Popen] = []
-
-    def start(*options: str) -> str:
-        port_file = tmp_path / f"port-{len(procs)}"
-        proc = fedcomm("sim", "serve", "--port", "0", "--port-file", str(port_file), *options)
-        procs.append(proc)
-        return f"127.0.0.1:{wait_for_file(port_file, proc)}"
-
-    yield start
-    for proc in procs:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    procs = SimServeProcesses(tmp_path)
+    yield lambda *options: procs.start(*options)[1]
+    procs.stop()
 
 
-def finish(procs: list[subprocess.Popen], timeout: float = 180.0) -> Iterator[str]:
-    """Wait for every process; yield each one's output; fail on a non-zero exit."""
-    for proc in procs:
-        out, _ = proc.communicate(timeout=timeout)
-        assert proc.returncode == 0, out
-        yield out
+@pytest.fixture
+def start() -> Iterator[Callable[..., Client]]:
+    """Start simulators in process (tests/harness/sim.py's ``config``, SimConfig changes as
+    keywords, ``tls`` a ServerTls), each with a client; all stop after."""
+    simulators = Simulators()
+    try:
+        yield simulators.start
+    finally:
+        simulators.close()
+
+
+@pytest.fixture
+def sim(start: Callable[..., Client]) -> Client:
+    """A simulator in process with a client that can look inside it."""
+    return start()
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    """A throwaway CA with a server pair (localhost, 127.0.0.1) and a client pair; and a rogue
+    CA with a client pair of its own."""
+    return make_pki(tmp_path_factory.mktemp("pki"))

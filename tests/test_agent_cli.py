@@ -31,7 +31,7 @@ from fedcomm.protocol.v1 import joint_env_pb2_grpc as pb_grpc
 from fedcomm.sim.factory import factory_spec
 from fedcomm.sim.serve import SimServer
 from fedcomm.sim.service import JointEnvironmentService, SimConfig
-from tests.conftest import fedcomm
+from tests.harness.processes import fedcomm
 
 FACTORY = {"n_sensors": 1, "n_processors": 1, "n_actuators": 1, "episode_length": 3}
 SPEC = factory_spec(**FACTORY)

@@ -33,7 +33,6 @@ from fedcomm.models.team import Team
 from fedcomm.privacy.audit import audit
 from fedcomm.privacy.config import PrivacyConfig
 from fedcomm.privacy.ledger import read_ledger
-from fedcomm.protocol.auth import write_tokens
 from fedcomm.protocol.codec import decode
 from fedcomm.protocol.round import EvaluateInstruction, TrainInstruction
 from fedcomm.protocol.v1 import joint_env_pb2 as pb
@@ -44,7 +43,8 @@ from fedcomm.sim.episodes import episode_seed
 from fedcomm.sim.registry import make_env
 from fedcomm.sim.serve import SimServer
 from fedcomm.sim.service import JointEnvironmentService, SimConfig
-from tests.replies import agent_keys, pushed
+from tests.harness.replies import pushed
+from tests.harness.secrets import AgentSecrets
 
 B = 16
 FACTORY = {"n_sensors": 1, "n_processors": 1, "n_actuators": 1}
@@ -99,14 +99,11 @@ class Nodes:
         self.fed, self.service = fed, service
         self.state_root = tmp / "agents"
         self.spec = fed.spec
-        tokens, keys = tmp / "tokens.json", tmp / "agent-keys.json"
-        write_tokens(tokens, service.cfg.tokens)
-        self.keys = agent_keys(self.spec.agent_ids)
-        write_tokens(keys, self.keys)
-        policy = policy or PrivacyPolicy.of_run(fed)
-        self.app_settings = {"sim-address": f"127.0.0.1:{port}", "token-file": str(tokens),
-                             "server-key-file": str(keys), "state-root": str(self.state_root),
-                             **policy.to_settings()}
+        self.secrets = AgentSecrets.write(tmp, self.spec.agent_ids, tokens=service.cfg.tokens)
+        self.keys = self.secrets.keys
+        self.sim_address, self.policy = f"127.0.0.1:{port}", policy or PrivacyPolicy.of_run(fed)
+        self.app_settings = self.secrets.node_settings(self.sim_address, self.policy,
+                                                       self.state_root)
         self.app = make_client_app(self.app_settings)
         self.contexts = [Context(run_id=1, node_id=i + 1,
                                  node_config={"partition-id": i, "num-partitions": 3},

@@ -15,6 +15,7 @@ from collections import Counter
 from pathlib import Path
 
 import grpc
+import pytest
 from rich.console import Console
 
 from fedcomm.baselines import EVAL_SEED
@@ -27,17 +28,18 @@ from fedcomm.protocol.auth import call_metadata
 from fedcomm.protocol.v1 import joint_env_pb2 as pb
 from fedcomm.protocol.v1 import joint_env_pb2_grpc as pb_grpc
 from fedcomm.server.checkpoint import load_checkpoint
-from tests.processes import assert_nothing_left, processes_mentioning
-from tests.test_simulate import ROUND_STEPS, SMALL, rounds_in
+from tests.harness.processes import (
+    ROUND_STEPS,
+    SMALL,
+    assert_nothing_left,
+    deploy,
+    processes_mentioning,
+    rounds_in,
+)
 
 AGENTS = ("sensor_0", "processor_0", "actuator_0")
 
-
-def deploy(*args: str, cwd: Path | None = None) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-m", "fedcomm", "deploy", "local", *SMALL,
-                             *args], env=env, stdout=subprocess.PIPE, cwd=cwd,
-                            stderr=subprocess.STDOUT, text=True)
+pytestmark = pytest.mark.integration  # every test starts a deployment
 
 
 def wait_for_round(run_dir: Path, rounds: int, proc: subprocess.Popen,

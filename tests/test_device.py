@@ -32,8 +32,8 @@ from fedcomm.protocol.auth import generate_tokens, write_tokens
 from fedcomm.sim.base import VecEnv
 from fedcomm.sim.factory import factory_spec
 from fedcomm.sim.registry import make_env
-from tests.conftest import fedcomm
 from tests.device_checks import DeviceDiscipline
+from tests.harness.processes import fedcomm
 
 CUDA = torch.cuda.is_available()
 NEEDS_GPU = [pytest.mark.cuda,

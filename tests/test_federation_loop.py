@@ -4,9 +4,7 @@ committed rounds of a run that goes well. No agent trains: each node replies at 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
 from pathlib import Path
-from uuid import uuid4
 
 import pytest
 from flwr.app import Error, Message, MessageType, RecordDict
@@ -18,16 +16,14 @@ from fedcomm.config import FederationConfig, TeamConfig, TrainConfig
 from fedcomm.protocol.round import ARRAYS, METRICS, EvaluateReply, TrainReply
 from fedcomm.server.checkpoint import load_checkpoint
 from fedcomm.server.federation import Federation, FederationError
-from tests.replies import agent_keys, signed_reply
+from tests.harness.grids import Answer, Grid
+from tests.harness.replies import agent_keys, signed_reply
 
 B = 4
 FED = FederationConfig(
     train=TrainConfig(env="speaker_listener", num_envs=B, env_steps=4 * B * 25,
                       eval_episodes=B, team=TeamConfig(hidden=8, comm_dim=4)),
     batches_per_round=2, round_timeout=5.0, node_timeout=5.0)
-
-Answer = Callable[[int, Message], Message | None]  # node id, message -> reply (None: silence)
-
 
 KEYS = agent_keys(FED.spec.agent_ids)
 
@@ -53,33 +49,6 @@ def trains(node: int, msg: Message) -> Message:
 def fails(node: int, msg: Message) -> Message:
     return Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, f"agent {node}: broken"),
                    reply_to=msg)
-
-
-class Grid:
-    """What the loop uses of Flower's grid: node ids, push, pull; ``answers[node]`` replies."""
-
-    def __init__(self, answers: dict[int, Answer]) -> None:
-        self.answers = answers
-        self.outbox: dict[str, Message] = {}
-        self.sent: list[Message] = []
-
-    def get_node_ids(self) -> Iterable[int]:
-        return list(self.answers)
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        ids = []
-        for msg in messages:
-            msg.metadata.__dict__["_message_id"] = str(uuid4())
-            self.sent.append(msg)
-            reply = self.answers[msg.metadata.dst_node_id](msg.metadata.dst_node_id, msg)
-            if reply is not None:
-                reply.metadata.__dict__["_src_node_id"] = msg.metadata.dst_node_id
-                self.outbox[msg.metadata.message_id] = reply
-            ids.append(msg.metadata.message_id)
-        return ids
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return [self.outbox.pop(i) for i in list(message_ids) if i in self.outbox]
 
 
 @pytest.fixture(autouse=True)

@@ -24,7 +24,7 @@ from fedcomm.server.strategy import (
     make_strategy,
     strategy_state,
 )
-from tests.replies import agent_keys
+from tests.harness.replies import agent_keys
 
 FED = FederationConfig(train=TrainConfig(env="factory", num_envs=8, env_steps=8 * 25 * 10,
                                          team=TeamConfig(hidden=8, comm_dim=4)),

@@ -13,7 +13,7 @@ from fedcomm.learning.ppo import ValueNorm, compute_targets
 from fedcomm.learning.rollout import Rollout, replay
 from fedcomm.models.team import Team
 from fedcomm.sim.factory import factory_spec
-from tests.conftest import fedcomm, finish
+from tests.harness.processes import fedcomm, finish
 
 FACTORY = ("n_sensors=1", "n_processors=1", "n_actuators=1")
 NUM_ENVS = 32

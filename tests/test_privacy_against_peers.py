@@ -1,7 +1,7 @@
 """The private default tried as an adversarial peer and a curious server would: what they can
 recover from everything public, what the server may make an agent do, what leaves an agent,
 and what a tampered ledger does to the audit. Every party is the real one
-(tests/federated_run.py)."""
+(tests/harness/grids.py)."""
 
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ from fedcomm.releases.schedule import composition_of_config
 from fedcomm.server.federation import FederationError
 from fedcomm.sim.registry import make_env
 from fedcomm.sim.service import JointEnvironmentService
-from tests.federated_run import B, FederatedRun, private_default
+from tests.harness.grids import B, FederatedRun, private_default
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -61,5 +61,5 @@ def test_a_fixed_update_share_leaves_the_rest_to_randomized_response():
     split = split_budget(4.0, 1e-5, [rr, update])
     assert split.epsilon["update"] == pytest.approx(0.8, rel=1e-3)
     assert 3.95 < split.composed <= 4.0 and 3.0 < split.epsilon["message"] < 3.3
-    with pytest.raises(ValueError, match="fixed shares"):
+    with pytest.raises(ValueError, match="fixed epsilons"):
         split_budget(3.0, 1e-5, [rr, replace(update, target=3.5)])

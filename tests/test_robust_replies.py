@@ -20,7 +20,7 @@ from fedcomm.protocol.round import ARRAYS, METRICS, TrainReply, key_group
 from fedcomm.server.client_dp import REPORT, ledger_paths, write_report
 from fedcomm.server.layout import initial_arrays
 from fedcomm.server.strategy import make_strategy, screen_of
-from tests.replies import agent_keys, pushed, signed_reply
+from tests.harness.replies import agent_keys, pushed, signed_reply
 
 SMALL = {"n_sensors": 1, "n_processors": 1, "n_actuators": 1}
 SEVEN = {"n_sensors": 5, "n_processors": 1, "n_actuators": 1}

@@ -1,18 +1,15 @@
 """Replayed and stale round numbers at the simulator, refused as NaN vectors and norms above
 the clip are: a join, a step frame and feedback that name a round other than the one in
-progress. Over the wire against the in-process simulator of tests/test_sim_service.py, and
-the round's own refusal directly."""
+progress. Over the wire against the in-process simulator of tests/harness/sim.py (the
+fixture ``sim``), and the round's own refusal directly."""
 
 from __future__ import annotations
-
-from collections.abc import Iterator
 
 import pytest
 
 from fedcomm.protocol.codec import ProtocolError
 from fedcomm.sim.rounds import Phase, Round, round_to_join
-from fedcomm.sim.serve import SimServer
-from tests.test_sim_service import (
+from tests.harness.sim import (
     AGENTS,
     INVALID,
     PROCESSOR,
@@ -20,21 +17,9 @@ from tests.test_sim_service import (
     Client,
     Code,
     check_reply,
-    config,
     expect,
     others,
 )
-
-
-@pytest.fixture
-def sim() -> Iterator[Client]:
-    """The simulator of tests/test_sim_service.py, in process, with a client."""
-    with SimServer(config()) as server:
-        client = Client(server.port)
-        try:
-            yield client
-        finally:
-            client.close()
 
 
 def played_round(sim: Client) -> tuple[int, dict]:

@@ -35,14 +35,15 @@ from fedcomm.modes.simulation import (
 )
 from fedcomm.privacy.audit import audit
 from fedcomm.privacy.ledger import read_ledger, verify_chain
-from fedcomm.protocol.auth import generate_tokens, read_tokens, write_tokens
+from fedcomm.protocol.auth import read_tokens
 from fedcomm.protocol.round import ARRAYS, CONFIG, METRICS, PROOF, WEIGHT_KEY, Proof, key_group
 from fedcomm.releases.account import LEDGER
 from fedcomm.server.app import make_server_app
 from fedcomm.server.checkpoint import load_checkpoint
 from fedcomm.server.federation import FederationError
-from tests.processes import assert_nothing_left
-from tests.replies import signed_reply
+from tests.harness.processes import assert_nothing_left
+from tests.harness.replies import signed_reply
+from tests.harness.secrets import AgentSecrets
 
 FAULTY = 2  # the actuator's partition (and agent index)
 FAULTS = {2: "nan", 3: "huge", 4: "shape", 5: "steps", 6: "agent", 7: "type"}
@@ -128,17 +129,15 @@ def run(fed: FederationConfig, run_dir: Path, faults: dict[int, str]) -> object:
     run_dir.mkdir(parents=True, exist_ok=True)
     record = run_dir.parent / f"{run_dir.name}-record"
     record.mkdir(exist_ok=True)
-    tokens, keys = run_dir / "tokens.json", run_dir / "agent-keys.json"
-    write_tokens(tokens, generate_tokens(fed.spec.agent_ids))
-    write_tokens(keys, generate_tokens(fed.spec.agent_ids))
+    secrets = AgentSecrets.write(run_dir, fed.spec.agent_ids)
+    tokens, keys = secrets.token_file, secrets.key_file
     actuator_key = read_tokens(keys)[fed.spec.agent_ids[FAULTY]]
     results: list = []
     os.environ["OMP_NUM_THREADS"] = "1"
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     with SimProcess(fed, tokens, run_dir / "sim.log") as sim:
-        defaults = {"sim-address": sim.address, "token-file": str(tokens),
-                    "server-key-file": str(keys), "state-root": str(run_dir / "agents"),
-                    **PrivacyPolicy.of_run(fed).to_settings()}
+        defaults = secrets.node_settings(sim.address, PrivacyPolicy.of_run(fed),
+                                         run_dir / "agents")
         n = fed.spec.n_agents
         try:
             with _all_agents_at_once(n), _quiet_flower(False):

@@ -33,7 +33,7 @@ from fedcomm.sim.limits import message_limit
 from fedcomm.sim.registry import make_env
 from fedcomm.sim.serve import SimServer
 from fedcomm.sim.service import SimConfig
-from tests.conftest import fedcomm
+from tests.harness.processes import fedcomm
 
 B = 3000  # goals drawn per batch: chance agreement is 1/3 within 0.01
 SPEC = make_env("speaker_listener", 1).spec

@@ -34,8 +34,8 @@ from fedcomm.protocol.v1 import joint_env_pb2_grpc as pb_grpc
 from fedcomm.sim.limits import INBOX_FRAMES, message_limit
 from fedcomm.sim.registry import make_env
 from fedcomm.sim.serve import SimServer
-from tests.conftest import fedcomm, wait_for_file
-from tests.test_sim_service import (
+from tests.harness.processes import SimServeProcesses
+from tests.harness.sim import (
     AGENTS,
     PROCESSOR,
     RUN,
@@ -52,25 +52,6 @@ from tests.test_sim_service import (
 )
 
 TIMEOUT = 30.0
-
-
-@pytest.fixture
-def start() -> Iterator[Callable[..., Client]]:
-    """The simulator of tests/test_sim_service.py in process (SimConfig changes as keywords),
-    with a client that can look inside it."""
-    servers: list[SimServer] = []
-    clients: list[Client] = []
-
-    def start_(**changes: object) -> Client:
-        servers.append(SimServer(config(**changes)))
-        clients.append(Client(servers[-1].port, servers[-1].service))
-        return clients[-1]
-
-    yield start_
-    for client in clients:
-        client.close()
-    for server in servers:
-        server.stop()
 
 
 # -- frames sent ahead ---------------------------------------------------------------------
@@ -144,22 +125,15 @@ def tokens_of(agents: tuple[str, ...]) -> dict[str, str]:
 def sim_process(tmp_path: Path) -> Iterator[Callable[..., tuple[subprocess.Popen, str]]]:
     """``fedcomm sim serve`` with the given options, on the CPU, its agents' tokens as TOKENS;
     yields its process and address."""
-    procs: list[subprocess.Popen] = []
+    procs = SimServeProcesses(tmp_path)
 
     def start_(agents: tuple[str, ...], *options: str) -> tuple[subprocess.Popen, str]:
-        tokens, port_file = tmp_path / f"tokens-{len(procs)}.json", tmp_path / f"port-{len(procs)}"
+        tokens = tmp_path / f"tokens-{len(procs.procs)}.json"
         write_tokens(tokens, tokens_of(agents))
-        procs.append(fedcomm("sim", "serve", "--port", "0", "--port-file", str(port_file),
-                             "--tokens", str(tokens), "--device", "cpu", *options))
-        return procs[-1], f"127.0.0.1:{wait_for_file(port_file, procs[-1])}"
+        return procs.start("--tokens", str(tokens), "--device", "cpu", *options)
 
     yield start_
-    for proc in procs:
-        proc.terminate()
-        try:
-            proc.communicate(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    procs.stop()
 
 
 FACTORY = ("--env", "factory", *(a for opt in ("n_sensors=1", "n_processors=1", "n_actuators=1",

@@ -7,7 +7,7 @@ serves a normal round.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import grpc
 import pytest
@@ -16,8 +16,7 @@ from hypothesis import strategies as st
 
 from fedcomm.protocol.auth import AGENT_KEY, TOKEN_KEY, call_metadata, claimed_identity
 from fedcomm.protocol.v1 import joint_env_pb2 as pb
-from fedcomm.sim.serve import SimServer
-from tests.test_sim_service import (
+from tests.harness.sim import (
     AGENTS,
     JOIN_PROBE,
     PROCESSOR,
@@ -25,23 +24,12 @@ from tests.test_sim_service import (
     TOKENS,
     Client,
     Code,
-    config,
     expect,
     join_request,
 )
 
 Metadata = tuple[tuple[str, str | bytes], ...]
 METHODS = ("Describe", "Join", "Feedback", "Step")
-
-
-@pytest.fixture
-def sim() -> Iterator[Client]:
-    with SimServer(config()) as server:
-        client = Client(server.port, server.service)
-        try:
-            yield client
-        finally:
-            client.close()
 
 
 def call(sim: Client, method: str, md: Metadata) -> tuple[Code, str]:

@@ -3,8 +3,9 @@ the protocol is refused with its status and a message naming what is wrong, and 
 come back decoded. The round's own refusals (a second join, a join for another round, a second
 feedback) are checked the same way.
 
-``tests/test_sim_service.py`` sends such violations over the wire and checks what each party
-then sees; here every rejection path is one direct call, fast enough to cover them all.
+``tests/test_sim_joins.py``, ``test_sim_steps.py`` and ``test_sim_feedback.py`` send such
+violations over the wire and check what each party then sees; here every rejection path is one
+direct call, fast enough to cover them all.
 """
 
 from __future__ import annotations

@@ -4,14 +4,11 @@ ServerApp and one ClientApp per agent; then Ctrl-C in the middle of a run and ``
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from fedcomm.clients.state import StateStore
@@ -19,23 +16,15 @@ from fedcomm.commands import main
 from fedcomm.config import FederationConfig
 from fedcomm.server.checkpoint import load_checkpoint
 from fedcomm.server.layout import initial_arrays
-from tests.processes import assert_nothing_left
+from tests.harness.processes import (
+    ROUND_STEPS,
+    SMALL,
+    assert_nothing_left,
+    rounds_in,
+    simulate,
+)
 
-SMALL = ["--env", "factory", "--env-opt", "n_sensors=1", "--env-opt", "n_processors=1",
-         "--env-opt", "n_actuators=1", "--num-envs", "32", "--batches-per-round", "2",
-         "--eval-episodes", "64", "--share", "all", "--quiet"]
-ROUND_STEPS = 2 * 32 * 25
-
-
-def simulate(*args: str) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-m", "fedcomm", "simulate", *args], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def rounds_in(run_dir: Path) -> list[int]:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [json.loads(line)["round"] for line in lines]
+pytestmark = pytest.mark.integration  # every test runs fedcomm simulate
 
 
 def test_simulate_three_agents_of_three_types_for_two_rounds(tmp_path, capsys):

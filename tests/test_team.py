@@ -344,7 +344,7 @@ def test_positive_signalling_is_the_codes_mutual_information_with_what_the_sende
     from fedcomm.config import PPOConfig, TrainConfig
     from fedcomm.learning.ppo import Targets, ppo_loss, signalling
     from fedcomm.privacy.config import PrivacyConfig
-    from fedcomm.releases.plan import Schedule, check_fits
+    from fedcomm.releases.plan import PrivacyPlan, Schedule
 
     cfg = TeamConfig(channel="discrete", symbols=3, rr_epsilon=50.0, release_every=5,
                      accumulate=True, routes="speaker>listener")
@@ -379,10 +379,10 @@ def test_positive_signalling_is_the_codes_mutual_information_with_what_the_sende
         ppo_loss(team, rollout, Targets(zeros, zeros), ppo, standardize=False)
     private = TrainConfig(team=cfg, ppo=ppo, privacy=PrivacyConfig(update_noise_multiplier=1.0))
     with pytest.raises(ValueError, match="signal-coef"):
-        check_fits(private, Schedule(federated=True, train_batches=2))
+        PrivacyPlan.of(private, Schedule(federated=True, train_batches=2))
     released = PrivacyConfig(update_noise_multiplier=1.0, update_statistics=True)
-    check_fits(TrainConfig(team=cfg, ppo=ppo, privacy=released),
-               Schedule(federated=True, train_batches=2))  # on a released marginal: planned
+    PrivacyPlan.of(TrainConfig(team=cfg, ppo=ppo, privacy=released),
+                   Schedule(federated=True, train_batches=2))  # on a released marginal: planned
 
 
 def test_the_recall_error_is_each_episodes_own_and_makes_a_new_code_informative():

@@ -55,10 +55,10 @@ class Workers:
         for i, agent in enumerate(n.spec.agent_ids):
             token_file = Path(tmp) / f"worker-{i}.token"
             token_file.write_text(self.tokens[i] + "\n")
-            settings = {**{k: v for k, v in n.app_settings.items() if k != "state-root"},
-                        "agent-id": agent, "state-dir": str(n.state_root / agent),
-                        WORKER_SOCKET: str(self.folder / f"{i}.sock"),
-                        WORKER_TOKEN: str(token_file)}
+            settings = n.secrets.node_settings(n.sim_address, n.policy, agent_id=agent,
+                                               state_dir=n.state_root / agent,
+                                               worker_socket=self.folder / f"{i}.sock",
+                                               worker_token=token_file)
             self.contexts.append(Context(run_id=1, node_id=i + 1, node_config=settings,
                                          state=RecordDict(), run_config={}))
             self.start(i)

@@ -1,5 +1,6 @@
 """Replies as an agent's ClientApp makes them, for tests that play the agents' part: the proof
-(its ledger anchor) signed under the agent's key for the message it answers."""
+(its ledger anchor) signed under the agent's key for the message it answers. Nothing here
+starts or stops anything: these are messages only."""
 
 from __future__ import annotations
 
