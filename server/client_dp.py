@@ -102,7 +102,7 @@ class ClientLevelDP(DifferentialPrivacyServerSideFixedClipping):
                 {k: Array(np.asarray(v)) for k, v in zip(record.keys(), values, strict=True)})
         self.num_sampled_clients = len(contributing)
         self._charge(server_round)
-        arrays, metrics = self.strategy.aggregate_train(server_round, contributing)
+        arrays, metrics = self.strategy.aggregate_accepted(server_round, contributing)
         if arrays is not None:
             arrays = self._add_noise_to_aggregated_arrays(arrays)
         return arrays, metrics

@@ -4,26 +4,28 @@ Agents reply with the parts of the shared module they send (keys ``comm.*``) and
 ``aggregate_private``, their type's private networks (keys ``type.<name>.*``). Every reply is
 checked and reweighed by the server's reply screen first, once (``server/validation.py``:
 replies it already accepted pass through the strategy's own call unchanged); then each group of
-keys
-is aggregated over the replies that carry it: by default averaged, weighted by environment
+keys is aggregated over the replies that carry it: by default averaged, weighted by environment
 steps, with Flower's own ``aggregate_arrayrecords``, or by one of Flower's robust strategies
-(``server/robust.py``). A group no reply carries keeps the global module's value. FedAvgM and
-FedAdam then apply their server-side step to the result; client-level DP
-(``server/client_dp.py``) wraps the whole in Flower's server-side fixed clipping.
+(``server/robust.py``). A group no reply carries keeps the global module's value. Flower's
+FedAvgM or FedAdam then applies its server-side step to the result, handed to it as the round's
+one reply (checked against flwr 1.41 and 1.42: its FedAvg leaves a single reply as it is);
+client-level DP (``server/client_dp.py``) wraps the whole in Flower's server-side fixed
+clipping.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, Strategy
 
 from fedcomm.config import FederationConfig
-from fedcomm.protocol.round import WEIGHT_KEY, Anchors, key_group
+from fedcomm.protocol.round import ARRAYS, METRICS, WEIGHT_KEY, Anchors, key_group
 from fedcomm.server.layout import ReplyLayout, initial_arrays
 from fedcomm.server.robust import check_options, reduce_group
 from fedcomm.server.validation import ReplyScreen
@@ -60,52 +62,72 @@ def aggregate_by_group(contents: list[RecordDict], weight_key: str, rule: str = 
 
 
 class GroupedFedAvg(FedAvg):
-    """FedAvg over key groups; agents of different types may reply with different keys.
+    """FedAvg over key groups (agents of different types may reply with different keys), and,
+    where the run asks for one, the server step of Flower's FedAvgM or FedAdam on the result.
 
-    ``screen`` checks and reweighs every reply before it is aggregated (none: replies are
-    taken as they are); ``rule`` and ``faulty`` choose each group's aggregation; ``held``
-    names the groups the last round left as they were.
+    Parameters
+    ----------
+    screen
+        Checks and reweighs every reply before it is aggregated.
+    rule, faulty
+        Each group's aggregation (``server.robust``) and the faulty replies it withstands.
+    carriers
+        How many agents carry each key group.
+    server_step
+        Flower's FedAvgM or FedAdam: it sends the round's messages (so it knows the global
+        module it steps from) and is handed the grouped average as the round's one reply
+        (``aggregate_accepted``), which its own FedAvg leaves as it is; ``None``: FedAvg.
+    fedavg
+        Flower's ``FedAvg`` options.
     """
 
-    screen: ReplyScreen | None = None
-    rule: str = "mean"
-    faulty: int = 1
-    carriers: dict[str, int] | None = None
-    held: list[str]
+    def __init__(self, screen: ReplyScreen, rule: str = "mean", faulty: int = 1,
+                 carriers: dict[str, int] | None = None, server_step: FedAvg | None = None,
+                 **fedavg: Any) -> None:
+        super().__init__(**fedavg)
+        self.screen, self.rule, self.faulty = screen, rule, faulty
+        self.carriers = carriers or {}
+        self.server_step = server_step
+        self.held: list[str] = []  # the groups the last round left as they were
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        messages = list(super().configure_train(server_round, arrays, config, grid))
-        if self.screen is not None:
-            self.screen.configure(arrays, messages)
+        sender = self.server_step or super()
+        messages = list(sender.configure_train(server_round, arrays, config, grid))
+        self.screen.configure(arrays, messages)
         return messages
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        valid = [m for m in replies if not m.has_error()]
-        if self.screen is not None:
-            valid = self.screen.screen(server_round, valid).accepted
+        accepted = self.screen.screen(server_round, [m for m in replies if not m.has_error()])
+        return self.aggregate_accepted(server_round, accepted.accepted)
+
+    def aggregate_accepted(self, server_round: int, accepted: list[Message]
+                           ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """The new global module from replies the screen accepted: each key group's
+        aggregate, a group nobody updated as it was, then the server step."""
         self.held = []
-        if not valid:
+        if not accepted:
             return None, None
-        contents = [m.content for m in valid]
+        contents = [m.content for m in accepted]
         merged = aggregate_by_group(contents, self.weighted_by_key, self.rule, self.faulty,
                                     self.carriers, self.held)
         if not merged:
             return None, None
-        sent = self.screen.sent if self.screen is not None else ArrayRecord()
-        if sent:  # every key, in the global module's order; a group nobody updated keeps it
-            merged = ArrayRecord({k: merged.get(k, v) for k, v in sent.items()})
-        return (merged,
-                self.train_metrics_aggr_fn(contents, self.weighted_by_key))
-
-
-class GroupedFedAvgM(FedAvgM, GroupedFedAvg):
-    """FedAvgM whose averaging step is ``GroupedFedAvg``'s."""
-
-
-class GroupedFedAdam(FedAdam, GroupedFedAvg):
-    """FedAdam whose averaging step is ``GroupedFedAvg``'s."""
+        # every key, in the global module's order; a group nobody updated keeps its value
+        merged = ArrayRecord({k: merged.get(k, v) for k, v in self.screen.sent.items()})
+        metrics = self.train_metrics_aggr_fn(contents, self.weighted_by_key)
+        if self.server_step is None:
+            return merged, metrics
+        average = Message(RecordDict({ARRAYS: merged,
+                                      METRICS: MetricRecord({self.weighted_by_key: 1})}),
+                          reply_to=self.screen.messages[0])
+        stepped, _ = self.server_step.aggregate_train(server_round, [average])
+        if stepped is None:
+            return None, metrics
+        # Flower's FedAdam computes in float64 under NumPy 2: the module keeps its own dtypes
+        return ArrayRecord({k: Array(v.numpy().astype(merged[k].numpy().dtype))
+                            for k, v in stepped.items()}), metrics
 
 
 def make_strategy(fed: FederationConfig, n_agents: int, keys: Mapping[str, str],
@@ -124,18 +146,16 @@ def make_strategy(fed: FederationConfig, n_agents: int, keys: Mapping[str, str],
     check_options(fed, layout.carriers())
     common = {"fraction_train": 1.0, "fraction_evaluate": 0.0, "min_train_nodes": n_agents,
               "min_available_nodes": n_agents, "weighted_by_key": WEIGHT_KEY}
-    strategy: GroupedFedAvg
+    server_step: FedAvg | None = None
     if fed.strategy == "fedavgm":
-        strategy = GroupedFedAvgM(server_learning_rate=fed.server_lr,
-                                  server_momentum=fed.server_momentum, **common)
+        server_step = FedAvgM(server_learning_rate=fed.server_lr,
+                              server_momentum=fed.server_momentum, **common)
     elif fed.strategy == "fedadam":
-        strategy = GroupedFedAdam(eta=fed.server_lr, eta_l=fed.train.ppo.lr, **common)
-    else:
-        strategy = GroupedFedAvg(**common)
+        server_step = FedAdam(eta=fed.server_lr, eta_l=fed.train.ppo.lr, **common)
     private = fed.client_dp_noise > 0
-    strategy.screen = ReplyScreen(fed, layout, keys, uniform=private, anchors=anchors)
-    strategy.rule, strategy.faulty = fed.aggregation, fed.faulty_agents
-    strategy.carriers, strategy.held = layout.carriers(), []
+    strategy = GroupedFedAvg(ReplyScreen(fed, layout, keys, uniform=private, anchors=anchors),
+                             fed.aggregation, fed.faulty_agents, layout.carriers(),
+                             server_step, **common)
     if not private:
         return strategy
     if run_dir is None:
@@ -153,20 +173,28 @@ def screen_of(strategy: Strategy) -> ReplyScreen:
     return screen
 
 
-def strategy_state(strategy: FedAvg) -> dict:
+def strategy_state(strategy: Strategy) -> dict:
     """The server-side optimizer state a resumed run needs (none for FedAvg)."""
+    step = _server_step(strategy)
     out: dict = {}
     for name in STATE_ATTRS:
-        value = getattr(strategy, name, None)
+        value = getattr(step, name, None)
         if value is not None:
             out[name] = ({k: np.asarray(v) for k, v in value.items()} if isinstance(value, dict)
                          else [np.asarray(v) for v in value])
     return out
 
 
-def load_strategy_state(strategy: FedAvg, state: dict) -> None:
+def load_strategy_state(strategy: Strategy, state: dict) -> None:
+    step = _server_step(strategy)
     for name, value in state.items():
-        if name not in STATE_ATTRS or not hasattr(strategy, name):
+        if name not in STATE_ATTRS or step is None or not hasattr(step, name):
             raise ValueError(f"the checkpoint's strategy state {name!r} does not fit "
-                             f"{type(strategy).__name__}")
-        setattr(strategy, name, value)
+                             f"{type(step or strategy).__name__}")
+        setattr(step, name, value)
+
+
+def _server_step(strategy: Strategy) -> FedAvg | None:
+    """The FedAvgM or FedAdam whose state a checkpoint keeps (inside client-level DP too)."""
+    grouped = getattr(strategy, "strategy", strategy)  # Flower's DP wrapper holds the inner one
+    return getattr(grouped, "server_step", None)

@@ -184,8 +184,8 @@ def test_the_route_price_is_shared_so_parties_add_up_to_the_centralized_loss():
 def test_a_checkpoint_keeps_the_module_and_the_server_optimizer_state(tmp_path):
     fed = FederationConfig(train=FED.train, strategy="fedadam")
     strategy = make_strategy(fed, SPEC.n_agents, agent_keys(SPEC.agent_ids))
-    strategy.m_t = {"comm.w": np.arange(3.0)}
-    strategy.v_t = {"comm.w": np.ones(3)}
+    strategy.server_step.m_t = {"comm.w": np.arange(3.0)}  # Flower's FedAdam's moments
+    strategy.server_step.v_t = {"comm.w": np.ones(3)}
     arrays = {"comm.w": np.arange(3, dtype=np.float32)}
     save_checkpoint(tmp_path, Checkpoint(4, arrays, fed.to_dict(), strategy_state(strategy),
                                          env_steps=1000, train_time_s=12.5))
@@ -195,7 +195,7 @@ def test_a_checkpoint_keeps_the_module_and_the_server_optimizer_state(tmp_path):
     np.testing.assert_array_equal(ckpt.arrays["comm.w"], arrays["comm.w"])
     resumed = make_strategy(fed, SPEC.n_agents, agent_keys(SPEC.agent_ids))
     load_strategy_state(resumed, ckpt.strategy)
-    np.testing.assert_array_equal(resumed.m_t["comm.w"], np.arange(3.0))
+    np.testing.assert_array_equal(resumed.server_step.m_t["comm.w"], np.arange(3.0))
     with pytest.raises(ValueError, match="does not fit"):
         fedavg = make_strategy(FED, SPEC.n_agents, agent_keys(SPEC.agent_ids))
         load_strategy_state(fedavg, ckpt.strategy)

@@ -9,14 +9,15 @@ import re
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common.constant import SUPERLINK_NODE_ID
+from flwr.serverapp.strategy import FedAdam, FedAvgM
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedcomm.config import FederationConfig, TeamConfig, TrainConfig
 from fedcomm.privacy.audit import audit
 from fedcomm.privacy.ledger import read_ledger, verify_chain
-from fedcomm.protocol.round import ARRAYS, METRICS, TrainReply, key_group
+from fedcomm.protocol.round import ARRAYS, METRICS, WEIGHT_KEY, TrainReply, key_group
 from fedcomm.server.client_dp import REPORT, ledger_paths, write_report
 from fedcomm.server.layout import initial_arrays
 from fedcomm.server.strategy import make_strategy, screen_of
@@ -370,3 +371,32 @@ def test_client_dp_refuses_what_would_break_its_guarantee():
                    {"aggregate_private": True}, {"max_update_norm": 1.0}):
         with pytest.raises(ValueError, match=r"client-level DP|clip bounds"):
             make_strategy(fed_of(client_dp_noise=1.0, **change), 3, KEYS, run_dir=".")
+
+
+# -- server steps: Flower's own FedAvgM and FedAdam over the grouped average -------------------
+@pytest.mark.parametrize("strategy", ["fedavgm", "fedadam"])
+def test_the_server_step_is_flowers_own_on_the_grouped_average(strategy):
+    """Every agent carries every part here, so the grouped average is FedAvg's: the module
+    after each round is what Flower's FedAvgM or FedAdam makes of the same replies."""
+    change = ({"server_lr": 1.0, "server_momentum": 0.9} if strategy == "fedavgm"
+              else {"server_lr": 0.01})
+    run = Round(fed_of(strategy=strategy, **change))
+    common = {"fraction_train": 1.0, "fraction_evaluate": 0.0, "min_train_nodes": 3,
+              "min_available_nodes": 3, "weighted_by_key": WEIGHT_KEY}
+    flower = (FedAvgM(server_learning_rate=1.0, server_momentum=0.9, **common)
+              if strategy == "fedavgm" else FedAdam(eta=0.01, eta_l=TRAIN.ppo.lr, **common))
+    theirs = run.glob
+    for _ in range(3):
+        run.send()
+        asked = pushed(sorted(flower.configure_train(run.rnd, theirs, ConfigRecord({}),
+                                                     Grid(3)),
+                              key=lambda m: m.metadata.dst_node_id))
+        updates = [run.honest(i, 0.01 * (i + 1)) for i in range(3)]
+        got, rejected = run.aggregate([run.reply(i + 1, u) for i, u in enumerate(updates)])
+        assert rejected == []
+        replies = [Message(RecordDict({ARRAYS: ArrayRecord({k: Array(v) for k, v in u.items()}),
+                                       METRICS: MetricRecord({WEIGHT_KEY: STEPS})}),
+                           reply_to=asked[i]) for i, u in enumerate(updates)]
+        theirs, _ = flower.aggregate_train(run.rnd, replies)
+        assert_close(got, {k: v.numpy() for k, v in theirs.items()}, 1e-6)
+        assert all(v.dtype == run.initial[k].dtype for k, v in got.items())  # float32 kept
