@@ -65,12 +65,15 @@ from fedcomm.summary import RunResult
 
 
 @contextlib.contextmanager
-def _all_agents_at_once(n: int) -> Iterator[None]:
-    """Let Flower's simulation engine run ``n`` ClientApps at once.
+def all_agents_at_once(n: int) -> Iterator[None]:
+    """Let Flower's simulation engine run ``n`` ClientApps at once: the one adapter to
+    Flower's internals, checked against flwr 1.41 and 1.42 (the versions pyproject admits).
 
-    The engine hands messages to its actors from a thread pool sized by the CPU count
-    (``cpu_count + 4`` threads), so on a small machine a larger joint environment would wait
-    forever at its barrier for the agents that got no thread.
+    The engine hands messages to its actors from a thread pool it sizes by the CPU count
+    (``cpu_count + 4`` threads, ``flwr.server.superlink.fleet.vce.vce_api``) and offers no
+    setting for it, so on a small machine a larger joint environment would wait forever at its
+    barrier for the agents that got no thread. For the run, the pool's class is given a size
+    of at least ``n``.
     """
     from flwr.server.superlink.fleet.vce import vce_api
 
@@ -152,7 +155,7 @@ def run_flower(fed: FederationConfig, run_dir: Path, sim_address: str, tokens: P
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # no GPUs are asked for
     backend = backend_config(n, device, verbose)
     try:
-        with _all_agents_at_once(n), _quiet_flower(verbose):
+        with all_agents_at_once(n), _quiet_flower(verbose):
             run_simulation(server_app=server_app, client_app=client_app, num_supernodes=n,
                            backend_config=backend, verbose_logging=verbose)
     finally:

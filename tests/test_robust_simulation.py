@@ -27,7 +27,7 @@ from fedcomm.commands.privacy import server_record
 from fedcomm.config import FederationConfig, TeamConfig, TrainConfig
 from fedcomm.modes.processes import SimProcess
 from fedcomm.modes.simulation import (
-    _all_agents_at_once,
+    all_agents_at_once,
     _quiet_flower,
     backend_config,
     complete_run,
@@ -140,7 +140,7 @@ def run(fed: FederationConfig, run_dir: Path, faults: dict[int, str]) -> object:
                                          run_dir / "agents")
         n = fed.spec.n_agents
         try:
-            with _all_agents_at_once(n), _quiet_flower(False):
+            with all_agents_at_once(n), _quiet_flower(False):
                 run_simulation(server_app=make_server_app(fed, run_dir, False, results,
                                                           keys=keys),
                                client_app=faulty_client_app(defaults, faults, str(record),

@@ -118,3 +118,4 @@ def test_an_interrupted_simulation_resumes_without_repeating_or_losing_a_round(t
     assert any(not torch.equal(torch.from_numpy(ckpt.arrays[k]), torch.from_numpy(v))
                for k, v in global_before.items())  # it went on training from the checkpoint
     assert_nothing_left(out)
+
