@@ -35,7 +35,8 @@ from torch.func import functional_call, grad, vmap
 from fedcomm.config import PPOConfig
 from fedcomm.learning.ppo import Targets, ppo_loss
 from fedcomm.learning.rollout import Rollout, replay
-from fedcomm.models.team import SHARED, Team
+from fedcomm.models.state import SHARED
+from fedcomm.models.team import Team
 from fedcomm.releases.schedule import check_sample_rate, dp_steps
 
 VALUE = "value."  # the value networks' parameters
@@ -179,7 +180,7 @@ def released_statistics(team: Team, rollout: Rollout, targets: Targets, cfg: PPO
     if probs is not None:
         s, agents, k = probs.shape[1:]
         m = (mean[n:] * math.sqrt(s * agents)).view(s, agents, k).mean(dim=0)
-        _, other = team.response_probabilities()
+        _, other = team.channel.response_probabilities()
         m = m.clamp(min=other)  # randomized response releases each codeword this often
         marginal = m / m.sum(dim=-1, keepdim=True)
     return Targets(targets.advantages - centre, targets.returns, marginal)

@@ -16,7 +16,8 @@ from torch import Tensor, nn
 
 from fedcomm.config import ADAM_BETAS, PPOConfig
 from fedcomm.learning.rollout import Rollout, replay
-from fedcomm.models.team import Team, TeamOutput, categorical_entropy, log_probs
+from fedcomm.models.channel import categorical_entropy
+from fedcomm.models.team import Team, TeamOutput, log_probs
 
 
 class ValueNorm(nn.Module):

@@ -78,8 +78,8 @@ def collect(team: Team, transport: Transport, seed: int | None = None,
     while not done:
         feats, hidden = team.encode_obs(obs, hidden)
         clean = team.speak(feats)
-        drawn = team.draw(clean, noise_source, greedy)
-        messages = team.release(clean, drawn)
+        drawn = team.channel.draw(clean, noise_source, greedy)
+        messages = team.channel.release(clean, drawn)
         received, delivered = transport.exchange(messages, team.releases_at(len(steps)))
         logits, values, extras = team.respond(feats, messages, received, delivered, memory)
         memory = memory_of(extras)

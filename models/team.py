@@ -12,7 +12,6 @@ the router delivers to it, then policy logits and a value from features and cont
 
 from __future__ import annotations
 
-import math
 import threading
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -23,12 +22,13 @@ import torch
 from torch import Tensor, nn
 
 from fedcomm.config import TeamConfig
-from fedcomm.models.comm import CommModule, clip_norm
+from fedcomm.models.channel import Channel, categorical_entropy
+from fedcomm.models.comm import CommModule
 from fedcomm.models.layers import GroupGRUCell, group_mlp
-from fedcomm.sim.base import EnvSpec, Obs, one_hot
+from fedcomm.models.state import TeamState
+from fedcomm.sim.base import EnvSpec, Obs
 from fedcomm.sim.router import delivery_mask, priority
 
-SHARED = "comm."  # the shared module's parameters; every other one is private
 TEAM_FILE = "team.pt"  # a run directory's trained team
 _GLOBAL_RNG = threading.Lock()  # initialisers draw from torch's process-wide generator
 
@@ -58,7 +58,7 @@ class TeamOutput:
     code_probs: Tensor | None = None
 
 
-class Team(nn.Module):
+class Team(TeamState, nn.Module):
     """The models of ``agents`` (default: all agents of ``spec``).
 
     A team that holds every agent routes vectors itself; a team that holds some of them is given,
@@ -85,6 +85,7 @@ class Team(nn.Module):
                     if self.cfg.recurrent else None)
         self.comm = CommModule(len(spec.types), h, self.cfg.comm_dim, self.cfg.encoder,
                                self.cfg.n_superpositions, self.cfg.graph_init)
+        self.channel = Channel(self.cfg)
         self.policy = nn.ModuleList(group_mlp(c, [2 * h, h, t.n_actions], out_gain=0.01)
                                     for t, c in zip(kinds, self.counts))
         self.value = nn.ModuleList(
@@ -167,67 +168,9 @@ class Team(nn.Module):
         return torch.cat([net(o) for net, o in zip(self.features, obs)], dim=1)
 
     def speak(self, feats: Tensor) -> Tensor:
-        """What the channel's release is drawn around, differentiable in the sender's networks.
-
-        Gaussian: the vector encoded and clipped to norm C (the noise is added to it).
-        Discrete: the expected released one-hot, ``b + (a - b) softmax(logits)``, where ``a``
-        is randomized response's probability of keeping the sampled codeword and ``b`` of each
-        other one: the released codeword is drawn from it, and its gradient is the
-        straight-through one (``release``).
-        """
-        encoded = self.comm.encode(feats)
-        if self.cfg.channel == "gaussian":
-            return clip_norm(encoded, self.cfg.clip)
-        keep, other = self.response_probabilities()
-        return other + (keep - other) * torch.softmax(self.code_logits(encoded), dim=-1)
-
-    def code_logits(self, encoded: Tensor) -> Tensor:
-        """A discrete code's logits: the encoder's output standardised over the codewords and
-        scaled by ``cfg.code_scale``, so that a new code depends on what its sender sees."""
-        centred = encoded - encoded.mean(dim=-1, keepdim=True)
-        scale = centred.pow(2).mean(dim=-1, keepdim=True).add(1e-6).rsqrt()
-        return centred * (scale * self.cfg.code_scale)
-
-    def response_probabilities(self) -> tuple[float, float]:
-        """Randomized response's probabilities: the codeword kept, each other one."""
-        k, eps = self.cfg.symbols, self.cfg.rr_epsilon
-        other = 1.0 / (math.exp(eps) + k - 1)
-        return 1.0 - (k - 1) * other, other
-
-    def draw(self, clean: Tensor, generator: torch.Generator | None = None,
-             greedy: bool = False) -> Tensor:
-        """The channel's privacy noise for ``clean`` (``speak``'s output), the release's random
-        part: Gaussian noise of std ``sigma C``; or, discrete, the released one-hot: a codeword
-        sampled from the encoder (its most likely one when ``greedy``), then kept with
-        probability ``a`` and replaced by each other one with ``b``. Drawn from ``generator``
-        (the privacy noise's)."""
-        device = self.local_index.device
-        if self.cfg.channel == "gaussian":
-            noise = torch.randn(*clean.shape, generator=generator, device=device)
-            return noise * (self.cfg.noise_multiplier * self.cfg.clip)
-        keep, other = self.response_probabilities()
-        k = self.cfg.symbols
-        # The encoder's own choice, then randomized response applied to whatever it is: the
-        # mechanism's guarantee does not depend on the encoder's output being a distribution.
-        probs = ((clean - other) / (keep - other)).nan_to_num(0.0, 0.0, 0.0).clamp_(min=0.0)
-        total = probs.sum(dim=-1, keepdim=True)
-        probs = torch.where(total > 0, probs / total.clamp(min=1e-30), 1.0 / k)
-        if greedy:
-            chosen = probs.argmax(dim=-1)
-        else:
-            u = torch.rand(clean.shape, generator=generator, device=device).clamp_(min=1e-20)
-            chosen = (probs.clamp(min=1e-30).log() - torch.log(-torch.log(u))).argmax(dim=-1)
-        kept = torch.rand(chosen.shape, generator=generator, device=device) < keep
-        shift = torch.randint(1, k, chosen.shape, generator=generator, device=device)
-        symbol = torch.where(kept, chosen, (chosen + shift) % k)
-        return one_hot(symbol, k).to(clean.dtype)
-
-    def release(self, clean: Tensor, drawn: Tensor) -> Tensor:
-        """The released vector: ``clean + noise`` (Gaussian); the drawn one-hot, with the
-        gradient of its expectation ``clean`` (discrete, straight-through)."""
-        if self.cfg.channel == "gaussian":
-            return clean + drawn
-        return drawn + (clean - clean.detach())
+        """What the channel's release is drawn around, differentiable in the sender's networks
+        (``Channel.expected`` of the encoded features)."""
+        return self.channel.expected(self.comm.encode(feats))
 
     def code_terms(self, clean: Tensor, drawn: Tensor, step: int | Tensor
                    ) -> tuple[Tensor, Tensor] | tuple[None, None]:
@@ -375,8 +318,8 @@ class Team(nn.Module):
         """
         feats, hidden = self.encode_obs(obs, hidden)
         clean = self.speak(feats)
-        drawn = self.draw(clean) if noise is None else noise
-        messages = self.release(clean, drawn)
+        drawn = self.channel.draw(clean) if noise is None else noise
+        messages = self.channel.release(clean, drawn)
         if received is None and not self.whole:
             raise ValueError("a team without every agent needs the vectors it received")
         if delivered is None:
@@ -397,7 +340,7 @@ class Team(nn.Module):
         feats = self.encode_steps(obs)
         clean = self.speak(feats)
         drawn = noise.flatten(0, 1)
-        messages = self.release(clean, drawn)
+        messages = self.channel.release(clean, drawn)
         steps = torch.arange(t, device=noise.device).repeat_interleave(b)
         release = self.releases_at(steps)
         if received is None:
@@ -422,99 +365,6 @@ class Team(nn.Module):
         return TeamOutput([lg.unflatten(0, (t, b)) for lg in logits],
                           values.unflatten(0, (t, b)), messages.unflatten(0, (t, b)), None,
                           code_logp=code[0], code_entropy=code[1], code_probs=probs)
-
-    # -- what of the team is whose: the layout of its parameters -------------------------------
-    # The shared module's parameters are ``comm.<path>``; every private one is
-    # ``<network>.<type position>.<path>`` with one row per agent of that type (``layers``).
-    # Only these methods read that layout.
-    def shared_state(self, parts: Sequence[str] | None = None) -> dict[str, Tensor]:
-        """Host copies of the shared communication module (or of its ``parts``: ``encoder``,
-        ``decoder``, ...), by path in it: what an agent sends to the server."""
-        return {k: v.detach().to("cpu", copy=True) for k, v in self.comm.state_dict().items()
-                if parts is None or k.partition(".")[0] in parts}
-
-    @torch.no_grad()
-    def load_shared_state(self, state: dict[str, Tensor], parts: Sequence[str] | None = None
-                          ) -> None:
-        """Load the shared module (or its ``parts``) from ``shared_state`` output."""
-        if parts is None:
-            self.comm.load_state_dict(state)
-            return
-        chosen = {k: v for k, v in state.items() if k.partition(".")[0] in parts}
-        self.comm.load_state_dict(chosen, strict=False)
-
-    def private_state(self) -> dict[str, Tensor]:
-        """Everything but the shared module: the local agents' private networks."""
-        return {k: v for k, v in self.state_dict().items() if not k.startswith(SHARED)}
-
-    def load_private_state(self, state: dict[str, Tensor]) -> None:
-        """Load the private networks; ``ValueError`` if ``state`` is another team's."""
-        try:
-            missing, unexpected = self.load_state_dict(state, strict=False)
-        except RuntimeError as e:  # shapes differ
-            raise ValueError(f"the saved private state does not fit this agent's model: {e}"
-                             ) from None
-        if unexpected or any(not k.startswith(SHARED) for k in missing):
-            raise ValueError(f"the saved private state does not fit this agent's model "
-                             f"(missing {missing}, unexpected {unexpected})")
-
-    def _slot(self, agent: int) -> tuple[int, int]:
-        """Where ``agent``'s private weights are: its type's position here, and its row."""
-        if agent not in self.agents:
-            raise ValueError(f"agent {agent} is not in this team (agents {self.agents})")
-        k = self.spec.type_of_agent[agent]
-        members = [i for i in self.agents if self.spec.type_of_agent[i] == k]
-        return self.types.index(k), members.index(agent)
-
-    def _private_params(self) -> list[tuple[str, int, str, Tensor]]:
-        """``(network, type position, path, parameter)`` of every private parameter."""
-        out = []
-        for name, param in self.named_parameters():
-            head, _, rest = name.partition(".")
-            if head != "comm":
-                pos, _, path = rest.partition(".")
-                out.append((head, int(pos), path, param))
-        return out
-
-    def agent_state(self, agent: int) -> dict[str, Tensor]:
-        """``agent``'s private networks as a team holding only that agent names them."""
-        pos, row = self._slot(agent)
-        return {f"{head}.0.{path}": param.detach()[row:row + 1]
-                for head, p, path, param in self._private_params() if p == pos}
-
-    @torch.no_grad()
-    def load_agent_state(self, agent: int, state: dict[str, Tensor]) -> None:
-        """Load ``agent``'s private networks from ``agent_state`` output (of any team)."""
-        pos, row = self._slot(agent)
-        for head, p, path, param in self._private_params():
-            if p == pos:
-                param[row].copy_(state[f"{head}.0.{path}"][0])
-
-    def type_state(self) -> dict[str, Tensor]:
-        """Host copies of a one-type team's private networks, named without the type
-        position: the same names in every party of that type (for averaging them)."""
-        if len(self.types) != 1:
-            raise ValueError("type_state is for a team of one agent type")
-        return {f"{head}.{path}": param.detach().to("cpu", copy=True)
-                for head, _, path, param in self._private_params()}
-
-    @torch.no_grad()
-    def load_type_state(self, state: dict[str, Tensor]) -> None:
-        """Load what ``type_state`` names; entries it lacks keep their values."""
-        for head, _, path, param in self._private_params():
-            if f"{head}.{path}" in state:
-                param.copy_(state[f"{head}.{path}"])
-
-    @torch.no_grad()
-    def subteam(self, agents: Sequence[int]) -> Team:
-        """A team of some of this team's agents, with their weights and the shared module."""
-        sub = Team(self.spec, self.cfg, agents).to(self.local_index.device)
-        if not set(sub.agents) <= set(self.agents):
-            raise ValueError(f"agents {agents} are not all in this team")
-        sub.load_shared_state(self.shared_state())
-        for agent in sub.agents:
-            sub.load_agent_state(agent, self.agent_state(agent))
-        return sub
 
     def save(self, path: str | Path, extra: dict | None = None) -> None:
         """A checkpoint of host tensors, which loads on any device (``load_team``)."""
@@ -542,11 +392,6 @@ def load_team(source: str | Path, device: str | torch.device = "cpu") -> Team:
     team = Team(EnvSpec.from_dict(ckpt["spec"]), TeamConfig(**ckpt["team"]), ckpt["agents"])
     team.load_state_dict(ckpt["state_dict"])
     return team.to(device)
-
-
-def categorical_entropy(p: Tensor) -> Tensor:
-    """The entropy of each distribution ``p`` over the last dimension."""
-    return -(p * p.clamp(min=1e-30).log()).sum(dim=-1)
 
 
 def log_probs(logits: list[Tensor], actions: list[Tensor]) -> tuple[Tensor, Tensor]:

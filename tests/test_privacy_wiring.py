@@ -40,7 +40,7 @@ def test_released_vectors_carry_the_declared_noise_and_never_exceed_the_clip_bef
     team = Team(SPEC, cfg).subteam([0])
     feats = 50 * torch.randn(4096, 1, cfg.hidden)  # far beyond the clip
     clean = team.speak(feats)
-    released = clean + team.draw(clean, torch.Generator().manual_seed(1))
+    released = clean + team.channel.draw(clean, torch.Generator().manual_seed(1))
     assert clean.norm(dim=-1).max() <= cfg.clip * (1 + 1e-6)
     noise = released - clean
     # 65,536 coordinates: the sample variance is within 3% of its mean with overwhelming odds
@@ -137,6 +137,7 @@ os.kill(os.getpid(), signal.SIGKILL)  # after the ledger write, before anything 
 """
 
 
+@pytest.mark.integration  # a Python process
 def test_an_agent_killed_between_ledger_write_and_send_still_counts_the_release(tmp_path):
     ledger = tmp_path / LEDGER
     proc = subprocess.run([sys.executable, "-c", KILLED_AFTER_WRITING, str(ledger)],
@@ -164,6 +165,7 @@ def trained_run(tmp_path: Path) -> Path:
     return out
 
 
+@pytest.mark.integration  # trains: about 30 s
 def test_a_trained_run_reports_its_privacy_and_the_report_audits(trained_run, capsys):
     report = json.loads((trained_run / "privacy_report.json").read_text())
     assert (trained_run / "privacy_report.html").stat().st_size > 0
@@ -182,6 +184,7 @@ def test_a_trained_run_reports_its_privacy_and_the_report_audits(trained_run, ca
     assert (trained_run / "privacy_report.html").exists()
 
 
+@pytest.mark.integration  # trains: about 15 s
 def test_a_tampered_ledger_fails_the_audit_and_the_audit_says_where(trained_run, capsys):
     ledger = trained_run / "agents" / "processor_0" / LEDGER
     lines = ledger.read_text().splitlines()

@@ -33,7 +33,7 @@ def test_receiver_loss_reaches_sender_only_through_the_channel(encoder, recurren
     team = Team(SL_SPEC, TeamConfig(encoder=encoder, recurrent=recurrent))
     env = SpeakerListener(32)
     obs = env.reset(seed=0)
-    noise = team.draw(torch.zeros(32, 2, team.cfg.comm_dim))
+    noise = team.channel.draw(torch.zeros(32, 2, team.cfg.comm_dim))
     hidden = team.initial_hidden(32)
 
     # The listener's loss trains the speaker's private feature net and the shared encoder.
@@ -131,7 +131,7 @@ def test_clip_bounds_every_vector_and_leaves_short_ones_alone():
 
 def test_channel_noise_has_the_declared_scale():
     team = Team(SL_SPEC, TeamConfig(clip=2.0, noise_multiplier=0.75))
-    noise = team.draw(torch.zeros(200_000, 2, 16), torch.Generator().manual_seed(0))
+    noise = team.channel.draw(torch.zeros(200_000, 2, 16), torch.Generator().manual_seed(0))
     assert abs(noise.std().item() - 1.5) < 0.01
 
 
@@ -218,7 +218,7 @@ def test_a_party_with_the_delivered_vectors_acts_as_in_the_whole_team():
     spec = factory_spec()
     whole = Team(spec, TeamConfig(recurrent=True))
     obs = Factory(6).reset(seed=2)
-    noise = whole.draw(torch.zeros(6, spec.n_agents, whole.cfg.comm_dim))
+    noise = whole.channel.draw(torch.zeros(6, spec.n_agents, whole.cfg.comm_dim))
     full = whole(obs, whole.initial_hidden(6), noise)
     delivered = whole.route(full.messages)
     for agents in ([0], [3, 5], [4, 5, 6]):
@@ -239,16 +239,16 @@ def test_a_discrete_release_keeps_the_codeword_with_randomized_responses_probabi
     """The released codeword is the encoder's (its most likely one when greedy) with
     probability e^eps / (e^eps + K - 1), and each other one with 1 / (e^eps + K - 1)."""
     team = Team(SL_SPEC, TeamConfig(channel="discrete", symbols=4, rr_epsilon=1.5))
-    keep, other = team.response_probabilities()
+    keep, other = team.channel.response_probabilities()
     assert keep == pytest.approx(math.exp(1.5) / (math.exp(1.5) + 3))
     logits = torch.tensor([4.0, 0.0, -1.0, 0.5]).expand(100_000, 1, 4)
     clean = other + (keep - other) * torch.softmax(logits, dim=-1)
-    drawn = team.draw(clean, torch.Generator().manual_seed(0), greedy=True)
+    drawn = team.channel.draw(clean, torch.Generator().manual_seed(0), greedy=True)
     assert torch.equal(drawn.sum(dim=-1), torch.ones(100_000, 1))  # one-hot rows
     freq = drawn.mean(dim=(0, 1))
     assert abs(freq[0].item() - keep) < 0.01
     assert (freq[1:] - other).abs().max() < 0.01
-    sampled = team.draw(clean, torch.Generator().manual_seed(1)).mean(dim=(0, 1))
+    sampled = team.channel.draw(clean, torch.Generator().manual_seed(1)).mean(dim=(0, 1))
     torch.testing.assert_close(sampled, clean[0, 0], atol=0.01, rtol=0)
 
 
@@ -258,14 +258,15 @@ def test_randomized_response_applies_whatever_the_encoder_outputs(broken: float)
     codeword released through randomized response: kept with probability e^eps / (e^eps + K -
     1), never released as it is."""
     team = Team(SL_SPEC, TeamConfig(channel="discrete", symbols=4, rr_epsilon=1.0))
-    keep, other = team.response_probabilities()
+    keep, other = team.channel.response_probabilities()
     clean = torch.full((100_000, 1, 4), broken)
-    greedy = team.draw(clean, torch.Generator().manual_seed(0), greedy=True).mean(dim=(0, 1))
+    greedy = team.channel.draw(clean, torch.Generator().manual_seed(0), greedy=True)
+    greedy = greedy.mean(dim=(0, 1))
     chosen = int(greedy.argmax())
     assert abs(greedy[chosen].item() - keep) < 0.01
     assert (greedy[torch.arange(4) != chosen] - other).abs().max() < 0.01
     # sampled, a NaN encoder released codeword 0 every time, without randomized response
-    sampled = team.draw(clean, torch.Generator().manual_seed(1)).mean(dim=(0, 1))
+    sampled = team.channel.draw(clean, torch.Generator().manual_seed(1)).mean(dim=(0, 1))
     torch.testing.assert_close(sampled, torch.full((4,), 0.25), atol=0.01, rtol=0)
 
 
@@ -276,15 +277,15 @@ def test_a_discrete_release_passes_its_expectations_gradient_to_the_sender():
     team = Team(SL_SPEC, TeamConfig(channel="discrete", symbols=3, rr_epsilon=2.0))
     feats = torch.randn(8, 2, team.cfg.hidden)
     clean = team.speak(feats)
-    drawn = team.draw(clean.detach(), torch.Generator().manual_seed(0))
-    released = team.release(clean, drawn)
+    drawn = team.channel.draw(clean.detach(), torch.Generator().manual_seed(0))
+    released = team.channel.release(clean, drawn)
     assert torch.equal(released.detach(), drawn)
     weights = torch.randn_like(drawn)
     (released * weights).sum().backward()
     grads = [p.grad for p in team.comm.encoder.parameters()]
     assert all(g is not None and g.abs().sum() > 0 for g in grads)
-    keep, other = team.response_probabilities()
-    logits = team.code_logits(team.comm.encode(feats))
+    keep, other = team.channel.response_probabilities()
+    logits = team.channel.code_logits(team.comm.encode(feats))
     expected = torch.autograd.grad(((keep - other) * torch.softmax(logits, -1) * weights).sum(),
                                    list(team.comm.encoder.parameters()))
     for g, e in zip(grads, expected):
