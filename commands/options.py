@@ -42,10 +42,13 @@ def _switch(name: str, path: str, value: bool, help: str) -> Flag:
     return Flag((name,), path, {"action": "store_const", "const": value, "help": help})
 
 
+DEVICE = {"metavar": "{auto,cpu,cuda,cuda:N}",
+          "help": "where tensors live: auto picks a CUDA GPU if torch sees one (default: auto)"}
+"""``--device``, of a training run (a field of its configuration) and of every other command."""
+
 TRAINING_FLAGS = (
     _flag("--seed", path="seed", type=int, help="the run's seed (default: 0)"),
-    _flag("--device", path="device", metavar="{auto,cpu,cuda,cuda:N}",
-          help="where tensors live: auto picks a CUDA GPU if torch sees one (default: auto)"),
+    _flag("--device", path="device", **DEVICE),
     _flag("--num-envs", path="num_envs", type=int, help="parallel environments per episode batch"),
     _flag("--env-steps", path="env_steps", type=int, help="training budget in environment steps"),
     _flag("--time-budget", path="time_budget", type=float,
@@ -215,9 +218,7 @@ def default_out(env: str) -> Path:
 
 def add_device(p: argparse.ArgumentParser) -> None:
     """``--device`` of a command that is not a training run."""
-    p.add_argument("--device", default="auto", metavar="{auto,cpu,cuda,cuda:N}",
-                   help="where tensors live: auto picks a CUDA GPU if torch sees one "
-                   "(default: %(default)s)")
+    p.add_argument("--device", default="auto", **DEVICE)
 
 
 def add_env(p: argparse.ArgumentParser, default: str = "factory") -> None:
