@@ -34,7 +34,6 @@ from fedcomm.config import FederationConfig
 from fedcomm.device import resolve_device
 from fedcomm.learning.party import Party
 from fedcomm.learning.ppo import annealed_lr
-from fedcomm.models.parts import initial_routes, sends_to_server, shared_parts
 from fedcomm.models.team import Team
 from fedcomm.privacy.ledger import GENESIS, LedgerError
 from fedcomm.protocol.round import (
@@ -49,7 +48,10 @@ from fedcomm.protocol.round import (
 from fedcomm.releases.account import LEDGER, AgentPrivacy
 from fedcomm.releases.schedule import (
     composition_of_config,
+    initial_routes,
     releases_anything,
+    sends_to_server,
+    shared_parts,
     update_dp,
     update_releases,
 )

@@ -20,7 +20,7 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from fedcomm.clients.host import AgentHost, failure_reason
-from fedcomm.clients.relay import error_reply, process_age
+from fedcomm.clients.messages import error_reply, process_age
 from fedcomm.protocol.signing import seal
 
 _handled_a_message = False

@@ -23,11 +23,16 @@ from dataclasses import dataclass
 from typing import Any
 
 from fedcomm.config import FederationConfig
-from fedcomm.models.parts import initial_routes, peers, sends_to_server
 from fedcomm.privacy.budget import PrivacyBudget
 from fedcomm.privacy.events import RELATIONS
 from fedcomm.releases.plan import Schedule, unit_releases
-from fedcomm.releases.schedule import releases_anything, update_dp
+from fedcomm.releases.schedule import (
+    initial_routes,
+    peers,
+    releases_anything,
+    sends_to_server,
+    update_dp,
+)
 
 KEYS = ("max-epsilon", "privacy-unit", "privacy-relation", "max-delta", "require-dp-sgd",
         "min-noise-multiplier", "seeded-noise")

@@ -15,14 +15,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
-from pathlib import Path
 
-from flwr.app import Context, Error, Message, RecordDict
+from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
-from flwr.common.constant import ErrorCode
 
+from fedcomm.clients.messages import error_reply, process_age
 from fedcomm.protocol.round import CONFIG
 from fedcomm.protocol.signing import seal
 from fedcomm.protocol.worker import (
@@ -37,18 +35,6 @@ from fedcomm.protocol.worker import (
 CONNECT_S = 60.0
 RETRY_S = 0.1
 ANSWER_S = 900.0  # seconds for the worker's answer where the message names no round timeout
-
-
-def process_age() -> float:
-    """Seconds since this process started (Linux; 0 elsewhere)."""
-    try:
-        stat = Path("/proc/self/stat").read_text()
-        ticks = int(stat.rpartition(")")[2].split()[19])  # field 22: start, in clock ticks
-        boot = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
-                    if line.startswith("btime"))
-        return max(0.0, time.time() - boot - ticks / os.sysconf("SC_CLK_TCK"))
-    except (OSError, ValueError, StopIteration):
-        return 0.0
 
 
 def relay(msg: Message, context: Context, kind: str) -> Message:
@@ -97,12 +83,6 @@ def answer_timeout(content: RecordDict) -> float:
     except (KeyError, TypeError, ValueError, RecursionError):
         return ANSWER_S
     return seconds if 0 < seconds < math.inf else ANSWER_S
-
-
-def error_reply(msg: Message, reason: str) -> Message:
-    """The reply that tells the server, in one line, why ``msg`` has no answer."""
-    return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason),
-                   reply_to=msg)
 
 
 app = ClientApp()

@@ -320,8 +320,7 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
     """The environment's preset with every given training flag applied and the noise of the
     centralized run calibrated to any target epsilon."""
     from fedcomm.presets import preset
-    from fedcomm.releases.calibration import calibrate
-    from fedcomm.releases.plan import Schedule
+    from fedcomm.releases.plan import Schedule, calibrate
 
     cfg = _with_flags(args, preset(args.env, _preset_kind(args)))
     return calibrate(cfg, Schedule.of(cfg))
@@ -331,8 +330,7 @@ def federation_config_from_args(args: argparse.Namespace) -> FederationConfig:
     """The environment's federated preset with every given flag applied and the noise of the
     federated run calibrated to any target epsilon."""
     from fedcomm.presets import federation_preset
-    from fedcomm.releases.calibration import calibrate
-    from fedcomm.releases.plan import Schedule
+    from fedcomm.releases.plan import Schedule, calibrate
 
     base = federation_preset(args.env, _preset_kind(args), private=not args.non_private)
     fed = with_values(replace(base, train=_with_flags(args, base.train)), given(args, FED))

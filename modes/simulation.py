@@ -41,14 +41,6 @@ from fedcomm.device import resolve_device
 from fedcomm.learning.importance import communication_importance
 from fedcomm.learning.rollout import collect
 from fedcomm.learning.transport import LocalTransport
-from fedcomm.models.parts import (
-    RECEIVER_PARTS,
-    SENDER_PARTS,
-    initial_routes,
-    sends_to_server,
-    shared_parts,
-    uses,
-)
 from fedcomm.models.team import TEAM_FILE, Team
 from fedcomm.modes.processes import SimProcess
 from fedcomm.privacy.ledger import LedgerError, read_ledger
@@ -57,6 +49,14 @@ from fedcomm.protocol.round import AGENT_PHASES, arrays_release, release_of, sha
 from fedcomm.releases.account import LEDGER
 from fedcomm.releases.plan import PrivacyPlan, plan_of
 from fedcomm.releases.report import report_summary, write_run_report
+from fedcomm.releases.schedule import (
+    RECEIVER_PARTS,
+    SENDER_PARTS,
+    initial_routes,
+    sends_to_server,
+    shared_parts,
+    uses,
+)
 from fedcomm.rundir import RunDir
 from fedcomm.server.checkpoint import load_checkpoint
 from fedcomm.server.federation import FederationError, round_medians

@@ -59,7 +59,7 @@ class PrivacyConfig:
         positive signalling, a discrete channel's codeword marginal.
     split
         What the calibration gave each mechanism: its epsilon alone for one unit (set by
-        ``releases.calibration.calibrate``; stated in the report).
+        ``releases.plan.calibrate``; stated in the report).
     accountant
         ``"pld"`` (default, tight), ``"rdp"`` (fast, a few percent loose) or ``"prv"``: the
         accountant noise is calibrated, budgets checked and the report computed with.

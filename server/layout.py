@@ -3,7 +3,7 @@
 The global module of round 1 is the initial team's shared module (``comm.*``) and, when the run
 averages them, each type's private networks (``type.<name>.*``). An agent replies with exactly
 the parts of the shared module it sends (every part with ``share="all"``; with ``"used"`` those
-it shares with another agent, ``models.parts.shared_parts``; none with ``"none"``) and, with
+it shares with another agent, ``releases.schedule.shared_parts``; none with ``"none"``) and, with
 ``aggregate_private``, its own type's networks: the same keys, shapes and dtypes as the global
 module's, whatever it trained. The server builds this from ``fedcomm.models`` (never from the
 agents' code), so a reply can be checked against it, key by key.
@@ -18,9 +18,9 @@ import numpy as np
 import torch
 
 from fedcomm.config import FederationConfig
-from fedcomm.models.parts import initial_routes, shared_parts
 from fedcomm.models.team import Team
 from fedcomm.protocol.round import SHARED, TYPE, key_group, module_arrays
+from fedcomm.releases.schedule import initial_routes, shared_parts
 
 
 def initial_arrays(fed: FederationConfig) -> dict[str, torch.Tensor]:

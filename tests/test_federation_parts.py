@@ -13,10 +13,16 @@ from fedcomm.clients.state import StateStore, load_private_state, private_state_
 from fedcomm.config import FederationConfig, TeamConfig, TrainConfig
 from fedcomm.learning.party import Party
 from fedcomm.learning.transport import Transport
-from fedcomm.models.parts import RECEIVER_PARTS, SENDER_PARTS, initial_routes, peers, shared_parts
 from fedcomm.models.team import Team
 from fedcomm.modes.simulation import assemble_team, one_team_holds
 from fedcomm.presets import federation_preset
+from fedcomm.releases.schedule import (
+    RECEIVER_PARTS,
+    SENDER_PARTS,
+    initial_routes,
+    peers,
+    shared_parts,
+)
 from fedcomm.server.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from fedcomm.server.strategy import (
     aggregate_by_group,

@@ -22,8 +22,7 @@ from fedcomm.privacy.audit import audit
 from fedcomm.privacy.config import PrivacyConfig
 from fedcomm.privacy.ledger import read_ledger
 from fedcomm.releases.account import LEDGER, AgentPrivacy
-from fedcomm.releases.calibration import calibrate
-from fedcomm.releases.plan import Schedule
+from fedcomm.releases.plan import Schedule, calibrate
 from fedcomm.releases.schedule import update_releases
 from fedcomm.sim.registry import make_env
 
