@@ -94,11 +94,11 @@ class Team(TeamState, nn.Module):
         self.register_buffer("local_index", torch.tensor(self.agents), persistent=False)
         self.register_buffer("allowed", torch.tensor(self.cfg.allowed_routes(spec)),
                              persistent=False)
-        # Each local agent type's share of the graph's price (see ``route_cost``).
-        share = torch.zeros(len(spec.types))
+        # The part of the graph's price each local agent type pays (see ``route_cost``).
+        paid = torch.zeros(len(spec.types))
         for k, c in zip(self.types, self.counts):
-            share[k] = c / spec.types[k].count
-        self.register_buffer("route_share", share, persistent=False)
+            paid[k] = c / spec.types[k].count
+        self.register_buffer("price_part", paid, persistent=False)
         # Built last, so that the other networks' initial weights are those without it.
         self.recall = (nn.ModuleList(group_mlp(c, [self.cfg.symbols, h, t.obs_dim])
                                      for t, c in zip(kinds, self.counts))
@@ -230,12 +230,12 @@ class Team(TeamState, nn.Module):
         return routes if self.cfg.communicate else torch.zeros_like(routes)
 
     def route_cost(self) -> Tensor:
-        """The local agents' share of the graph's price: each receiver pays for the routes into
+        """The local agents' part of the graph's price: each receiver pays for the routes into
         it, split among the agents of its type. Summed over parties this is the whole graph's
-        strength, so every party's loss is its share of the centralized loss; were each to pay
+        strength, so every party's loss is its part of the centralized loss; were each to pay
         for the whole graph, federated averaging would price routes ``N`` times higher than
         the receivers' gain from them."""
-        return (self.comm.route_strength().sum(dim=0) * self.route_share).sum()
+        return (self.comm.route_strength().sum(dim=0) * self.price_part).sum()
 
     def route(self, senders: Tensor) -> Tensor:
         """``[B or 1, n_local, N]`` what the router delivers to the local agents."""
