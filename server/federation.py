@@ -134,6 +134,8 @@ class RoundReplies:
     released: list[str] = field(default_factory=list)  # every field the replies carried
     reach: float = 0.0  # Screened.reach
     median_ratio: float = 0.0  # Screened.median_ratio
+    arrays: ArrayRecord | None = None  # the new global module (None: nothing to aggregate)
+    aggregate_s: float = 0.0  # seconds the strategy took to screen and aggregate
 
 
 class Federation:
@@ -225,11 +227,18 @@ class Federation:
         messages = list(self.strategy.configure_train(rnd, self.arrays, todo.to_record(),
                                                       self.grid))
         good, failures = exchange(self.grid, messages, self.fed.round_timeout, self.stop)
-        screened = self.screen.screen(rnd, good)  # never reaches the average unless it passes
+        if failures and self.fed.on_agent_failure == "stop":
+            raise FederationError(f"round {rnd}: " + "; ".join(failures))
+        t1 = time.perf_counter()
+        # the strategy screens every reply (nothing reaches the average unless it passes) and
+        # aggregates those accepted. A run that then stops on a refused reply has charged
+        # client-level DP's ledgers for a mean it never released: an over-count, never under
+        arrays, _ = self.strategy.aggregate_train(rnd, good)
+        screened = self.screen.last
         good, failures = screened.accepted, failures + screened.rejected
         replies = RoundReplies(good, [TrainReply.from_message(m) for m in good], failures,
-                               time.perf_counter() - t0, screened.norms, _released(good),
-                               screened.reach, screened.median_ratio)
+                               t1 - t0, screened.norms, _released(good), screened.reach,
+                               screened.median_ratio, arrays, time.perf_counter() - t1)
         if failures:
             message = f"round {rnd}: " + "; ".join(failures)
             if self.fed.on_agent_failure == "stop":
@@ -246,12 +255,10 @@ class Federation:
 
     # -- aggregate ---------------------------------------------------------------------------
     def aggregate(self, rnd: int, replies: RoundReplies) -> dict:
-        """The new global module from the replies; returns the round's metrics row."""
-        t0 = time.perf_counter()
-        arrays, _ = self.strategy.aggregate_train(rnd, replies.messages)
-        if arrays is not None:  # None: every agent was silent, its budget spent
-            self.arrays = arrays
-        aggregate_s = time.perf_counter() - t0
+        """Take the round's new global module; returns the round's metrics row."""
+        if replies.arrays is not None:  # None: every agent was silent, its budget spent
+            self.arrays = replies.arrays
+        aggregate_s = replies.aggregate_s
         got = replies.replies
         self.env_steps += len(self.fed.batches_in(rnd)) * self.fed.train.batch_steps
         row = {"round": rnd, "env_steps": self.env_steps,

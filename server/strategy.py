@@ -2,15 +2,15 @@
 
 Agents reply with the parts of the shared module they send (keys ``comm.*``) and, with
 ``aggregate_private``, their type's private networks (keys ``type.<name>.*``). Every reply is
-checked and reweighed by the server's reply screen first, once (``server/validation.py``:
-replies it already accepted pass through the strategy's own call unchanged); then each group of
-keys is aggregated over the replies that carry it: by default averaged, weighted by environment
-steps, with Flower's own ``aggregate_arrayrecords``, or by one of Flower's robust strategies
-(``server/robust.py``). A group no reply carries keeps the global module's value. Flower's
-FedAvgM or FedAdam then applies its server-side step to the result, handed to it as the round's
-one reply (checked against flwr 1.41 and 1.42: its FedAvg leaves a single reply as it is);
-client-level DP (``server/client_dp.py``) wraps the whole in Flower's server-side fixed
-clipping.
+checked and reweighed by the server's reply screen first (``server/validation.py``), once, in
+the strategy's ``aggregate_train``, whose outcome the round loop reads from the screen; then
+each group of keys is aggregated over the replies that carry it: by default averaged, weighted
+by environment steps, with Flower's own ``aggregate_arrayrecords``, or by one of Flower's
+robust strategies (``server/robust.py``). A group no reply carries keeps the global module's
+value. Flower's FedAvgM or FedAdam then applies its server-side step to the result, handed to
+it as the round's one reply (checked against flwr 1.41 and 1.42: its FedAvg leaves a single
+reply as it is); client-level DP (``server/client_dp.py``) wraps the whole in Flower's
+server-side fixed clipping.
 """
 
 from __future__ import annotations

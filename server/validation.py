@@ -122,7 +122,7 @@ class ReplyScreen:
         self.sent = ArrayRecord()  # the global module the round's replies started from
         self._base: dict[str, np.ndarray] = {}  # the same, in float64 for the updates
         self.messages: list[Message] = []  # the round's train messages, ids set when pushed
-        self._passed: set[int] = set()  # the replies the last screen accepted (by identity)
+        self.last = Screened()  # the latest round's outcome, for the round loop to act on
 
     def configure(self, arrays: ArrayRecord, messages: Sequence[Message]) -> None:
         """The global module sent this round, and the messages it went in (their ids are
@@ -134,12 +134,8 @@ class ReplyScreen:
     # -- a round's replies ---------------------------------------------------------------------
     def screen(self, server_round: int, replies: Iterable[Message]) -> Screened:
         """Check every reply of ``server_round`` (error replies are left out: they are the
-        transport's failures); the accepted ones are reweighed in place. Replies this screen
-        has just accepted pass again unchecked: each is checked once, by whichever of the
-        server's loop and its strategy sees it first."""
-        replies = list(replies)
-        if replies and all(id(m) in self._passed for m in replies):
-            return Screened(accepted=replies)
+        transport's failures); the accepted ones are reweighed in place. The outcome is also
+        kept as ``last``."""
         out = Screened()
         sent = {m.metadata.message_id: m for m in self.messages}
         answered: set[str] = set()
@@ -166,7 +162,7 @@ class ReplyScreen:
             out.anchors[name] = (candidate.proof.ledger_entries, candidate.proof.ledger_hash)
             out.reach = max(out.reach, candidate.reach)
         self.anchors |= out.anchors
-        self._passed = {id(m) for m in out.accepted}
+        self.last = out
         return out
 
     def _identified(self, msg: Message, metrics_of) -> tuple:

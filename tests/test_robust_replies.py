@@ -102,11 +102,13 @@ class Round:
         return msg
 
     def aggregate(self, replies: list[Message]) -> tuple[dict[str, np.ndarray], list[str]]:
-        screened = screen_of(self.strategy).screen(self.rnd, list(replies))
-        arrays, _ = self.strategy.aggregate_train(self.rnd, screened.accepted)
+        """The strategy's round, as the round loop runs it: it screens the replies and
+        aggregates those it accepts; the screen says which it refused."""
+        arrays, _ = self.strategy.aggregate_train(self.rnd, list(replies))
         if arrays is not None:
             self.glob = arrays
-        return {k: v.numpy() for k, v in self.glob.items()}, screened.rejected
+        return ({k: v.numpy() for k, v in self.glob.items()},
+                screen_of(self.strategy).last.rejected)
 
 
 def honest_mean(run: Round, agents: list[int], delta: float = 0.01) -> dict[str, np.ndarray]:
