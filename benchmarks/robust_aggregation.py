@@ -9,9 +9,9 @@ environment steps, signed as its ClientApp signs it. What is timed is what the S
 with a round's replies: the checks (``ReplyScreen.screen``; of them, the signatures alone)
 and ``aggregate_train``, which screens and aggregates (client-level DP also writes every agent's
 ledger line, fsync included); "aggregate" is its time less the screen's. "no checks" is the
-strategy's ``aggregate_accepted`` alone. Per reply, an agent signs it (``protocol.signing.seal``), checks the round's
-configuration against its policy (``clients.policy``; the first time, then cached) and writes
-its journal line (at the environment's default, ``fedcomm simulate --env ENV``: private for
+strategy's ``aggregate_accepted`` alone. Per reply, an agent signs it
+(``protocol.signing.seal``), checks the round's configuration against its policy
+(``clients.policy``; the first time, then cached) and writes its journal line (at the environment's default, ``fedcomm simulate --env ENV``: private for
 speaker_listener). Medians over repeats; replies are built before the clock starts.
 
     python benchmarks/robust_aggregation.py [--envs speaker_listener factory] [--repeats 50]
@@ -98,8 +98,7 @@ def measure(fed: FederationConfig, checks: bool, repeats: int) -> dict[str, floa
     glob = {k: v.numpy() for k, v in initial.items()}
     rng = np.random.default_rng(0)
     keys = generate_tokens(fed.spec.agent_ids)
-    screen_s, verify_s, aggregate_s, seal_s = [], [], [], []
-    total_s = []
+    screen_s, verify_s, total_s, seal_s = [], [], [], []
     with tempfile.TemporaryDirectory() as run_dir:
         strategy = make_strategy(fed, n, keys, initial, run_dir)
         screen = screen_of(strategy)
