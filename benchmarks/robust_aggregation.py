@@ -1,17 +1,17 @@
-"""Cost of the server's reply checks and of each aggregation option, per round, and of what
-an agent adds to each reply.
+"""Cost of the server's reply checks and of each aggregation option, per round, and of what an agent
+adds to each reply.
 
-At each environment's federated preset with every part of the shared module sent
-(``--share all``; speaker_listener: 2 agents, factory: 7), the server's own strategy
-(``make_strategy``) aggregates one round of honest replies: each agent's copy of the shared
-module, moved from the global module by a small random update, weighted by the round's
-environment steps, signed as its ClientApp signs it. What is timed is what the ServerApp does
-with a round's replies: the checks (``ReplyScreen.screen``; of them, the signatures alone)
-and ``aggregate_train``, which screens and aggregates (client-level DP also writes every agent's
-ledger line, fsync included); "aggregate" is its time less the screen's. "no checks" is the
-strategy's ``aggregate_accepted`` alone. Per reply, an agent signs it
-(``protocol.signing.seal``), checks the round's configuration against its policy
-(``clients.policy``; the first time, then cached) and writes its journal line (at the environment's default, ``fedcomm simulate --env ENV``: private for
+At each environment's federated preset with every part of the shared module sent (``--share
+all``; speaker_listener: 2 agents, factory: 7), the server's own strategy (``make_strategy``)
+aggregates one round of honest replies: each agent's copy of the shared module, moved from the
+global module by a small random update, weighted by the round's environment steps, signed as its
+ClientApp signs it. What is timed is what the ServerApp does with a round's replies: the checks
+(``ReplyScreen.screen``; of them, the signatures alone) and ``aggregate_train``, which screens
+and aggregates (client-level DP also writes every agent's ledger line, fsync included);
+"aggregate" is its time less the screen's. "no checks" is the strategy's ``aggregate_accepted``
+alone. Per reply, an agent signs it (``protocol.signing.seal``), checks the round's
+configuration against its policy (``clients.policy``; the first time, then cached) and writes
+its journal line (at the environment's default, ``fedcomm simulate --env ENV``: private for
 speaker_listener). Medians over repeats; replies are built before the clock starts.
 
     python benchmarks/robust_aggregation.py [--envs speaker_listener factory] [--repeats 50]
