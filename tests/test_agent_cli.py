@@ -33,6 +33,8 @@ from fedcomm.sim.serve import SimServer
 from fedcomm.sim.service import JointEnvironmentService, SimConfig
 from tests.harness.processes import fedcomm
 
+pytestmark = pytest.mark.integration  # `fedcomm agent` processes against a simulator
+
 FACTORY = {"n_sensors": 1, "n_processors": 1, "n_actuators": 1, "episode_length": 3}
 SPEC = factory_spec(**FACTORY)
 SENSOR, PROCESSOR, ACTUATOR = SPEC.agent_ids

@@ -119,6 +119,7 @@ NOT_IN_AN_AGENT = ("opacus", "matplotlib", "ray", "dp_accounting", "fedcomm.plot
                    "fedcomm.modes", "fedcomm.server")
 
 
+@pytest.mark.integration  # a Python process
 def test_the_clientapp_module_imports_nothing_its_round_may_not_need():
     code = ("import sys, fedcomm.clients.app; "
             f"print(' '.join(m for m in {NOT_IN_AN_AGENT!r} if m in sys.modules))")
@@ -132,6 +133,7 @@ def test_the_clientapp_module_imports_nothing_its_round_may_not_need():
 NOT_IN_A_RELAY = (*NOT_IN_AN_AGENT, "torch", "fedcomm.clients.agent", "fedcomm.models")
 
 
+@pytest.mark.integration  # a Python process
 def test_the_relaying_clientapp_imports_neither_torch_nor_the_agent():
     code = ("import sys, fedcomm.clients.relay; "
             f"print(' '.join(m for m in {NOT_IN_A_RELAY!r} if m in sys.modules))")

@@ -46,6 +46,8 @@ from fedcomm.sim.service import JointEnvironmentService, SimConfig
 from tests.harness.replies import pushed
 from tests.harness.secrets import AgentSecrets
 
+pytestmark = pytest.mark.integration  # every test starts a simulator on loopback
+
 B = 16
 FACTORY = {"n_sensors": 1, "n_processors": 1, "n_actuators": 1}
 FED = FederationConfig(

@@ -85,6 +85,7 @@ def _discipline(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(VecEnv, "checks_action_range", property(lambda self: False))
 
 
+@pytest.mark.integration  # 5-30 s per environment
 @pytest.mark.parametrize("env_name", sorted(TEAMS))
 def test_step_loop_never_waits_for_the_device(env_name: str,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
@@ -103,6 +104,7 @@ def test_step_loop_never_waits_for_the_device(env_name: str,
     assert checks.syncs == [] and checks.undeviced == []
 
 
+@pytest.mark.integration  # about 20 s
 def test_a_partys_feedback_and_the_importance_stay_on_the_device(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """What a federated party does after its rollout (feedback, clipping and noise, the update
@@ -201,6 +203,7 @@ def test_gpu_step_loop_is_asynchronous(env_name: str) -> None:
     assert {t.device.type for t in tensors} == {"cuda"}
 
 
+@pytest.mark.integration  # trains 3M steps
 @cuda
 def test_gpu_training_checkpoint_evaluates_the_same_on_the_cpu(tmp_path: Path) -> None:
     cfg = replace(preset("speaker_listener", "gpu"), env_steps=3_000_000, device="cuda",
@@ -216,6 +219,7 @@ def test_gpu_training_checkpoint_evaluates_the_same_on_the_cpu(tmp_path: Path) -
     assert on_gpu.return_mean > result.baselines["no_comm"].return_mean  # it learned
 
 
+@pytest.mark.integration  # simulator and agent processes
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=NEEDS_GPU)])
 def test_agents_and_simulator_on_a_device(device: str, tmp_path: Path, sim_process) -> None:
     """``fedcomm sim serve --device`` and one ``fedcomm agent --device`` per agent: two

@@ -16,6 +16,7 @@ from fedcomm.sim.platoon import Platoon
 DISCRETE = {"channel": "discrete", "symbols": 4, "rr_epsilon": 3.0}
 
 
+@pytest.mark.integration  # up to 12 s per team
 @pytest.mark.parametrize(("env_cls", "team"), [
     (Factory, {}), (Platoon, {}), (Factory, {"accumulate": True}),
     (Factory, DISCRETE), (Factory, {**DISCRETE, "accumulate": True, "release_every": 5})])
@@ -43,6 +44,7 @@ def test_summed_receiver_feedback_equals_the_in_process_gradient(env_cls, team):
     torch.testing.assert_close(summed, reference, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.integration  # about 7 s
 def test_feedback_vanishes_where_nothing_was_delivered():
     torch.manual_seed(0)
     env = Factory(8)
@@ -71,6 +73,7 @@ def test_privatize_clips_each_episode_and_adds_the_declared_noise():
     assert abs(noisy.std().item() - 1.5) < 0.01
 
 
+@pytest.mark.integration  # about 8 s
 def test_own_loss_plus_applied_feedback_gives_the_one_graph_gradient():
     """A party's own loss plus the surrogate sum(m * g) / B trains its private modules exactly
     as the whole team's loss does."""

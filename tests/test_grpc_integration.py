@@ -15,6 +15,8 @@ from fedcomm.models.team import Team
 from fedcomm.sim.factory import factory_spec
 from tests.harness.processes import fedcomm, finish
 
+pytestmark = pytest.mark.integration  # `fedcomm sim serve` and three `fedcomm agent` processes
+
 FACTORY = ("n_sensors=1", "n_processors=1", "n_actuators=1")
 NUM_ENVS = 32
 

@@ -162,12 +162,14 @@ def compose_script(service: dict) -> str:
     return service["command"][0].replace("$$", "$")
 
 
+@pytest.mark.integration  # runs Docker Compose, kubectl or shellcheck
 def test_compose_config_is_valid() -> None:
     out = run_tool([*compose_command(), "-f", str(COMPOSE_FILE), "--profile", "submit",
                     "config", "-q"], env=compose_env())
     assert out.returncode == 0, f"docker compose config -q:\n{out.stdout}{out.stderr}"
 
 
+@pytest.mark.integration  # runs Docker Compose, kubectl or shellcheck
 def test_compose_matches_the_compose_spec_schema() -> None:
     if importlib.util.find_spec("check_jsonschema") is None:
         missing("check-jsonschema", "pip install -e '.[dev]'")
@@ -176,6 +178,7 @@ def test_compose_matches_the_compose_spec_schema() -> None:
     assert out.returncode == 0, f"compose-spec schema:\n{out.stdout}{out.stderr}"
 
 
+@pytest.mark.integration  # runs Docker Compose, kubectl or shellcheck
 def test_compose_has_one_supernode_per_agent(compose: dict) -> None:
     services = agent_services(compose)
     assert sorted(services) == sorted(AGENTS)
@@ -186,6 +189,7 @@ def test_compose_has_one_supernode_per_agent(compose: dict) -> None:
         assert not service.get("ports"), f"{name} publishes a port"
 
 
+@pytest.mark.integration  # runs Docker Compose, kubectl or shellcheck
 def test_compose_agents_mount_only_their_own_secrets(compose: dict) -> None:
     state_volumes = set()
     for agent, service in agent_services(compose).items():
@@ -202,6 +206,7 @@ def test_compose_agents_mount_only_their_own_secrets(compose: dict) -> None:
     assert state_volumes <= set(compose["volumes"])
 
 
+@pytest.mark.integration  # runs Docker Compose, kubectl or shellcheck
 def test_compose_runs_each_agents_worker_beside_its_supernode(compose: dict) -> None:
     workers = compose_workers(compose)
     assert sorted(workers) == sorted(AGENTS)
@@ -225,6 +230,7 @@ def test_compose_runs_each_agents_worker_beside_its_supernode(compose: dict) -> 
         assert not {m.get("source") for m in compose_mounts(service).values()} & sockets
 
 
+@pytest.mark.integration  # runs Docker Compose, kubectl or shellcheck
 def test_compose_servers_and_ports(compose: dict) -> None:
     published = {int(p["published"]) for s in compose["services"].values()
                  for p in s.get("ports", [])}
@@ -249,6 +255,7 @@ def test_compose_servers_and_ports(compose: dict) -> None:
         assert service["read_only"] is True, f"{name}'s root file system is writable"
 
 
+@pytest.mark.integration  # runs Docker Compose, kubectl or shellcheck
 def test_compose_submit_holds_no_private_key(compose: dict) -> None:
     submit = compose["services"]["submit"]
     assert submit["profiles"] == ["submit"]
@@ -262,6 +269,7 @@ def compose_submission(compose: dict) -> argparse.Namespace:
                             compose["services"]["sim"]["command"])
 
 
+@pytest.mark.integration  # runs Docker Compose, kubectl or shellcheck
 def test_compose_submission_script(compose: dict, tmp_path: Path) -> None:
     script = compose_script(compose["services"]["submit"])
     run_shellcheck(script, tmp_path, "compose-submit")
@@ -271,6 +279,7 @@ def test_compose_submission_script(compose: dict, tmp_path: Path) -> None:
         LAYOUT.agent_keys
 
 
+@pytest.mark.integration  # runs Docker Compose, kubectl or shellcheck
 def test_compose_node_config_is_read_by_the_agent(compose: dict, tmp_path: Path) -> None:
     """Each agent's node config, its mounts replaced by real folders, makes its AgentNode; it
     signs with the key the ServerApp verifies with, shows the token its worker asks for, and
@@ -299,6 +308,7 @@ def test_compose_node_config_is_read_by_the_agent(compose: dict, tmp_path: Path)
                          server_keys[agent], read_worker_token(token_file))
 
 
+@pytest.mark.integration  # runs Docker Compose, kubectl or shellcheck
 def test_compose_simulator_reads_its_episode_key(compose: dict, tmp_path: Path) -> None:
     """The key `fedcomm deploy secrets` writes (0600), bind-mounted with its mode, is one the
     simulator accepts (it refuses a key that group or others can read)."""
@@ -440,6 +450,7 @@ def test_k8s_manifests_match_kubernetes_schemas() -> None:
             validate_k8s(doc, str(path.relative_to(REPO)))
 
 
+@pytest.mark.integration  # runs Docker Compose, kubectl or shellcheck
 def test_k8s_kustomizations_build_valid_objects(k8s: list[dict]) -> None:
     for doc in k8s:
         validate_k8s(doc, "kubectl kustomize")
@@ -452,6 +463,7 @@ def test_k8s_kustomizations_build_valid_objects(k8s: list[dict]) -> None:
     assert listed == set(manifest_files()), "a manifest is in no kustomization"
 
 
+@pytest.mark.integration  # runs Docker Compose, kubectl or shellcheck
 def test_k8s_has_one_workload_per_agent_with_its_own_secret(k8s: list[dict]) -> None:
     workloads = k8s_agents(k8s)
     assert sorted(workloads) == sorted(AGENTS)
@@ -470,6 +482,7 @@ def test_k8s_has_one_workload_per_agent_with_its_own_secret(k8s: list[dict]) -> 
     assert claims <= set(objects(k8s, "PersistentVolumeClaim"))
 
 
+@pytest.mark.integration  # runs Docker Compose, kubectl or shellcheck
 def test_k8s_node_configs_match_compose(k8s: list[dict], compose: dict) -> None:
     for agent, workload in k8s_agents(k8s).items():
         ours = k8s_command(k8s_container(workload, "supernode"), k8s)
@@ -480,6 +493,7 @@ def test_k8s_node_configs_match_compose(k8s: list[dict], compose: dict) -> None:
         assert worker == compose_workers(compose)[agent]["command"], f"{agent}'s worker"
 
 
+@pytest.mark.integration  # runs Docker Compose, kubectl or shellcheck
 def test_k8s_each_agent_pod_runs_its_worker(k8s: list[dict]) -> None:
     for agent, workload in k8s_agents(k8s).items():
         spec = pod_spec(workload)
@@ -498,6 +512,7 @@ def test_k8s_each_agent_pod_runs_its_worker(k8s: list[dict]) -> None:
         assert ours["/secrets"] == theirs["/secrets"] and ours["/state"] == theirs["/state"]
 
 
+@pytest.mark.integration  # runs Docker Compose, kubectl or shellcheck
 def test_k8s_servers(k8s: list[dict]) -> None:
     deployments = objects(k8s, "Deployment")
     superlink = pod_spec(deployments["superlink"])["containers"][0]
@@ -514,6 +529,7 @@ def test_k8s_servers(k8s: list[dict]) -> None:
     assert "--insecure" not in json.dumps(k8s)
 
 
+@pytest.mark.integration  # runs Docker Compose, kubectl or shellcheck
 def test_k8s_simulator_reads_its_episode_key_at_mode_0400(k8s: list[dict]) -> None:
     """The simulator refuses a key that group or others can read, and with the pod's fsGroup
     the kubelet gives every file of a secret volume group read whatever its mode
@@ -537,6 +553,7 @@ def test_k8s_simulator_reads_its_episode_key_at_mode_0400(k8s: list[dict]) -> No
     assert next(m for m in sim["volumeMounts"] if m["name"] == volume["name"])["readOnly"] is True
 
 
+@pytest.mark.integration  # runs Docker Compose, kubectl or shellcheck
 def test_k8s_pods_are_hardened(k8s: list[dict]) -> None:
     assert not objects(k8s, "Secret"), "secret values are never committed"
     workloads = [*objects(k8s, "Deployment").values(), *objects(k8s, "StatefulSet").values(),
@@ -559,6 +576,7 @@ def test_k8s_pods_are_hardened(k8s: list[dict]) -> None:
                     assert mount["readOnly"] is True, name
 
 
+@pytest.mark.integration  # runs Docker Compose, kubectl or shellcheck
 def test_k8s_submission(k8s: list[dict], tmp_path: Path) -> None:
     (job,) = objects(k8s, "Job").values()
     assert job["spec"]["backoffLimit"] == 0
@@ -603,6 +621,7 @@ def docs_secrets(folder: Path) -> dict[str, set[str]]:
     return created
 
 
+@pytest.mark.integration  # runs Docker Compose, kubectl or shellcheck
 def test_docs_create_every_secret_the_manifests_use(k8s: list[dict], tmp_path: Path) -> None:
     created = docs_secrets(tmp_path / "secrets")
     used = set()

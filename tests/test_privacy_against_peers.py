@@ -42,6 +42,8 @@ from fedcomm.sim.registry import make_env
 from fedcomm.sim.service import JointEnvironmentService
 from tests.harness.grids import B, FederatedRun, private_default
 
+pytestmark = pytest.mark.integration  # every party of a run, the simulator on loopback
+
 
 @pytest.fixture(autouse=True, scope="module")
 def server_identity():

@@ -23,6 +23,8 @@ from fedcomm.privacy.report import build_report, run_info_from_report, write_rep
 from fedcomm.releases.account import LEDGER
 from fedcomm.releases.schedule import composition_of_config
 
+pytestmark = pytest.mark.integration  # every test runs `fedcomm simulate`
+
 SMALL = ["--env", "speaker_listener", "--num-envs", "16", "--env-steps", str(4 * 16 * 25),
          "--batches-per-round", "2", "--eval-episodes", "16", "--hidden", "16", "--quiet"]
 AGENTS = ("speaker_0", "listener_0")

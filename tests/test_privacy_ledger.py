@@ -93,6 +93,7 @@ def test_wrong_agent_or_config_is_refused(tmp_path):
         Ledger(path, "a0", config_hash({"run": "other"}))
 
 
+@pytest.mark.integration  # a Python process
 def test_second_writer_is_refused(tmp_path):
     path = tmp_path / "l.jsonl"
     first = Ledger(path, "a0", CONFIG)
@@ -105,6 +106,7 @@ def test_second_writer_is_refused(tmp_path):
     Ledger(path, "a0", CONFIG).close()
 
 
+@pytest.mark.integration  # a Python process
 def test_crash_right_after_append_still_counts(tmp_path):
     path = tmp_path / "l.jsonl"
     script = textwrap.dedent(f"""

@@ -30,6 +30,7 @@ def played_round(sim: Client) -> tuple[int, dict]:
     return number, streams
 
 
+@pytest.mark.integration  # a simulator
 def test_a_join_replaying_a_round_that_ran_is_refused(sim: Client) -> None:
     number, streams = played_round(sim)
     for future in [sim.submit_feedback(s) for s in streams.values()]:
@@ -39,6 +40,7 @@ def test_a_join_replaying_a_round_that_ran_is_refused(sim: Client) -> None:
     sim.complete_round()
 
 
+@pytest.mark.integration  # a simulator
 def test_a_step_frame_of_the_round_before_is_refused_and_ends_the_batch(sim: Client) -> None:
     stale = sim.describe().round
     sim.complete_round()
@@ -54,6 +56,7 @@ def test_a_step_frame_of_the_round_before_is_refused_and_ends_the_batch(sim: Cli
     sim.complete_round()
 
 
+@pytest.mark.integration  # a simulator
 def test_feedback_for_the_round_before_is_refused_and_the_exchange_completes(
         sim: Client) -> None:
     first, old = played_round(sim)

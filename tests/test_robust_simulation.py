@@ -17,6 +17,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -27,8 +28,8 @@ from fedcomm.commands.privacy import server_record
 from fedcomm.config import FederationConfig, TeamConfig, TrainConfig
 from fedcomm.modes.processes import SimProcess
 from fedcomm.modes.simulation import (
-    all_agents_at_once,
     _quiet_flower,
+    all_agents_at_once,
     backend_config,
     complete_run,
     simulate,
@@ -44,6 +45,8 @@ from fedcomm.server.federation import FederationError
 from tests.harness.processes import assert_nothing_left
 from tests.harness.replies import signed_reply
 from tests.harness.secrets import AgentSecrets
+
+pytestmark = pytest.mark.integration  # Flower's simulation engine (Ray) and a simulator process
 
 FAULTY = 2  # the actuator's partition (and agent index)
 FAULTS = {2: "nan", 3: "huge", 4: "shape", 5: "steps", 6: "agent", 7: "type"}

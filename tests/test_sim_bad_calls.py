@@ -11,6 +11,7 @@ import logging
 import random
 
 import grpc
+import pytest
 from google.protobuf.message import DecodeError
 
 from fedcomm.protocol.auth import call_metadata, generate_tokens
@@ -32,6 +33,7 @@ def parses(request_type: type, payload: bytes) -> bool:
     return True
 
 
+@pytest.mark.integration  # a simulator
 def test_random_bytes_get_invalid_argument_and_a_bounded_log(caplog):
     rng = random.Random(0)
     tokens = generate_tokens(["speaker_0", "listener_0"])

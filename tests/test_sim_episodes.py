@@ -82,6 +82,7 @@ def regenerated_goals(seed: int) -> Tensor:
     return env.goal
 
 
+@pytest.mark.integration  # a simulator
 @pytest.mark.parametrize("label", [LABEL, None], ids=["declared label", "round as label"])
 def test_a_peer_knowing_the_config_and_the_label_cannot_reproduce_the_goals(
         label: int | None) -> None:
@@ -92,6 +93,7 @@ def test_a_peer_knowing_the_config_and_the_label_cannot_reproduce_the_goals(
     assert abs(agreement(truth, guess) - CHANCE) < 0.05
 
 
+@pytest.mark.integration  # simulators
 def test_the_same_key_and_label_give_the_same_episodes_another_key_others() -> None:
     key = secrets.token_bytes(KEY_BYTES)
     first, again = (batch_of(config(episode_key=key), LABEL) for _ in range(2))
@@ -143,6 +145,7 @@ def test_an_episode_key_others_can_read_or_too_short_is_refused(
         episode_key(link)
 
 
+@pytest.mark.integration  # a `fedcomm sim serve` process
 def test_sim_serve_refuses_a_readable_key_with_one_line(tmp_path: Path) -> None:
     path = tmp_path / "episode.key"
     path.write_bytes(os.urandom(KEY_BYTES))
@@ -155,6 +158,7 @@ def test_sim_serve_refuses_a_readable_key_with_one_line(tmp_path: Path) -> None:
     assert len(lines) == 1 and lines[0].startswith("error: the episode key"), out
 
 
+@pytest.mark.integration  # simulator processes
 def test_simulate_keeps_its_simulators_key_in_the_run_directory(tmp_path: Path) -> None:
     """A resumed run's simulator keys its batches as the first one did."""
     team = TeamConfig(hidden=8, comm_dim=6)

@@ -55,6 +55,7 @@ TIMEOUT = 30.0
 
 
 # -- frames sent ahead ---------------------------------------------------------------------
+@pytest.mark.integration  # a simulator
 def test_frames_sent_ahead_of_the_answers_end_the_stream_at_once(
         start: Callable[..., Client]) -> None:
     sim = start(step_timeout=10.0)  # the others' turn does not run out first on a busy machine
@@ -73,6 +74,7 @@ def test_frames_sent_ahead_of_the_answers_end_the_stream_at_once(
 
 
 # -- message sizes -------------------------------------------------------------------------
+@pytest.mark.integration  # a simulator
 def test_the_message_limit_follows_the_runs_shapes(start: Callable[..., Client]) -> None:
     """At the largest comm_dim the simulator takes, the largest messages of a round (the
     feedback of a receiver every other agent reached) pass; a larger comm_dim is refused at the
@@ -102,6 +104,7 @@ def never() -> Iterator[bytes]:
     yield b""
 
 
+@pytest.mark.integration  # a simulator
 def test_a_call_that_sends_no_request_is_cut_off(start: Callable[..., Client]) -> None:
     """Otherwise anyone could hold calls open by sending nothing after the headers."""
     sim = start(step_timeout=1.0)
@@ -163,6 +166,7 @@ async def attack(address: str, stop: threading.Event, codes: Counter) -> None:
     await asyncio.gather(*(one_connection(n) for n in range(ATTACK_CONNECTIONS)))
 
 
+@pytest.mark.integration  # a simulator process
 def test_callers_opening_many_streams_cannot_stop_a_normal_round(sim_process) -> None:
     _, address = sim_process(AGENTS, *FACTORY, "--num-envs", "4")
     stop, codes = threading.Event(), Counter()
@@ -267,6 +271,7 @@ class Flood:
         return ended.value
 
 
+@pytest.mark.integration  # a simulator process
 def test_a_flood_of_frames_on_one_stream_leaves_the_simulators_memory_bounded(
         sim_process) -> None:
     proc, address = sim_process(

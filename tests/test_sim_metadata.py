@@ -28,6 +28,8 @@ from tests.harness.sim import (
     join_request,
 )
 
+pytestmark = pytest.mark.integration  # every test starts a simulator
+
 Metadata = tuple[tuple[str, str | bytes], ...]
 METHODS = ("Describe", "Join", "Feedback", "Step")
 

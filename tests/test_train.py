@@ -74,6 +74,7 @@ SMALL_FACTORY = {"n_sensors": 1, "n_processors": 1, "n_actuators": 2, "n_product
 LEARN_STEPS = 200_000
 
 
+@pytest.mark.integration  # trains: about 45 s
 def test_communication_is_learned_and_the_ablation_cannot_learn_it(tmp_path):
     """Seed-averaged: the trained team beats the best no-communication team by a wide margin;
     the same trainer with the channel cut does not."""

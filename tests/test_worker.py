@@ -111,6 +111,7 @@ def ledger_lines(n, agent: str) -> list[str]:
     return (n.state_root / agent / "ledger.jsonl").read_text().splitlines()
 
 
+@pytest.mark.integration  # a simulator and workers
 def test_a_kept_agent_computes_what_an_agent_restored_every_round_computes(nodes,  # noqa: F811
                                                                            workers):
     fresh = nodes(FED, policy=SEEDED)
@@ -131,6 +132,7 @@ def test_a_kept_agent_computes_what_an_agent_restored_every_round_computes(nodes
         assert metrics["start_s"] > 0  # the relaying process's own start-up
 
 
+@pytest.mark.integration  # a simulator and workers
 def test_a_round_sent_again_is_answered_with_its_reply_and_releases_nothing_twice(workers):
     w = workers()
     n = w.n
@@ -152,6 +154,7 @@ def test_a_round_sent_again_is_answered_with_its_reply_and_releases_nothing_twic
     assert all(len(ledger_lines(n, a)) > len(ledgers[a]) for a in n.spec.agent_ids)
 
 
+@pytest.mark.integration  # a simulator and workers
 def test_a_worker_gone_fails_the_message_and_a_new_one_continues_from_disk(workers,
                                                                              monkeypatch):
     w = workers(join_timeout=3.0)
@@ -174,6 +177,7 @@ def test_a_worker_gone_fails_the_message_and_a_new_one_continues_from_disk(worke
     assert all(m["restore_s"] > 0 for m in metrics)
 
 
+@pytest.mark.integration  # a simulator and workers
 def test_a_worker_serves_its_own_agent_only(workers):
     w = workers()
     n = w.n
@@ -237,6 +241,7 @@ def test_requests_and_replies_cross_the_socket_unchanged():
         assert reply.error is None and reply.content["m"]["k"] == 1
 
 
+@pytest.mark.integration  # a simulator and workers
 def test_without_a_worker_socket_the_clientapp_runs_the_agent_itself(workers):
     w = workers()
     n = w.n

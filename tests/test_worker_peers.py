@@ -143,6 +143,7 @@ def served(tmp_path: Path) -> Iterator[Served]:
     s.worker.close()
 
 
+@pytest.mark.integration  # a worker serving its socket
 @pytest.mark.parametrize("case", sorted(MALFORMED))
 def test_a_malformed_request_is_refused_in_one_line_and_the_worker_goes_on(served, capsys,
                                                                            case):
@@ -156,6 +157,7 @@ def test_a_malformed_request_is_refused_in_one_line_and_the_worker_goes_on(serve
     assert len(refusals) == 1 and reason in refusals[0], refusals
 
 
+@pytest.mark.integration  # a worker serving its socket
 def test_no_fuzzed_request_stops_the_worker(served, capsys):
     """Requests with random bytes changed, cut short or inserted: each is answered or refused
     (a change in a string may leave a valid request), and the worker serves on."""
@@ -177,6 +179,7 @@ def test_no_fuzzed_request_stops_the_worker(served, capsys):
     assert all(re.match(r"\d\d:\d\d:\d\d ", line) for line in log)  # one line each
 
 
+@pytest.mark.integration  # a worker serving its socket
 def test_an_idle_or_slow_peer_is_dropped_and_the_next_connection_served(tmp_path, monkeypatch):
     monkeypatch.setattr(worker_module, "REQUEST_S", 0.5)
     s = Served(tmp_path / "w" / "a.sock")
@@ -210,6 +213,7 @@ def test_an_idle_or_slow_peer_is_dropped_and_the_next_connection_served(tmp_path
         s.worker.close()
 
 
+@pytest.mark.integration  # a worker serving its socket
 def test_only_a_request_with_the_workers_token_is_answered(tmp_path):
     s = Served(tmp_path / "w" / "a.sock")
     try:
@@ -286,6 +290,7 @@ def silent_worker(path: Path) -> tuple[socket.socket, list[socket.socket]]:
     return sock, taken
 
 
+@pytest.mark.integration  # a socket taking connections
 def test_a_worker_that_does_not_answer_fails_the_message_in_one_line(tmp_path):
     path = tmp_path / "w" / "a.sock"
     sock, taken = silent_worker(path)
@@ -306,6 +311,7 @@ def test_a_worker_that_does_not_answer_fails_the_message_in_one_line(tmp_path):
             conn.close()
 
 
+@pytest.mark.integration  # a worker serving its socket
 def test_the_relay_shows_the_token_in_its_file_and_says_when_it_cannot(tmp_path):
     s = Served(tmp_path / "w" / "a.sock")
     token_file = tmp_path / "worker.token"
@@ -331,6 +337,7 @@ def test_the_relay_shows_the_token_in_its_file_and_says_when_it_cannot(tmp_path)
         s.worker.close()
 
 
+@pytest.mark.integration  # a worker serving its socket
 def test_a_refusal_reaches_a_relay_still_sending_a_large_request(tmp_path):
     """The worker stops reading at a wrong token's header; the relay, its send cut short,
     still reads why."""
