@@ -5,9 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fedcomm.commands.options import add_device, key_value, parser_of
 from fedcomm.commands.output import console
+
+if TYPE_CHECKING:
+    from fedcomm.sim.base import EnvSpec
 
 
 def add(sub: argparse._SubParsersAction) -> None:
@@ -22,6 +26,21 @@ def add(sub: argparse._SubParsersAction) -> None:
     add_device(p)
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=run)
+
+
+def mute_as_trained(trained: EnvSpec, env: str, env_kwargs: dict) -> dict:
+    """The original mpe2 environment with the agent types the run muted muted too (a private
+    speaker_listener run mutes the speaker's ``say``): said on stderr, so ``--json`` stays
+    clean; ``--env-opt mute=...`` chooses otherwise."""
+    from fedcomm.learning.evaluate import muted_types
+    from fedcomm.sim.registry import make_env
+
+    muted = muted_types(trained, make_env(env, 1, "cpu", **env_kwargs).spec)
+    if not muted:
+        return env_kwargs
+    console.print(f"{env}: muting {', '.join(muted)} as the run did (--env-opt "
+                  f"mute={','.join(muted)})", highlight=False, soft_wrap=True)
+    return {**env_kwargs, "mute": muted[0] if len(muted) == 1 else muted}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -40,6 +59,8 @@ def run(args: argparse.Namespace) -> int:
     env = args.env or trained["env"]
     env_kwargs = (dict(args.env_opt) if args.env
                   else {**trained["env_kwargs"], **dict(args.env_opt)})
+    if env.startswith("mpe2:") and "mute" not in env_kwargs:
+        env_kwargs = mute_as_trained(team.spec, env, env_kwargs)
     batch = 100 if env.startswith("mpe2:") else 1000
     result = evaluate_team(team, env, args.episodes, args.seed, batch=batch, env_kwargs=env_kwargs)
     if args.json:

@@ -27,6 +27,25 @@ def check_compatible(trained: EnvSpec, target: EnvSpec) -> None:
                          f"not match {target.name} [{show(target)}]")
 
 
+def muted_types(trained: EnvSpec, target: EnvSpec) -> list[str]:
+    """The agent types a team was trained with muted (one action) that ``target`` lets act:
+    what ``mute`` must name for the team to play it. Empty where nothing else differs but
+    that, or where something else differs too."""
+    if len(trained.types) != len(target.types):
+        return []
+    muted = []
+    for mine, theirs in zip(trained.types, target.types):
+        same = (mine.name, mine.count, mine.obs_dim) == (theirs.name, theirs.count,
+                                                         theirs.obs_dim)
+        if not same:
+            return []
+        if mine.n_actions == 1 and theirs.n_actions > 1:
+            muted.append(mine.name)
+        elif mine.n_actions != theirs.n_actions:
+            return []
+    return muted
+
+
 def evaluate_team(team: Team, env_name: str, episodes: int, seed: int = 0,
                   batch: int = 1000, env_kwargs: dict | None = None,
                   greedy: bool = True) -> EvalResult:
