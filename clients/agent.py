@@ -56,6 +56,19 @@ from fedcomm.releases.schedule import (
     update_releases,
 )
 
+LABELS = 1_000_000  # a run's batch labels lie below this: the next seed's start above it
+
+
+def batch_label(fed: FederationConfig, batch: int, replays: int) -> int:
+    """The label (and ledger batch number) of the run's ``batch`` in an attempt after
+    ``replays`` uncommitted ones: past every label an earlier attempt can have used, so a
+    round run again plays fresh episodes whose releases compose with nothing before."""
+    label = batch + replays * fed.total_batches
+    if replays < 0 or label >= LABELS:
+        raise ValueError(f"batch {batch} after {replays} replays has no label below {LABELS}: "
+                         "the run has been started again too often")
+    return label
+
 
 def global_arrays(team: Team, with_private: bool = False,
                   parts: Sequence[str] | None = None) -> dict[str, Tensor]:
@@ -155,9 +168,11 @@ class FederatedAgent:
         return self.team.kept_routes()
 
     def train_round(self, server_round: int, arrays: Mapping[str, Tensor],
-                    time_frac: float = 0.0) -> tuple[dict[str, Tensor], TrainReply]:
-        """Train this round's episode batches from the global module; returns the agent's
-        updated arrays (none if its budget kept it silent throughout) and its reply."""
+                    time_frac: float = 0.0, replays: int = 0
+                    ) -> tuple[dict[str, Tensor], TrainReply]:
+        """Train this round's episode batches from the global module (``replays``:
+        ``TrainInstruction.replays``); returns the agent's updated arrays (none if its budget
+        kept it silent throughout) and its reply."""
         load_global(self.team, arrays, self.parts)
         routes = self.routes()
         train = self.fed.train
@@ -167,8 +182,9 @@ class FederatedAgent:
         for it in batches:
             lr = (annealed_lr(train.ppo.lr, it, self.fed.total_batches, time_frac)
                   if train.anneal_lr else train.ppo.lr)
-            record = self.party.train_batch(round=server_round, batch=it, routes=routes,
-                                            seed=train.seed * 1_000_000 + it, lr=lr)
+            label = batch_label(self.fed, it, replays)
+            record = self.party.train_batch(round=server_round, batch=label, routes=routes,
+                                            seed=train.seed * LABELS + label, lr=lr)
             trained += record.spoke
             for k, v in record.stats.items():
                 totals[k] = totals.get(k, 0.0) + v

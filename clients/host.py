@@ -79,7 +79,7 @@ class AgentHost:
         try:
             agent.check_anchor(anchors_from_json(todo.anchors))
             shared, metrics = agent.train_round(todo.server_round, _arrays(content),
-                                                todo.time_frac)
+                                                todo.time_frac, todo.replays)
         except BaseException:
             agent.close()
             raise

@@ -43,6 +43,21 @@ def config_and_out(args: argparse.Namespace, command: str) -> tuple[FederationCo
     return fed, args.out or default_out(fed.train.env)
 
 
+def finished(out: Path, fed: FederationConfig) -> bool:
+    """Whether the run to resume is finished: then say so, and run and spend nothing (its
+    result stays as it was)."""
+    from fedcomm.rundir import SUMMARY, RunDir
+
+    run = RunDir(out)
+    if not run.finished():
+        return False
+    summary = run.summary()
+    console.print(f"{out} is finished ({summary.rounds} of {fed.rounds} rounds): "
+                  f"nothing to resume, nothing spent; its result is {out / SUMMARY}",
+                  highlight=False, soft_wrap=True)
+    return True
+
+
 def run_federated(args: argparse.Namespace, command: str,
                   run: Callable[[FederationConfig, Path, PrivacyPlan], RunResult]) -> int:
     """A federated run, simulated or deployed: ``run(fed, out, plan)`` returns its result."""
@@ -50,6 +65,8 @@ def run_federated(args: argparse.Namespace, command: str,
     from fedcomm.server.federation import FederationError
 
     fed, out = config_and_out(args, command)
+    if args.resume and finished(out, fed):
+        return 0
     planned = plan_of(fed)  # once, before anything starts: exit 2
     console.print(f"[bold]fedcomm {command}[/] {fed.train.env}, {fed.spec.n_agents} agents, "
                   f"{fed.rounds} rounds of {fed.batches_per_round} batches ({fed.strategy}) "

@@ -16,6 +16,7 @@ from fedcomm.jsonfile import read_json, to_json, write_json
 from fedcomm.summary import RunSummary
 
 SUMMARY = "summary.json"
+STARTED = "rounds_started.json"  # how many train rounds the server has sent, every attempt
 
 
 class RunDir:
@@ -45,6 +46,20 @@ class RunDir:
     def metrics(self) -> list[dict]:
         path = self.path / "metrics.jsonl"
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+    def rounds_started(self) -> int | None:
+        """How many train rounds were sent over the run's life (``None``: not recorded)."""
+        path = self.path / STARTED
+        return int(read_json(path)["rounds_started"]) if path.exists() else None
+
+    def note_round_started(self, started: int) -> None:
+        """Record, before a round's messages go out, that ``started`` rounds have been sent."""
+        write_json(self.path / STARTED, {"rounds_started": started})
+
+    def finished(self) -> bool:
+        """Whether the run reached its end (its summary is written once, after the final
+        evaluation)."""
+        return (self.path / SUMMARY).exists()
 
     def write_summary(self, summary: RunSummary) -> None:
         write_json(self.path / SUMMARY, summary.to_dict())

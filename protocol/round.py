@@ -129,12 +129,18 @@ class TrainInstruction(_Record):
     anchors
         JSON of :data:`Anchors`: every agent's ledger as the server recorded it; an agent
         whose ledger does not extend its anchor (cut or rewritten) refuses the round.
+    replays
+        How many rounds were started before and never committed (stopped runs, rounds run
+        again): the round's batches take episode labels and ledger batch numbers past those
+        of every earlier attempt (``clients.agent.batch_label``), so an episode's data is
+        never released in two attempts and the releases of one never count against another.
     """
 
     config: str
     server_round: int
     time_frac: float = 0.0
     anchors: str = "{}"
+    replays: int = 0
 
     def to_record(self) -> ConfigRecord:
         return ConfigRecord(self.to_dict())

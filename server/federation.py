@@ -169,6 +169,7 @@ class Federation:
             raise FederationError(str(e)) from None
         self.screen = screen_of(self.strategy)
         self.failed_in_a_row = 0
+        self.started = 0  # train rounds sent over the run's life (run_dir/rounds_started.json)
         if ckpt is None:
             self.run.write_config({"mode": "federated", **fed.to_dict()})
             self.arrays = ArrayRecord(initial)
@@ -182,6 +183,12 @@ class Federation:
             self.done, self.env_steps = ckpt.round, ckpt.env_steps
             self.train_time = ckpt.train_time_s
             self.run.keep_metrics(lambda row: row.get("round", 0) <= ckpt.round)
+            self.started = max(self.run.rounds_started() or 0, self.done)
+            if self.started > self.done:
+                self.console.print(
+                    f"round {self.done + 1} was started and not committed: what its agents "
+                    "released then stays in their ledgers; it runs again on fresh episodes",
+                    highlight=False)
 
     # -- the run ----------------------------------------------------------------------------
     def run_rounds(self, on_round: Callable[[dict], None] | None = None) -> RunResult:
@@ -220,9 +227,12 @@ class Federation:
         with ``on_agent_failure="continue"``, is left out of the round; a round with no reply
         at all is run again, up to ``max_failed_rounds`` times in a row."""
         budget = self.fed.train.time_budget
+        replays = self.started - self.done  # rounds sent before that committed nothing
         todo = TrainInstruction(self.fed.to_json(), rnd,
                                 self.train_time / budget if budget else 0.0,
-                                anchors_to_json(self.screen.anchors))
+                                anchors_to_json(self.screen.anchors), replays)
+        self.started += 1
+        self.run.note_round_started(self.started)  # before any agent can release
         t0 = time.perf_counter()
         messages = list(self.strategy.configure_train(rnd, self.arrays, todo.to_record(),
                                                       self.grid))
