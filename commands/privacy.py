@@ -37,7 +37,9 @@ def add(sub: argparse._SubParsersAction) -> None:
     p = parser_of(sub, "audit", help="verify a run's privacy report independently",
                   description="Check the ledgers' hash chains against the report, every "
                   "entry against the run config, every epsilon recomputed with Google's "
-                  "dp-accounting, and the budgets. Exit 0 only if all of it verifies.")
+                  "dp-accounting, and the budgets. Exit code 0: all of it verifies; 1: "
+                  "something did not verify (the problems are listed); 2: there is no report "
+                  "to read at that path.")
     p.add_argument("path", type=Path, metavar="REPORT_OR_RUN_DIR")
     p.add_argument("--empirical", action="store_true",
                    help="also run a one-run canary audit of the message mechanism")
@@ -113,10 +115,15 @@ def audit_command(path: Path, empirical: bool, console: Console, *, canaries: in
 
     With ``empirical`` also run the canary audit of the message mechanism as the report
     configures it (``canaries`` of them); ``composition``, ``agents`` and ``anchors`` as in
-    :func:`.audit.audit`. Returns 0 only if every check passes, else 1.
+    :func:`.audit.audit`. Returns 0 only if every check passes, else 1; raises
+    ``FileNotFoundError`` (exit code 2) where there is no report to read.
     """
     path = Path(path)
     report_path = path / REPORT_NAME if path.is_dir() else path
+    if not report_path.is_file():
+        raise FileNotFoundError(
+            f"no privacy report at {report_path}: give a run directory (one that holds "
+            f"{REPORT_NAME}) or the report itself")
     console.print(f"Privacy audit of [bold]{escape(str(report_path))}[/bold]")
     from fedcomm.privacy.audit import audit
 

@@ -83,11 +83,18 @@ def test_edited_ledger_line_fails_and_is_named(tmp_path):
     assert text.rstrip().splitlines()[-1].startswith("FAILED (")
 
 
-def test_missing_report_fails(tmp_path):
-    con, out = console()
-    assert audit_command(tmp_path, True, con) == 1
-    text = out.getvalue()
-    assert "cannot read the report" in text and "FAILED (2 problems)" in text
+def test_no_report_to_read_is_exit_2_and_a_report_that_fails_exit_1(tmp_path, capsys):
+    """A script tells "could not read" (2) from "did not verify" (1)."""
+    from fedcomm.commands import main
+
+    for missing in (tmp_path, tmp_path / "nothing", tmp_path / "nothing" / REPORT_NAME):
+        assert main(["audit", str(missing)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: no privacy report at") and len(err.splitlines()) == 1
+    make_run(tmp_path)
+    (tmp_path / REPORT_NAME).write_text("{not json")
+    assert main(["audit", str(tmp_path)]) == 1
+    assert "cannot read the report" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("fold", [False, True])
