@@ -3,7 +3,7 @@
 The pieces, in the order a release meets them:
 
 * :mod:`.events`: :class:`GaussianRelease`, the unit of accounting;
-* :mod:`.accountants`: RDP (default), PLD, PRV and the exact Gaussian composition;
+* :mod:`.accountants`: PLD (default), RDP, PRV and the exact Gaussian composition;
 * :mod:`.calibrate`: the smallest noise multiplier for a target epsilon;
 * :mod:`.budget`: a budget checked before spending, and the per-agent odometer;
 * :mod:`.ledger`: the write-ahead, hash-chained ledger each release is written to first;

@@ -1,9 +1,10 @@
-"""Rényi DP accountant (the default), built on Opacus' analysis of the sampled Gaussian.
+"""Rényi DP accountant (``rdp``), built on Opacus' analysis of the sampled Gaussian: the fast
+alternative to the default, PLD (``privacy.accountants.pld``).
 
 Each release contributes an RDP curve over a fixed set of orders; curves of a heterogeneous
 sequence add up (RDP composition), and the sum is converted to (epsilon, delta) with Opacus'
 conversion (Balle et al. 2020, Theorem 21). RDP is 3-8% looser than PLD or PRV but fast
-(milliseconds) and simple, which suits a budget check made before every release.
+(milliseconds) and simple; a run uses it where it asks for it (``--accountant rdp``).
 
 Curves per release, with ``z = std / sensitivity``:
 
