@@ -215,11 +215,11 @@ def _judged(found: CanaryAudit, setup: Mapping[str, Any], described: str, canari
     console.print(
         f"Empirical canary audit of {MESSAGE!r} ({described}, {setup['releases_per_unit']} "
         f"releases per unit from the {setup['source']}, {canaries} canaries, {found.correct}/"
-        f"{found.guesses} guesses right): {found.confidence:.0%} lower bound "
+        f"{found.guesses} guesses right): {found.confidence_text} lower bound "
         f"{found.epsilon_lower_bound:.4f}, claimed epsilon {_eps(claimed)} "
         f"(exact epsilon of this configuration {_eps(found.claimed_epsilon)})")
     if found.epsilon_lower_bound > claimed:
-        return [(where, f"the {found.confidence:.0%} empirical lower bound "
+        return [(where, f"the {found.confidence_text} empirical lower bound "
                         f"{found.epsilon_lower_bound:.4f} exceeds the claimed epsilon "
                         f"{_eps(claimed)} of {MESSAGE!r}: the mechanism leaks more than it "
                         "claims")]

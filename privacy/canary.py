@@ -40,9 +40,20 @@ class CanaryAudit:
     confidence: float
 
     @property
+    def confidence_text(self) -> str:
+        """The confidence as a percentage, with the digits it has (0.999 is 99.9%)."""
+        return percent(self.confidence)
+
+    @property
     def consistent(self) -> bool:
         """Whether the lower bound does not exceed the claim."""
         return self.epsilon_lower_bound <= self.claimed_epsilon
+
+
+def percent(p: float) -> str:
+    """``p`` as a percentage with the digits it has, never rounded up to 100%: 0.95 is 95%,
+    0.999 is 99.9%."""
+    return f"{round(p * 100, 6):g}%"
 
 
 def rejection_probability(epsilon: float, canaries: int, guesses: int, correct: int,
