@@ -107,15 +107,19 @@ def _eps_text(value: Any) -> str:
     return "∞" if eps == math.inf else f"{eps:.6f}"
 
 
-def _plot(agent: str, section: Mapping[str, Any]) -> tuple[str, list[str]]:
-    """PNG (base64) of epsilon over rounds, and notes on what it leaves out.
+def epsilon_figure(agent: str, section: Mapping[str, Any]) -> tuple[Any, list[str]]:
+    """A figure of epsilon over rounds for one agent's report ``section``, and notes on what
+    it leaves out; no figure (``None``) where nothing can be drawn (every point infinite).
 
-    Infinite points cannot be drawn on a linear axis, so they are left out and named.
+    Infinite points cannot be drawn on a linear axis, so they are left out and named. Every
+    point is a marker and the last of each curve is labelled with its value, so a run of one
+    round reads as well as a long one.
     """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     notes: list[str] = []
 
@@ -129,22 +133,48 @@ def _plot(agent: str, section: Mapping[str, Any]) -> tuple[str, list[str]]:
                      f"{left_out[0]}; those {len(left_out)} point(s) are not plotted.")
         return [r for r, _ in shown], [v for _, v in shown], ", ∞ not plotted"
 
-    fig, ax = plt.subplots(figsize=(7, 3.6))
-    for name, mech in section["mechanisms"].items():
-        rounds, values, tail = finite(name, mech["epsilon_over_rounds"])
-        ax.plot(rounds, values, marker=".", label=f"{name} ({mech['relation']}{tail})")
     comp = section["composed"]
-    rounds, values, tail = finite("composed", comp["epsilon_over_rounds"])
-    ax.plot(rounds, values, color="black", linewidth=2,
-            label=f"composed ({comp['relation']}{tail})")
+    curves = [(name, mech["relation"], *finite(name, mech["epsilon_over_rounds"]))
+              for name, mech in section["mechanisms"].items()]
+    composed = ("composed", comp["relation"], *finite("composed", comp["epsilon_over_rounds"]))
+    if not any(rounds for _, _, rounds, _, _ in (*curves, composed)):
+        notes.append("No chart: every point is ∞.")
+        return None, notes
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    for name, relation, rounds, values, tail in (*curves, composed):
+        if not rounds:  # every point infinite: named in the notes, nothing to draw
+            continue
+        style = ({"color": "black", "linewidth": 2, "markersize": 7} if name == "composed"
+                 else {"markersize": 5})
+        line, = ax.plot(rounds, values, marker="o", label=f"{name} ({relation}{tail})", **style)
+        ax.annotate(f"{values[-1]:.3g}", (rounds[-1], values[-1]), xytext=(6, 0),
+                        textcoords="offset points", va="center", fontsize="small",
+                        color=line.get_color())
     budget = decode_eps(comp["budget"])
     if budget == math.inf:
         notes.append("No budget line: the budget is ∞ (no budget).")
     else:
         ax.axhline(budget, color="red", linestyle="--", label="budget")
+    drawn = sorted({r for _, _, rounds, _, _ in (*curves, composed) for r in rounds})
+    ax.set_xlim(drawn[0] - 0.5, drawn[-1] + max(0.5, 0.08 * (drawn[-1] - drawn[0])))
+    ax.set_ylim(0, ax.get_ylim()[1] * 1.08)  # room above the budget line and the labels
+    if len(drawn) <= 10:
+        ax.set_xticks(drawn)  # every round a tick: a round is a whole number
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set(xlabel="round", ylabel="epsilon", title=f"agent {agent}")
     ax.legend(fontsize="small")
     fig.tight_layout()
+    return fig, notes
+
+
+def _plot(agent: str, section: Mapping[str, Any]) -> tuple[str | None, list[str]]:
+    """PNG (base64) of :func:`epsilon_figure`, and its notes; no PNG where it has no figure."""
+    import matplotlib.pyplot as plt
+
+    fig, notes = epsilon_figure(agent, section)
+    if fig is None:
+        return None, notes
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100)
     plt.close(fig)
@@ -203,23 +233,32 @@ def _released(run: Mapping[str, Any]) -> _Html:
                  note=note)
 
 
-def _utility(run: Mapping[str, Any]) -> _Html:
+def _utility(run: Mapping[str, Any], private: bool) -> _Html:
     """What the run's privacy left of its team's coordination: the gap closed, and against the
-    DP ceiling (a scripted team through the same mechanism, schedule and budget)."""
+    ceiling (a scripted team through the same mechanism, schedule and budget): a DP ceiling
+    only where the run is ``private``."""
     u = run.get("utility") or {}
     if u.get("gap_closed") is None:
         return _NOTHING
     text = f"The trained team closed {u['gap_closed']:.1%} of the no-communication -> oracle gap"
     if u.get("of_ceiling") is not None and u.get("ceiling_gap_closed") is not None:
-        text += (f"; the DP ceiling at these mechanisms closes {u['ceiling_gap_closed']:.1%}, "
+        ceiling = ("the DP ceiling at these mechanisms" if private else
+                   "the ceiling of this channel (a scripted team through it; no DP: the run "
+                   "is not private)")
+        text += (f"; {ceiling} closes {u['ceiling_gap_closed']:.1%}, "
                  f"and the team {u['of_ceiling']:.1%} of the no-communication -> ceiling gap")
     return _fill("utility", text=text)
 
 
 def _agent(agent: str, section: Mapping[str, Any], delta: float) -> _Html:
-    """One agent's plot, table of mechanisms, budget and ledger."""
+    """One agent's chart (a line instead where it released nothing), table of mechanisms,
+    budget and ledger."""
     comp, ledger = section["composed"], section["ledger"]
-    image, notes = _plot(agent, section)
+    if section["mechanisms"]:
+        image, notes = _plot(agent, section)
+        chart = _fill("chart", image=_Html(image)) if image is not None else _NOTHING
+    else:
+        notes, chart = [], _fill("no_chart", agent=agent)
     rows = [[name, m["relation"], m["sampling"], m["releases"], m["count"],
              "; ".join(_parameters_text(p) for p in m["parameters"]),
              _eps_text(m["epsilon"]) + (" (no noise: no guarantee)"
@@ -228,30 +267,49 @@ def _agent(agent: str, section: Mapping[str, Any], delta: float) -> _Html:
     rows.append(["composed", comp["relation"], "", "", "", "", _eps_text(comp["epsilon"])])
     if decode_eps(comp["budget"]) == math.inf:
         budget = f"No budget (∞), spent {_eps_text(comp['epsilon'])}, remaining ∞"
-        status = "not capped"
+        status = ("not capped" if decode_eps(comp["epsilon"]) != math.inf
+                  else "not capped, and no guarantee")
     else:
         budget = (f"Budget {_eps_text(comp['budget'])}, spent {_eps_text(comp['epsilon'])}, "
                   f"remaining {_eps_text(comp['remaining'])}")
         status = "within budget" if comp["within_budget"] else "OVER BUDGET"
     return _fill(
-        "agent", agent=agent, image=_Html(image),
+        "agent", agent=agent, chart=chart,
         notes=_fill("plot_notes", notes=" ".join(notes)) if notes else _NOTHING,
         table=_table(rows, ["mechanism", "relation", "sampling", "ledger entries", "releases",
                             "parameters", f"epsilon (delta={delta:g})"]),
-        budget=budget, status_class="ok" if comp["within_budget"] else "bad", status=status,
-        ledger_path=ledger["path"], entries=ledger["entries"], final_hash=ledger["final_hash"])
+        budget=budget, status=status,
+        status_class="ok" if comp["within_budget"] and decode_eps(comp["epsilon"]) != math.inf
+        else "bad",
+        ledger_path=ledger["path"], entries=ledger["entries"],
+        final_hash=ledger["final_hash"] or "none (empty)")
+
+
+def _verdict(report: Mapping[str, Any]) -> tuple[str, str]:
+    """The page's verdict and its class: over budget; within it; or, where no budget caps an
+    agent, what holds instead: nothing released, no guarantee, or epsilon without a cap."""
+    agents = report["agents"]
+    if not report["verdict"]["within_budget"]:
+        return "bad", f"over budget: {', '.join(report['verdict']['agents_over_budget'])}"
+    if not any(s["mechanisms"] for s in agents.values()):
+        return "ok", "nothing released: every agent's ledger is empty, no privacy spent"
+    if any(decode_eps(s["budget"]["epsilon"]) != math.inf for s in agents.values()):
+        return "ok", "every agent is within its budget"
+    if any(decode_eps(s["composed"]["epsilon"]) == math.inf for s in agents.values()):
+        return "bad", "not private: no budget, and no guarantee (epsilon ∞, below)"
+    return "note", "no budget: nothing capped epsilon (each agent's figure is below)"
 
 
 def render_html(report: Mapping[str, Any], path: Path | str) -> Path:
     """Write a self-contained HTML page for ``report``: verdict, assumptions, plots, tables."""
     run = report["run"]
-    ok = report["verdict"]["within_budget"]
-    over = ", ".join(report["verdict"]["agents_over_budget"])
+    verdict_class, verdict = _verdict(report)
+    private = all(decode_eps(s["composed"]["epsilon"]) != math.inf
+                  for s in report["agents"].values())
     page = _fill(
-        "page", verdict_class="ok" if ok else "bad",
-        verdict="every agent is within its budget" if ok else f"over budget: {over}",
+        "page", verdict_class=verdict_class, verdict=verdict,
         unbounded=_unbounded(report), schema=report["schema"], created=report["created"],
-        config_hash=run["config_hash"], silent=_silent(run), utility=_utility(run),
+        config_hash=run["config_hash"], silent=_silent(run), utility=_utility(run, private),
         released=_released(run),
         assumptions=_join(_fill("assumption", text=text) for text in _assumptions(run)),
         agents=_join(_agent(agent, section, run["delta"])
