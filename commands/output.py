@@ -7,24 +7,31 @@ import math
 from rich.console import Console
 from rich.table import Table
 
+from fedcomm.baselines import baseline_label
+from fedcomm.config import FederationConfig, TrainConfig
 from fedcomm.jsonfile import number
 from fedcomm.summary import RunSummary
 
 console = Console(stderr=True)
 
 
-def print_result(title: str, summary: RunSummary) -> None:
-    """The trained team's return beside the scripted teams', the gap it closed, what it cost
-    and what it spent in privacy."""
+def print_result(title: str, summary: RunSummary, batches: int | None = None) -> None:
+    """The trained team's return beside the scripted teams', each with the episodes it was
+    evaluated on, the gap it closed, what it cost and what it spent in privacy; ``batches``,
+    the training batches a federated run did per agent, for its silent agents."""
     table = Table(title=title)
     table.add_column("team")
     table.add_column("return", justify="right")
     table.add_column("± s.e.", justify="right")
+    table.add_column("episodes", justify="right")
     if summary.final is None:  # its private agents kept their returns, or it failed
-        table.add_row("trained", "not known here", "")
-    for name, res in [("trained", summary.final), *summary.baselines.items()]:
+        table.add_row("trained", "not known here", "", "")
+    rows = [("trained", summary.final), *((baseline_label(name, summary.private), res)
+                                          for name, res in summary.baselines.items())]
+    for name, res in rows:
         if res is not None:
-            table.add_row(name, f"{res.return_mean:.3f}", f"{res.return_se:.3f}")
+            table.add_row(name, f"{res.return_mean:.3f}", f"{res.return_se:.3f}",
+                          f"{res.episodes:,}")
     console.print(table)
     s = summary
     console.print(f"{gap_closed_text(s)}; {s.env_steps:,} env steps in {s.train_time_s:.0f} s "
@@ -32,12 +39,43 @@ def print_result(title: str, summary: RunSummary) -> None:
     if s.privacy is not None:
         console.print(privacy_text(s.privacy), highlight=False)
     if s.silent_batches:
-        batches = s.rounds * (s.batches_per_round or 1) if s.rounds else None
         console.print("[red]silent (privacy budget spent):[/] " + ", ".join(
             f"{agent} in {n}" + (f" of {batches}" if batches else "") + " training batches"
             for agent, n in s.silent_batches.items()), highlight=False)
     if s.stopped:
         console.print(f"[yellow]{s.stopped}[/]")
+
+
+def plural(n: int, word: str, many: str | None = None) -> str:
+    """``n`` and ``word``, in the plural unless ``n`` is 1."""
+    return f"{n:,} {word if n == 1 else many or word + 's'}"
+
+
+def rounds_text(fed: FederationConfig, done: int = 0) -> str:
+    """What a federated run will train after round ``done``: its rounds, the episode batches
+    each agent trains on in each (the last round may be shorter) and the environment steps,
+    with why they differ from ``--env-steps`` where they do."""
+    sizes = [len(fed.batches_in(r)) for r in range(done + 1, fed.rounds + 1)]
+    if not sizes:
+        return f"nothing left to train: {done} of {plural(fed.rounds, 'round')} done"
+    batches = plural(sizes[0], "episode batch", "episode batches")
+    text = f"{plural(len(sizes), 'round')} of {batches} per agent"
+    if sizes[-1] != sizes[0]:
+        text += f", the last of {sizes[-1]}"
+    if done:
+        text = f"rounds {done + 1}-{fed.rounds} of {fed.rounds}: {text}"
+    return f"{text} ({steps_text(fed.train, sum(sizes), asked=not done)})"
+
+
+def steps_text(train: TrainConfig, batches: int, asked: bool = True) -> str:
+    """The environment steps of ``batches`` episode batches of ``train`` and, with ``asked``,
+    why they are not ``--env-steps`` where they are not (whole batches, at least one)."""
+    steps = batches * train.batch_steps
+    text = f"{steps:,} env steps"
+    if asked and steps != train.env_steps:
+        text += (f"; {train.env_steps:,} asked, in whole batches of {train.num_envs:,} "
+                 f"episodes x {train.spec.episode_length} steps")
+    return text
 
 
 UNIT_TEXT = {("episode", "batch"): "per episode: its batch's releases (DP-SGD makes the later "
@@ -49,15 +87,29 @@ UNIT_TEXT = {("episode", "batch"): "per episode: its batch's releases (DP-SGD ma
 
 
 def privacy_text(p: dict) -> str:
-    """The privacy line of a result: what holds for which unit, per mechanism and composed."""
-    unit = UNIT_TEXT[p["unit"], p.get("composition", "batch")]
+    """The privacy line of a result: what holds for which unit, per mechanism and composed; a
+    run that released nothing, or released without noise, says so instead of a verdict."""
+    if not p["epsilon"]:
+        return ("privacy: nothing released (no agent sent a vector, feedback or update "
+                "through a mechanism; every ledger is empty): no privacy spent; details in "
+                "privacy_report.html")
     per = ", ".join(f"{k} {eps_text(v)}" for k, v in p["epsilon"].items())
-    budget = number(p.get("budget", "inf"))
-    verdict = "within budget" if p["within_budget"] else "[red]OVER BUDGET[/]"
-    cap = f" of budget {budget:g}" if budget != math.inf else ""
+    budget, composed = number(p.get("budget", "inf")), number(p["composed"])
+    if budget == math.inf:
+        verdict = ", no budget"
+    elif p["within_budget"]:
+        verdict = f" of budget {budget:g}, within budget"
+    else:
+        verdict = f" of budget {budget:g}, [red]OVER BUDGET[/]"
+    if composed == math.inf:
+        noiseless = [k for k, v in p["epsilon"].items() if number(v) == math.inf]
+        return (f"privacy: [red]NOT PRIVATE[/] (no DP guarantee): {' and '.join(noiseless)} "
+                f"released without noise; each alone {per}; composed inf{verdict}; "
+                f"details in privacy_report.html")
+    unit = UNIT_TEXT[p["unit"], p.get("composition", "batch")]
     return (f"privacy, largest over agents ({unit}; {p['relation'].replace('_', '-')}, delta "
-            f"{p['delta']:g}): each alone {per}; composed {eps_text(p['composed'])}{cap}, "
-            f"{verdict}; details in privacy_report.html")
+            f"{p['delta']:g}): each alone {per}; composed {eps_text(composed)}{verdict}; "
+            f"details in privacy_report.html")
 
 
 def gap_closed_text(summary: RunSummary) -> str:
@@ -65,8 +117,12 @@ def gap_closed_text(summary: RunSummary) -> str:
     if summary.gap_closed is not None:
         text = f"gap closed (no_comm -> oracle): {summary.gap_closed:.1%}"
         if summary.of_ceiling is not None and summary.ceiling_gap_closed is not None:
-            text += (f"; of the DP ceiling's gap: {summary.of_ceiling:.1%} (the ceiling, a "
-                     f"scripted team through the same mechanism, schedule and budget, closes "
+            if summary.private:
+                what = ("DP ceiling's", "the same mechanism, schedule and budget")
+            else:  # the run's noise is no privacy mechanism: no DP in the ceiling either
+                what = ("channel ceiling's", "the same channel and schedule, no DP")
+            text += (f"; of the {what[0]} gap: {summary.of_ceiling:.1%} (the ceiling, a "
+                     f"scripted team through {what[1]}, closes "
                      f"{summary.ceiling_gap_closed:.1%})")
         return text
     missing = [m for m in summary.missing_baselines if m in ("no_comm", "oracle")]

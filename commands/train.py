@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from fedcomm.commands.options import add_training, default_out, parser_of, train_config_from_args
-from fedcomm.commands.output import console, print_result
+from fedcomm.commands.output import console, plural, print_result, steps_text
 
 
 def add(sub: argparse._SubParsersAction) -> None:
@@ -24,9 +24,12 @@ def run(args: argparse.Namespace) -> int:
     cfg = train_config_from_args(args)
     planned = plan_of(cfg)  # before anything is written: exit 2, one line
     out = args.out or default_out(cfg.env)
-    console.print(f"[bold]fedcomm train[/] {cfg.env} -> {out}")
+    batches = max(1, cfg.env_steps // cfg.batch_steps)  # as the trainer counts them
+    limit = f", at most {cfg.time_budget:g} s of training" if cfg.time_budget else ""
+    console.print(f"[bold]fedcomm train[/] {cfg.env}: "
+                  f"{plural(batches, 'episode batch', 'episode batches')} "
+                  f"({steps_text(cfg, batches)}){limit}; one process, no server -> {out}")
     result = train(cfg, out, progress=not args.quiet, plan=planned)
-    print_result(f"{cfg.env}: mean return per agent over {cfg.eval_episodes} episodes",
-                 result.summary)
+    print_result(f"{cfg.env}: centralized, mean return per agent", result.summary)
     console.print(f"run directory: {result.run_dir}")
     return 0

@@ -25,6 +25,14 @@ EVAL_SEED = 1_000_000_000  # evaluation episodes never reuse a training seed
 CEILING = "ceiling"  # the scripted team that communicates through the run's own mechanism
 
 
+def baseline_label(name: str, private: bool) -> str:
+    """How a result names scripted team ``name``: the ceiling is a DP ceiling only where the run
+    is private; otherwise it is the ceiling of the run's channel, noise without a guarantee."""
+    if name == CEILING:
+        return "DP ceiling" if private else "channel ceiling"
+    return name
+
+
 @dataclass
 class EvalResult:
     return_mean: float

@@ -9,6 +9,7 @@ of the file.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -16,6 +17,7 @@ from typing import Any, Literal
 import torch
 
 from fedcomm.baselines import EvalResult, baseline_summary
+from fedcomm.jsonfile import number
 
 Mode = Literal["centralized", "federated"]
 
@@ -36,9 +38,9 @@ class RunSummary:
         The scripted teams the environment lacks, and the share of the no_comm -> oracle gap
         closed (``None`` where either is missing or they score the same).
     ceiling_gap_closed, of_ceiling
-        Where the run's channel has a DP ceiling (``baselines["ceiling"]``): the share of the
-        no_comm -> oracle gap the ceiling closes, and the share of the no_comm -> ceiling gap
-        the trained team closes.
+        Where the run's channel has a ceiling (``baselines["ceiling"]``, a DP ceiling where the
+        run is private): the share of the no_comm -> oracle gap the ceiling closes, and the
+        share of the no_comm -> ceiling gap the trained team closes.
     env_steps, train_time_s, wall_time_s, env_steps_per_s, agent_steps_per_s
         What training took: environment steps, seconds in training (evaluations excluded),
         seconds in all, and the rates.
@@ -111,8 +113,21 @@ class RunSummary:
                        ceiling_gap_closed=gap.get("ceiling_gap_closed"),
                        of_ceiling=gap.get("of_ceiling"))
 
+    @property
+    def private(self) -> bool:
+        """Whether what the run released holds a finite composed epsilon (a DP guarantee, if
+        perhaps a weak one); a run that released nothing holds one trivially, a run without a
+        privacy report (an old one) is not taken for private."""
+        return self.privacy is not None and number(self.privacy["composed"]) < math.inf
+
+    @property
+    def released_nothing(self) -> bool:
+        """Whether no agent released anything through a privacy mechanism (every ledger is
+        empty)."""
+        return self.privacy is not None and not self.privacy.get("epsilon")
+
     def utility(self) -> dict[str, float]:
-        """The gap closed, and against the DP ceiling, for the privacy report."""
+        """The gap closed, and against the channel's ceiling, for the privacy report."""
         return {k: v for k, v in (("gap_closed", self.gap_closed),
                                   ("ceiling_gap_closed", self.ceiling_gap_closed),
                                   ("of_ceiling", self.of_ceiling)) if v is not None}
