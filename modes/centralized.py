@@ -22,7 +22,7 @@ from fedcomm.learning.ppo import ValueNorm, annealed_lr, compute_targets, make_o
 from fedcomm.learning.rollout import collect
 from fedcomm.learning.transport import LocalTransport
 from fedcomm.models.team import TEAM_FILE, Team
-from fedcomm.plots import learning_curve
+from fedcomm.plots import curve_title, learning_curve
 from fedcomm.progress import progress_bar, status
 from fedcomm.releases.account import LEDGER, AgentPrivacy
 from fedcomm.releases.plan import PrivacyPlan, plan_of
@@ -122,5 +122,6 @@ def train(cfg: TrainConfig, out: str | Path, progress: bool = True,
         privacy=report_summary(report), stopped=stopped or None)
     run.write_summary(summary)
     learning_curve(run.metrics(), summary, run.path / "learning_curve.png",
-                   f"{cfg.env}: centralized, noise sigma={cfg.team.noise_multiplier}")
+                   curve_title(cfg.env, "centralized", cfg.team, summary.privacy,
+                               "one process, no server"))
     return RunResult(run.path, summary, run.metrics())

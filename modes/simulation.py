@@ -277,11 +277,12 @@ def complete_run(run_dir: Path, fed: FederationConfig) -> RunResult:
                                      "released": released_fields(run.metrics(), fed)})
     summary.privacy = report_summary(report)
     run.write_summary(summary)
-    from fedcomm.plots import learning_curve
+    from fedcomm.plots import curve_title, learning_curve
+    from fedcomm.releases.report import server_text
 
     learning_curve(metrics, summary, run_dir / "learning_curve.png",
-                   f"{fed.train.env}: federated ({fed.strategy}), noise sigma="
-                   f"{fed.train.team.noise_multiplier}")
+                   curve_title(fed.train.env, "federated", fed.train.team, summary.privacy,
+                               server_text(fed)))
     return RunResult(run_dir, summary, metrics)
 
 

@@ -3,7 +3,7 @@
 The library builds a report (``privacy.report``), renders it (``privacy.page``) and audits it;
 this module says what a fedcomm run declares in it (its mechanisms and their parameters, the
 unit and what composes for it, the budget's split, the fields the agents sent the server) and
-what a run's summary states of it.
+what a run's summary states of it; and what the server of a federated run aggregates.
 """
 
 from __future__ import annotations
@@ -13,9 +13,16 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from fedcomm.config import PPOConfig, TeamConfig
+from fedcomm.config import FederationConfig, PPOConfig, TeamConfig
 from fedcomm.privacy.config import PrivacyConfig
-from fedcomm.releases.schedule import composition_of_config, declared_mechanisms
+from fedcomm.releases.schedule import (
+    RECEIVER_PARTS,
+    SENDER_PARTS,
+    composition_of_config,
+    declared_mechanisms,
+    initial_routes,
+    shared_parts,
+)
 
 
 def write_run_report(run_dir: Path, run_config: dict[str, Any], team: TeamConfig,
@@ -55,3 +62,27 @@ def report_summary(report: dict[str, Any]) -> dict[str, Any]:
             "budget": min(budgets, default=math.inf), "split": run.get("split"),
             "composed": max((float(a["composed"]["epsilon"]) for a in agents), default=0.0),
             "within_budget": report["verdict"]["within_budget"]}
+
+
+def aggregated_parts(fed: FederationConfig) -> list[str]:
+    """The networks the server of ``fed`` aggregates: the parts of the shared module any agent
+    sends it (``releases.schedule.shared_parts``), and each type's private networks with
+    ``aggregate_private``; empty where it aggregates nothing."""
+    routes = initial_routes(fed.train)
+    sent = {part for i in range(fed.spec.n_agents)
+            for part in shared_parts(fed.spec, fed.share, routes, i)}
+    parts = [part for part in (*SENDER_PARTS, *RECEIVER_PARTS) if part in sent]
+    return parts + (["private networks"] if fed.aggregate_private else [])
+
+
+def server_text(fed: FederationConfig) -> str:
+    """What the server of ``fed`` does with the agents' networks, in words: aggregates nothing,
+    or which parts by which strategy and rule."""
+    parts = aggregated_parts(fed)
+    if not parts:
+        return "server aggregates nothing"
+    if parts[:len(SENDER_PARTS) + len(RECEIVER_PARTS)] == [*SENDER_PARTS, *RECEIVER_PARTS]:
+        parts = ["the whole shared module", *parts[len(SENDER_PARTS) + len(RECEIVER_PARTS):]]
+    rule = fed.strategy if fed.aggregation == "mean" else f"{fed.strategy}, {fed.aggregation}"
+    noise = (f", client-level DP noise {fed.client_dp_noise:g}" if fed.client_dp_noise else "")
+    return f"server aggregates ({rule}{noise}) {', '.join(parts)}"
