@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from fedcomm.commands.options import default_out, federation_config_from_args
-from fedcomm.commands.output import console, print_result
+from fedcomm.commands.output import console, print_result, rounds_text
 from fedcomm.config import FederationConfig
 from fedcomm.releases.plan import PrivacyPlan
 from fedcomm.summary import RunResult
@@ -58,19 +58,28 @@ def finished(out: Path, fed: FederationConfig) -> bool:
     return True
 
 
+def rounds_done(out: Path) -> int:
+    """The rounds a run to resume has committed (its checkpoint's), 0 without one."""
+    from fedcomm.server.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(out)
+    return ckpt.round if ckpt is not None else 0
+
+
 def run_federated(args: argparse.Namespace, command: str,
                   run: Callable[[FederationConfig, Path, PrivacyPlan], RunResult]) -> int:
     """A federated run, simulated or deployed: ``run(fed, out, plan)`` returns its result."""
     from fedcomm.releases.plan import plan_of
+    from fedcomm.releases.report import server_text
     from fedcomm.server.federation import FederationError
 
     fed, out = config_and_out(args, command)
     if args.resume and finished(out, fed):
         return 0
     planned = plan_of(fed)  # once, before anything starts: exit 2
-    console.print(f"[bold]fedcomm {command}[/] {fed.train.env}, {fed.spec.n_agents} agents, "
-                  f"{fed.rounds} rounds of {fed.batches_per_round} batches ({fed.strategy}) "
-                  f"-> {out}")
+    console.print(f"[bold]fedcomm {command}[/] {fed.train.env}, {fed.spec.n_agents} agents: "
+                  f"{rounds_text(fed, rounds_done(out) if args.resume else 0)}; "
+                  f"{server_text(fed)} -> {out}")
     console.print(planned.headline(), highlight=False)
     try:
         result = run(fed, out, planned)
@@ -85,8 +94,8 @@ def run_federated(args: argparse.Namespace, command: str,
                       highlight=False)
         exit_if_stranded(130)
         return 130
-    episodes = result.final.episodes if result.final is not None else fed.train.eval_episodes
-    print_result(f"{fed.train.env}: federated, mean return per agent over {episodes} episodes",
-                 result.summary)
+    batches = sum(len(fed.batches_in(r)) for r in range(1, (result.summary.rounds or 0) + 1))
+    print_result(f"{fed.train.env}: federated, mean return per agent", result.summary,
+                 batches=batches or None)
     console.print(f"run directory: {result.run_dir}")
     return 0
