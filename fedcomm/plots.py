@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import textwrap
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,6 +22,7 @@ if TYPE_CHECKING:
 BASELINE_STYLE = {"random": ":", "no_comm": "--", "oracle": "-.",
                   "ceiling": (0, (6, 2, 1, 2, 1, 2))}
 FEW_POINTS = 20  # a curve of fewer points shows each as a marker
+TITLE_WIDTH = 88  # characters of a title line that fit the figure's width
 
 
 def channel_text(team: TeamConfig) -> str:
@@ -31,10 +33,10 @@ def channel_text(team: TeamConfig) -> str:
         e, k = math.exp(team.rr_epsilon), team.symbols
         keep = e / (e + k - 1)
         return (f"{k} codewords under randomized response, epsilon {team.rr_epsilon:.3g} "
-                f"(keeps the codeword w.p. {keep:.2f})")
+                f"(codeword kept w.p. {keep:.2f})")
     if team.noise_multiplier == 0:
         return f"Gaussian channel without noise (clip {team.clip:g})"
-    return f"Gaussian channel, noise sigma={team.noise_multiplier:g} x clip {team.clip:g}"
+    return f"Gaussian channel, sigma={team.noise_multiplier:g}, clip {team.clip:g}"
 
 
 def privacy_words(privacy: dict[str, Any] | None) -> str:
@@ -46,17 +48,17 @@ def privacy_words(privacy: dict[str, Any] | None) -> str:
         return "releases nothing"
     composed = number(privacy["composed"])
     if composed == math.inf:
-        return "not private (epsilon inf)"
+        return "not private (no DP: epsilon inf)"
     unit = "per episode" if privacy["unit"] == "episode" else "per agent's history"
-    return f"private: composed epsilon {composed:.3g} {unit}"
+    return f"DP at composed epsilon {composed:.3g} {unit}"
 
 
 def curve_title(env: str, mode: str, team: TeamConfig, privacy: dict[str, Any] | None,
                 server: str) -> str:
     """A learning curve's title: the environment, how it was trained, its channel, what the
     server aggregates (``server``, in words) and whether it was private."""
-    second = "; ".join(part for part in (server, privacy_words(privacy)) if part)
-    return f"{env}: {mode}, {channel_text(team)}\n{second}"
+    last = "; ".join(part for part in (server, privacy_words(privacy)) if part)
+    return f"{env}: {mode}\n{channel_text(team)}\n{last}"
 
 
 def learning_curve(metrics: list[dict], summary: RunSummary, path: Path, title: str) -> None:
@@ -85,7 +87,8 @@ def learning_curve(metrics: list[dict], summary: RunSummary, path: Path, title: 
         ax.set_xlim(0, 2 * steps[0])
     ax.set_xlabel("environment steps")
     ax.set_ylabel("return per agent")
-    ax.set_title(title, fontsize=10)
+    ax.set_title("\n".join(textwrap.fill(line, TITLE_WIDTH) for line in title.split("\n")),
+                 fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()

@@ -133,8 +133,8 @@ def test_the_curve_title_of_the_private_default_names_its_channel_and_no_aggrega
     title = curve_title("speaker_listener", "federated", fed.train.team, PRIVATE,
                         server_text(fed))
     assert "4 codewords under randomized response, epsilon 5.33" in title
-    assert "keeps the codeword w.p. 0.99" in title
-    assert "server aggregates nothing" in title and "private: composed epsilon 8" in title
+    assert "codeword kept w.p. 0.99" in title
+    assert "server aggregates nothing" in title and "DP at composed epsilon 8" in title
     assert "sigma" not in title and "fedavg" not in title
 
 
@@ -142,9 +142,9 @@ def test_the_curve_title_of_the_non_private_run_names_its_gaussian_channel_and_f
     fed = fed_of("--non-private")
     title = curve_title("speaker_listener", "federated", fed.train.team, NON_PRIVATE,
                         server_text(fed))
-    assert "Gaussian channel, noise sigma=0.5" in title
+    assert "Gaussian channel, sigma=0.5, clip 1" in title
     assert "server aggregates (fedavg) the whole shared module" in title
-    assert "not private" in title
+    assert "not private (no DP: epsilon inf)" in title
     assert server_text(fed_of("--env", "factory")) == "server aggregates nothing"
 
 
@@ -298,7 +298,7 @@ def test_a_small_private_simulation_says_what_it_did(tmp_path):
     assert row(log, "DP ceiling")[-1] == str(done["baselines"]["ceiling"]["episodes"]) == "24"
     title = Image.open(out / "learning_curve.png").text["Title"]
     assert "randomized response" in title and "server aggregates nothing" in title
-    assert "private: composed epsilon" in title
+    assert "DP at composed epsilon" in title
     page = (out / "privacy_report.html").read_text()
     assert "Agent listener_0 released nothing" in page
     assert page.count("data:image/png;base64,") == 1
