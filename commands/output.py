@@ -63,7 +63,9 @@ def rounds_text(fed: FederationConfig, done: int = 0) -> str:
     if sizes[-1] != sizes[0]:
         text += f", the last of {sizes[-1]}"
     if done:
-        text = f"rounds {done + 1}-{fed.rounds} of {fed.rounds}: {text}"
+        which = (f"round {fed.rounds}" if done + 1 == fed.rounds
+                 else f"rounds {done + 1}-{fed.rounds}")
+        text = f"{which} of {fed.rounds}: {text}"
     return f"{text} ({steps_text(fed.train, sum(sizes), asked=not done)})"
 
 

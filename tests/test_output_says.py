@@ -109,8 +109,10 @@ def test_rounds_text_names_a_shorter_last_round_and_what_a_resumed_run_has_left(
                            batches_per_round=16)
     assert rounds_text(fed) == "2 rounds of 16 episode batches per agent, the last of 4 " \
                                "(256,000 env steps)"
-    assert rounds_text(fed, done=1) == "rounds 2-2 of 2: 1 round of 4 episode batches per " \
+    assert rounds_text(fed, done=1) == "round 2 of 2: 1 round of 4 episode batches per " \
                                        "agent (51,200 env steps)"
+    longer = FederationConfig(train=fed.train, batches_per_round=4)
+    assert rounds_text(longer, done=2).startswith("rounds 3-5 of 5: 3 rounds of 4 episode")
     assert rounds_text(fed, done=2).startswith("nothing left to train")
 
 
