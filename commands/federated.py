@@ -77,7 +77,7 @@ def run_federated(args: argparse.Namespace, command: str,
     if args.resume and finished(out, fed):
         return 0
     planned = plan_of(fed)  # once, before anything starts: exit 2
-    console.print(f"[bold]fedcomm {command}[/] {fed.train.env}, {fed.spec.n_agents} agents: "
+    console.print(f"[bold]fedcomm {command}[/] {fed.train.env}, {fed.spec.n_agents} agents, "
                   f"{rounds_text(fed, rounds_done(out) if args.resume else 0)}; "
                   f"{server_text(fed)} -> {out}")
     console.print(planned.headline(), highlight=False)

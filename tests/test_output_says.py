@@ -98,7 +98,7 @@ def test_the_banner_says_the_rounds_batches_and_steps_that_will_run(tmp_path, sa
 
     assert run_federated(args, "simulate", run) == 0
     text = said()
-    assert ("factory, 7 agents: 1 round of 1 episode batch per agent (12,800 env steps; "
+    assert ("factory, 7 agents, 1 round of 1 episode batch per agent (12,800 env steps; "
             "20,000 asked, in whole batches of 512 episodes x 25 steps); server aggregates "
             "nothing") in text  # --share none, the factory's default
     assert "8 batches" not in text and "fedavg" not in text
