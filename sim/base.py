@@ -11,11 +11,14 @@ the agent dimension give the global agent order.
 
 from __future__ import annotations
 
+import json
+import math
 import secrets
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cached_property
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -94,6 +97,75 @@ class EnvSpec:
         )
 
 
+@dataclass(frozen=True)
+class EnvOption:
+    """One option an environment takes (``--env-opt KEY=VALUE``): its kind and range, declared
+    beside the environment so that a bad one is refused by name, with what to type, before
+    anything is built. ``low`` and ``high`` bound a number (inclusive); ``null`` accepts
+    ``null`` (for example, no limit); ``many`` accepts a list of ``kind`` too."""
+
+    kind: type  # bool, int, float or str
+    default: Any
+    help: str
+    low: float | None = None
+    high: float | None = None
+    null: bool = False
+    many: bool = False
+
+    @property
+    def metavar(self) -> str:
+        """What to type after ``KEY=``: ``N``, ``X``, ``true|false``, ``NAME``."""
+        name = {bool: "true|false", int: "N", float: "X"}.get(self.kind, "NAME")
+        return f"{name}[,{name}...]" if self.many else name
+
+    def accepts(self) -> str:
+        """The values it takes, in words."""
+        if self.kind is bool:
+            text = "true or false"
+        elif self.kind in (int, float):
+            text = "an integer" if self.kind is int else "a number"
+            if self.low is not None and self.high is not None:
+                text += f" from {self.low:g} to {self.high:g}"
+            elif self.low is not None:
+                text += f" >= {self.low:g}"
+            elif self.high is not None:
+                text += f" <= {self.high:g}"
+        else:
+            text = "a name"
+        if self.many:
+            text += " or a list of them (comma-separated or JSON)"
+        return text + (" or null" if self.null else "")
+
+    def check(self, key: str, value: Any) -> Any:
+        """``value`` as the environment takes it, or ``ValueError`` saying what it accepts."""
+        if value is None and self.null:
+            return None
+        if self.many:
+            items = value.split(",") if isinstance(value, str) else value
+            if isinstance(items, list) and items:
+                return [self._one(key, value, item) for item in items]
+        return self._one(key, value, value)
+
+    def _one(self, key: str, given: Any, value: Any) -> Any:
+        ok = isinstance(value, self.kind) and not (self.kind is not bool
+                                                  and isinstance(value, bool))
+        if self.kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value, ok = float(value), True
+        if ok and self.kind in (int, float):
+            ok = (math.isfinite(value) and (self.low is None or value >= self.low)
+                  and (self.high is None or value <= self.high))
+        if ok and self.kind is str:
+            ok = bool(value.strip())
+        if not ok:
+            raise ValueError(f"{key}={shown(given)}: expected {self.accepts()}")
+        return value
+
+
+def shown(value: Any) -> str:
+    """An option's value as it would be typed: a name bare, anything else as JSON."""
+    return value if isinstance(value, str) else json.dumps(value)
+
+
 Obs = list[Tensor]
 """Observations, one tensor per agent type, each ``[B, count, obs_dim]``."""
 
@@ -117,6 +189,11 @@ class VecEnv(ABC):
     # The scripted reference teams this environment can play: the baselines a run reports.
     # ``random`` needs nothing of the environment; the other two need its rules.
     scripted_teams: ClassVar[tuple[str, ...]] = ("random", "no_comm", "oracle")
+    # The keyword arguments of ``__init__`` after ``num_envs`` and ``device``, declared (what
+    # ``--env-opt`` may set); ``tests/test_bad_input.py`` checks they match the signature.
+    options: ClassVar[Mapping[str, EnvOption]] = {}
+    # For an option another environment has and this one lacks: what to type instead.
+    instead: ClassVar[Mapping[str, str]] = {}
 
     @abstractmethod
     def reset(self, seed: int | None = None) -> Obs:

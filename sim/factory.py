@@ -20,12 +20,16 @@ of communication is that measured gap.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import ClassVar
+
 import torch
 from torch import Tensor
 
 from fedcomm.sim.base import (
     Actions,
     AgentType,
+    EnvOption,
     EnvSpec,
     Obs,
     Step,
@@ -54,6 +58,16 @@ def factory_spec(n_sensors: int = 2, n_processors: int = 2, n_actuators: int = 3
 
 
 class Factory(VecEnv):
+    options: ClassVar[Mapping[str, EnvOption]] = {
+        "n_sensors": EnvOption(int, 2, "sensors", low=1),
+        "n_processors": EnvOption(int, 2, "processors", low=1),
+        "n_actuators": EnvOption(int, 3, "actuators, one machine each", low=1),
+        "n_products": EnvOption(int, 3, "products a machine can make", low=2),
+        "fault_prob": EnvOption(float, 0.25, "each machine's chance of a fault per step",
+                                low=0, high=1),
+        "episode_length": EnvOption(int, 25, "steps per episode", low=1),
+    }
+
     def __init__(self, num_envs: int, device: str | torch.device = "cpu", n_sensors: int = 2,
                  n_processors: int = 2, n_actuators: int = 3, n_products: int = 3,
                  fault_prob: float = 0.25, episode_length: int = 25) -> None:

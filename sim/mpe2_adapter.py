@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import importlib
 import re
+from collections.abc import Mapping
+from typing import ClassVar
 
 import numpy as np
 import torch
 
-from fedcomm.sim.base import Actions, AgentType, EnvSpec, Obs, Step, VecEnv
+from fedcomm.sim.base import Actions, AgentType, EnvOption, EnvSpec, Obs, Step, VecEnv
 
 
 def agent_type_name(agent: str) -> str:
@@ -23,6 +25,15 @@ def agent_type_name(agent: str) -> str:
 class Mpe2Env(VecEnv):
     # No rules of mpe2's environments are scripted here: only the random team is generic.
     scripted_teams = ("random",)
+    options: ClassVar[Mapping[str, EnvOption]] = {
+        "max_cycles": EnvOption(int, 25, "steps per episode", low=1),
+        "mute": EnvOption(str, (), "agent types whose actions are replaced by action 0",
+                          many=True),
+    }
+    instead: ClassVar[Mapping[str, str]] = {
+        "say": "mute=speaker (what say=false is on the port)",
+        "episode_length": "max_cycles=N",
+    }
 
     def __init__(self, env_name: str, num_envs: int, device: str | torch.device = "cpu",
                  max_cycles: int = 25, mute: str | list[str] = ()) -> None:
@@ -56,7 +67,8 @@ class Mpe2Env(VecEnv):
         self.spec = EnvSpec(f"mpe2:{env_name}", tuple(types), episode_length=max_cycles)
         unknown = set(self.mute) - set(groups)
         if unknown:
-            raise ValueError(f"mpe2:{env_name} has no agent type {sorted(unknown)} to mute")
+            raise ValueError(f"mpe2:{env_name} has no agent type {', '.join(sorted(unknown))} "
+                             f"to mute; its types: {', '.join(groups)}")
         self._groups = list(groups.values())
         self._order = [a for agents in self._groups for a in agents]
         self.t = 0

@@ -42,10 +42,22 @@ so the gap between them is the value of knowing where the EV is.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import ClassVar
+
 import torch
 from torch import Tensor
 
-from fedcomm.sim.base import Actions, AgentType, EnvSpec, Obs, Step, VecEnv, make_generator
+from fedcomm.sim.base import (
+    Actions,
+    AgentType,
+    EnvOption,
+    EnvSpec,
+    Obs,
+    Step,
+    VecEnv,
+    make_generator,
+)
 
 CRUISE = 1.0  # lane speed limit, distance per step
 SHOULDER_SPEED = 0.5
@@ -89,6 +101,14 @@ def platoon_spec(n_trucks: int = 2, n_cars: int = 2, episode_length: int = 25,
 
 
 class Platoon(VecEnv):
+    options: ClassVar[Mapping[str, EnvOption]] = {
+        "n_trucks": EnvOption(int, 2, "trucks", low=1),
+        "n_cars": EnvOption(int, 2, "cars", low=1),
+        "episode_length": EnvOption(int, 25, "steps per episode", low=1),
+        "bandwidth": EnvOption(int, 1, "senders delivered per environment and step (null: "
+                               "all)", low=1, null=True),
+    }
+
     def __init__(self, num_envs: int, device: str | torch.device = "cpu", n_trucks: int = 2,
                  n_cars: int = 2, episode_length: int = 25, bandwidth: int | None = 1) -> None:
         self.spec = platoon_spec(n_trucks, n_cars, episode_length, bandwidth)

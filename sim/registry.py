@@ -2,35 +2,78 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import difflib
+from typing import Any
 
 import torch
 
-from fedcomm.sim.base import VecEnv
+from fedcomm.sim.base import VecEnv, shown
 from fedcomm.sim.factory import Factory
 from fedcomm.sim.platoon import Platoon
 from fedcomm.sim.speaker_listener import SpeakerListener
 
-ENVIRONMENTS: dict[str, Callable[..., VecEnv]] = {
+ENVIRONMENTS: dict[str, type[VecEnv]] = {
     "speaker_listener": SpeakerListener,
     "factory": Factory,
     "platoon": Platoon,
 }
 
 MPE2_PREFIX = "mpe2:"
+MPE2_ANY = "mpe2:<name>"
+
+
+def env_class(name: str) -> type[VecEnv]:
+    """The class of environment ``name``; ``ValueError`` naming the known ones."""
+    if name.startswith(MPE2_PREFIX) and len(name) > len(MPE2_PREFIX):
+        from fedcomm.sim.mpe2_adapter import Mpe2Env  # mpe2 itself loads when one is built
+
+        return Mpe2Env
+    if name not in ENVIRONMENTS:
+        known = ", ".join([*ENVIRONMENTS, MPE2_ANY])
+        raise ValueError(f"unknown environment {name!r}; known: {known}")
+    return ENVIRONMENTS[name]
+
+
+def describe_options(name: str) -> str:
+    """Environment ``name``'s options as one types them: ``KEY=N, KEY=true|false``."""
+    options = env_class(name).options
+    return ", ".join(f"{key}={option.metavar}" for key, option in options.items()) or "none"
+
+
+def check_env_options(name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``kwargs`` as environment ``name`` takes them, or ``ValueError`` saying which option is
+    wrong and what it accepts: checked against the environment's declared options, before
+    anything is built."""
+    cls = env_class(name)
+    checked = {}
+    for key, value in kwargs.items():
+        option = cls.options.get(key)
+        if option is None:
+            raise ValueError(unknown_option(name, cls, key, value))
+        try:
+            checked[key] = option.check(key, value)
+        except ValueError as e:
+            raise ValueError(f"{name} option {e}") from None
+    return checked
+
+
+def unknown_option(name: str, cls: type[VecEnv], key: str, value: Any) -> str:
+    text = f"{name} has no option {key!r}"
+    if key in cls.instead:
+        text += f"; use {cls.instead[key]}"
+    else:
+        close = difflib.get_close_matches(key, list(cls.options), n=1)
+        if close:
+            text += f"; did you mean {close[0]}={shown(value)}?"
+    return text + f" (its options: {describe_options(name)})"
 
 
 def make_env(name: str, num_envs: int, device: str | torch.device = "cpu", **kwargs) -> VecEnv:
     if num_envs < 1:
         raise ValueError("num_envs must be at least 1")
+    kwargs = check_env_options(name, kwargs)
     if name.startswith(MPE2_PREFIX):
-        from fedcomm.sim.mpe2_adapter import Mpe2Env  # imports pygame: only when asked for
+        from fedcomm.sim.mpe2_adapter import Mpe2Env  # imports mpe2: only when asked for
 
         return Mpe2Env(name[len(MPE2_PREFIX):], num_envs, device, **kwargs)
-    if name not in ENVIRONMENTS:
-        known = ", ".join([*ENVIRONMENTS, "mpe2:<name>"])
-        raise ValueError(f"unknown environment {name!r}; known: {known}")
-    try:
-        return ENVIRONMENTS[name](num_envs, device, **kwargs)
-    except TypeError as e:
-        raise ValueError(f"bad options for {name!r}: {e}") from e
+    return ENVIRONMENTS[name](num_envs, device, **kwargs)

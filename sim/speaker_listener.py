@@ -16,7 +16,9 @@ gradient to spend the clip on. Private runs mute it.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import replace
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -24,6 +26,7 @@ from torch import Tensor
 from fedcomm.sim.base import (
     Actions,
     AgentType,
+    EnvOption,
     EnvSpec,
     Obs,
     Step,
@@ -53,6 +56,11 @@ SPEC = EnvSpec(
 
 class SpeakerListener(VecEnv):
     channel_persists = True  # the goal holds for the episode
+    options: ClassVar[Mapping[str, EnvOption]] = {
+        "episode_length": EnvOption(int, 25, "steps per episode", low=1),
+        "say": EnvOption(bool, True, "the speaker's own say action, a channel through the "
+                         "environment that no mechanism covers (false mutes it)"),
+    }
 
     def __init__(self, num_envs: int, device: str | torch.device = "cpu",
                  episode_length: int = 25, say: bool = True) -> None:

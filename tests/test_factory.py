@@ -81,7 +81,7 @@ def test_bad_configuration_and_names_are_refused():
         Factory(2, fault_prob=1.5)
     with pytest.raises(ValueError, match="unknown environment"):
         make_env("warehouse", 2)
-    with pytest.raises(ValueError, match="bad options"):
+    with pytest.raises(ValueError, match="factory has no option 'n_robots'"):
         make_env("factory", 2, n_robots=3)
     with pytest.raises(ValueError, match="expected shape"):
         env = Factory(2)
