@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from fedcomm.commands.options import add_device, parser_of
+from fedcomm.commands.options import COUNT, EPSILON, NONNEGATIVE, SEED, add_device, parser_of
 from fedcomm.commands.output import console
 
 
@@ -18,19 +18,22 @@ def add(sub: argparse._SubParsersAction) -> None:
     p = parser_of(sub, "agent", help="run one agent against a simulator over gRPC",
                   description="Load an agent's model, then per round: join the episode "
                   "batch, step it, exchange DIAL feedback, update locally.")
-    p.add_argument("--sim", required=True, help="simulator address HOST:PORT")
-    p.add_argument("--connect-timeout", type=float, default=30.0, metavar="SECONDS",
+    p.add_argument("--sim", required=True, metavar="ADDRESS",
+                   help="the simulator's address, HOST:PORT")
+    p.add_argument("--connect-timeout", type=NONNEGATIVE, default=30.0, metavar="SECONDS",
                    help="wait this long for the simulator to come up, retrying with backoff "
-                   "(0: fail at once)")
-    p.add_argument("--agent-id", required=True)
+                   "(0: fail at once; default: %(default)g)")
+    p.add_argument("--agent-id", required=True, metavar="ID")
     auth = p.add_mutually_exclusive_group(required=True)
     auth.add_argument("--token", help="this agent's token")
     auth.add_argument("--tokens", type=Path, help="token file; the agent's entry is used")
     p.add_argument("--checkpoint", type=Path, required=True,
                    help="team.pt (or a run directory) holding this agent's model")
-    p.add_argument("--rounds", type=int, default=1)
+    p.add_argument("--rounds", type=COUNT, default=1, metavar="N",
+                   help="episode batches to run (default: %(default)s)")
     p.add_argument("--no-update", action="store_true", help="roll out and exchange only")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=SEED, default=0, metavar="N",
+                   help="the seed of the agent's own stream (default: %(default)s)")
     add_device(p)
     p.add_argument("--tls-ca", type=Path, help="CA of the simulator's certificate: enables TLS")
     p.add_argument("--tls-cert", type=Path, help="client certificate (mutual TLS)")
@@ -39,8 +42,10 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--save", type=Path, help="write the updated model here")
     p.add_argument("--ledger", type=Path,
                    help="the agent's privacy ledger (default: <agent-id>.ledger.jsonl)")
-    p.add_argument("--epsilon-budget", type=float, help="epsilon budget per privacy unit")
-    p.add_argument("--privacy-unit", choices=["episode", "history"], default="episode")
+    p.add_argument("--epsilon-budget", type=EPSILON, metavar="E",
+                   help="epsilon budget per privacy unit (default: none)")
+    p.add_argument("--privacy-unit", choices=["episode", "history"], default="episode",
+                   help="(default: %(default)s)")
     p.set_defaults(func=run)
 
 

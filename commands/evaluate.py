@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from fedcomm.commands.options import add_device, key_value, parser_of
+from fedcomm.commands.options import COUNT, SEED, add_device, key_value, parser_of
 from fedcomm.commands.output import console
 
 if TYPE_CHECKING:
@@ -20,9 +20,11 @@ def add(sub: argparse._SubParsersAction) -> None:
                   "on). --env mpe2:<name> runs the original mpe2 environment.")
     p.add_argument("run_dir", type=Path)
     p.add_argument("--env", help="environment (default: the one the run trained on)")
-    p.add_argument("--env-opt", type=key_value, action="append", default=[], metavar="K=V")
-    p.add_argument("--episodes", type=int, default=1000)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--env-opt", type=key_value, action="append", default=[],
+                   metavar="KEY=VALUE", help="an option of the environment (repeatable)")
+    p.add_argument("--episodes", type=COUNT, default=1000, metavar="N",
+                   help="(default: %(default)s)")
+    p.add_argument("--seed", type=SEED, default=0, metavar="N", help="(default: %(default)s)")
     add_device(p)
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=run)

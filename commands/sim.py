@@ -8,7 +8,17 @@ import secrets
 import stat
 from pathlib import Path
 
-from fedcomm.commands.options import add_device, add_env, env_spec_of, parser_of
+from fedcomm.commands.options import (
+    COUNT,
+    PORT,
+    POSITIVE,
+    SEED,
+    add_device,
+    add_env,
+    env_options,
+    env_spec_of,
+    parser_of,
+)
 from fedcomm.commands.output import console
 from fedcomm.sim.limits import DEFAULT_MAX_COMM_DIM
 
@@ -20,27 +30,34 @@ def add(sub: argparse._SubParsersAction) -> None:
                   description="Host the fedcomm.v1 JointEnvironment service: agents join "
                   "episode batches, step them over a stream, and exchange DIAL feedback.")
     add_env(s)
-    s.add_argument("--num-envs", type=int, default=256, help="parallel environments per batch")
-    s.add_argument("--seed", type=int, default=0,
-                   help="a batch whose agents declare no label is labelled seed + its round")
+    s.add_argument("--num-envs", type=COUNT, default=256, metavar="N",
+                   help="parallel environments per batch (default: %(default)s)")
+    s.add_argument("--seed", type=SEED, default=0, metavar="N",
+                   help="a batch whose agents declare no label is labelled seed + its round "
+                   "(default: %(default)s)")
     s.add_argument("--episode-key", type=Path,
                    help="the secret that keys every batch's seed (32 bytes or more, mode 0600); "
                    "made there if missing. Default: a fresh one, held in memory only")
-    s.add_argument("--comm-dim", type=int, default=DEFAULT_MAX_COMM_DIM,
-                   help="the largest comm_dim an agent may declare; it sizes the message limit")
+    s.add_argument("--comm-dim", type=COUNT, default=DEFAULT_MAX_COMM_DIM, metavar="N",
+                   help="the largest comm_dim an agent may declare; it sizes the message limit "
+                   "(default: %(default)s)")
     add_device(s)
-    s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=50051, help="0 picks a free port")
+    s.add_argument("--host", default="127.0.0.1", help="(default: %(default)s)")
+    s.add_argument("--port", type=PORT, default=50051, metavar="PORT",
+                   help="0 picks a free port (default: %(default)s)")
     s.add_argument("--port-file", type=Path, help="write the bound port here once serving")
     s.add_argument("--tokens", type=Path, required=True,
                    help="JSON {agent_id: token} (see `fedcomm sim tokens`)")
-    s.add_argument("--run-id", default="fedcomm")
+    s.add_argument("--run-id", default="fedcomm", metavar="ID",
+                   help="the run's name agents must join (default: %(default)s)")
     s.add_argument("--tls-cert", type=Path, help="server certificate (PEM): enables TLS")
     s.add_argument("--tls-key", type=Path, help="server private key (PEM)")
     s.add_argument("--tls-client-ca", type=Path, help="require client certificates from this CA")
-    s.add_argument("--join-timeout", type=float, default=60.0)
-    s.add_argument("--step-timeout", type=float, default=30.0)
-    s.add_argument("--feedback-timeout", type=float, default=60.0)
+    for name, default, what in (("join", 60.0, "every agent of a batch to join"),
+                                ("step", 30.0, "every agent's actions of a step"),
+                                ("feedback", 60.0, "every receiver's feedback of a batch")):
+        s.add_argument(f"--{name}-timeout", type=POSITIVE, default=default, metavar="SECONDS",
+                       help=f"seconds to wait for {what} (default: %(default)g)")
     s.set_defaults(func=run_serve)
     t = parser_of(sim, "tokens", help="write a fresh token per agent of an environment")
     add_env(t)
@@ -73,9 +90,11 @@ def run_serve(args: argparse.Namespace) -> int:
     if args.tls_client_ca and not args.tls_cert:
         raise ValueError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
     tls = ServerTls(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None
+    env_spec_of(args)  # the environment, checked before a key is made
+    tokens = read_tokens(args.tokens)
     keyed = {"episode_key": episode_key(args.episode_key)} if args.episode_key else {}
-    cfg = SimConfig(env=args.env, env_kwargs=dict(args.env_opt), num_envs=args.num_envs,
-                    seed=args.seed, run_id=args.run_id, tokens=read_tokens(args.tokens),
+    cfg = SimConfig(env=args.env, env_kwargs=env_options(args), num_envs=args.num_envs,
+                    seed=args.seed, run_id=args.run_id, tokens=tokens,
                     max_comm_dim=args.comm_dim, join_timeout=args.join_timeout,
                     step_timeout=args.step_timeout, feedback_timeout=args.feedback_timeout,
                     device=args.device, **keyed)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from fedcomm.commands.federated import run_federated
-from fedcomm.commands.options import add_federation, parser_of
+from fedcomm.commands.options import EPSILON_OR_INF, add_federation, parser_of
 
 
 def add(sub: argparse._SubParsersAction) -> None:
@@ -15,7 +15,7 @@ def add(sub: argparse._SubParsersAction) -> None:
                   "shared communication module; write a run directory. With no arguments: "
                   "the embedded default, a speaker_listener team.")
     add_federation(p)
-    p.add_argument("--agent-max-epsilon", type=float, metavar="E",
+    p.add_argument("--agent-max-epsilon", type=EPSILON_OR_INF, metavar="E",
                    help="each agent's own privacy policy: the largest epsilon per unit it "
                    "accepts from the server (default: what the run promises; inf accepts any "
                    "run and sends metrics in the clear)")

@@ -104,12 +104,14 @@ class TeamConfig:
                 raise ValueError("code_scale must be positive and finite")
             self.comm_dim = self.symbols
         elif self.recall:
-            raise ValueError("recall is for a discrete channel's senders (--channel discrete)")
+            raise ValueError("recall (--recall) is for a discrete channel's senders "
+                             "(--channel discrete)")
         if self.release_every < 1:
             raise ValueError("release_every must be at least 1")
         if self.release_every > 1 and not (self.accumulate or self.recurrent):
-            raise ValueError("a sender that releases every k > 1 steps needs receivers that "
-                             "keep what they heard: set accumulate (or recurrent)")
+            raise ValueError(f"release_every {self.release_every}: a sender that releases "
+                             "every k > 1 steps needs receivers that keep what they heard: "
+                             "set accumulate (--accumulate) or recurrent (--recurrent)")
         if min(self.noise_multiplier, self.feedback_noise_multiplier) < 0:
             raise ValueError("noise multipliers must be non-negative")
         if self.hidden < 1 or self.comm_dim < 1:
@@ -179,6 +181,21 @@ class PPOConfig:
     # The weight of each sender's recall error (``TeamConfig.recall``) in its loss.
     recall_coef: float = 1.0
 
+    def __post_init__(self) -> None:
+        if not 0 < self.lr < math.inf:
+            raise ValueError(f"lr must be positive and finite, got {self.lr}")
+        if not (self.clip_coef > 0 and self.max_grad_norm > 0):  # inf: no clipping
+            raise ValueError("clip_coef and max_grad_norm must be positive")
+        if self.epochs < 1 or self.minibatches < 1:
+            raise ValueError("epochs and minibatches must be at least 1")
+        if not (0 <= self.gamma <= 1 and 0 <= self.gae_lambda <= 1):
+            raise ValueError("gamma and gae_lambda must lie in [0, 1]")
+        coefs = (self.ent_coef, self.vf_coef, self.graph_cost, self.signal_coef,
+                 self.recall_coef)
+        if not all(0 <= c < math.inf for c in coefs):
+            raise ValueError("ent_coef, vf_coef, graph_cost, signal_coef and recall_coef must "
+                             "be non-negative and finite")
+
 
 @dataclass
 class TrainConfig:
@@ -198,6 +215,16 @@ class TrainConfig:
     team: TeamConfig = field(default_factory=TeamConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+
+    def __post_init__(self) -> None:
+        # A configuration from elsewhere (a run directory, the server's) is checked as the
+        # flags are: a run that cannot be run is refused before it starts.
+        if min(self.num_envs, self.env_steps, self.eval_episodes) < 1:
+            raise ValueError("num_envs, env_steps and eval_episodes must be at least 1")
+        if self.eval_every < 0 or self.seed < 0:
+            raise ValueError("eval_every and seed must be non-negative")
+        if self.time_budget is not None and not 0 < self.time_budget < math.inf:
+            raise ValueError("time_budget must be positive and finite")
 
     @property
     def spec(self) -> EnvSpec:
@@ -295,6 +322,10 @@ class FederationConfig:
                              f"{', '.join(AGGREGATIONS)}")
         if self.max_update_norm is not None and not 0 < self.max_update_norm < math.inf:
             raise ValueError("max_update_norm must be positive and finite")
+        if not (0 < self.server_lr < math.inf and 0 <= self.server_momentum < 1):
+            raise ValueError("server_lr must be positive and finite, server_momentum in [0, 1)")
+        if self.max_failed_rounds < 1 or self.eval_every < 0:
+            raise ValueError("max_failed_rounds must be at least 1, eval_every non-negative")
         if self.faulty_agents < 0 or self.client_dp_noise < 0 or not self.client_dp_clip > 0:
             raise ValueError("faulty_agents and client_dp_noise must be non-negative, "
                              "client_dp_clip positive")

@@ -121,3 +121,23 @@ def preset(env: str, kind: Kind = "cpu") -> TrainConfig:
         cfg = replace(cfg, num_envs=gpu["num_envs"],
                       ppo=replace(cfg.ppo, minibatches=gpu["minibatches"], lr=gpu["lr"]))
     return cfg
+
+
+PRESET_ENVIRONMENTS = (*PRESETS, "mpe2:<name>")
+"""The environments whose presets a command's help states: the ports, and any mpe2 one (the
+generic preset)."""
+
+
+def variants(env: str, federated: bool) -> dict[str, TrainConfig | FederationConfig]:
+    """The presets a run of ``env`` may start from, by what selects them: ``default`` (the CPU
+    preset, a federated run's private one where ``env`` has it), ``the GPU preset`` and, for a
+    federated run of an environment with a private default, ``--non-private``."""
+    if not federated:
+        return {"default": preset(env), "the GPU preset": preset(env, "gpu")}
+    private = env in PRIVATE_FEDERATED
+    found: dict[str, TrainConfig | FederationConfig] = {
+        "default": federation_preset(env, private=private),
+        "the GPU preset": federation_preset(env, "gpu", private=private)}
+    if private:
+        found["--non-private"] = federation_preset(env)
+    return found
