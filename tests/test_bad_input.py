@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from fedcomm.commands import main
-from fedcomm.commands.options import FED, FLAGS, TRAIN, Flag, Number
+from fedcomm.commands.options import FED, FEEDBACK_FLAGS, FLAGS, TRAIN, Flag, Number
 from fedcomm.sim.mpe2_adapter import Mpe2Env
 from fedcomm.sim.registry import ENVIRONMENTS
 from tests.harness.processes import FEDCOMM
@@ -161,7 +161,7 @@ def test_every_numeric_flag_refuses_what_is_outside_its_range(root: str, flag: F
     number = flag.options["type"]
     assert math.isfinite(number.low), f"{flag.names[0]} has no lower bound"
     for command in (["simulate"], ["train"]) if root == TRAIN else (["simulate"],):
-        if command == ["train"] and flag in FLAGS[TRAIN][-3:]:  # feedback: federated only
+        if command == ["train"] and flag in FEEDBACK_FLAGS:  # federated only
             continue
         for value in outside(number):
             line = error_line([*command, flag.names[0], value, "--out", "run"], capsys)
