@@ -9,12 +9,8 @@ from collections.abc import Sequence
 from rich.markup import escape
 
 from fedcomm.commands import agent, deploy, evaluate, privacy, sim, simulate, train, worker
-from fedcomm.commands.options import (
-    Parser,
-    check_args,
-    federation_config_from_args,
-    train_config_from_args,
-)
+from fedcomm.commands.flags import Parser
+from fedcomm.commands.options import check_args, federation_config_from_args, train_config_from_args
 from fedcomm.commands.output import console
 
 COMMANDS = (train, simulate, evaluate, deploy, sim, agent, worker, privacy)

@@ -10,7 +10,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from fedcomm.commands.options import COUNT, EPSILON, NONNEGATIVE, SEED, add_device, parser_of
+from fedcomm.commands.flags import COUNT, EPSILON, NONNEGATIVE, SEED
+from fedcomm.commands.options import add_device, parser_of
 from fedcomm.commands.output import console
 
 

@@ -7,7 +7,8 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from fedcomm.commands.options import COUNT, SEED, add_device, key_value, parser_of
+from fedcomm.commands.flags import COUNT, SEED
+from fedcomm.commands.options import add_device, key_value, parser_of
 from fedcomm.commands.output import console
 
 if TYPE_CHECKING:

@@ -8,17 +8,8 @@ import secrets
 import stat
 from pathlib import Path
 
-from fedcomm.commands.options import (
-    COUNT,
-    PORT,
-    POSITIVE,
-    SEED,
-    add_device,
-    add_env,
-    env_options,
-    env_spec_of,
-    parser_of,
-)
+from fedcomm.commands.flags import COUNT, PORT, POSITIVE, SEED
+from fedcomm.commands.options import add_device, add_env, env_options, env_spec_of, parser_of
 from fedcomm.commands.output import console
 from fedcomm.sim.limits import DEFAULT_MAX_COMM_DIM
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 
 from fedcomm.commands.federated import run_federated
-from fedcomm.commands.options import EPSILON_OR_INF, add_federation, parser_of
+from fedcomm.commands.flags import EPSILON_OR_INF
+from fedcomm.commands.options import add_federation, parser_of
 
 
 def add(sub: argparse._SubParsersAction) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from fedcomm.commands import main
-from fedcomm.commands.options import FED, FEEDBACK_FLAGS, FLAGS, TRAIN, Flag, Number
+from fedcomm.commands.flags import FED, FEEDBACK_FLAGS, FLAGS, TRAIN, Flag, Number
 from fedcomm.sim.mpe2_adapter import Mpe2Env
 from fedcomm.sim.registry import ENVIRONMENTS
 from tests.harness.processes import FEDCOMM

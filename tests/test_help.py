@@ -10,7 +10,7 @@ import re
 import pytest
 
 from fedcomm.commands import build_parser
-from fedcomm.commands.options import FED, FLAGS, TRAIN, Flag
+from fedcomm.commands.flags import FED, FLAGS, TRAIN, Flag
 from fedcomm.presets import (
     PRESET_ENVIRONMENTS,
     PRIVATE_FEDERATED,
