@@ -10,7 +10,7 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from fedcomm.commands.options import default_out, federation_config_from_args
+from fedcomm.commands.options import default_out, federation_config_from_args, given_flags
 from fedcomm.commands.output import console, print_result, rounds_text
 from fedcomm.config import FederationConfig
 from fedcomm.releases.plan import PrivacyPlan
@@ -34,6 +34,13 @@ def exit_if_stranded(code: int) -> None:
 def config_and_out(args: argparse.Namespace, command: str) -> tuple[FederationConfig, Path]:
     """The run's configuration and directory: from the flags, or a resumed run's own."""
     if args.resume:
+        ignored = [*given_flags(args), *(["--out"] if args.out else []),
+                   *(["--env-opt"] if args.env_opt else []),
+                   *(["--non-private"] if getattr(args, "non_private", False) else [])]
+        if ignored:
+            raise ValueError(f"--resume continues {args.resume} with its own config.json: "
+                             f"{', '.join(ignored)} would not be taken; leave "
+                             f"{'it' if len(ignored) == 1 else 'them'} out, or start a new run")
         config = args.resume / "config.json"
         if not config.exists():
             raise FileNotFoundError(f"no config.json in {args.resume}: is it a run directory "

@@ -185,6 +185,12 @@ def _add_flags(group: argparse._ActionsContainer, flags: Iterable[Flag], root: s
         group.add_argument(*flag.names, dest=root + flag.path, default=None, **options)
 
 
+def given_flags(args: argparse.Namespace) -> list[str]:
+    """The names of the configuration flags set on the command line."""
+    names = {root + f.path: f.names[0] for root, flags in FLAGS.items() for f in flags}
+    return [names[k] for k, v in vars(args).items() if k in names and v is not None]
+
+
 def given(args: argparse.Namespace, root: str) -> dict[str, Any]:
     """The fields set on the command line below ``root``, by dotted path."""
     return {k[len(root):]: v for k, v in vars(args).items()
