@@ -345,12 +345,17 @@ def _accountable(make: Callable[[], Run]) -> Run:
     of its numeric range (an epsilon or a delta this large, a noise this small) is refused
     now, in one line, not as a traceback where the command plans the run. (Whether the plan
     fits its budget is the command's to say.)"""
+    from fedcomm.privacy.calibrate import Unreachable
     from fedcomm.releases.plan import plan_of
 
     try:
         run = make()
         with contextlib.suppress(ValueError):  # the plan's own refusal: the command gives it
             plan_of(run)
+    except Unreachable as e:
+        raise FlagError("--epsilon", f"too small for this run: its share of a mechanism "
+                        f"needs more noise than any calibrated ({e}); give a larger --epsilon "
+                        "(or a larger mechanism epsilon)") from None
     except ArithmeticError as e:
         raise ValueError(f"the privacy accountants cannot compute this run's epsilon ({e}): an "
                          "epsilon or delta this large, or a noise multiplier this small, is out "

@@ -57,6 +57,10 @@ def noise_for_epsilon(
                           rel_tol)
 
 
+class Unreachable(ValueError):
+    """No noise multiplier the calibration searches reaches the target epsilon."""
+
+
 def smallest_noise(epsilon_of: Callable[[float], float], target: float,
                    rel_tol: float = 1e-5) -> float:
     """Smallest noise multiplier (rounded up to 6 decimals) with ``epsilon_of(noise) <=
@@ -74,7 +78,8 @@ def smallest_noise(epsilon_of: Callable[[float], float], target: float,
     while epsilon_of(hi) > target:
         lo, hi = hi, 2 * hi
         if hi > MAX_NOISE:
-            raise ValueError(f"no noise multiplier up to {MAX_NOISE:g} reaches epsilon {target}")
+            raise Unreachable(f"no noise multiplier up to {MAX_NOISE:g} reaches epsilon "
+                              f"{target:.4g}")
     if lo == 0.0:
         lo = hi / 2
         while epsilon_of(lo) <= target:

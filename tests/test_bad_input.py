@@ -73,6 +73,7 @@ BAD_VALUES = [
     (["simulate", "--epsilon", "0"], "--epsilon", "a finite number > 0"),
     (["simulate", "--epsilon", "-1"], "--epsilon", "a finite number > 0"),
     (["simulate", "--epsilon", "nan"], "--epsilon", "a finite number > 0"),
+    (["simulate", "--epsilon", "1e-9"], "--epsilon", "too small for this run"),
     (["simulate", "--delta", "1"], "--delta", "in (0, 1)"),
     (["simulate", "--seed", "-1"], "--seed", "from 0 to 4294967295"),
     (["simulate", "--server-momentum", "1"], "--server-momentum", "in [0, 1)"),
