@@ -71,18 +71,21 @@ def batch_label(fed: FederationConfig, batch: int, replays: int) -> int:
 
 
 def global_arrays(team: Team, with_private: bool = False,
-                  parts: Sequence[str] | None = None) -> dict[str, Tensor]:
+                  parts: Sequence[str] | None = None, by_role: bool = False
+                  ) -> dict[str, Tensor]:
     """What a one-type team sends to the server: its copy of the shared module (its ``parts``
-    of it) and, with ``with_private``, its type's private networks."""
+    of it; ``by_role``, as its type's copy) and, with ``with_private``, its type's private
+    networks."""
     private = {_type_name(team): team.type_state()} if with_private else {}
-    return module_arrays(team.shared_state(parts), private)
+    return module_arrays(team.shared_state(parts), private,
+                         _type_name(team) if by_role else None)
 
 
 def load_global(team: Team, arrays: Mapping[str, Tensor],
-                parts: Sequence[str] | None = None) -> None:
-    """Load the global shared module (its ``parts``: the others are the agent's own) and this
-    agent's type's averaged private networks."""
-    team.load_shared_state(shared_part(arrays), parts)
+                parts: Sequence[str] | None = None, by_role: bool = False) -> None:
+    """Load the global shared module (its ``parts``: the others are the agent's own;
+    ``by_role``, its type's copy) and this agent's type's averaged private networks."""
+    team.load_shared_state(shared_part(arrays, _type_name(team) if by_role else None), parts)
     team.load_type_state(type_part(arrays, _type_name(team)))
 
 
@@ -173,7 +176,7 @@ class FederatedAgent:
         """Train this round's episode batches from the global module (``replays``:
         ``TrainInstruction.replays``); returns the agent's updated arrays (none if its budget
         kept it silent throughout) and its reply."""
-        load_global(self.team, arrays, self.parts)
+        load_global(self.team, arrays, self.parts, self.fed.share == "role")
         routes = self.routes()
         train = self.fed.train
         batches = self.fed.batches_in(server_round)
@@ -202,12 +205,13 @@ class FederatedAgent:
             timings=timings, stats=stats)
         if not trained:  # nothing learned that the budget allowed to share
             return {}, reply
-        return global_arrays(self.team, self.fed.aggregate_private, self.parts), reply
+        return global_arrays(self.team, self.fed.aggregate_private, self.parts,
+                             self.fed.share == "role"), reply
 
     def evaluate(self, arrays: Mapping[str, Tensor], batches: int, seed: int,
                  server_round: int = 0) -> list[float]:
         """Greedy episodes through the simulator; this agent's return in each."""
-        load_global(self.team, arrays, self.parts)
+        load_global(self.team, arrays, self.parts, self.fed.share == "role")
         routes = self.routes()
         generator = torch.Generator(self.device).manual_seed(seed)
         num_envs = self.party.transport.num_envs

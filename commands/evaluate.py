@@ -27,6 +27,11 @@ def add(sub: argparse._SubParsersAction) -> None:
                    help="(default: %(default)s)")
     p.add_argument("--seed", type=SEED, default=0, metavar="N", help="(default: %(default)s)")
     add_device(p)
+    p.add_argument("--cross-play", action="store_true",
+                   help="in a run of sites: every site's senders with every site's receivers, "
+                   "that never trained together; prints the gap closed, senders' site by row, "
+                   "receivers' by column (with --json, a last line whose gap_closed is the "
+                   "matrix)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=run)
 
@@ -53,6 +58,8 @@ def run(args: argparse.Namespace) -> int:
 
     config_path = args.run_dir / "config.json"
     config = json.loads(config_path.read_text()) if config_path.exists() else {}
+    if args.cross_play:
+        return cross_play(args, config)
     if config.get("share") == "none" and not (args.run_dir / TEAM_FILE).exists():
         raise FileNotFoundError(f"{args.run_dir} kept a copy of the shared module per agent "
                                 "(--share none): no one team holds them, so there is no team.pt to "
@@ -71,4 +78,48 @@ def run(args: argparse.Namespace) -> int:
     else:
         console.print(f"{env}: return {result.return_mean:.3f} ± {result.return_se:.3f} "
                       f"(s.e., {result.episodes} episodes)")
+    return 0
+
+
+def cross_play(args: argparse.Namespace, config: dict) -> int:
+    """``--cross-play``: the site-by-site matrix of gap closed (``learning.crossplay``)."""
+    from fedcomm.device import resolve_device
+    from fedcomm.learning.crossplay import cross_play as play
+    from fedcomm.models.team import load_team
+    from fedcomm.modes.assemble import site_team_file
+    from fedcomm.sim.registry import SITES, one_site
+
+    if args.env or args.env_opt:
+        raise ValueError("--cross-play plays each pair on its receivers' site, as the run "
+                         "trained: leave out --env and --env-opt")
+    trained = config.get("train", config)
+    sites = int(trained.get("env_kwargs", {}).get(SITES, 1)) if trained else 0
+    if sites < 2:
+        raise ValueError(f"{args.run_dir} is not a run of sites (config.json): cross-play "
+                         "pairs the sites of a run started with --sites N")
+    paths = [site_team_file(args.run_dir, s) for s in range(sites)]
+    if not all(p.exists() for p in paths):
+        raise FileNotFoundError(f"{args.run_dir} has no team per site ({paths[0].parent}): "
+                                "its sites' agents keep copies no one team holds")
+    device = resolve_device(args.device)
+    teams = [load_team(p, device) for p in paths]
+    kwargs = [one_site(trained["env_kwargs"], s) for s in range(sites)]
+    result = play(teams, trained["env"], kwargs, args.episodes, args.seed, device)
+    if args.json:
+        print(json.dumps(result.to_dict()))
+        return 0
+    from rich.table import Table
+
+    table = Table(title=f"cross-play, gap closed (no_comm -> oracle) over {args.episodes} "
+                  "episodes: senders' site by row, receivers' by column")
+    table.add_column("senders")
+    for b in range(sites):
+        table.add_column(f"s{b}", justify="right")
+    for a, row in enumerate(result.gap_closed):
+        table.add_row(f"s{a}", *(f"{100 * g:.1f}%" for g in row))
+    console.print(table)
+    console.print(f"own site (diagonal) {100 * result.diagonal:.1f}%, across sites "
+                  f"{100 * result.off_diagonal:.1f}% "
+                  f"({100 * result.off_diagonal / result.diagonal:.0f}% of the diagonal)",
+                  highlight=False)
     return 0

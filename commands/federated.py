@@ -36,6 +36,8 @@ def config_and_out(args: argparse.Namespace, command: str) -> tuple[FederationCo
     if args.resume:
         ignored = [*given_flags(args), *(["--out"] if args.out else []),
                    *(["--env-opt"] if args.env_opt else []),
+                   *(["--sites"] if args.sites is not None else []),
+                   *(["--site-opt"] if args.site_opt else []),
                    *(["--non-private"] if getattr(args, "non_private", False) else [])]
         if ignored:
             raise ValueError(f"--resume continues {args.resume} with its own config.json: "

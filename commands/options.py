@@ -135,11 +135,31 @@ def add_env(p: argparse.ArgumentParser, default: str | None = "factory",
                    help=env_opt_help().replace("%", "%%"))
 
 
+def add_sites(p: argparse.ArgumentParser) -> None:
+    """``--sites`` and ``--site-opt``: copies of the environment, each its own agents."""
+    p.add_argument("--sites", type=int, metavar="N",
+                   help="run N copies of the environment as sites, each its own agents "
+                   "(ids s0.speaker_0, ...) and episodes; vectors stay within a site, "
+                   "--env-steps count per site (default: 1)")
+    p.add_argument("--site-opt", type=site_key_value, action="append", default=[],
+                   metavar="S/KEY=VALUE",
+                   help="an environment option of site S only, over --env-opt (repeatable; "
+                   "non-IID sites: speaker_listener's goal_weights, the factory's rates)")
+
+
+def site_key_value(text: str) -> tuple[int, str, object]:
+    site, sep, rest = text.partition("/")
+    if not sep or not site.isdigit():
+        raise argparse.ArgumentTypeError(f"expected S/KEY=VALUE (S a site number), got {text!r}")
+    return (int(site), *key_value(rest))
+
+
 def add_training(p: argparse.ArgumentParser, default_env: str = "factory",
                  federated: bool = False) -> None:
     """The options of a training run, centralized or federated (whose help shows the
     federated presets' defaults)."""
     add_env(p, default_env)
+    add_sites(p)
     p.add_argument("--out", type=Path, metavar="RUN_DIR",
                    help="run directory (default: runs/<env>-<time>)")
     p.add_argument("--preset", choices=["auto", "cpu", "gpu"], default="auto",
@@ -260,7 +280,7 @@ def _applied(base: Any, values: dict[str, Any], root: str) -> Any:
 def _with_flags(args: argparse.Namespace, base: TrainConfig) -> TrainConfig:
     values = given(args, TRAIN)
     _refuse_both(values, FLAG_NAMES)
-    if args.env_opt:
+    if args.env_opt or getattr(args, "sites", None) or getattr(args, "site_opt", None):
         base = replace(base, env_kwargs={**base.env_kwargs, **env_options(args)})
     cfg = _applied(base, values, TRAIN)
     _refuse_under_budget(values, cfg)
@@ -410,9 +430,35 @@ def env_options(args: argparse.Namespace) -> dict[str, Any]:
     except ValueError as e:
         raise FlagError("--env", str(e)) from None
     try:
-        return check_env_options(args.env, dict(args.env_opt))
+        options = check_env_options(args.env, dict(args.env_opt))
     except ValueError as e:
         raise FlagError("--env-opt", str(e)) from None
+    return {**options, **site_flags(args)}
+
+
+def site_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """``--sites`` and ``--site-opt`` as environment options (``sim.registry.SITES``)."""
+    from fedcomm.sim.registry import SITE_OPTIONS, SITES, check_env_options
+
+    sites, site_opt = getattr(args, "sites", None), getattr(args, "site_opt", None) or []
+    if sites is None and not site_opt:
+        return {}
+    if sites is not None and not 1 <= sites <= 4096:
+        raise FlagError("--sites", f"{sites}: expected an integer from 1 to 4096")
+    sites = sites or 1
+    per_site: list[dict[str, Any]] = [{} for _ in range(sites)]
+    for site, key, value in site_opt:
+        if site >= sites:
+            raise FlagError("--site-opt", f"site {site}, but the run has {sites} "
+                            f"(sites 0 to {sites - 1}; give --sites)")
+        per_site[site][key] = value
+    out: dict[str, Any] = {SITES: sites}
+    if site_opt:
+        out[SITE_OPTIONS] = per_site
+    try:
+        return check_env_options(args.env, out)
+    except ValueError as e:
+        raise FlagError("--site-opt", str(e)) from None
 
 
 def env_spec_of(args: argparse.Namespace) -> Any:

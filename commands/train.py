@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from fedcomm.commands.flags import FlagError
 from fedcomm.commands.options import add_training, default_out, parser_of, train_config_from_args
 from fedcomm.commands.output import console, plural, print_result, steps_text
 
@@ -18,10 +19,15 @@ def add(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from fedcomm.device import resolve_device
     from fedcomm.modes.centralized import train
     from fedcomm.releases.plan import plan_of
 
     cfg = train_config_from_args(args)
+    try:  # this process trains: its device must exist before anything is written
+        resolve_device(cfg.device)
+    except ValueError as e:
+        raise FlagError("--device", str(e)) from None
     planned = plan_of(cfg)  # before anything is written: exit 2, one line
     out = args.out or default_out(cfg.env)
     batches = max(1, cfg.env_steps // cfg.batch_steps)  # as the trainer counts them

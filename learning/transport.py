@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from fedcomm.sim.base import Actions, EnvSpec, Obs, VecEnv
-from fedcomm.sim.router import delivery_mask
+from fedcomm.sim.router import delivery_mask, sites_of
 
 
 class BatchTruncated(RuntimeError):
@@ -79,6 +79,7 @@ class LocalTransport(Transport):
         self.env, self.spec, self.num_envs = env, env.spec, env.num_envs
         self.agents = tuple(range(env.spec.n_agents))
         self.type_of_agent = torch.tensor(env.spec.type_of_agent, device=env.device)
+        self.site_of_agent = sites_of(env.spec, env.device)
         self.routes: Tensor | None = None
 
     def reset(self, routes: Tensor, seed: int | None = None, silent: bool = False) -> Obs:
@@ -90,7 +91,8 @@ class LocalTransport(Transport):
     def exchange(self, vectors: Tensor, release: bool = True) -> tuple[Tensor | None, Tensor]:
         if self.routes is None:
             raise RuntimeError("reset the transport before exchanging vectors")
-        mask = delivery_mask(self.type_of_agent, self.routes, vectors, self.spec.bandwidth)
+        mask = delivery_mask(self.type_of_agent, self.routes, vectors, self.spec.bandwidth,
+                             site_of_agent=self.site_of_agent, sites=self.spec.sites)
         return None, mask & release
 
     def step(self, actions: Actions) -> TransportStep:

@@ -27,7 +27,7 @@ from fedcomm.models.comm import CommModule
 from fedcomm.models.layers import GroupGRUCell, group_mlp
 from fedcomm.models.state import TeamState
 from fedcomm.sim.base import EnvSpec, Obs
-from fedcomm.sim.router import delivery_mask, priority
+from fedcomm.sim.router import delivery_mask, priority, sites_of
 
 TEAM_FILE = "team.pt"  # a run directory's trained team
 _GLOBAL_RNG = threading.Lock()  # initialisers draw from torch's process-wide generator
@@ -92,6 +92,7 @@ class Team(TeamState, nn.Module):
             group_mlp(c, [2 * h, h, 1], out_gain=1.0) for c in self.counts)
         self.register_buffer("type_of_agent", torch.tensor(spec.type_of_agent), persistent=False)
         self.register_buffer("local_index", torch.tensor(self.agents), persistent=False)
+        self.register_buffer("site_of_agent", sites_of(spec), persistent=False)
         self.register_buffer("allowed", torch.tensor(self.cfg.allowed_routes(spec)),
                              persistent=False)
         # The part of the graph's price each local agent type pays (see ``route_cost``).
@@ -240,7 +241,8 @@ class Team(TeamState, nn.Module):
     def route(self, senders: Tensor) -> Tensor:
         """``[B or 1, n_local, N]`` what the router delivers to the local agents."""
         mask = delivery_mask(self.type_of_agent, self.kept_routes(), senders,
-                             self.spec.bandwidth)
+                             self.spec.bandwidth, site_of_agent=self.site_of_agent,
+                             sites=self.spec.sites)
         return mask.index_select(1, self.local_index)
 
     def delivery_weights(self, senders: Tensor, delivered: Tensor) -> Tensor:

@@ -35,27 +35,23 @@ from fedcomm.baselines import EVAL_SEED, EvalResult
 from fedcomm.clients.journal import read_journal
 from fedcomm.clients.node import node_config
 from fedcomm.clients.policy import PrivacyPolicy
-from fedcomm.clients.state import StateStore
 from fedcomm.config import FederationConfig
 from fedcomm.device import resolve_device
 from fedcomm.learning.importance import communication_importance
 from fedcomm.learning.rollout import collect
 from fedcomm.learning.transport import LocalTransport
-from fedcomm.models.team import TEAM_FILE, Team
+from fedcomm.models.team import TEAM_FILE
+from fedcomm.modes.assemble import assemble_team, one_team_holds, save_site_teams
 from fedcomm.modes.processes import SimProcess
 from fedcomm.privacy.ledger import LedgerError, read_ledger
 from fedcomm.protocol.auth import generate_tokens, write_tokens
-from fedcomm.protocol.round import AGENT_PHASES, arrays_release, release_of, shared_part
+from fedcomm.protocol.round import AGENT_PHASES, arrays_release, release_of
 from fedcomm.releases.account import LEDGER
 from fedcomm.releases.plan import PrivacyPlan, plan_of
 from fedcomm.releases.report import report_summary, write_run_report
 from fedcomm.releases.schedule import (
-    RECEIVER_PARTS,
-    SENDER_PARTS,
     initial_routes,
     sends_to_server,
-    shared_parts,
-    uses,
 )
 from fedcomm.rundir import RunDir
 from fedcomm.server.checkpoint import load_checkpoint
@@ -169,42 +165,6 @@ def run_flower(fed: FederationConfig, run_dir: Path, sim_address: str, tokens: P
     return results[0]
 
 
-def one_team_holds(fed: FederationConfig) -> bool:
-    """Whether one team can hold the run's parties: every part of the shared module that two
-    agents use is averaged among them. With ``share="none"`` each keeps its own copy, and a
-    team has one copy of each part."""
-    routes = initial_routes(fed.train)
-    owners: dict[str, int] = {}
-    for i in range(fed.spec.n_agents):
-        shared = shared_parts(fed.spec, fed.share, routes, i)
-        for part in uses(fed.spec, routes, i):
-            if part not in shared:
-                owners[part] = owners.get(part, 0) + 1
-    return all(n <= 1 for n in owners.values())
-
-
-def assemble_team(run_dir: Path, fed: FederationConfig) -> Team:
-    """The team as a whole: the global shared module and every agent's private networks."""
-    ckpt = load_checkpoint(run_dir)
-    if ckpt is None:
-        raise FileNotFoundError(f"no checkpoint in {run_dir}")
-    team = Team(fed.spec, fed.train.team)
-    team.load_shared_state(shared_part({k: torch.from_numpy(v) for k, v in ckpt.arrays.items()}))
-    routes = initial_routes(fed.train)
-    for i, agent in enumerate(fed.spec.agent_ids):
-        saved = StateStore(run_dir / "agents" / agent, {}).load(ckpt.round)
-        if saved is None:
-            raise FileNotFoundError(f"no private state of {agent} in {run_dir}/agents")
-        team.load_agent_state(i, saved.state["team"])  # the agent's own one-agent team's
-        # the parts of the shared module only this agent used are its own copy's
-        shared = shared_parts(fed.spec, fed.share, routes, i)
-        own = [part for part in (*SENDER_PARTS, *RECEIVER_PARTS) if part not in shared
-               and part in uses(fed.spec, routes, i)]
-        if own and "comm" in saved.state:
-            team.load_shared_state(saved.state["comm"], own)
-    return team
-
-
 def agent_journals(run_dir: Path, fed: FederationConfig) -> dict[str, list[dict]]:
     """Every agent's journal, by agent id (all of them on this machine)."""
     return {a: read_journal(run_dir / "agents" / a) for a in fed.spec.agent_ids}
@@ -269,6 +229,7 @@ def complete_run(run_dir: Path, fed: FederationConfig) -> RunResult:
         env = make_env(fed.train.env, 256, **fed.train.env_kwargs)
         batch = collect(team, LocalTransport(env), seed=EVAL_SEED, greedy=True)
         summary.importance = communication_importance(team, batch).tolist()
+    save_site_teams(run_dir, fed)  # for cross-play (fedcomm eval --cross-play)
     ledgers = {a: run_dir / "agents" / a / LEDGER for a in fed.spec.agent_ids}
     report = write_run_report(run_dir, fed.to_dict(), fed.train.team, fed.train.privacy,
                               ledgers, ppo=fed.train.ppo,

@@ -13,8 +13,10 @@ whose policy promises a finite epsilon) sends only counts the server already kno
 post-processing of its ledger and DP releases; its training return, losses, timings and
 evaluation returns stay in its own log.
 
-Array keys: ``comm.<path>`` for the shared communication module, ``type.<type name>.<path>`` for
-a type's private networks (sent only when a run averages them, ``aggregate_private``).
+Array keys: ``comm.<path>`` for the shared communication module, ``role.<type name>.<path>`` for
+a type's own copy of it (``share="role"``: averaged among the agents of that type only), and
+``type.<type name>.<path>`` for a type's private networks (sent only when a run averages them,
+``aggregate_private``).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from flwr.app import ConfigRecord, Message, MetricRecord
 
 ARRAYS, CONFIG, METRICS, PROOF = "arrays", "config", "metrics", "proof"  # a message's records
 SHARED = "comm."
+ROLE = "role."
 TYPE = "type."
 WEIGHT_KEY = "num-examples"  # what Flower's averaging weighs a reply by
 AGENT_PHASES = ("start_s", "client_s", "restore_s", "rollout_s", "feedback_s", "update_s",
@@ -38,19 +41,25 @@ state, rolling out, the feedback exchange, the update and writing its state."""
 T = TypeVar("T")
 
 
-def module_arrays(shared: Mapping[str, T], private: Mapping[str, Mapping[str, T]] | None = None
-                  ) -> dict[str, T]:
-    """The arrays of a message: the shared module's and, per type name, that type's private
-    networks (each keyed by its path in the module)."""
-    out = {SHARED + k: v for k, v in shared.items()}
+def module_arrays(shared: Mapping[str, T], private: Mapping[str, Mapping[str, T]] | None = None,
+                  role: str | None = None) -> dict[str, T]:
+    """The arrays of a message: the shared module's (with ``role``, that type's copy of it)
+    and, per type name, that type's private networks (each keyed by its path in the module)."""
+    out = {shared_prefix(role) + k: v for k, v in shared.items()}
     for name, part in (private or {}).items():
         out |= {f"{TYPE}{name}.{k}": v for k, v in part.items()}
     return out
 
 
-def shared_part(arrays: Mapping[str, T]) -> dict[str, T]:
-    """The shared module's arrays, keyed by path."""
-    return {k[len(SHARED):]: v for k, v in arrays.items() if k.startswith(SHARED)}
+def shared_part(arrays: Mapping[str, T], role: str | None = None) -> dict[str, T]:
+    """The shared module's arrays (with ``role``, that type's copy), keyed by path."""
+    prefix = shared_prefix(role)
+    return {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
+
+
+def shared_prefix(role: str | None = None) -> str:
+    """The keys of the shared module: ``comm.``, or a type's copy of it, ``role.<type>.``."""
+    return SHARED if role is None else f"{ROLE}{role}."
 
 
 def type_part(arrays: Mapping[str, T], type_name: str) -> dict[str, T]:
@@ -61,8 +70,8 @@ def type_part(arrays: Mapping[str, T], type_name: str) -> dict[str, T]:
 
 def key_group(key: str) -> str:
     """What an array is averaged with: one part of the shared module (``comm.encoder``,
-    ``comm.decoder``, ...: each averaged over the agents that send it) or a type's private
-    networks (``type.<name>``)."""
+    ``comm.decoder``, ...: each averaged over the agents that send it), a type's copy of it
+    (``role.<name>``) or a type's private networks (``type.<name>``)."""
     head, _, rest = key.partition(".")
     return f"{head}.{rest.partition('.')[0]}"
 

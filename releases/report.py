@@ -64,25 +64,52 @@ def report_summary(report: dict[str, Any]) -> dict[str, Any]:
             "within_budget": report["verdict"]["within_budget"]}
 
 
-def aggregated_parts(fed: FederationConfig) -> list[str]:
-    """The networks the server of ``fed`` aggregates: the parts of the shared module any agent
-    sends it (``releases.schedule.shared_parts``), and each type's private networks with
-    ``aggregate_private``; empty where it aggregates nothing."""
-    routes = initial_routes(fed.train)
-    sent = {part for i in range(fed.spec.n_agents)
-            for part in shared_parts(fed.spec, fed.share, routes, i)}
-    parts = [part for part in (*SENDER_PARTS, *RECEIVER_PARTS) if part in sent]
-    return parts + (["private networks"] if fed.aggregate_private else [])
-
-
 def server_text(fed: FederationConfig) -> str:
     """What the server of ``fed`` does with the agents' networks, in words: aggregates nothing,
-    or which parts by which strategy and rule."""
-    parts = aggregated_parts(fed)
-    if not parts:
+    or which parts among whom, by which strategy and rule."""
+    groups = aggregation_groups(fed)
+    if not groups and not fed.aggregate_private:
         return "server aggregates nothing"
-    if parts[:len(SENDER_PARTS) + len(RECEIVER_PARTS)] == [*SENDER_PARTS, *RECEIVER_PARTS]:
-        parts = ["the whole shared module", *parts[len(SENDER_PARTS) + len(RECEIVER_PARTS):]]
+    whole = (*SENDER_PARTS, *RECEIVER_PARTS)
+    if fed.share == "role" and all(parts == whole for parts, _ in groups):
+        text = ("each type's copy of the shared module among its agents: "
+                + ", ".join(who for _, who in groups))
+    else:
+        text = "; ".join(f"{'the whole shared module' if parts == whole else ', '.join(parts)}"
+                         f"{' (its type copy)' if fed.share == 'role' else ''} among {who}"
+                         for parts, who in groups)
+    if fed.aggregate_private:
+        text += ("; " if text else "") + "each type's private networks among its agents"
     rule = fed.strategy if fed.aggregation == "mean" else f"{fed.strategy}, {fed.aggregation}"
     noise = (f", client-level DP noise {fed.client_dp_noise:g}" if fed.client_dp_noise else "")
-    return f"server aggregates ({rule}{noise}) {', '.join(parts)}"
+    return f"server aggregates ({rule}{noise}) {text}"
+
+
+def aggregation_groups(fed: FederationConfig) -> list[tuple[tuple[str, ...], str]]:
+    """The parts of the shared module the server aggregates together, and among whom, in
+    words (``"8 speakers"``, ``"all 7 agents"``): one group per set of agents that send the
+    same parts (with ``share="role"``, per type: each type's copy)."""
+    routes = initial_routes(fed.train)
+    spec = fed.spec
+    senders: dict[tuple[str, int | None], list[int]] = {}
+    for i in range(spec.n_agents):
+        kind = spec.type_of_agent[i] if fed.share == "role" else None
+        for part in shared_parts(spec, fed.share, routes, i):
+            senders.setdefault((part, kind), []).append(i)
+    groups: dict[tuple[int, ...], list[str]] = {}
+    for (part, _), agents in senders.items():
+        groups.setdefault(tuple(agents), []).append(part)
+    order = (*SENDER_PARTS, *RECEIVER_PARTS)
+    return [(tuple(sorted(parts, key=order.index)), _who(fed, list(agents)))
+            for agents, parts in groups.items()]
+
+
+def _who(fed: FederationConfig, agents: list[int]) -> str:
+    spec = fed.spec
+    if len(agents) == spec.n_agents:
+        return f"all {len(agents)} agents"
+    counts: dict[str, int] = {}
+    for i in agents:
+        name = spec.types[spec.type_of_agent[i]].name
+        counts[name] = counts.get(name, 0) + 1
+    return ", ".join(f"{n} {name}{'s' if n > 1 else ''}" for name, n in counts.items())

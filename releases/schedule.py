@@ -217,15 +217,18 @@ def shared_parts(spec: EnvSpec, share: str, routes: Tensor, index: int) -> tuple
     """The parts of the shared module agent ``index`` sends to the server: all of them, or
     (``share="used"``) those it uses that another agent uses too: the encoder if its vectors
     reach someone and another agent's do, the receiving parts if vectors reach it and another
-    agent."""
+    agent; with ``share="role"`` the same among the agents of its type (its type's copy)."""
     if share == "all":
         return SENDER_PARTS + RECEIVER_PARTS
     if share == "none":
         return ()
-    links = [peers(spec, routes, i) for i in range(spec.n_agents)]
+    kind = spec.type_of_agent[index]
+    among = [i for i in range(spec.n_agents)
+             if share != "role" or spec.type_of_agent[i] == kind]
+    links = {i: peers(spec, routes, i) for i in among}
     reach, reached_by = links[index]
-    senders = sum(r > 0 for r, _ in links)
-    receivers = sum(b > 0 for _, b in links)
+    senders = sum(r > 0 for r, _ in links.values())
+    receivers = sum(b > 0 for _, b in links.values())
     return ((SENDER_PARTS if reach and senders > 1 else ())
             + (RECEIVER_PARTS if reached_by and receivers > 1 else ()))
 
@@ -242,6 +245,8 @@ def peers(spec: EnvSpec, routes: Tensor, index: int) -> tuple[int, int]:
     routes = routes.cpu()
     types = torch.tensor(spec.type_of_agent)
     others = torch.arange(spec.n_agents) != index
+    if spec.sites > 1:  # vectors stay within their site
+        others &= torch.tensor(spec.site_of_agent) == spec.site_of_agent[index]
     k = spec.type_of_agent[index]
     reach = int((routes[k, types] & others).sum())
     reached_by = int((routes[types, k] & others).sum())

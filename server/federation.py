@@ -375,8 +375,9 @@ class Federation:
                                        env_kwargs=fed.train.env_kwargs, team=fed.train.team)
         metrics = self.run.metrics()
         later = [m for m in metrics if m["round"] > 1]  # the first round starts the actors
-        graph = torch.sigmoid(torch.as_tensor(shared_part(self.arrays)["graph"].numpy()))
-        if fed.share != "all":  # no global graph decides the routes: the allowed ones stay
+        if fed.share == "all":
+            graph = torch.sigmoid(torch.as_tensor(shared_part(self.arrays)["graph"].numpy()))
+        else:  # no global graph decides the routes: the allowed ones stay
             graph = torch.tensor(fed.train.team.allowed_routes(self.spec), dtype=torch.float32)
         silent: dict[str, int] = {}
         for m in metrics:

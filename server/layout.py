@@ -1,7 +1,8 @@
 """What the server knows of the arrays each agent replies with, from the run's own models.
 
-The global module of round 1 is the initial team's shared module (``comm.*``) and, when the run
-averages them, each type's private networks (``type.<name>.*``). An agent replies with exactly
+The global module of round 1 is the initial team's shared module (``comm.*``; with
+``share="role"`` one copy of it per type, ``role.<name>.*``) and, when the run averages them,
+each type's private networks (``type.<name>.*``). An agent replies with exactly
 the parts of the shared module it sends (every part with ``share="all"``; with ``"used"`` those
 it shares with another agent, ``releases.schedule.shared_parts``; none with ``"none"``) and, with
 ``aggregate_private``, its own type's networks: the same keys, shapes and dtypes as the global
@@ -19,7 +20,7 @@ import torch
 
 from fedcomm.config import FederationConfig
 from fedcomm.models.team import Team
-from fedcomm.protocol.round import SHARED, TYPE, key_group, module_arrays
+from fedcomm.protocol.round import TYPE, key_group, module_arrays, shared_prefix
 from fedcomm.releases.schedule import initial_routes, shared_parts
 
 
@@ -33,7 +34,12 @@ def initial_arrays(fed: FederationConfig) -> dict[str, torch.Tensor]:
         for k, kind in enumerate(spec.types):
             first = spec.type_of_agent.index(k)
             private[kind.name] = team.subteam([first]).type_state()
-    return module_arrays(team.shared_state(), private)
+    if fed.share != "role":
+        return module_arrays(team.shared_state(), private)
+    arrays = module_arrays({}, private)
+    for kind in spec.types:
+        arrays |= module_arrays(team.shared_state(), role=kind.name)
+    return arrays
 
 
 @dataclass(frozen=True)
@@ -61,9 +67,12 @@ class ReplyLayout:
         routes = initial_routes(fed.train)
         agents = []
         for index, name in enumerate(names):
-            parts = {f"{SHARED}{p}" for p in shared_parts(spec, fed.share, routes, index)}
+            prefix = shared_prefix(name if fed.share == "role" else None)
+            parts = set(shared_parts(spec, fed.share, routes, index))
             own = f"{TYPE}{name}."
-            agents.append({k: s for k, s in specs.items() if key_group(k) in parts
+            agents.append({k: s for k, s in specs.items()
+                           if (k.startswith(prefix)
+                               and k[len(prefix):].partition(".")[0] in parts)
                            or (fed.aggregate_private and k.startswith(own))})
         return cls(tuple(agents), names)
 

@@ -43,6 +43,9 @@ class EnvSpec:
     episode_length: int
     # At most this many senders per environment and step get their vector delivered (None: all).
     bandwidth: int | None = None
+    # Copies of the joint environment (``sim.sites``): each type's agents are numbered site by
+    # site, ``count // sites`` to a site, and vectors stay within their site.
+    sites: int = 1
 
     @property
     def n_agents(self) -> int:
@@ -50,7 +53,16 @@ class EnvSpec:
 
     @cached_property
     def agent_ids(self) -> tuple[str, ...]:
-        return tuple(f"{t.name}_{i}" for t in self.types for i in range(t.count))
+        """``speaker_0``; with sites, ``s3.speaker_0``: the site, then the id within it."""
+        if self.sites == 1:
+            return tuple(f"{t.name}_{i}" for t in self.types for i in range(t.count))
+        return tuple(f"s{i // (t.count // self.sites)}.{t.name}_{i % (t.count // self.sites)}"
+                     for t in self.types for i in range(t.count))
+
+    @cached_property
+    def site_of_agent(self) -> tuple[int, ...]:
+        """The site of each agent, in agent order."""
+        return tuple(i // (t.count // self.sites) for t in self.types for i in range(t.count))
 
     @cached_property
     def type_of_agent(self) -> tuple[int, ...]:
@@ -85,6 +97,7 @@ class EnvSpec:
             "types": [vars(t) for t in self.types],
             "episode_length": self.episode_length,
             "bandwidth": self.bandwidth,
+            **({"sites": self.sites} if self.sites > 1 else {}),
         }
 
     @classmethod
@@ -94,6 +107,7 @@ class EnvSpec:
             types=tuple(AgentType(**t) for t in d["types"]),
             episode_length=int(d["episode_length"]),
             bandwidth=d.get("bandwidth"),
+            sites=int(d.get("sites", 1)),
         )
 
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from fedcomm.sim.base import VecEnv, shown
+from fedcomm.sim.base import EnvOption, VecEnv, shown
 from fedcomm.sim.factory import Factory
 from fedcomm.sim.platoon import Platoon
 from fedcomm.sim.speaker_listener import SpeakerListener
@@ -40,13 +40,39 @@ def describe_options(name: str) -> str:
     return ", ".join(f"{key}={option.metavar}" for key, option in options.items()) or "none"
 
 
+# Options of every environment: how many copies run as sites (``sim.sites``), and each site's
+# own options over the run's (a list of objects, one per site from the first).
+SITES, SITE_OPTIONS = "sites", "site_options"
+
+
+def one_site(kwargs: dict[str, Any], site: int) -> dict[str, Any]:
+    """The options of site ``site`` alone, from a run's (``sites``, ``site_options``)."""
+    own = kwargs.get(SITE_OPTIONS) or []
+    return {**{k: v for k, v in kwargs.items() if k not in (SITES, SITE_OPTIONS)},
+            **(own[site] if site < len(own) else {})}
+
+
 def check_env_options(name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
     """``kwargs`` as environment ``name`` takes them, or ``ValueError`` saying which option is
     wrong and what it accepts: checked against the environment's declared options, before
     anything is built."""
     cls = env_class(name)
-    checked = {}
+    checked: dict[str, Any] = {}
+    if SITES in kwargs:
+        checked[SITES] = EnvOption(int, 1, "sites", low=1, high=4096).check(SITES, kwargs[SITES])
+    if SITE_OPTIONS in kwargs:
+        per_site = kwargs[SITE_OPTIONS]
+        if not (isinstance(per_site, list) and all(isinstance(o, dict) for o in per_site)):
+            raise ValueError(f"{SITE_OPTIONS} must be a list of objects, one per site")
+        if len(per_site) > checked.get(SITES, 1):
+            raise ValueError(f"options for {len(per_site)} sites, but the run has "
+                             f"{checked.get(SITES, 1)}")
+        checked[SITE_OPTIONS] = [check_env_options(name, {k: v for k, v in o.items()
+                                                          if k not in (SITES, SITE_OPTIONS)})
+                                 for o in per_site]
     for key, value in kwargs.items():
+        if key in (SITES, SITE_OPTIONS):
+            continue
         option = cls.options.get(key)
         if option is None:
             raise ValueError(unknown_option(name, cls, key, value))
@@ -69,9 +95,23 @@ def unknown_option(name: str, cls: type[VecEnv], key: str, value: Any) -> str:
 
 
 def make_env(name: str, num_envs: int, device: str | torch.device = "cpu", **kwargs) -> VecEnv:
+    """``num_envs`` episodes of environment ``name`` with options ``kwargs``; with
+    ``sites=N``, ``N`` copies of it as one (``sim.sites``), each site ``num_envs`` episodes."""
     if num_envs < 1:
         raise ValueError("num_envs must be at least 1")
     kwargs = check_env_options(name, kwargs)
+    sites, per_site = kwargs.pop(SITES, 1), kwargs.pop(SITE_OPTIONS, None)
+    if sites > 1:
+        from fedcomm.sim.sites import Sites, site_options
+
+        return Sites([_make(name, num_envs, device, own)
+                      for own in site_options(sites, kwargs, per_site)])
+    if per_site:
+        kwargs = {**kwargs, **per_site[0]}
+    return _make(name, num_envs, device, kwargs)
+
+
+def _make(name: str, num_envs: int, device: str | torch.device, kwargs: dict) -> VecEnv:
     if name.startswith(MPE2_PREFIX):
         from fedcomm.sim.mpe2_adapter import Mpe2Env  # imports mpe2: only when asked for
 

@@ -41,7 +41,7 @@ from fedcomm.sim.episodes import KEY_BYTES, check_key, episode_seed
 from fedcomm.sim.limits import DEFAULT_MAX_COMM_DIM, INBOX_FRAMES, message_limit
 from fedcomm.sim.registry import make_env
 from fedcomm.sim.rounds import Phase, Round, Slot, round_to_join
-from fedcomm.sim.router import delivery_mask
+from fedcomm.sim.router import delivery_mask, sites_of
 from fedcomm.sim.validation import (
     FAILED,
     check_action,
@@ -106,6 +106,7 @@ class JointEnvironmentService(pb_grpc.JointEnvironmentServicer):
             raise ValueError("max_comm_dim must be positive")
         self.max_message_bytes = message_limit(self.spec, cfg.num_envs, cfg.max_comm_dim)
         self.type_of_agent = torch.tensor(self.spec.type_of_agent)
+        self.site_of_agent = sites_of(self.spec)
         self.round: Round | None = None
         self.started = -1  # the last round whose episode batch started: never joined again
 
@@ -306,7 +307,7 @@ class JointEnvironmentService(pb_grpc.JointEnvironmentServicer):
         silent = torch.full((self.spec.n_agents,), not rnd.terms.releases_at(t))
         silent[list(rnd.silent)] = True  # and at a step the schedule skips, everyone is
         mask = delivery_mask(self.type_of_agent, rnd.terms.routes, vectors, self.spec.bandwidth,
-                             silent)
+                             silent, self.site_of_agent, self.spec.sites)
         mask = mask.expand(self.cfg.num_envs, -1, -1)  # [B, receiver, sender]
         reaches = mask.any(dim=0)
         rnd.record_delivery(reaches)

@@ -14,7 +14,7 @@ from fedcomm.config import FederationConfig, TeamConfig, TrainConfig
 from fedcomm.learning.party import Party
 from fedcomm.learning.transport import Transport
 from fedcomm.models.team import Team
-from fedcomm.modes.simulation import assemble_team, one_team_holds
+from fedcomm.modes.assemble import assemble_team, one_team_holds
 from fedcomm.presets import federation_preset
 from fedcomm.releases.schedule import (
     RECEIVER_PARTS,
@@ -224,16 +224,17 @@ def test_the_team_is_assembled_from_the_global_module_and_each_agents_state(tmp_
         assert torch.equal(a, b), k
 
 
-@pytest.mark.parametrize("share", ["all", "used", "none"])
+@pytest.mark.parametrize("share", ["all", "used", "role", "none"])
 def test_what_each_share_sends_and_whether_one_team_holds_the_parties(share):
-    """Every factory agent sends and receives, so "used" sends everything too; "none" sends
-    nothing, and with seven agents' own encoders and decoders no one team holds the run."""
+    """Every factory agent sends and receives, and every role has two agents or more, so
+    "used" and "role" send everything too; "none" sends nothing, and with seven agents' own
+    encoders and decoders (or, by role, three types' copies) no one team holds the run."""
     fed = FederationConfig(train=FED.train, share=share)
     routes = initial_routes(fed.train)
     sent = {shared_parts(SPEC, share, routes, i) for i in range(SPEC.n_agents)}
     assert sent == ({()} if share == "none" else {SENDER_PARTS + RECEIVER_PARTS})
-    assert one_team_holds(fed) == (share != "none")
-    with pytest.raises(ValueError, match="share must be all, used or none"):
+    assert one_team_holds(fed) == (share in ("all", "used"))
+    with pytest.raises(ValueError, match="share must be all, used, role or none"):
         FederationConfig(train=FED.train, share="some")
 
 

@@ -1,0 +1,187 @@
+"""Sites: N copies of a joint environment, each with its own agents, sharing only what the server
+aggregates (``sim.sites``, the router, the release schedule, cross-play)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fedcomm.config import FederationConfig, TeamConfig, env_spec
+from fedcomm.learning.crossplay import cross_play, paired, sender_types
+from fedcomm.models.team import Team
+from fedcomm.presets import federation_preset
+from fedcomm.releases.report import server_text
+from fedcomm.releases.schedule import initial_routes, peers, shared_parts
+from fedcomm.sim.registry import check_env_options, make_env, one_site
+from fedcomm.sim.router import delivery_mask, sites_of
+from fedcomm.sim.sites import Sites, site_seed
+
+
+def test_agents_are_numbered_type_by_type_then_site_by_site():
+    spec = make_env("factory", 2, sites=3).spec
+    one = make_env("factory", 2).spec
+    assert spec.n_agents == 3 * one.n_agents and spec.sites == 3
+    assert spec.agent_ids[:2] == ("s0.sensor_0", "s0.sensor_1")
+    assert spec.agent_ids[2] == "s1.sensor_0"
+    assert len(set(spec.agent_ids)) == spec.n_agents
+    assert spec.site_of_agent[:6] == (0, 0, 1, 1, 2, 2)
+    assert type(spec).from_dict(spec.to_dict()) == spec
+    assert "sites" not in one.to_dict()  # a run of one site reads as before
+
+
+def test_each_site_plays_its_own_episodes_and_its_agents_get_its_rewards():
+    whole = make_env("speaker_listener", 16, sites=3)
+    obs = whole.reset(7)
+    for s in range(3):  # each site: the environment seeded by site_seed
+        alone = make_env("speaker_listener", 16)
+        own = alone.reset(site_seed(7, s))
+        assert torch.equal(obs[0][:, s], own[0][:, 0])
+        assert torch.equal(obs[1][:, s], own[1][:, 0])
+    assert len({site_seed(7, s) for s in range(3)}) == 3
+    step = whole.step(whole.oracle_actions())
+    # speakers then listeners, site by site; both of a site get the site's reward
+    assert torch.equal(step.reward[:, 0], step.reward[:, 3])
+    assert not torch.equal(step.reward[:, 0], step.reward[:, 1])
+
+
+def test_vectors_stay_within_their_site():
+    spec = make_env("factory", 1, sites=2).spec
+    types = torch.tensor(spec.type_of_agent)
+    routes = torch.ones(len(spec.types), len(spec.types), dtype=torch.bool)
+    mask = delivery_mask(types, routes, site_of_agent=sites_of(spec), sites=2)[0]
+    site = torch.tensor(spec.site_of_agent)
+    assert not mask[site[:, None] != site[None, :]].any()
+    assert mask[(site[:, None] == site[None, :]) & ~torch.eye(spec.n_agents, dtype=torch.bool)
+                ].all()
+
+
+def test_bandwidth_holds_per_site():
+    spec = make_env("platoon", 1, sites=2).spec
+    types = torch.tensor(spec.type_of_agent)
+    routes = torch.ones(len(spec.types), len(spec.types), dtype=torch.bool)
+    messages = torch.randn(4, spec.n_agents, 3)
+    mask = delivery_mask(types, routes, messages, 1, site_of_agent=sites_of(spec), sites=2)
+    delivered_senders = mask.any(dim=1)  # [B, N]
+    for s in range(2):
+        of_site = torch.tensor(spec.site_of_agent) == s
+        assert (delivered_senders[:, of_site].sum(dim=1) == 1).all()
+
+
+def test_a_speaker_reaches_only_its_own_listener_and_shares_the_encoder_across_sites():
+    fed = federation_preset("speaker_listener", private=True)
+    fed.train.env_kwargs = {**fed.train.env_kwargs, "sites": 4}
+    routes = initial_routes(fed.train)
+    assert peers(fed.spec, routes, 0) == (1, 0)  # s0.speaker_0 reaches s0.listener_0 only
+    assert shared_parts(fed.spec, "used", routes, 0) == ("encoder",)
+    assert "decoder" in shared_parts(fed.spec, "used", routes, 4)
+    assert shared_parts(fed.spec, "none", routes, 0) == ()
+    assert server_text(fed) == ("server aggregates (fedavg) encoder among 4 speakers; "
+                                "gate_state, gate_message, decoder, graph among 4 listeners")
+    one = federation_preset("speaker_listener", private=True)
+    assert server_text(one) == "server aggregates nothing"
+
+
+def test_site_options_are_checked_and_each_site_gets_its_own():
+    checked = check_env_options("speaker_listener",
+                                {"sites": 2, "site_options": [{}, {"episode_length": 10}]})
+    assert one_site(checked, 1) == {"episode_length": 10}
+    with pytest.raises(ValueError, match="no option 'nope'"):
+        check_env_options("speaker_listener", {"sites": 2, "site_options": [{"nope": 1}]})
+    with pytest.raises(ValueError, match="options for 3 sites, but the run has 2"):
+        check_env_options("speaker_listener", {"sites": 2, "site_options": [{}, {}, {}]})
+    with pytest.raises(ValueError, match="sites=0"):
+        check_env_options("speaker_listener", {"sites": 0})
+    with pytest.raises(ValueError, match="same agents and horizon"):
+        make_env("speaker_listener", 2, sites=2, site_options=[{}, {"episode_length": 10}])
+
+
+def test_scripted_teams_of_sites_play_as_each_site_alone():
+    whole = make_env("speaker_listener", 64, sites=2)
+    whole.reset(3)
+    alone = [make_env("speaker_listener", 64) for _ in range(2)]
+    for s, env in enumerate(alone):
+        env.reset(site_seed(3, s))
+    total = torch.zeros(64, 4)
+    singles = [torch.zeros(64, 2) for _ in alone]
+    for _ in range(25):
+        total += whole.step(whole.oracle_actions()).reward
+        for s, env in enumerate(alone):
+            singles[s] += env.step(env.oracle_actions()).reward
+    assert torch.allclose(total[:, [0, 2]], singles[0])
+    assert torch.allclose(total[:, [1, 3]], singles[1])
+    assert set(whole.channel_symbols()) == {0, 1}
+
+
+def test_cross_play_swaps_the_senders_and_the_encoder():
+    spec = env_spec("speaker_listener")
+    cfg = TeamConfig(routes="speaker>listener")
+    a, b = Team(spec, cfg), Team(spec, cfg)
+    assert sender_types(a) == [0]
+    team = paired(a, b)
+    assert torch.equal(team.agent_state(0)["features.0.0.weight"],
+                       a.agent_state(0)["features.0.0.weight"])
+    assert torch.equal(team.agent_state(1)["features.0.0.weight"],
+                       b.agent_state(1)["features.0.0.weight"])
+    assert torch.equal(team.shared_state(["encoder"])["encoder.0.weight"],
+                       a.shared_state(["encoder"])["encoder.0.weight"])
+    assert torch.equal(team.shared_state(["decoder"])["decoder.weight"],
+                       b.shared_state(["decoder"])["decoder.weight"])
+    result = cross_play([a, b], "speaker_listener", [{}, {}], episodes=50)
+    assert len(result.gap_closed) == 2 and len(result.gap_closed[0]) == 2
+    assert result.to_dict()["gap_closed"] == result.gap_closed
+
+
+def test_cross_play_needs_agents_that_only_send():
+    with pytest.raises(ValueError, match="every type that sends also receives"):
+        sender_types(Team(env_spec("factory")))
+
+
+def test_sites_flags_make_the_environment_options(tmp_path):
+    from fedcomm.commands import build_parser
+    from fedcomm.commands.options import federation_config_from_args
+
+    args = build_parser().parse_args(
+        ["simulate", "--sites", "3", "--site-opt", "1/episode_length=25"])
+    fed: FederationConfig = federation_config_from_args(args)
+    assert fed.train.env_kwargs["sites"] == 3
+    assert fed.train.env_kwargs["site_options"] == [{}, {"episode_length": 25}, {}]
+    assert fed.spec.n_agents == 6
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("flags, says", [
+    (["--sites", "0"], "argument --sites: 0: expected an integer from 1 to 4096"),
+    (["--sites", "2", "--site-opt", "2/say=false"], "argument --site-opt: site 2, but the run "
+     "has 2"),
+    (["--sites", "2", "--site-opt", "0/nope=1"], "argument --site-opt: speaker_listener has no "
+     "option 'nope'"),
+    (["--site-opt", "x/say=false"], "expected S/KEY=VALUE"),
+])
+def test_bad_sites_flags_are_refused_in_one_line(flags, says, tmp_path):
+    out = subprocess.run([sys.executable, "-m", "fedcomm", "simulate", *flags,
+                          "--out", str(tmp_path / "run")], capture_output=True, text=True)
+    assert out.returncode == 2, out.stderr
+    assert says in out.stderr and "Traceback" not in out.stderr
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.integration
+def test_eval_cross_play_refuses_a_run_of_one_site(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"mode": "federated", "train": {
+        "env": "speaker_listener", "env_kwargs": {}}}))
+    out = subprocess.run([sys.executable, "-m", "fedcomm", "eval", str(tmp_path),
+                          "--cross-play"], capture_output=True, text=True)
+    assert out.returncode != 0 and "not a run of sites" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_sites_is_a_vecenv_with_the_whole_spec():
+    whole = make_env("factory", 4, sites=2)
+    assert isinstance(whole, Sites)
+    obs = whole.reset(1)
+    assert [o.shape[1] for o in obs] == [t.count for t in whole.spec.types]
+    whole.step(whole.random_actions())
