@@ -201,6 +201,9 @@ TRAINING_FLAGS = (
           "to keep)"),
     _flag("--encoder", path="team.encoder", choices=["mlp", "superposition"],
           help="the encoder of knowledge vectors"),
+    _switch("--typed-comm", "team.typed_comm", True,
+            help="the shared module takes each agent's type as an input: one module for every "
+            "type, averaged across a heterogeneous team with --share all"),
     _flag("--hidden", path="team.hidden", accepts=COUNT, metavar="N",
           help="hidden units of every network"),
     _flag("--comm-dim", path="team.comm_dim", accepts=COUNT, metavar="N",
@@ -288,6 +291,9 @@ FEEDBACK_FLAGS = (  # federated only: the centralized trainer has no feedback ex
 FEDERATION_FLAGS = (
     _flag("--batches-per-round", path="batches_per_round", accepts=COUNT, metavar="N",
           help="episode batches each agent trains on between aggregations"),
+    _flag("--eval-every", path="eval_every", accepts=COUNT, metavar="N",
+          help="rounds between greedy evaluations (unset: as often as the centralized "
+          "trainer's, every 25 episode batches)"),
     _flag("--strategy", path="strategy", choices=STRATEGIES, help="aggregation"),
     _flag("--server-lr", path="server_lr", accepts=POSITIVE, metavar="LR",
           help="server learning rate (fedavgm, fedadam)"),
@@ -296,7 +302,9 @@ FEDERATION_FLAGS = (
           help="server momentum (fedavgm)"),
     _flag("--share", path="share", choices=list(SHARES),
           help="send every part of the shared module, each part only among the agents that "
-          "use it, or none (every agent keeps its own copy)"),
+          "use it, each part among the agents of one type that use it (role: each type its "
+          "own copy, sensors with sensors across sites), or none (every agent keeps its own "
+          "copy)"),
     _switch("--aggregate-private", "aggregate_private", True,
             "also average each type's private networks (weaker privacy)"),
     _flag("--on-agent-failure", path="on_agent_failure", choices=["stop", "continue"],

@@ -41,6 +41,9 @@ class TeamConfig:
     comm_dim: int = 16
     encoder: str = "mlp"  # or "superposition"
     n_superpositions: int = 8
+    # The shared module takes each agent's type as an input (one-hot, ``models.comm``): one
+    # module for every type, averaged across a heterogeneous team's agents (``share="all"``).
+    typed_comm: bool = False
     recurrent: bool = False
     clip: float = 1.0  # C: every knowledge vector is clipped to this L2 norm
     noise_multiplier: float = 0.5  # sigma: channel noise std is sigma * C per coordinate

@@ -36,7 +36,7 @@ def communication_importance(team: Team, rollout: Rollout) -> Tensor:
         ctx = team.comm.listen(
             feats[:, None].expand(b, n, n, -1).flatten(0, 1),
             incoming[:, None].expand(b, n, *incoming.shape[1:]).flatten(0, 1),
-            w_cf.flatten(0, 1))
+            w_cf.flatten(0, 1), team.local_types)
         logits_cf, _ = team.act(feats[:, None].expand(b, n, n, -1).flatten(0, 1), ctx)
         kl = []
         for full, cf in zip(out.logits, logits_cf):

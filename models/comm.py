@@ -39,24 +39,41 @@ class SuperpositionEncoder(nn.Module):
 
 
 class CommModule(nn.Module):
+    """The shared module. ``typed``: the encoder and the receiver's gate also take the agent's
+    type (one-hot), so one module serves every type, as parameter sharing with agent ids does
+    in MARL, and can be averaged across all of a heterogeneous team's agents."""
+
     def __init__(self, n_types: int, hidden: int, comm_dim: int, encoder: str = "mlp",
-                 n_superpositions: int = 8, graph_init: float = 1.0) -> None:
+                 n_superpositions: int = 8, graph_init: float = 1.0, typed: bool = False
+                 ) -> None:
         super().__init__()
+        self.n_types = n_types if typed else 0
+        width = hidden + self.n_types
         if encoder == "mlp":
             self.encoder: nn.Module = nn.Sequential(
-                nn.Linear(hidden, hidden), nn.Tanh(), nn.Linear(hidden, comm_dim))
+                nn.Linear(width, hidden), nn.Tanh(), nn.Linear(hidden, comm_dim))
         elif encoder == "superposition":
-            self.encoder = SuperpositionEncoder(hidden, comm_dim, n_superpositions)
+            self.encoder = SuperpositionEncoder(width, comm_dim, n_superpositions)
         else:
             raise ValueError(f"unknown encoder {encoder!r}: use 'mlp' or 'superposition'")
-        self.gate_state = nn.Linear(hidden, comm_dim)
+        self.gate_state = nn.Linear(width, comm_dim)
         self.gate_message = nn.Linear(comm_dim, comm_dim, bias=False)
         self.decoder = nn.Linear(comm_dim, hidden)
         # graph[sender_type, receiver_type]: a logit per route; sigmoid gives its weight.
         self.graph = nn.Parameter(torch.full((n_types, n_types), float(graph_init)))
 
-    def encode(self, feats: Tensor) -> Tensor:
-        return self.encoder(feats)
+    def typed(self, feats: Tensor, types: Tensor | None) -> Tensor:
+        """``feats`` ``[..., N, H]`` with each agent's type (``types`` ``[N]``) one-hot
+        appended, where the module is typed."""
+        if not self.n_types:
+            return feats
+        if types is None:
+            raise ValueError("a typed shared module needs each agent's type")
+        code = (types[:, None] == torch.arange(self.n_types, device=types.device)).to(feats.dtype)
+        return torch.cat([feats, code.expand(*feats.shape[:-1], self.n_types)], dim=-1)
+
+    def encode(self, feats: Tensor, types: Tensor | None = None) -> Tensor:
+        return self.encoder(self.typed(feats, types))
 
     def route_strength(self) -> Tensor:
         return torch.sigmoid(self.graph)
@@ -65,7 +82,8 @@ class CommModule(nn.Module):
         """``[K, K]`` bool: the routes the router keeps; the others are not sent at all."""
         return self.route_strength().detach() > threshold
 
-    def listen(self, feats: Tensor, incoming: Tensor, weights: Tensor) -> Tensor:
+    def listen(self, feats: Tensor, incoming: Tensor, weights: Tensor,
+               types: Tensor | None = None) -> Tensor:
         """Context for each receiver from the vectors it was delivered.
 
         Parameters
@@ -77,8 +95,11 @@ class CommModule(nn.Module):
             ignored); a receiver dimension of 1 broadcasts the same senders to every receiver.
         weights
             ``[B or 1, Nr, Ns]`` the weight of each delivered vector, 0 where none was delivered.
+        types
+            ``[Nr]`` each receiver's type, for a typed module.
         """
-        gate = torch.sigmoid(self.gate_state(feats)[:, :, None, :] + self.gate_message(incoming))
+        state = self.gate_state(self.typed(feats, types))
+        gate = torch.sigmoid(state[:, :, None, :] + self.gate_message(incoming))
         summed = (gate * incoming * weights[..., None]).sum(dim=2)
         count = (weights > 0).sum(dim=-1, keepdim=True).clamp(min=1)
         return torch.tanh(self.decoder(summed / count))

@@ -84,7 +84,8 @@ class Team(TeamState, nn.Module):
         self.rnn = (nn.ModuleList(GroupGRUCell(c, h, h) for c in self.counts)
                     if self.cfg.recurrent else None)
         self.comm = CommModule(len(spec.types), h, self.cfg.comm_dim, self.cfg.encoder,
-                               self.cfg.n_superpositions, self.cfg.graph_init)
+                               self.cfg.n_superpositions, self.cfg.graph_init,
+                               self.cfg.typed_comm)
         self.channel = Channel(self.cfg)
         self.policy = nn.ModuleList(group_mlp(c, [2 * h, h, t.n_actions], out_gain=0.01)
                                     for t, c in zip(kinds, self.counts))
@@ -93,6 +94,7 @@ class Team(TeamState, nn.Module):
         self.register_buffer("type_of_agent", torch.tensor(spec.type_of_agent), persistent=False)
         self.register_buffer("local_index", torch.tensor(self.agents), persistent=False)
         self.register_buffer("site_of_agent", sites_of(spec), persistent=False)
+        self.register_buffer("local_types", torch.tensor(local_types), persistent=False)
         self.register_buffer("allowed", torch.tensor(self.cfg.allowed_routes(spec)),
                              persistent=False)
         # The part of the graph's price each local agent type pays (see ``route_cost``).
@@ -171,7 +173,7 @@ class Team(TeamState, nn.Module):
     def speak(self, feats: Tensor) -> Tensor:
         """What the channel's release is drawn around, differentiable in the sender's networks
         (``Channel.expected`` of the encoded features)."""
-        return self.channel.expected(self.comm.encode(feats))
+        return self.channel.expected(self.comm.encode(feats, self.local_types))
 
     def code_terms(self, clean: Tensor, drawn: Tensor, step: int | Tensor
                    ) -> tuple[Tensor, Tensor] | tuple[None, None]:
@@ -298,7 +300,7 @@ class Team(TeamState, nn.Module):
             extras |= {"heard_sum": total, "heard_count": count}
         else:
             incoming, weights = senders[:, None], self.delivery_weights(senders, delivered)
-        context = self.comm.listen(feats, incoming, weights)
+        context = self.comm.listen(feats, incoming, weights, self.local_types)
         logits, values = self.act(feats, context)
         return logits, values, extras | {"incoming": incoming, "weights": weights}
 

@@ -60,10 +60,20 @@ class SpeakerListener(VecEnv):
         "episode_length": EnvOption(int, 25, "steps per episode", low=1),
         "say": EnvOption(bool, True, "the speaker's own say action, a channel through the "
                          "environment that no mechanism covers (false mutes it)"),
+        "goal_weights": EnvOption(float, None, "how often each landmark is the goal (3 "
+                                  "weights; null: uniform): non-IID sites", low=0, null=True,
+                                  many=True),
     }
 
     def __init__(self, num_envs: int, device: str | torch.device = "cpu",
-                 episode_length: int = 25, say: bool = True) -> None:
+                 episode_length: int = 25, say: bool = True,
+                 goal_weights: list[float] | None = None) -> None:
+        if goal_weights is not None and (len(goal_weights) != N_LANDMARKS
+                                         or not sum(goal_weights) > 0):
+            raise ValueError(f"goal_weights={goal_weights}: expected {N_LANDMARKS} "
+                             "non-negative weights, not all zero")
+        self.goal_weights = (None if goal_weights is None
+                             else torch.tensor(goal_weights, dtype=torch.float32))
         self.say = say
         types = SPEC.types if say else (replace(SPEC.types[0], n_actions=1), SPEC.types[1])
         self.spec = SPEC if (say and episode_length == 25) else EnvSpec(
@@ -85,7 +95,9 @@ class SpeakerListener(VecEnv):
             return torch.rand(*shape, generator=g, device=dev) * 2 - 1
 
         self.set_state(
-            goal=torch.randint(N_LANDMARKS, (b,), generator=g, device=dev),
+            goal=(torch.randint(N_LANDMARKS, (b,), generator=g, device=dev)
+                  if self.goal_weights is None else
+                  torch.multinomial(self.goal_weights.to(dev), b, True, generator=g)),
             speaker_pos=uniform(b, 2),
             listener_pos=uniform(b, 2),
             landmark_pos=uniform(b, N_LANDMARKS, 2),

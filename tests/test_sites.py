@@ -185,3 +185,76 @@ def test_sites_is_a_vecenv_with_the_whole_spec():
     obs = whole.reset(1)
     assert [o.shape[1] for o in obs] == [t.count for t in whole.spec.types]
     whole.step(whole.random_actions())
+
+
+def test_a_typed_module_encodes_by_type_and_serves_every_type():
+    from fedcomm.models.comm import CommModule
+
+    comm = CommModule(3, 8, 4, typed=True)
+    feats = torch.randn(2, 3, 8).expand(2, 3, 8).clone()
+    feats[:, 1] = feats[:, 0]
+    feats[:, 2] = feats[:, 0]
+    out = comm.encode(feats, torch.tensor([0, 1, 2]))
+    assert not torch.allclose(out[:, 0], out[:, 1])  # the same features, another type
+    with pytest.raises(ValueError, match="needs each agent's type"):
+        comm.encode(feats)
+    plain = CommModule(3, 8, 4)
+    assert plain.encode(feats).shape == out.shape
+    team = Team(env_spec("factory"), TeamConfig(typed_comm=True))
+    obs = make_env("factory", 5).reset(0)
+    assert team(obs, team.initial_hidden(5)).messages.shape[:2] == (5, team.n_local)
+
+
+def test_role_share_sends_each_type_its_own_copy():
+    from fedcomm.server.layout import ReplyLayout, initial_arrays
+
+    fed = federation_preset("factory")
+    fed.share = "role"
+    fed.train.env_kwargs = {"sites": 2}
+    arrays = initial_arrays(fed)
+    assert {k.split(".")[0] for k in arrays} == {"role"}
+    assert {k.split(".")[1] for k in arrays} == {t.name for t in fed.spec.types}
+    layout = ReplyLayout.of(fed, arrays)
+    for i, expected in enumerate(layout.agents):
+        kind = fed.spec.types[fed.spec.type_of_agent[i]].name
+        assert expected and all(k.startswith(f"role.{kind}.") for k in expected)
+    assert server_text(fed).startswith("server aggregates (fedavg) each type's copy of the "
+                                       "shared module among its agents: 4 sensors")
+
+
+@pytest.mark.integration
+def test_the_private_default_with_two_sites_averages_each_role_and_stays_within_budget(tmp_path):
+    """``fedcomm simulate --sites 2`` end to end: the speakers' encoders and the listeners'
+    receiving parts are averaged across the sites (the checkpoint's module is the round's
+    average, not the initial one), every agent's composed epsilon holds and ``fedcomm audit``
+    verifies it, and each site's team is kept for cross-play."""
+    import numpy as np
+
+    from fedcomm.server.checkpoint import load_checkpoint
+    from fedcomm.server.layout import initial_arrays
+    from tests.harness.processes import simulate
+
+    out = tmp_path / "run"
+    proc = simulate("--sites", "2", "--num-envs", "8", "--batches-per-round", "2",
+                    "--env-steps", str(2 * 8 * 25), "--eval-episodes", "16", "--quiet",
+                    "--out", str(out))
+    text, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, text
+    assert "encoder among 2 speakers" in text
+    fed = FederationConfig.from_json((out / "config.json").read_text())
+    first, last = initial_arrays(fed), load_checkpoint(out).arrays
+    for key in ("comm.encoder.0.weight", "comm.decoder.weight"):
+        assert not np.allclose(np.asarray(first[key]), last[key]), key
+    report = json.loads((out / "privacy_report.json").read_text())
+    assert set(report["agents"]) == set(fed.spec.agent_ids)
+    for agent in report["agents"].values():
+        assert agent["composed"]["epsilon"] <= 8.0 + 1e-6
+    assert report["agents"]["s1.listener_0"]["composed"]["epsilon"] > 0  # its decoder left
+    audit = subprocess.run([sys.executable, "-m", "fedcomm", "audit", str(out)],
+                           capture_output=True, text=True)
+    assert audit.returncode == 0 and "verified" in audit.stdout, audit.stdout + audit.stderr
+    play = subprocess.run([sys.executable, "-m", "fedcomm", "eval", str(out), "--cross-play",
+                           "--episodes", "20", "--json"], capture_output=True, text=True)
+    assert play.returncode == 0, play.stderr
+    matrix = json.loads(play.stdout.strip().splitlines()[-1])["gap_closed"]
+    assert len(matrix) == 2 and all(len(row) == 2 for row in matrix)
