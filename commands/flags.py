@@ -302,9 +302,9 @@ FEDERATION_FLAGS = (
           help="server momentum (fedavgm)"),
     _flag("--share", path="share", choices=list(SHARES),
           help="send every part of the shared module, each part only among the agents that "
-          "use it, each part among the agents of one type that use it (role: each type its "
-          "own copy, sensors with sensors across sites), or none (every agent keeps its own "
-          "copy)"),
+          "use it, only the encoder among the senders (receivers keep theirs), each part "
+          "among the agents of one type that use it (role: each type its own copy, sensors "
+          "with sensors across sites), or none (every agent keeps its own copy)"),
     _switch("--aggregate-private", "aggregate_private", True,
             "also average each type's private networks (weaker privacy)"),
     _flag("--on-agent-failure", path="on_agent_failure", choices=["stop", "continue"],

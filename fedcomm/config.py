@@ -272,7 +272,7 @@ AGGREGATIONS: tuple[str, ...] = ("mean", "median", "trimmed_mean", "krum", "mult
 # What of the shared module an agent sends: every part, the parts it shares with another
 # agent, the parts it shares with another agent of its type (each type its own copy), or
 # nothing (every agent keeps its own copy: the server aggregates nothing).
-SHARES: tuple[str, ...] = ("all", "used", "role", "none")
+SHARES: tuple[str, ...] = ("all", "used", "senders", "role", "none")
 
 
 @dataclass
@@ -292,7 +292,8 @@ class FederationConfig:
     # the agents that use it (the encoder among senders; gate, decoder and graph among
     # receivers), and a part only one agent uses stays with it, released to nobody; "role",
     # the same among the agents of one type (each type its own copy: sensors with sensors,
-    # across sites); or "none".
+    # across sites); "senders", only the encoder among the senders (each receiver keeps its
+    # own receiving parts, so a receiver releases no network); or "none".
     share: str = "all"
     # A round in which an agent fails or does not answer: stop the run, or aggregate the
     # replies that came and go on (the joint environment retries everyone next round).
@@ -318,7 +319,8 @@ class FederationConfig:
             raise ValueError(f"unknown strategy {self.strategy!r}: use "
                              f"{', '.join(STRATEGIES)}")
         if self.share not in SHARES:
-            raise ValueError(f"share must be all, used, role or none, got {self.share!r}")
+            raise ValueError(f"share must be {', '.join(SHARES[:-1])} or none, "
+                             f"got {self.share!r}")
         if self.on_agent_failure not in ("stop", "continue"):
             raise ValueError("on_agent_failure is 'stop' or 'continue'")
         if min(self.round_timeout, self.node_timeout) <= 0:

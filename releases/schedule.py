@@ -217,7 +217,8 @@ def shared_parts(spec: EnvSpec, share: str, routes: Tensor, index: int) -> tuple
     """The parts of the shared module agent ``index`` sends to the server: all of them, or
     (``share="used"``) those it uses that another agent uses too: the encoder if its vectors
     reach someone and another agent's do, the receiving parts if vectors reach it and another
-    agent; with ``share="role"`` the same among the agents of its type (its type's copy)."""
+    agent; with ``share="role"`` the same among the agents of its type (its type's copy); with
+    ``share="senders"`` only the encoder, among the senders (receivers keep their own parts)."""
     if share == "all":
         return SENDER_PARTS + RECEIVER_PARTS
     if share == "none":
@@ -230,7 +231,8 @@ def shared_parts(spec: EnvSpec, share: str, routes: Tensor, index: int) -> tuple
     senders = sum(r > 0 for r, _ in links.values())
     receivers = sum(b > 0 for _, b in links.values())
     return ((SENDER_PARTS if reach and senders > 1 else ())
-            + (RECEIVER_PARTS if reached_by and receivers > 1 else ()))
+            + (RECEIVER_PARTS if reached_by and receivers > 1 and share != "senders"
+               else ()))
 
 
 def sends_to_server(spec: EnvSpec, share: str, aggregate_private: bool, routes: Tensor,

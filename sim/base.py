@@ -155,7 +155,8 @@ class EnvOption:
         if value is None and self.null:
             return None
         if self.many:
-            items = value.split(",") if isinstance(value, str) else value
+            items = ([_typed(item) for item in value.split(",")] if isinstance(value, str)
+                     else value)
             if isinstance(items, list) and items:
                 return [self._one(key, value, item) for item in items]
         return self._one(key, value, value)
@@ -173,6 +174,15 @@ class EnvOption:
         if not ok:
             raise ValueError(f"{key}={shown(given)}: expected {self.accepts()}")
         return value
+
+
+def _typed(text: str) -> Any:
+    """One item of a comma-separated option as JSON reads it (``0.8``, ``true``), else the
+    text (a name)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
 
 
 def shown(value: Any) -> str:

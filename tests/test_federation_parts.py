@@ -234,7 +234,7 @@ def test_what_each_share_sends_and_whether_one_team_holds_the_parties(share):
     sent = {shared_parts(SPEC, share, routes, i) for i in range(SPEC.n_agents)}
     assert sent == ({()} if share == "none" else {SENDER_PARTS + RECEIVER_PARTS})
     assert one_team_holds(fed) == (share in ("all", "used"))
-    with pytest.raises(ValueError, match="share must be all, used, role or none"):
+    with pytest.raises(ValueError, match="share must be all, used, senders, role or none"):
         FederationConfig(train=FED.train, share="some")
 
 

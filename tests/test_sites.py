@@ -150,6 +150,14 @@ def test_sites_flags_make_the_environment_options(tmp_path):
     assert fed.train.env_kwargs["sites"] == 3
     assert fed.train.env_kwargs["site_options"] == [{}, {"episode_length": 25}, {}]
     assert fed.spec.n_agents == 6
+    args = build_parser().parse_args(["simulate", "--sites", "2", "--site-opt",
+                                      "0/goal_weights=0.8,0.1,0.1"])
+    options = federation_config_from_args(args).train.env_kwargs["site_options"]
+    assert options == [{"goal_weights": [0.8, 0.1, 0.1]}, {}]
+    env = make_env("speaker_listener", 2000, sites=2, site_options=options)
+    env.reset(0)
+    assert (env.envs[0].goal == 0).float().mean() > 0.75  # the first site's goals: skewed
+    assert (env.envs[1].goal == 0).float().mean() < 0.4
 
 
 @pytest.mark.integration
