@@ -26,6 +26,8 @@ import sys
 from pathlib import Path
 
 from fedcomm.baselines import EVAL_SEED
+from fedcomm.config import env_spec
+from fedcomm.sim.registry import one_site
 
 
 def run_dir(out: Path, arm: str, seed: int) -> Path:
@@ -51,7 +53,10 @@ def curve(path: Path) -> dict:
     summary = json.loads((path / "summary.json").read_text())
     base = {name: r["return_mean"] for name, r in summary["baselines"].items()}
     low, high = base["no_comm"], base["oracle"]
-    per_round = config["batches_per_round"] * config["train"]["num_envs"] * 25
+    train = config["train"]
+    batch = train["num_envs"] * env_spec(train["env"], one_site(train["env_kwargs"], 0)
+                                         ).episode_length
+    per_round = config["batches_per_round"] * batch
     rounds: dict[int, dict[str, list[float]]] = {}
     final: dict[str, list[float]] = {}
     for journal in sorted((path / "agents").glob("*/journal.jsonl")):
@@ -72,8 +77,7 @@ def curve(path: Path) -> dict:
             "gap_closed": [gap(rounds[r])[0] for r in sorted(rounds)],
             "final_gap_closed": gap(final)[0] if final else None,
             "final_per_site": gap(final)[1] if final else None,
-            "final_steps_per_site": config["train"]["env_steps"] // (
-                config["train"]["num_envs"] * 25) * config["train"]["num_envs"] * 25,
+            "final_steps_per_site": train["env_steps"] // batch * batch,
             "baselines": base, "privacy": summary.get("privacy", {}).get("composed")}
 
 

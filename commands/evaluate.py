@@ -60,10 +60,13 @@ def run(args: argparse.Namespace) -> int:
     config = json.loads(config_path.read_text()) if config_path.exists() else {}
     if args.cross_play:
         return cross_play(args, config)
-    if config.get("share") == "none" and not (args.run_dir / TEAM_FILE).exists():
-        raise FileNotFoundError(f"{args.run_dir} kept a copy of the shared module per agent "
-                                "(--share none): no one team holds them, so there is no team.pt to "
-                                "evaluate; its agents' own greedy evaluation is in summary.json")
+    share = config.get("share")
+    if share in ("none", "senders", "role") and not (args.run_dir / TEAM_FILE).exists():
+        sites = (args.run_dir / "sites").is_dir()
+        raise FileNotFoundError(f"{args.run_dir} kept copies of the shared module that no one "
+                                f"team holds (--share {share}), so there is no team.pt to "
+                                "evaluate; its agents' own greedy evaluation is in summary.json"
+                                + ("; --cross-play evaluates each site's team" if sites else ""))
     team = load_team(args.run_dir, resolve_device(args.device))
     trained = config["train"] if config.get("mode") == "federated" else config
     env = args.env or trained["env"]

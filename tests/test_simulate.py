@@ -85,7 +85,7 @@ def test_with_share_none_the_server_averages_nothing_and_each_agent_keeps_its_co
     assert not (out / "team.pt").exists()  # one team cannot hold three copies
     capsys.readouterr()
     assert main(["eval", str(out), "--episodes", "20"]) == 2
-    assert "kept a copy of the shared module per agent" in capsys.readouterr().err
+    assert "kept copies of the shared module that no one team holds" in capsys.readouterr().err
     assert_nothing_left(out)
 
 
