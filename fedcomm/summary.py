@@ -48,9 +48,9 @@ class RunSummary:
         The learned communication graph, sender type by receiver type.
     iterations
         Centralized: episode batches trained.
-    rounds, strategy, batches_per_round, round_time
-        Federated: rounds done, the aggregation, and the median seconds of each part of a
-        round (rounds after the first).
+    rounds, strategy, batches_per_round, round_time, aggregated
+        Federated: rounds done, the aggregation, the median seconds of each part of a round
+        (rounds after the first), and what the server averaged among whom, in words.
     silent_batches
         Federated: per agent that stayed silent (its privacy budget spent), the training
         batches in which it did.
@@ -82,6 +82,7 @@ class RunSummary:
     strategy: str | None = None
     batches_per_round: int | None = None
     round_time: dict[str, float | None] | None = None
+    aggregated: str | None = None
     silent_batches: dict[str, int] | None = None
     device: str | None = None
     importance: list[list[float]] | None = None

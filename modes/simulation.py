@@ -48,7 +48,7 @@ from fedcomm.protocol.auth import generate_tokens, write_tokens
 from fedcomm.protocol.round import AGENT_PHASES, arrays_release, release_of
 from fedcomm.releases.account import LEDGER
 from fedcomm.releases.plan import PrivacyPlan, plan_of
-from fedcomm.releases.report import report_summary, write_run_report
+from fedcomm.releases.report import report_summary, server_text, write_run_report
 from fedcomm.releases.schedule import (
     initial_routes,
     sends_to_server,
@@ -235,11 +235,12 @@ def complete_run(run_dir: Path, fed: FederationConfig) -> RunResult:
                               ledgers, ppo=fed.train.ppo,
                               extra={"silent_batches": summary.silent_batches or {},
                                      "utility": summary.utility(),
-                                     "released": released_fields(run.metrics(), fed)})
+                                     "released": released_fields(run.metrics(), fed),
+                                     "aggregated": server_text(fed)})
     summary.privacy = report_summary(report)
+    summary.aggregated = server_text(fed)
     run.write_summary(summary)
     from fedcomm.plots import curve_title, learning_curve
-    from fedcomm.releases.report import server_text
 
     learning_curve(metrics, summary, run_dir / "learning_curve.png",
                    curve_title(fed.train.env, "federated", fed.train.team, summary.privacy,

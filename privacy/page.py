@@ -229,8 +229,10 @@ def _released(run: Mapping[str, Any]) -> _Html:
     clear = sorted(name for name, kind in released.items() if kind == "clear")
     note = (_fill("released_in_clear", fields=", ".join(clear)) if clear
             else _fill("released_covered"))
+    aggregated = run.get("aggregated")
     return _fill("released", table=_table(rows, ["field", "how the server learns it"]),
-                 note=note)
+                 note=note, aggregated=_fill("aggregated", text=aggregated) if aggregated
+                 else _NOTHING)
 
 
 def _utility(run: Mapping[str, Any], private: bool) -> _Html:

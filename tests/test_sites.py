@@ -266,3 +266,14 @@ def test_the_private_default_with_two_sites_averages_each_role_and_stays_within_
     assert play.returncode == 0, play.stderr
     matrix = json.loads(play.stdout.strip().splitlines()[-1])["gap_closed"]
     assert len(matrix) == 2 and all(len(row) == 2 for row in matrix)
+
+
+def test_the_report_says_what_the_server_averaged_among_whom():
+    from fedcomm.privacy.page import _released
+
+    run = {"released": {"num-examples": "known"},
+           "aggregated": "server aggregates (fedavg) encoder among 8 speakers"}
+    page = _released(run)
+    assert "What the server did with the networks it was sent: server aggregates (fedavg) " \
+           "encoder among 8 speakers." in page
+    assert "What the server did" not in _released({"released": {}})
