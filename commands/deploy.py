@@ -1,5 +1,5 @@
 """``fedcomm deploy``: every party its own process (``local``), or the pieces for many hosts
-(``secrets``, ``app``)."""
+(``secrets``, ``app``, ``manifests``)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ from fedcomm.commands.federated import run_federated
 from fedcomm.commands.options import (
     add_env,
     add_federation,
+    add_sites,
+    env_options,
     env_spec_of,
     federation_config_from_args,
     parser_of,
@@ -41,6 +43,7 @@ def add(sub: argparse._SubParsersAction) -> None:
                   "a simulator token, a worker token and a server key. Hand each host its "
                   "own folder.")
     add_env(s, default="speaker_listener")
+    add_sites(s)
     s.add_argument("--out", type=Path, required=True)
     s.add_argument("--superlink-host", action="append", default=[], metavar="NAME",
                    help="a name or IP agents reach the SuperLink by (repeatable)")
@@ -58,6 +61,18 @@ def add(sub: argparse._SubParsersAction) -> None:
                    help="the agents' server keys on the SuperLink's host (superlink/"
                    "agent-keys.json of fedcomm deploy secrets)")
     a.set_defaults(func=run_app)
+    m = parser_of(d, "manifests", help="write the Compose file and Kubernetes manifests of a run",
+                  description="Write DIR/compose/compose.yaml and DIR/k8s/ (as deploy/compose "
+                  "and deploy/k8s, which are those of the 3-agent factory) for the agents of "
+                  "this environment: a SuperNode and a worker per agent, the simulator and the "
+                  "submission of this environment. Run it from the folder where `fedcomm "
+                  "deploy secrets --out secrets` runs: the Compose file finds the secrets and "
+                  "the build context there.")
+    add_env(m, default="speaker_listener")
+    add_sites(m)
+    m.add_argument("--out", type=Path, required=True, metavar="DIR",
+                   help="the folder to write them in (its compose/ and k8s/)")
+    m.set_defaults(func=run_manifests)
 
 
 def run_local(args: argparse.Namespace) -> int:
@@ -90,4 +105,14 @@ def run_app(args: argparse.Namespace) -> int:
     write_app(args.app_dir, fed.to_json(), args.run_dir, args.agent_keys)
     console.print(f"wrote {args.app_dir / 'pyproject.toml'}: flwr run {args.app_dir} "
                   "<federation> --stream")
+    return 0
+
+
+def run_manifests(args: argparse.Namespace) -> int:
+    from fedcomm.deploy.manifests import write_manifests
+
+    agent_ids, written = write_manifests(args.out, args.env, env_options(args))
+    console.print(f"wrote {args.out / 'compose' / 'compose.yaml'} and {len(written) - 1} "
+                  f"files under {args.out / 'k8s'} for {', '.join(agent_ids)}", soft_wrap=True,
+                  highlight=False)
     return 0

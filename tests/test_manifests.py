@@ -34,10 +34,11 @@ import pytest
 import yaml
 
 from fedcomm.clients.node import AgentNode
-from fedcomm.commands import build_parser, federation_config_from_args
+from fedcomm.commands import build_parser, federation_config_from_args, main
 from fedcomm.commands.sim import episode_key
 from fedcomm.config import FederationConfig
 from fedcomm.deploy.local import DeploymentError, tool
+from fedcomm.deploy.manifests import check_agents, k8s_name
 from fedcomm.deploy.secrets import AgentSecrets, DeploymentSecrets, make_secrets
 from fedcomm.protocol.auth import read_tokens
 from fedcomm.protocol.signing import KEY_FILE, agent_key
@@ -646,6 +647,192 @@ def test_docs_create_every_secret_the_manifests_use(k8s: list[dict], tmp_path: P
             assert key in created[name], f"{agent}: the Secret {name} has no {key}"
 
 
+# -- the files of any run: `fedcomm deploy manifests` -------------------------------------------
+FACTORY_FLAGS = [a for k, v in FACTORY_OPTS.items() for a in ("--env-opt", f"{k}={v}")]
+TWO_SITES = tuple(f"s{site}.{kind}_0" for kind in ("sensor", "processor", "actuator")
+                  for site in (0, 1))
+DNS_1035 = re.compile(r"[a-z]([-a-z0-9]{0,61}[a-z0-9])?")
+
+
+def deploy_manifests(argv: list[str], where: Path, capsys: pytest.CaptureFixture) -> str:
+    """Run ``fedcomm deploy manifests ARGV`` in ``where``; what it printed."""
+    capsys.readouterr()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(where)
+        code = main(["deploy", "manifests", *argv])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    return out + err
+
+
+def test_the_checked_in_files_are_what_deploy_manifests_writes(tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture
+                                                               ) -> None:
+    """deploy/compose and deploy/k8s are the files of the 3-agent factory as the generator
+    writes them, from the repository root, byte for byte: edit deploy/templates/, then run
+    the command below from the repository root."""
+    said = deploy_manifests(["--env", "factory", *FACTORY_FLAGS, "--out", "deploy"], tmp_path,
+                            capsys)
+    assert said.strip() == ("wrote deploy/compose/compose.yaml and 11 files under deploy/k8s "
+                            "for sensor_0, processor_0, actuator_0")
+    written = {p.relative_to(tmp_path / "deploy").as_posix(): p.read_text()
+               for p in (tmp_path / "deploy").rglob("*") if p.is_file()}
+    checked_in = {p.relative_to(DEPLOY).as_posix(): p.read_text()
+                  for p in [COMPOSE_FILE, *K8S.rglob("*")] if p.is_file()}
+    assert sorted(written) == sorted(checked_in)
+    for path, text in written.items():
+        assert text == checked_in[path], (
+            f"deploy/{path} is not what `fedcomm deploy manifests --env factory "
+            f"{' '.join(FACTORY_FLAGS)} --out deploy` writes (edit deploy/templates/)")
+
+
+def compose_defaults(text: str) -> str:
+    """``text`` with every ``${VARIABLE:-default}`` at its default, as Compose renders it."""
+    return re.sub(r"\$\{[A-Z_]+:-([^}]*)\}", r"\1", text)
+
+
+@pytest.fixture(scope="module")
+def two_sites(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The files of the 3-agent factory in 2 sites, and the secrets for it, in one folder."""
+    folder = tmp_path_factory.mktemp("sites")
+    flags = ["--env", "factory", *FACTORY_FLAGS, "--sites", "2"]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(folder)
+        assert main(["deploy", "manifests", *flags, "--out", "deploy-2"]) == 0
+        assert main(["deploy", "secrets", *flags, "--out", "secrets"]) == 0
+    return folder
+
+
+def test_two_sites_compose(two_sites: Path) -> None:
+    """Six agents, each its SuperNode and worker on its own secrets folder (the one `fedcomm
+    deploy secrets --sites 2` writes), state and socket volumes; the simulator and the
+    submission serve and submit the 2-site run."""
+    text = (two_sites / "deploy-2" / "compose" / "compose.yaml").read_text()
+    compose = yaml.safe_load(text)  # PyYAML merges `<<: *agent` as Compose does
+    services = compose["services"]
+    nodes = agent_services(compose)
+    assert sorted(nodes) == sorted(TWO_SITES)
+    secrets = "${FEDCOMM_SECRETS:-../../secrets}"
+    for agent, node in nodes.items():
+        config = node_config(node["command"])
+        assert config["agent-id"] == agent and node["restart"] == "on-failure"
+        worker = services[f"{agent}-worker"]
+        assert worker_args(worker["command"]).agent_id == agent
+        for service in (node, worker):
+            mounts = compose_mounts(service)
+            assert mounts["/secrets"]["source"] == f"{secrets}/agents/{agent}"
+            assert mounts["/state"]["source"] == f"{agent}-state"
+            assert mounts["/run/fedcomm"]["source"] == f"{agent}-worker"
+        assert (two_sites / "secrets" / "agents" / agent / "node.key").is_file()
+        assert {f"{agent}-state", f"{agent}-worker"} <= set(compose["volumes"])
+    assert sorted(p.name for p in (two_sites / "secrets" / "agents").iterdir()) == \
+        sorted(TWO_SITES)
+    submit = services["submit"]
+    assert {m["source"] for m in compose_mounts(submit).values()} == {
+        f"{secrets}/ca.crt", *(f"{secrets}/agents/{a}/node.pub" for a in TWO_SITES)}
+    check_submission(compose_defaults(compose_script(submit)),
+                     [compose_defaults(w) for w in services["sim"]["command"]], TWO_SITES,
+                     {**FACTORY_OPTS, "sites": 2})
+
+
+def test_two_sites_k8s(two_sites: Path) -> None:
+    """One Deployment per agent, named in DNS-1035 from its id and labelled with the id itself,
+    on its own Secret and state claim; the kustomization lists them, the Job holds their
+    public keys, and the default-deny policy covers their pods, which no ingress admits."""
+    k8s = two_sites / "deploy-2" / "k8s"
+    docs = [d for p in sorted(k8s.rglob("*.yaml")) if p.name != "kustomization.yaml"
+            for d in yaml.safe_load_all(p.read_text()) if d]
+    listed = yaml.safe_load((k8s / "kustomization.yaml").read_text())["resources"]
+    assert all((k8s / r).is_file() for r in listed)
+    deployments = k8s_agents(docs)
+    assert sorted(deployments) == sorted(TWO_SITES)
+    for agent, workload in deployments.items():
+        name = agent.replace(".", "-").replace("_", "-")
+        assert f"agent-{name}.yaml" in listed
+        assert workload["metadata"]["name"] == f"agent-{name}"
+        labels = [workload["metadata"]["labels"], workload["spec"]["selector"]["matchLabels"],
+                  workload["spec"]["template"]["metadata"]["labels"]]
+        assert all(lb["fedcomm/agent-id"] == agent for lb in labels)
+        volumes = {v["name"]: v for v in pod_spec(workload)["volumes"]}
+        assert volumes["secrets"]["secret"]["secretName"] == f"agent-{name}"
+        claim = volumes["state"]["persistentVolumeClaim"]["claimName"]
+        assert claim == f"state-{name}" and claim in objects(docs, "PersistentVolumeClaim")
+        assert all(DNS_1035.fullmatch(n) for n in (f"agent-{name}", claim))
+        worker = k8s_container(workload, "worker")
+        assert worker_args(k8s_command(worker, docs)).agent_id == agent
+    (job,) = objects(docs, "Job").values()
+    keys = [i["key"] for _, i in secret_items({v["name"]: v for v in pod_spec(job)["volumes"]}
+                                              ["secrets"])]
+    assert sorted(k for k in keys if k.endswith(".pub")) == sorted(f"{a}.pub" for a in TWO_SITES)
+    container = k8s_container(job, "submit")
+    env = container_env(container, docs)
+    script = re.sub(r'"\$([A-Z_]+)"|\$([A-Z_]+)',
+                    lambda m: env.get(m.group(1) or m.group(2), m.group(0)),
+                    k8s_command(container, docs)[2])
+    sim = k8s_container(objects(docs, "Deployment")["sim"], "sim")
+    check_submission(script, k8s_command(sim, docs), TWO_SITES, {**FACTORY_OPTS, "sites": 2})
+    policies = objects(docs, "NetworkPolicy").values()
+    assert any(p["spec"]["podSelector"] == {} and p["spec"]["policyTypes"] == ["Ingress"]
+               and not p["spec"].get("ingress") for p in policies), "no default deny"
+    for workload in deployments.values():
+        labels = workload["spec"]["template"]["metadata"]["labels"]
+        for policy in policies:
+            selects = policy["spec"]["podSelector"].get("matchLabels", {})
+            assert not (policy["spec"].get("ingress") and selects.items() <= labels.items()), \
+                f"{policy['metadata']['name']} admits ingress to {labels['fedcomm/agent-id']}"
+
+
+@pytest.mark.integration  # runs Docker Compose, kubectl and the schemas
+def test_two_sites_files_are_valid(two_sites: Path) -> None:
+    compose_file = two_sites / "deploy-2" / "compose" / "compose.yaml"
+    out = run_tool([*compose_command(), "-f", str(compose_file), "--profile", "submit",
+                    "config", "-q"], env=compose_env())
+    assert out.returncode == 0, f"docker compose config -q:\n{out.stdout}{out.stderr}"
+    k8s = two_sites / "deploy-2" / "k8s"
+    docs = kustomize(k8s) + kustomize(k8s / "submit")
+    assert len(objects(docs, "Deployment")) == 2 + len(TWO_SITES)
+    for doc in docs:
+        validate_k8s(doc, "kubectl kustomize deploy-2/k8s")
+
+
+BAD_MANIFESTS = [
+    (["--env", "nope"], "argument --env"),
+    (["--env", "factory", "--env-opt", "n_sensors=x"], "argument --env-opt"),
+    (["--env", "factory", "--sites", "0"], "argument --sites"),
+    (["--env", "factory", "--sites", "2", "--site-opt", "2/rate=1"], "argument --site-opt"),
+    (["--env", "factory"], "required: --out"),
+]
+
+
+@pytest.mark.parametrize(("argv", "says"), BAD_MANIFESTS,
+                         ids=[" ".join(a) for a, _ in BAD_MANIFESTS])
+def test_deploy_manifests_refuses_bad_input(argv: list[str], says: str, tmp_path: Path,
+                                            capsys: pytest.CaptureFixture,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """One error line, exit code 2, nothing written."""
+    monkeypatch.chdir(tmp_path)
+    out = [] if "--out" in says else ["--out", "deploy-x"]
+    capsys.readouterr()
+    try:
+        code = main(["deploy", "manifests", *argv, *out])
+    except SystemExit as e:
+        code = e.code
+    _, err = capsys.readouterr()
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(errors) == 1 and says in errors[0], err
+    assert "Traceback" not in err and list(tmp_path.iterdir()) == []
+
+
+def test_agent_names() -> None:
+    assert [k8s_name(a) for a in ("s0.sensor_0", "sensor_0", "S12.Agent_3")] == \
+        ["s0-sensor-0", "sensor-0", "s12-agent-3"]
+    check_agents(TWO_SITES)
+    with pytest.raises(ValueError, match="both be agent-a-b"):
+        check_agents(["a_b", "a.b"])
+    with pytest.raises(ValueError, match="cannot name"):
+        check_agents(["a b"])
+
+
 # -- the image ----------------------------------------------------------------------------------
 DOCKERFILE_INSTRUCTIONS = {"FROM", "RUN", "CMD", "LABEL", "EXPOSE", "ENV", "ADD", "COPY",
                            "ENTRYPOINT", "VOLUME", "USER", "WORKDIR", "ARG", "ONBUILD",
@@ -741,30 +928,31 @@ def check_superlink(command: list[str]):
     return args
 
 
-def check_sim(command: list[str]):
+def check_sim(command: list[str], options: dict = FACTORY_OPTS):
     assert command[:3] == ["fedcomm", "sim", "serve"]
     args = build_parser().parse_args(command[1:])
     assert args.tls_cert and args.tls_key and args.tls_client_ca, "the simulator needs mTLS"
     assert args.port == SIM_PORT and args.host == "0.0.0.0"
-    assert args.env == "factory" and dict(args.env_opt) == FACTORY_OPTS
+    assert args.env == "factory" and dict(args.env_opt) == options
     # without a key file of its own, a restarted simulator would key its episodes afresh
     assert args.episode_key, "the simulator has no --episode-key"
     return args
 
 
-def check_submission(script: str, sim_command: list[str]) -> argparse.Namespace:
-    """The script registers the keys and submits a run the simulator serves; its `fedcomm
-    deploy app` arguments."""
+def check_submission(script: str, sim_command: list[str], agents: tuple[str, ...] = AGENTS,
+                     options: dict = FACTORY_OPTS) -> argparse.Namespace:
+    """The script registers the keys and submits a run of ``agents`` that the simulator
+    (environment options ``options``) serves; its `fedcomm deploy app` arguments."""
     assert "flwr supernode register" in script and "--stream" in script
     joined = script.replace("\\\n", " ")
     (line,) = [x for x in joined.splitlines() if x.strip().startswith("fedcomm deploy app")]
     words = [w for w in shlex.split(line.replace("$TRAIN_ARGS", "")) if not w.startswith("#")]
     args = build_parser().parse_args(words[1:])
     fed = federation_config_from_args(args)
-    sim = check_sim(sim_command)
+    sim = check_sim(sim_command, options)
     assert (fed.train.env, fed.train.env_kwargs) == (sim.env, dict(sim.env_opt))
     assert fed.train.num_envs == sim.num_envs and fed.train.seed == sim.seed
-    assert fed.spec.agent_ids == AGENTS
+    assert fed.spec.agent_ids == agents
     assert args.run_dir.startswith("/runs/")
     assert args.agent_keys, "the ServerApp verifies every reply with the agents' server keys"
     return args
