@@ -260,7 +260,7 @@ def test_the_private_default_with_two_sites_averages_each_role_and_stays_within_
     assert report["agents"]["s1.listener_0"]["composed"]["epsilon"] > 0  # its decoder left
     audit = subprocess.run([sys.executable, "-m", "fedcomm", "audit", str(out)],
                            capture_output=True, text=True)
-    assert audit.returncode == 0 and "verified" in audit.stdout, audit.stdout + audit.stderr
+    assert audit.returncode == 0 and "verified" in audit.stdout + audit.stderr, audit.stderr
     play = subprocess.run([sys.executable, "-m", "fedcomm", "eval", str(out), "--cross-play",
                            "--episodes", "20", "--json"], capture_output=True, text=True)
     assert play.returncode == 0, play.stderr
