@@ -10,13 +10,13 @@ from fedcomm.commands.federated import run_federated
 from fedcomm.commands.options import (
     add_env,
     add_federation,
-    add_sites,
     env_options,
     env_spec_of,
     federation_config_from_args,
     parser_of,
 )
 from fedcomm.commands.output import console
+from fedcomm.commands.sites import add_sites
 
 
 def add(sub: argparse._SubParsersAction) -> None:

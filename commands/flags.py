@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import json
 import math
 import re
 import sys
@@ -338,3 +339,13 @@ EXCLUSIVE = (("team.noise_multiplier", "privacy.message_epsilon"),
 
 FLAGS = {TRAIN: (*TRAINING_FLAGS, *PRIVACY_FLAGS, *FEEDBACK_FLAGS), FED: FEDERATION_FLAGS}
 FLAG_NAMES = {f.path: f.names[0] for f in FLAGS[TRAIN]}
+
+
+def key_value(text: str) -> tuple[str, object]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key.replace("-", "_"), json.loads(value)
+    except json.JSONDecodeError:
+        return key.replace("-", "_"), value

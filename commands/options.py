@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
-import json
 import re
 import time
 from collections.abc import Callable, Iterable
@@ -34,7 +33,9 @@ from fedcomm.commands.flags import (
     TRAINING_FLAGS,
     Flag,
     FlagError,
+    key_value,
 )
+from fedcomm.commands.sites import add_sites, site_flags
 from fedcomm.config import FederationConfig, TrainConfig
 
 
@@ -89,16 +90,6 @@ def parser_of(sub: argparse._SubParsersAction, name: str, **kwargs: Any
     return sub.add_parser(name, allow_abbrev=False, **kwargs)
 
 
-def key_value(text: str) -> tuple[str, object]:
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    try:
-        return key.replace("-", "_"), json.loads(value)
-    except json.JSONDecodeError:
-        return key.replace("-", "_"), value
-
-
 def default_out(env: str) -> Path:
     return Path("runs") / f"{env.replace(':', '-')}-{time.strftime('%Y%m%d-%H%M%S')}"
 
@@ -133,25 +124,6 @@ def add_env(p: argparse.ArgumentParser, default: str | None = "factory",
                    help=help or f"{', '.join([*ENVIRONMENTS, MPE2_ANY])} (default: %(default)s)")
     p.add_argument("--env-opt", type=key_value, action="append", default=[], metavar="KEY=VALUE",
                    help=env_opt_help().replace("%", "%%"))
-
-
-def add_sites(p: argparse.ArgumentParser) -> None:
-    """``--sites`` and ``--site-opt``: copies of the environment, each its own agents."""
-    p.add_argument("--sites", type=int, metavar="N",
-                   help="run N copies of the environment as sites, each its own agents "
-                   "(ids s0.speaker_0, ...) and episodes; vectors stay within a site, "
-                   "--env-steps count per site (default: 1)")
-    p.add_argument("--site-opt", type=site_key_value, action="append", default=[],
-                   metavar="S/KEY=VALUE",
-                   help="an environment option of site S only, over --env-opt (repeatable; "
-                   "non-IID sites: speaker_listener's goal_weights, the factory's rates)")
-
-
-def site_key_value(text: str) -> tuple[int, str, object]:
-    site, sep, rest = text.partition("/")
-    if not sep or not site.isdigit():
-        raise argparse.ArgumentTypeError(f"expected S/KEY=VALUE (S a site number), got {text!r}")
-    return (int(site), *key_value(rest))
 
 
 def add_training(p: argparse.ArgumentParser, default_env: str = "factory",
@@ -434,31 +406,6 @@ def env_options(args: argparse.Namespace) -> dict[str, Any]:
     except ValueError as e:
         raise FlagError("--env-opt", str(e)) from None
     return {**options, **site_flags(args)}
-
-
-def site_flags(args: argparse.Namespace) -> dict[str, Any]:
-    """``--sites`` and ``--site-opt`` as environment options (``sim.registry.SITES``)."""
-    from fedcomm.sim.registry import SITE_OPTIONS, SITES, check_env_options
-
-    sites, site_opt = getattr(args, "sites", None), getattr(args, "site_opt", None) or []
-    if sites is None and not site_opt:
-        return {}
-    if sites is not None and not 1 <= sites <= 4096:
-        raise FlagError("--sites", f"{sites}: expected an integer from 1 to 4096")
-    sites = sites or 1
-    per_site: list[dict[str, Any]] = [{} for _ in range(sites)]
-    for site, key, value in site_opt:
-        if site >= sites:
-            raise FlagError("--site-opt", f"site {site}, but the run has {sites} "
-                            f"(sites 0 to {sites - 1}; give --sites)")
-        per_site[site][key] = value
-    out: dict[str, Any] = {SITES: sites}
-    if site_opt:
-        out[SITE_OPTIONS] = per_site
-    try:
-        return check_env_options(args.env, out)
-    except ValueError as e:
-        raise FlagError("--site-opt", str(e)) from None
 
 
 def env_spec_of(args: argparse.Namespace) -> Any:

@@ -218,6 +218,9 @@ class VecEnv(ABC):
     options: ClassVar[Mapping[str, EnvOption]] = {}
     # For an option another environment has and this one lacks: what to type instead.
     instead: ClassVar[Mapping[str, str]] = {}
+    # The option non-IID sites draw per site from a named distribution (``--site-dist``), and
+    # its length: a weight per category (None: nothing to draw).
+    site_distribution: ClassVar[tuple[str, int] | None] = None
 
     @abstractmethod
     def reset(self, seed: int | None = None) -> Obs:

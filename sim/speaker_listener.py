@@ -56,6 +56,8 @@ SPEC = EnvSpec(
 
 class SpeakerListener(VecEnv):
     channel_persists = True  # the goal holds for the episode
+    # What non-IID sites draw per site (``--site-dist``): how often each landmark is the goal.
+    site_distribution = ("goal_weights", N_LANDMARKS)
     options: ClassVar[Mapping[str, EnvOption]] = {
         "episode_length": EnvOption(int, 25, "steps per episode", low=1),
         "say": EnvOption(bool, True, "the speaker's own say action, a channel through the "

@@ -154,6 +154,11 @@ def test_sites_flags_make_the_environment_options(tmp_path):
                                       "0/goal_weights=0.8,0.1,0.1"])
     options = federation_config_from_args(args).train.env_kwargs["site_options"]
     assert options == [{"goal_weights": [0.8, 0.1, 0.1]}, {}]
+    args = build_parser().parse_args(["simulate", "--sites", "3", "--site-dist", "dirichlet/0.5"])
+    drawn = federation_config_from_args(args).train.env_kwargs["site_options"]
+    assert len(drawn) == 3 and all(abs(sum(o["goal_weights"]) - 1) < 1e-5 for o in drawn)
+    assert drawn != [drawn[0]] * 3  # each site its own, from the run's seed
+    assert drawn == federation_config_from_args(args).train.env_kwargs["site_options"]
     env = make_env("speaker_listener", 2000, sites=2, site_options=options)
     env.reset(0)
     assert (env.envs[0].goal == 0).float().mean() > 0.75  # the first site's goals: skewed
@@ -168,6 +173,10 @@ def test_sites_flags_make_the_environment_options(tmp_path):
     (["--sites", "2", "--site-opt", "0/nope=1"], "argument --site-opt: speaker_listener has no "
      "option 'nope'"),
     (["--site-opt", "x/say=false"], "expected S/KEY=VALUE"),
+    (["--sites", "2", "--site-dist", "dirichlet/0"], "argument --site-dist: 'dirichlet/0': "
+     "expected dirichlet/ALPHA"),
+    (["--env", "factory", "--sites", "2", "--site-dist", "dirichlet/1"], "argument "
+     "--site-dist: factory has no option to draw per site"),
 ])
 def test_bad_sites_flags_are_refused_in_one_line(flags, says, tmp_path):
     out = subprocess.run([sys.executable, "-m", "fedcomm", "simulate", *flags,
