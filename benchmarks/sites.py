@@ -25,7 +25,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from fedcomm.baselines import EVAL_SEED
+from fedcomm.baselines import EVAL_SEED, evaluate_scripted
 from fedcomm.config import env_spec
 from fedcomm.sim.registry import one_site
 
@@ -73,10 +73,20 @@ def curve(path: Path) -> dict:
         sites = {s: (statistics.fmean(v) - low) / (high - low) for s, v in by_site.items()}
         return statistics.fmean(sites.values()), sites
 
+    # each site's own gap, against its own scripted teams (non-IID sites differ)
+    own = {}
+    if final:
+        for site, returns in final.items():
+            kwargs = one_site(train["env_kwargs"], int(site[1:]))
+            lo, hi = (evaluate_scripted(train["env"], name, 1000, EVAL_SEED,
+                                        env_kwargs=kwargs).return_mean
+                      for name in ("no_comm", "oracle"))
+            own[site] = (statistics.fmean(returns) - lo) / (hi - lo)
+
     return {"steps_per_site": [r * per_round for r in sorted(rounds)],
             "gap_closed": [gap(rounds[r])[0] for r in sorted(rounds)],
             "final_gap_closed": gap(final)[0] if final else None,
-            "final_per_site": gap(final)[1] if final else None,
+            "final_per_site": own or None,
             "final_steps_per_site": train["env_steps"] // batch * batch,
             "baselines": base, "privacy": summary.get("privacy", {}).get("composed")}
 
