@@ -168,8 +168,7 @@ def main() -> None:
         arms = {}
         for path in sorted(args.out.glob("*-s*/summary.json")):
             arms.setdefault(path.parent.name.rsplit("-s", 1)[0], "")
-    results: dict = {"title": f"{args.env}, {args.sites} sites, {args.num_envs} episodes per "
-                     "batch per site", "arms": {}, "cross_play": {}, "steps_to": {}}
+    results: dict = {"title": "", "arms": {}, "cross_play": {}, "steps_to": {}}
     if not args.analyze:  # seed by seed, so that a first comparison is complete early
         for seed in args.seeds:
             for arm, flags in arms.items():
@@ -182,6 +181,11 @@ def main() -> None:
         first = run_dir(args.out, arm, min(runs)) if runs else None
         results["cross_play"][arm] = (cross_play(first, args.crossplay_episodes)
                                       if first is not None else None)
+    configs = sorted(args.out.glob("*-s*/config.json"))
+    if configs:  # the runs' own settings (with --analyze, not the flags')
+        train = json.loads(configs[0].read_text())["train"]
+        results["title"] = (f"{train['env']}, {train['env_kwargs'].get('sites', 1)} sites, "
+                            f"{train['num_envs']} episodes per batch per site")
     (args.out / "results.json").write_text(json.dumps(results, indent=1))
     plot(results, args.out)
     for arm, runs in results["arms"].items():
