@@ -183,9 +183,9 @@ def main() -> None:
                                       if first is not None else None)
     configs = sorted(args.out.glob("*-s*/config.json"))
     if configs:  # the runs' own settings (with --analyze, not the flags')
-        train = json.loads(configs[0].read_text())["train"]
-        results["title"] = (f"{train['env']}, {train['env_kwargs'].get('sites', 1)} sites, "
-                            f"{train['num_envs']} episodes per batch per site")
+        run = json.loads(configs[0].read_text())["train"]
+        results["title"] = (f"{run['env']}, {run['env_kwargs'].get('sites', 1)} sites, "
+                            f"{run['num_envs']} episodes per batch per site")
     (args.out / "results.json").write_text(json.dumps(results, indent=1))
     plot(results, args.out)
     for arm, runs in results["arms"].items():
