@@ -113,13 +113,13 @@ def cross_play(args: argparse.Namespace, config: dict) -> int:
         return 0
     from rich.table import Table
 
-    table = Table(title=f"cross-play, gap closed (no_comm -> oracle) over {args.episodes} "
+    table = Table(title=f"cross-play, gap closed (no_comm -> oracle, %) over {args.episodes} "
                   "episodes: senders' site by row, receivers' by column")
-    table.add_column("senders")
+    table.add_column("senders", no_wrap=True)
     for b in range(sites):
-        table.add_column(f"s{b}", justify="right")
+        table.add_column(f"s{b}", justify="right", no_wrap=True)
     for a, row in enumerate(result.gap_closed):
-        table.add_row(f"s{a}", *(f"{100 * g:.1f}%" for g in row))
+        table.add_row(f"s{a}", *(f"{100 * g:.0f}" for g in row))
     console.print(table)
     console.print(f"own site (diagonal) {100 * result.diagonal:.1f}%, across sites "
                   f"{100 * result.off_diagonal:.1f}% "
