@@ -14,12 +14,12 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from fedcomm.sim.base import Actions, EnvOption, EnvSpec, Obs, Step, VecEnv
+from fedcomm.sim.base import Actions, EnvSpec, Obs, Step, VecEnv
 
 
 def site_seed(seed: int, site: int) -> int:
@@ -30,8 +30,6 @@ def site_seed(seed: int, site: int) -> int:
 
 class Sites(VecEnv):
     """``envs``, one per site, of the same environment (the same agent types and horizon)."""
-
-    options: ClassVar[Mapping[str, EnvOption]] = {}
 
     def __init__(self, envs: Sequence[VecEnv]) -> None:
         if len(envs) < 2:
@@ -86,8 +84,10 @@ class Sites(VecEnv):
                            for s, env in enumerate(self.envs)])
 
     def step(self, actions: Actions) -> Step:
-        if self.checks_action_range:
-            self.check_actions(actions)
+        # the whole's shapes here; each site's environment checks its own actions' range
+        if [tuple(a.shape) for a in actions] != [(self.num_envs, t.count)
+                                                 for t in self.spec.types]:
+            self.check_actions(actions)  # raises, naming what is wrong
         steps = [env.step(a) for env, a in zip(self.envs, self._split(actions))]
         return Step(self._join([s.obs for s in steps]),
                     self._join_rewards([s.reward for s in steps]), steps[0].done)
@@ -115,8 +115,6 @@ class Sites(VecEnv):
 def site_options(sites: int, options: Mapping[str, Any],
                  per_site: Sequence[Mapping[str, Any]] | None) -> list[dict[str, Any]]:
     """Each site's environment options: the run's, with each site's own over them."""
-    per_site = list(per_site or [])
-    if len(per_site) > sites:
-        raise ValueError(f"options for {len(per_site)} sites, but the run has {sites}")
+    per_site = list(per_site or [])  # checked: at most one per site (sim.registry)
     per_site += [{}] * (sites - len(per_site))
     return [{**options, **own} for own in per_site]

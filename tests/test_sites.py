@@ -286,3 +286,17 @@ def test_the_report_says_what_the_server_averaged_among_whom():
     assert "What the server did with the networks it was sent: server aggregates (fedavg) " \
            "encoder among 8 speakers." in page
     assert "What the server did" not in _released({"released": {}})
+
+
+@pytest.mark.parametrize("actions, says", [
+    ([torch.zeros(4, 2, dtype=torch.long)], "expected actions for 2 agent types, got 1"),
+    ([torch.zeros(4, 3, dtype=torch.long), torch.zeros(4, 2, dtype=torch.long)],
+     r"actions for 'speaker': expected shape \(4, 2\), got \(4, 3\)"),
+    ([torch.zeros(4, 2, dtype=torch.long), torch.full((4, 2), 9)],
+     r"actions for 'listener' must lie in \[0, 5\)"),
+])
+def test_bad_actions_of_sites_are_refused_by_name(actions, says):
+    whole = make_env("speaker_listener", 4, sites=2)
+    whole.reset(0)
+    with pytest.raises(ValueError, match=says):
+        whole.step(actions)
