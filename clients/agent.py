@@ -47,6 +47,7 @@ from fedcomm.protocol.round import (
 )
 from fedcomm.releases.account import LEDGER, AgentPrivacy
 from fedcomm.releases.schedule import (
+    averages_private,
     composition_of_config,
     initial_routes,
     releases_anything,
@@ -110,6 +111,8 @@ class FederatedAgent:
         # Sharing only what is used, no agent's graph decides the routes: they stay the
         # allowed ones for the run.
         self.fixed_routes = routes if fed.share != "all" else None
+        self.sends_private = averages_private(self.spec, fed.share, fed.aggregate_private,
+                                              routes, self.index)
         sends = sends_to_server(self.spec, fed.share, fed.aggregate_private, routes,
                                 self.index)
         private = sends or releases_anything(self.spec, train.team, fed.share, routes,
@@ -205,7 +208,7 @@ class FederatedAgent:
             timings=timings, stats=stats)
         if not trained:  # nothing learned that the budget allowed to share
             return {}, reply
-        return global_arrays(self.team, self.fed.aggregate_private, self.parts,
+        return global_arrays(self.team, self.sends_private, self.parts,
                              self.fed.share == "role"), reply
 
     def evaluate(self, arrays: Mapping[str, Tensor], batches: int, seed: int,

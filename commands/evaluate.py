@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -36,7 +37,7 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def mute_as_trained(trained: EnvSpec, env: str, env_kwargs: dict) -> dict:
+def mute_as_trained(trained: EnvSpec, env: str, env_kwargs: dict, notice: bool = True) -> dict:
     """The original mpe2 environment with the agent types the run muted muted too (a private
     speaker_listener run mutes the speaker's ``say``): said on stderr, so ``--json`` stays
     clean; ``--env-opt mute=...`` chooses otherwise."""
@@ -46,8 +47,9 @@ def mute_as_trained(trained: EnvSpec, env: str, env_kwargs: dict) -> dict:
     muted = muted_types(trained, make_env(env, 1, "cpu", **env_kwargs).spec)
     if not muted:
         return env_kwargs
-    console.print(f"{env}: muting {', '.join(muted)} as the run did (--env-opt "
-                  f"mute={','.join(muted)})", highlight=False, soft_wrap=True)
+    if notice:
+        console.print(f"{env}: muting {', '.join(muted)} as the run did (--env-opt "
+                      f"mute={','.join(muted)})", highlight=False, soft_wrap=True)
     return {**env_kwargs, "mute": muted[0] if len(muted) == 1 else muted}
 
 
@@ -55,32 +57,80 @@ def run(args: argparse.Namespace) -> int:
     from fedcomm.device import resolve_device
     from fedcomm.learning.evaluate import evaluate_team
     from fedcomm.models.team import TEAM_FILE, load_team
+    from fedcomm.modes.assemble import SITES_DIR
 
     config_path = args.run_dir / "config.json"
     config = json.loads(config_path.read_text()) if config_path.exists() else {}
     if args.cross_play:
         return cross_play(args, config)
-    share = config.get("share")
-    if share in ("none", "senders", "role") and not (args.run_dir / TEAM_FILE).exists():
-        sites = (args.run_dir / "sites").is_dir()
-        raise FileNotFoundError(f"{args.run_dir} kept copies of the shared module that no one "
-                                f"team holds (--share {share}), so there is no team.pt to "
-                                "evaluate; its agents' own greedy evaluation is in summary.json"
-                                + ("; --cross-play evaluates each site's team" if sites else ""))
-    team = load_team(args.run_dir, resolve_device(args.device))
     trained = config["train"] if config.get("mode") == "federated" else config
-    env = args.env or trained["env"]
-    env_kwargs = (dict(args.env_opt) if args.env
-                  else {**trained["env_kwargs"], **dict(args.env_opt)})
-    if env.startswith("mpe2:") and "mute" not in env_kwargs:
-        env_kwargs = mute_as_trained(team.spec, env, env_kwargs)
-    batch = 100 if env.startswith("mpe2:") else 1000
-    result = evaluate_team(team, env, args.episodes, args.seed, batch=batch, env_kwargs=env_kwargs)
+    share = config.get("share")
+    if not (args.run_dir / TEAM_FILE).exists():
+        if (args.run_dir / SITES_DIR).is_dir():
+            return each_site(args, trained)
+        if share in ("none", "senders", "role"):
+            raise FileNotFoundError(f"{args.run_dir} kept copies of the shared module that no "
+                                    f"one team holds (--share {share}), so there is no team.pt "
+                                    "to evaluate; its agents' own greedy evaluation is in "
+                                    "summary.json")
+    team = load_team(args.run_dir, resolve_device(args.device))
+    env, env_kwargs = target(args, team.spec, trained["env"], trained["env_kwargs"])
+    result = evaluate_team(team, env, args.episodes, args.seed, batch=_batch(env),
+                           env_kwargs=env_kwargs)
     if args.json:
         print(json.dumps(result.to_dict()))
     else:
         console.print(f"{env}: return {result.return_mean:.3f} ± {result.return_se:.3f} "
                       f"(s.e., {result.episodes} episodes)")
+    return 0
+
+
+def target(args: argparse.Namespace, spec: EnvSpec, env: str, env_kwargs: dict,
+           notice: bool = True) -> tuple[str, dict]:
+    """The environment to play and its options: ``--env`` (muting what the run muted) or the
+    one the team trained on, with ``--env-opt`` over its options."""
+    if not args.env:
+        return env, {**env_kwargs, **dict(args.env_opt)}
+    kwargs = dict(args.env_opt)
+    if args.env.startswith("mpe2:") and "mute" not in kwargs:
+        kwargs = mute_as_trained(spec, args.env, kwargs, notice)
+    return args.env, kwargs
+
+
+def _batch(env: str) -> int:
+    return 100 if env.startswith("mpe2:") else 1000
+
+
+def each_site(args: argparse.Namespace, trained: dict) -> int:
+    """A run of sites whose sites kept their own copies: each site's team (``sites/s<k>.pt``)
+    on its own site's environment (or ``--env``), and the mean over the sites."""
+    from fedcomm.baselines import EvalResult
+    from fedcomm.device import resolve_device
+    from fedcomm.learning.evaluate import evaluate_team
+    from fedcomm.models.team import load_team
+    from fedcomm.modes.assemble import site_team_file
+    from fedcomm.sim.registry import SITES, one_site
+
+    sites = int(trained["env_kwargs"].get(SITES, 1))
+    device = resolve_device(args.device)
+    results: list[EvalResult] = []
+    for s in range(sites):
+        team = load_team(site_team_file(args.run_dir, s), device)
+        env, kwargs = target(args, team.spec, trained["env"], one_site(trained["env_kwargs"], s),
+                             notice=s == 0)
+        results.append(evaluate_team(team, env, args.episodes, args.seed, batch=_batch(env),
+                                     env_kwargs=kwargs))
+    mean = sum(r.return_mean for r in results) / sites
+    se = math.sqrt(sum(r.return_se ** 2 for r in results)) / sites
+    if args.json:
+        print(json.dumps({"return_mean": mean, "return_se": se,
+                          "episodes": sum(r.episodes for r in results),
+                          "sites": [r.to_dict() for r in results]}))
+        return 0
+    for s, r in enumerate(results):
+        console.print(f"s{s}: return {r.return_mean:.3f} ± {r.return_se:.3f}", highlight=False)
+    console.print(f"{env}: return {mean:.3f} ± {se:.3f} (s.e.; the mean of {sites} sites' "
+                  f"teams, {args.episodes} episodes each)", highlight=False)
     return 0
 
 

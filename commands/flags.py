@@ -307,7 +307,9 @@ FEDERATION_FLAGS = (
           "among the agents of one type that use it (role: each type its own copy, sensors "
           "with sensors across sites), or none (every agent keeps its own copy)"),
     _switch("--aggregate-private", "aggregate_private", True,
-            "also average each type's private networks (weaker privacy)"),
+            "also average each type's private networks among its agents (with --share "
+            "senders, the senders' only: their whole models); a network sent trains under "
+            "DP-SGD in a private run"),
     _flag("--on-agent-failure", path="on_agent_failure", choices=["stop", "continue"],
           help="a round with a failed agent stops the run, or the round goes on without it"),
     _flag("--round-timeout", path="round_timeout", accepts=POSITIVE, metavar="SECONDS",

@@ -286,7 +286,8 @@ class FederationConfig:
     server_lr: float = 1.0  # FedAvgM's and FedAdam's server learning rate
     server_momentum: float = 0.0  # FedAvgM
     # Average each type's private modules among the agents of that type too (off: they never
-    # leave their agent). Weaker privacy: the server then sees every agent's private networks.
+    # leave their agent); with share="senders", only the senders' (their whole models). The
+    # server then sees those networks: in a private run they train under DP-SGD.
     aggregate_private: bool = False
     # Which parts of the shared module an agent sends: "all"; "used", each part only among
     # the agents that use it (the encoder among senders; gate, decoder and graph among

@@ -18,6 +18,7 @@ from fedcomm.privacy.config import PrivacyConfig
 from fedcomm.releases.schedule import (
     RECEIVER_PARTS,
     SENDER_PARTS,
+    averages_private,
     composition_of_config,
     declared_mechanisms,
     initial_routes,
@@ -68,7 +69,10 @@ def server_text(fed: FederationConfig) -> str:
     """What the server of ``fed`` does with the agents' networks, in words: aggregates nothing,
     or which parts among whom, by which strategy and rule."""
     groups = aggregation_groups(fed)
-    if not groups and not fed.aggregate_private:
+    routes = initial_routes(fed.train)
+    private = [i for i in range(fed.spec.n_agents)
+               if averages_private(fed.spec, fed.share, fed.aggregate_private, routes, i)]
+    if not groups and not private:
         return "server aggregates nothing"
     whole = (*SENDER_PARTS, *RECEIVER_PARTS)
     if fed.share == "role" and all(parts == whole for parts, _ in groups):
@@ -78,8 +82,9 @@ def server_text(fed: FederationConfig) -> str:
         text = "; ".join(f"{'the whole shared module' if parts == whole else ', '.join(parts)}"
                          f"{' (its type copy)' if fed.share == 'role' else ''} among {who}"
                          for parts, who in groups)
-    if fed.aggregate_private:
-        text += ("; " if text else "") + "each type's private networks among its agents"
+    if private:
+        text += (("; " if text else "") + f"the private networks of {_who(fed, private)}"
+                 " (each type's among its own)")
     rule = fed.strategy if fed.aggregation == "mean" else f"{fed.strategy}, {fed.aggregation}"
     noise = (f", client-level DP noise {fed.client_dp_noise:g}" if fed.client_dp_noise else "")
     return f"server aggregates ({rule}{noise}) {text}"

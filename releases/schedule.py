@@ -235,11 +235,23 @@ def shared_parts(spec: EnvSpec, share: str, routes: Tensor, index: int) -> tuple
                else ()))
 
 
+def averages_private(spec: EnvSpec, share: str, aggregate_private: bool, routes: Tensor,
+                     index: int) -> bool:
+    """Whether agent ``index`` sends the server its type's private networks: with
+    ``aggregate_private`` every agent does, except with ``share="senders"``, where only the
+    senders that share their encoder do (a sender's whole model is averaged, and a receiver
+    still releases no network)."""
+    if not aggregate_private:
+        return False
+    return share != "senders" or bool(shared_parts(spec, share, routes, index))
+
+
 def sends_to_server(spec: EnvSpec, share: str, aggregate_private: bool, routes: Tensor,
                     index: int) -> bool:
     """Whether agent ``index`` sends the server any of its networks: parts of the shared
-    module (``shared_parts``) or, with ``aggregate_private``, its type's private networks."""
-    return aggregate_private or bool(shared_parts(spec, share, routes, index))
+    module (``shared_parts``) or its type's private networks (``averages_private``)."""
+    return (averages_private(spec, share, aggregate_private, routes, index)
+            or bool(shared_parts(spec, share, routes, index)))
 
 
 def peers(spec: EnvSpec, routes: Tensor, index: int) -> tuple[int, int]:

@@ -5,9 +5,10 @@ The global module of round 1 is the initial team's shared module (``comm.*``; wi
 each type's private networks (``type.<name>.*``). An agent replies with exactly
 the parts of the shared module it sends (every part with ``share="all"``; with ``"used"`` those
 it shares with another agent, ``releases.schedule.shared_parts``; none with ``"none"``) and, with
-``aggregate_private``, its own type's networks: the same keys, shapes and dtypes as the global
-module's, whatever it trained. The server builds this from ``fedcomm.models`` (never from the
-agents' code), so a reply can be checked against it, key by key.
+``aggregate_private``, its own type's networks (``releases.schedule.averages_private``): the
+same keys, shapes and dtypes as the global module's, whatever it trained. The server builds
+this from ``fedcomm.models`` (never from the agents' code), so a reply can be checked against
+it, key by key.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 from fedcomm.config import FederationConfig
 from fedcomm.models.team import Team
 from fedcomm.protocol.round import TYPE, key_group, module_arrays, shared_prefix
-from fedcomm.releases.schedule import initial_routes, shared_parts
+from fedcomm.releases.schedule import averages_private, initial_routes, shared_parts
 
 
 def initial_arrays(fed: FederationConfig) -> dict[str, torch.Tensor]:
@@ -29,10 +30,11 @@ def initial_arrays(fed: FederationConfig) -> dict[str, torch.Tensor]:
     averages them, each type's private networks as its first agent starts with them)."""
     spec, train = fed.spec, fed.train
     team = Team.initial(spec, train.team, train.seed)
+    routes = initial_routes(train)
     private = {}
-    if fed.aggregate_private:
-        for k, kind in enumerate(spec.types):
-            first = spec.type_of_agent.index(k)
+    for k, kind in enumerate(spec.types):
+        first = spec.type_of_agent.index(k)
+        if averages_private(spec, fed.share, fed.aggregate_private, routes, first):
             private[kind.name] = team.subteam([first]).type_state()
     if fed.share != "role":
         return module_arrays(team.shared_state(), private)
@@ -69,11 +71,12 @@ class ReplyLayout:
         for index, name in enumerate(names):
             prefix = shared_prefix(name if fed.share == "role" else None)
             parts = set(shared_parts(spec, fed.share, routes, index))
-            own = f"{TYPE}{name}."
+            own = f"{TYPE}{name}." if averages_private(
+                spec, fed.share, fed.aggregate_private, routes, index) else None
             agents.append({k: s for k, s in specs.items()
                            if (k.startswith(prefix)
                                and k[len(prefix):].partition(".")[0] in parts)
-                           or (fed.aggregate_private and k.startswith(own))})
+                           or (own is not None and k.startswith(own))})
         return cls(tuple(agents), names)
 
     def carriers(self) -> dict[str, int]:

@@ -15,7 +15,7 @@ from fedcomm.learning.crossplay import cross_play, paired, sender_types
 from fedcomm.models.team import Team
 from fedcomm.presets import federation_preset
 from fedcomm.releases.report import server_text
-from fedcomm.releases.schedule import initial_routes, peers, shared_parts
+from fedcomm.releases.schedule import initial_routes, peers, sends_to_server, shared_parts
 from fedcomm.sim.registry import check_env_options, make_env, one_site
 from fedcomm.sim.router import delivery_mask, sites_of
 from fedcomm.sim.sites import Sites, site_seed
@@ -239,6 +239,31 @@ def test_role_share_sends_each_type_its_own_copy():
                                        "shared module among its agents: 4 sensors")
 
 
+def test_senders_with_private_networks_average_the_speakers_whole_models_only():
+    """``--share senders --aggregate-private``: each speaker sends its encoder and its private
+    networks, a listener sends nothing (so it releases no network and trains without DP-SGD)."""
+    from fedcomm.server.layout import ReplyLayout, initial_arrays
+
+    fed = federation_preset("speaker_listener", private=True)
+    fed.share, fed.aggregate_private = "senders", True
+    fed.train.env_kwargs = {**fed.train.env_kwargs, "sites": 3}
+    spec, routes = fed.spec, initial_routes(fed.train)
+    arrays = initial_arrays(fed)
+    assert {k.split(".")[0] + "." + k.split(".")[1] for k in arrays if k.startswith("type.")} \
+        == {"type.speaker"}
+    layout = ReplyLayout.of(fed, arrays)
+    for i, expected in enumerate(layout.agents):
+        speaker = spec.types[spec.type_of_agent[i]].name == "speaker"
+        assert sends_to_server(spec, fed.share, True, routes, i) == speaker
+        assert bool(expected) == speaker
+        assert not speaker or any(k.startswith("type.speaker.") for k in expected)
+    assert server_text(fed) == ("server aggregates (fedavg) encoder among 3 speakers; the "
+                                "private networks of 3 speakers (each type's among its own)")
+    fed.share = "used"
+    assert server_text(fed).endswith("the private networks of all 6 agents "
+                                     "(each type's among its own)")
+
+
 @pytest.mark.integration
 def test_the_private_default_with_two_sites_averages_each_role_and_stays_within_budget(tmp_path):
     """``fedcomm simulate --sites 2`` end to end: the speakers' encoders and the listeners'
@@ -275,6 +300,42 @@ def test_the_private_default_with_two_sites_averages_each_role_and_stays_within_
     assert play.returncode == 0, play.stderr
     matrix = json.loads(play.stdout.strip().splitlines()[-1])["gap_closed"]
     assert len(matrix) == 2 and all(len(row) == 2 for row in matrix)
+
+
+@pytest.mark.integration
+def test_averaged_speakers_play_as_one_in_every_site_and_listeners_release_nothing(tmp_path):
+    """``--share senders --aggregate-private`` end to end: every site's team plays the round's
+    averaged speaker (its whole model the same in every site), each listener keeps its own
+    networks and releases nothing, and ``fedcomm audit`` verifies the run."""
+    from fedcomm.models.team import load_team
+    from tests.harness.processes import simulate
+
+    out = tmp_path / "run"
+    proc = simulate("--sites", "2", "--num-envs", "8", "--batches-per-round", "2",
+                    "--env-steps", str(2 * 8 * 25), "--eval-episodes", "16", "--quiet",
+                    "--share", "senders", "--aggregate-private", "--out", str(out))
+    text, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, text
+    summary = json.loads((out / "summary.json").read_text())
+    assert "the private networks of 2 speakers" in summary["aggregated"]
+    teams = [load_team(out / "sites" / f"s{k}.pt") for k in range(2)]
+    speakers = [t.agent_state(0) for t in teams]
+    listeners = [t.agent_state(1) for t in teams]
+    assert all(torch.equal(speakers[0][k], speakers[1][k]) for k in speakers[0])
+    assert not all(torch.equal(listeners[0][k], listeners[1][k]) for k in listeners[0])
+    report = json.loads((out / "privacy_report.json").read_text())
+    assert report["agents"]["s1.listener_0"]["composed"]["epsilon"] == 0
+    assert 0 < report["agents"]["s1.speaker_0"]["composed"]["epsilon"] <= 8.0 + 1e-6
+    audit = subprocess.run([sys.executable, "-m", "fedcomm", "audit", str(out)],
+                           capture_output=True, text=True)
+    assert audit.returncode == 0 and "verified" in audit.stdout + audit.stderr, audit.stderr
+    played = subprocess.run([sys.executable, "-m", "fedcomm", "eval", str(out), "--episodes",
+                             "20", "--json"], capture_output=True, text=True)
+    assert played.returncode == 0, played.stderr  # no one team: each site's team plays
+    result = json.loads(played.stdout.strip().splitlines()[-1])
+    assert len(result["sites"]) == 2 and result["episodes"] == 40
+    assert result["return_mean"] == pytest.approx(
+        sum(r["return_mean"] for r in result["sites"]) / 2)
 
 
 def test_the_report_says_what_the_server_averaged_among_whom():
