@@ -43,7 +43,7 @@ def add(sub: argparse._SubParsersAction) -> None:
                   "a simulator token, a worker token and a server key. Hand each host its "
                   "own folder.")
     add_env(s, default="speaker_listener")
-    add_sites(s)
+    add_sites(s, federated=True)
     s.add_argument("--out", type=Path, required=True)
     s.add_argument("--superlink-host", action="append", default=[], metavar="NAME",
                    help="a name or IP agents reach the SuperLink by (repeatable)")
@@ -69,7 +69,7 @@ def add(sub: argparse._SubParsersAction) -> None:
                   "deploy secrets --out secrets` runs: the Compose file finds the secrets and "
                   "the build context there.")
     add_env(m, default="speaker_listener")
-    add_sites(m)
+    add_sites(m, federated=True)
     m.add_argument("--out", type=Path, required=True, metavar="DIR",
                    help="the folder to write them in (its compose/ and k8s/)")
     m.set_defaults(func=run_manifests)

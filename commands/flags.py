@@ -305,11 +305,15 @@ FEDERATION_FLAGS = (
           help="send every part of the shared module, each part only among the agents that "
           "use it, only the encoder among the senders (receivers keep theirs), each part "
           "among the agents of one type that use it (role: each type its own copy, sensors "
-          "with sensors across sites), or none (every agent keeps its own copy)"),
+          "with sensors across sites), or none (nothing leaves an agent: every agent keeps "
+          "its own copy)"),
     _switch("--aggregate-private", "aggregate_private", True,
             "also average each type's private networks among its agents (with --share "
-            "senders, the senders' only: their whole models); a network sent trains under "
-            "DP-SGD in a private run"),
+            "senders, the senders' only: their whole models; --share none: none); a network "
+            "sent trains under DP-SGD in a private run"),
+    _switch("--no-aggregate-private", "aggregate_private", False,
+            "average no agent's private networks: only the parts of the shared module --share "
+            "names leave an agent"),
     _flag("--on-agent-failure", path="on_agent_failure", choices=["stop", "continue"],
           help="a round with a failed agent stops the run, or the round goes on without it"),
     _flag("--round-timeout", path="round_timeout", accepts=POSITIVE, metavar="SECONDS",

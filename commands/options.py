@@ -35,7 +35,7 @@ from fedcomm.commands.flags import (
     FlagError,
     key_value,
 )
-from fedcomm.commands.sites import add_sites, site_flags
+from fedcomm.commands.sites import SITE_FLAGS, add_sites, preset_sites, site_flags
 from fedcomm.config import FederationConfig, TrainConfig
 
 
@@ -131,7 +131,7 @@ def add_training(p: argparse.ArgumentParser, default_env: str = "factory",
     """The options of a training run, centralized or federated (whose help shows the
     federated presets' defaults)."""
     add_env(p, default_env)
-    add_sites(p)
+    add_sites(p, federated)
     p.add_argument("--out", type=Path, metavar="RUN_DIR",
                    help="run directory (default: runs/<env>-<time>)")
     p.add_argument("--preset", choices=["auto", "cpu", "gpu"], default="auto",
@@ -252,7 +252,7 @@ def _applied(base: Any, values: dict[str, Any], root: str) -> Any:
 def _with_flags(args: argparse.Namespace, base: TrainConfig) -> TrainConfig:
     values = given(args, TRAIN)
     _refuse_both(values, FLAG_NAMES)
-    if args.env_opt or getattr(args, "sites", None) or getattr(args, "site_opt", None):
+    if args.env_opt or any(getattr(args, name, None) for name in SITE_FLAGS):
         base = replace(base, env_kwargs={**base.env_kwargs, **env_options(args)})
     cfg = _applied(base, values, TRAIN)
     _refuse_under_budget(values, cfg)
@@ -394,7 +394,8 @@ def check_env(args: argparse.Namespace) -> None:
 
 
 def env_options(args: argparse.Namespace) -> dict[str, Any]:
-    """``--env-opt`` as ``--env`` takes them; refused naming the flag and what to type."""
+    """``--env-opt`` as ``--env`` takes them, and the site flags; refused naming the flag and
+    what to type."""
     from fedcomm.sim.registry import check_env_options, env_class
 
     try:
@@ -405,7 +406,7 @@ def env_options(args: argparse.Namespace) -> dict[str, Any]:
         options = check_env_options(args.env, dict(args.env_opt))
     except ValueError as e:
         raise FlagError("--env-opt", str(e)) from None
-    return {**options, **site_flags(args)}
+    return {**options, **site_flags(args, preset_sites(args))}
 
 
 def env_spec_of(args: argparse.Namespace) -> Any:

@@ -10,13 +10,18 @@ from typing import Any
 
 from fedcomm.commands.flags import TRAIN, FlagError, key_value
 
+SITE_FLAGS = ("sites", "site_opt", "site_dist")  # the flags that set a run's sites
 
-def add_sites(p: argparse.ArgumentParser) -> None:
-    """``--sites`` and ``--site-opt``: copies of the environment, each its own agents."""
+
+def add_sites(p: argparse.ArgumentParser, federated: bool = False) -> None:
+    """``--sites`` and ``--site-opt``: copies of the environment, each its own agents; a
+    ``federated`` command's default is its federated preset's (``preset_sites``)."""
     p.add_argument("--sites", type=int, metavar="N",
                    help="run N copies of the environment as sites, each its own agents "
                    "(ids s0.speaker_0, ...) and episodes; vectors stay within a site, "
-                   "--env-steps count per site (default: 1)")
+                   "--env-steps count per site "
+                   f"({_sites_default_text() if federated else 'default: 1'})")
+    p.set_defaults(federated_sites=federated)
     p.add_argument("--site-opt", type=site_key_value, action="append", default=[],
                    metavar="S/KEY=VALUE",
                    help="an environment option of site S only, over --env-opt (repeatable; "
@@ -27,6 +32,34 @@ def add_sites(p: argparse.ArgumentParser) -> None:
                    "the run's seed; the drawn values are in config.json")
 
 
+def preset_sites(args: argparse.Namespace) -> int:
+    """The sites a run of ``args`` has without ``--sites``: its federated preset's (private
+    unless ``--non-private``) for a federated command, else 1."""
+    if not getattr(args, "federated_sites", False):
+        return 1
+    from fedcomm.presets import PRIVATE_FEDERATED, federation_preset
+    from fedcomm.sim.registry import SITES
+
+    private = not getattr(args, "non_private", False) and args.env in PRIVATE_FEDERATED
+    return int(federation_preset(args.env, private=private).train.env_kwargs.get(SITES, 1))
+
+
+def _sites_default_text() -> str:
+    """``default: 2 for speaker_listener, 1 with --non-private and for ...``, read from the
+    presets."""
+    from fedcomm.presets import PRESET_ENVIRONMENTS, PRIVATE_FEDERATED, federation_preset
+    from fedcomm.sim.registry import SITES
+
+    many = {env: federation_preset(env, private=True).train.env_kwargs.get(SITES, 1)
+            for env in PRIVATE_FEDERATED}
+    many = {env: n for env, n in many.items() if n != 1}
+    if not many:
+        return "default: 1"
+    others = [env for env in PRESET_ENVIRONMENTS if env not in many]
+    return ("default: " + ", ".join(f"{n} for {env}" for env, n in many.items())
+            + f", 1 with --non-private and for {', '.join(others)}")
+
+
 def site_key_value(text: str) -> tuple[int, str, object]:
     site, sep, rest = text.partition("/")
     if not sep or not site.isdigit():
@@ -34,8 +67,9 @@ def site_key_value(text: str) -> tuple[int, str, object]:
     return (int(site), *key_value(rest))
 
 
-def site_flags(args: argparse.Namespace) -> dict[str, Any]:
-    """``--sites`` and ``--site-opt`` as environment options (``sim.registry.SITES``)."""
+def site_flags(args: argparse.Namespace, default: int = 1) -> dict[str, Any]:
+    """``--sites`` and ``--site-opt`` as environment options (``sim.registry.SITES``);
+    ``default``: the run's sites where ``--sites`` is not given (its preset's)."""
     from fedcomm.sim.registry import SITE_OPTIONS, SITES, check_env_options
 
     sites, site_opt = getattr(args, "sites", None), getattr(args, "site_opt", None) or []
@@ -44,7 +78,7 @@ def site_flags(args: argparse.Namespace) -> dict[str, Any]:
         return {}
     if sites is not None and not 1 <= sites <= 4096:
         raise FlagError("--sites", f"{sites}: expected an integer from 1 to 4096")
-    sites = sites or 1
+    sites = default if sites is None else sites
     per_site: list[dict[str, Any]] = drawn_sites(args, sites, dist)
     for site, key, value in site_opt:
         if site >= sites:

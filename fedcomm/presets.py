@@ -14,6 +14,7 @@ from dataclasses import replace
 from typing import Literal
 
 from fedcomm.config import FederationConfig, PPOConfig, TeamConfig, TrainConfig
+from fedcomm.sim.registry import SITES
 
 Kind = Literal["cpu", "gpu"]
 
@@ -77,18 +78,22 @@ def _private_speaker_listener(fed: FederationConfig) -> FederationConfig:
     releases nothing and shares only what it uses; the ``say`` action, a channel through
     the environment that no mechanism covers, muted. The recall error weighs 10: at 1 the
     code formed early in five runs of six and not in the sixth (15% of the gap at 2M steps),
-    since the code's own policy gradient and entropy outweighed it (BENCHMARKS.md). No part
-    of the shared module has two users, so the server averages nothing and a round's length
-    costs no learning: 16 batches per round pay a deployment's fixed cost per round (Flower's
-    per-message process and polling, about 5 s) half as often as 8."""
+    since the code's own policy gradient and entropy outweighed it (BENCHMARKS.md). Two sites
+    federate: the speakers' whole models, already under DP-SGD, are averaged
+    across the sites, so every site's listener learns one code (cross-play), while each
+    listener keeps its own networks and releases nothing. 16 batches per round pay a
+    deployment's fixed cost per round (Flower's per-message process and polling, about 5 s)
+    half as often as 8."""
     t = fed.train
-    return replace(fed, share="used", batches_per_round=16, train=replace(
-        t, env_steps=2_000_000, env_kwargs={**t.env_kwargs, "say": False},
+    train = replace(
+        t, env_steps=2_000_000, env_kwargs={**t.env_kwargs, "say": False, SITES: 2},
         team=replace(t.team, channel="discrete", symbols=4, release_every=25, accumulate=True,
                      routes="speaker>listener", feedback=False, recall=True),
         ppo=replace(t.ppo, recall_coef=10.0),
         privacy=replace(t.privacy, epsilon=8.0, update_statistics=True,
-                        update_shared_share=0.5, update_value_share=0.3)))
+                        update_shared_share=0.5, update_value_share=0.3))
+    return replace(fed, share="senders", aggregate_private=True, batches_per_round=16,
+                   train=train)
 
 
 # The private federated runs: where an environment has one, it is the federated default

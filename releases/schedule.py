@@ -240,8 +240,8 @@ def averages_private(spec: EnvSpec, share: str, aggregate_private: bool, routes:
     """Whether agent ``index`` sends the server its type's private networks: with
     ``aggregate_private`` every agent does, except with ``share="senders"``, where only the
     senders that share their encoder do (a sender's whole model is averaged, and a receiver
-    still releases no network)."""
-    if not aggregate_private:
+    still releases no network), and with ``share="none"``, where none does."""
+    if not aggregate_private or share == "none":
         return False
     return share != "senders" or bool(shared_parts(spec, share, routes, index))
 

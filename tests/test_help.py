@@ -119,8 +119,11 @@ def test_the_help_states_each_presets_default(command: str, root: str, flag: Fla
 
 def test_the_defaults_the_issue_names_are_the_ones_each_preset_uses() -> None:
     simulate, train = helps("fedcomm simulate"), helps("fedcomm train")
-    assert ("default: used for speaker_listener, all with --non-private; none for factory and "
-            "platoon; all for mpe2:<name>") in simulate["--share"]
+    assert ("default: senders for speaker_listener, all with --non-private; none for factory "
+            "and platoon; all for mpe2:<name>") in simulate["--share"]
+    assert ("default: 2 for speaker_listener, 1 with --non-private and for factory, platoon, "
+            "mpe2:<name>") in simulate["--sites"]
+    assert "(default: 1)" in train["--sites"]
     assert ("default: discrete for speaker_listener, gaussian with --non-private; gaussian for "
             "factory, platoon and mpe2:<name>") in simulate["--channel"]
     assert "default: 10 for speaker_listener, 1 with --non-private" in simulate["--recall-coef"]

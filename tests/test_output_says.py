@@ -130,14 +130,18 @@ def test_the_result_table_shows_the_episodes_each_row_was_evaluated_on(said):
 # 3. the learning curve's title: channel, aggregation, privacy
 
 
-def test_the_curve_title_of_the_private_default_names_its_channel_and_no_aggregation():
+def test_the_curve_title_of_the_private_default_names_its_channel_and_aggregation():
     fed = fed_of()
     title = curve_title("speaker_listener", "federated", fed.train.team, PRIVATE,
                         server_text(fed))
     assert "4 codewords under randomized response, epsilon 5.33" in title
     assert "codeword kept w.p. 0.99" in title
-    assert "server aggregates nothing" in title and "DP at composed epsilon 8" in title
-    assert "sigma" not in title and "fedavg" not in title
+    assert "DP at composed epsilon 8" in title and "sigma" not in title
+    assert ("server aggregates (fedavg) encoder among 2 speakers; the private networks of 2 "
+            "speakers") in title
+    one = curve_title("speaker_listener", "federated", fed.train.team, PRIVATE,
+                      server_text(fed_of("--sites", "1")))
+    assert "server aggregates nothing" in one and "fedavg" not in one
 
 
 def test_the_curve_title_of_the_non_private_run_names_its_gaussian_channel_and_fedavg():
@@ -293,16 +297,19 @@ def test_a_small_private_simulation_says_what_it_did(tmp_path):
                       "--batches-per-round", "2", "--eval-episodes", "24", "--hidden", "16",
                       "--quiet", "--out", str(out))
     assert "2 rounds of 2 episode batches per agent, the last of 1 (1,200 env steps)" in log
-    assert "server aggregates nothing" in log
     done = json.loads((out / "summary.json").read_text())
+    aggregated = ("server aggregates (fedavg) encoder among 2 speakers; the private networks "
+                  "of 2 speakers (each type's among its own)")
+    assert done["aggregated"] == aggregated
     # the agents evaluate whole batches of 16 episodes, the scripted teams exactly 24
     assert row(log, "trained")[-1] == str(done["final"]["episodes"]) == "32"
     assert row(log, "DP ceiling")[-1] == str(done["baselines"]["ceiling"]["episodes"]) == "24"
     title = Image.open(out / "learning_curve.png").text["Title"]
-    assert "randomized response" in title and "server aggregates nothing" in title
+    assert "randomized response" in title and aggregated in title
     assert "DP at composed epsilon" in title
     page = (out / "privacy_report.html").read_text()
-    assert "Agent listener_0 released nothing" in page
-    assert page.count("data:image/png;base64,") == 1
+    assert "Agent s0.listener_0 released nothing" in page
+    assert "Agent s1.listener_0 released nothing" in page
+    assert page.count("data:image/png;base64,") == 2  # the two speakers' charts
     audit = run_command("audit", str(out), "--empirical")
     assert "99.9% lower bound" in audit and "100%" not in audit

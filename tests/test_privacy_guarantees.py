@@ -121,17 +121,21 @@ def test_the_private_default_covers_every_release_within_8_per_episode(tmp_path,
     config = json.loads((out / "config.json").read_text())
     team, privacy = config["train"]["team"], config["train"]["privacy"]
     assert (team["channel"], team["feedback"], team["recall"]) == ("discrete", False, True)
-    assert config["train"]["ppo"]["recall_coef"] == 10.0 and config["share"] == "used"
+    assert config["train"]["ppo"]["recall_coef"] == 10.0
+    assert (config["share"], config["aggregate_private"]) == ("senders", True)
     assert config["train"]["env_kwargs"]["say"] is False  # no release outside the mechanisms
+    assert config["train"]["env_kwargs"]["sites"] == 2
     assert privacy["epsilon"] == 8.0 and set(privacy["split"]) == {"message", "update"}
     report = json.loads((out / "privacy_report.json").read_text())
     assert report["run"]["composition"] == "batch"
-    for agent in AGENTS:
-        composed = report["agents"][agent]["composed"]
-        assert float(composed["epsilon"]) <= 8.0 and composed["within_budget"]
-    rr = [e for e in messages(out, "speaker_0")]
-    assert rr and all(e["kind"] == "randomized_response" for e in rr)
-    assert not messages(out, "listener_0")  # the listener releases no vector
+    for site in ("s0", "s1"):  # the speakers' whole models averaged, under DP-SGD
+        for agent in (f"{site}.{a}" for a in AGENTS):
+            composed = report["agents"][agent]["composed"]
+            assert float(composed["epsilon"]) <= 8.0 and composed["within_budget"]
+        rr = [e for e in messages(out, f"{site}.speaker_0")]
+        assert rr and all(e["kind"] == "randomized_response" for e in rr)
+        assert not messages(out, f"{site}.listener_0")  # the listener releases no vector
+        assert float(report["agents"][f"{site}.listener_0"]["composed"]["epsilon"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["privacy"]["composed"] <= 8.0 and summary["privacy"]["budget"] == 8.0
     assert "ceiling" in summary["baselines"] and summary["of_ceiling"] is not None

@@ -79,9 +79,16 @@ def test_a_speaker_reaches_only_its_own_listener_and_shares_the_encoder_across_s
     assert shared_parts(fed.spec, "used", routes, 0) == ("encoder",)
     assert "decoder" in shared_parts(fed.spec, "used", routes, 4)
     assert shared_parts(fed.spec, "none", routes, 0) == ()
+    assert server_text(fed) == ("server aggregates (fedavg) encoder among 4 speakers; the "
+                                "private networks of 4 speakers (each type's among its own)")
+    fed.share = "used"
     assert server_text(fed) == ("server aggregates (fedavg) encoder among 4 speakers; "
-                                "gate_state, gate_message, decoder, graph among 4 listeners")
+                                "gate_state, gate_message, decoder, graph among 4 listeners; the "
+                                "private networks of all 8 agents (each type's among its own)")
+    fed.share = "none"  # none leaves any agent, its private networks included
+    assert server_text(fed) == "server aggregates nothing"
     one = federation_preset("speaker_listener", private=True)
+    one.train.env_kwargs = {**one.train.env_kwargs, "sites": 1}
     assert server_text(one) == "server aggregates nothing"
 
 
@@ -265,33 +272,46 @@ def test_senders_with_private_networks_average_the_speakers_whole_models_only():
 
 
 @pytest.mark.integration
-def test_the_private_default_with_two_sites_averages_each_role_and_stays_within_budget(tmp_path):
-    """``fedcomm simulate --sites 2`` end to end: the speakers' encoders and the listeners'
-    receiving parts are averaged across the sites (the checkpoint's module is the round's
-    average, not the initial one), every agent's composed epsilon holds and ``fedcomm audit``
-    verifies it, and each site's team is kept for cross-play."""
+def test_the_private_default_averages_the_speakers_across_two_sites_within_budget(tmp_path):
+    """``fedcomm simulate`` end to end, its default of two sites: the speakers' encoders and
+    private networks are averaged (the checkpoint's module is the round's average, not the
+    initial one) and every site's team plays that one speaker; each listener keeps its own
+    networks and releases nothing; every agent's composed epsilon holds and ``fedcomm audit``
+    verifies it; cross-play and ``fedcomm eval`` play each site's team."""
     import numpy as np
 
+    from fedcomm.models.team import load_team
     from fedcomm.server.checkpoint import load_checkpoint
     from fedcomm.server.layout import initial_arrays
     from tests.harness.processes import simulate
 
     out = tmp_path / "run"
-    proc = simulate("--sites", "2", "--num-envs", "8", "--batches-per-round", "2",
-                    "--env-steps", str(2 * 8 * 25), "--eval-episodes", "16", "--quiet",
-                    "--out", str(out))
+    proc = simulate("--num-envs", "8", "--batches-per-round", "2", "--env-steps",
+                    str(2 * 8 * 25), "--eval-episodes", "16", "--quiet", "--out", str(out))
     text, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, text
-    assert "encoder among 2 speakers" in text
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["aggregated"] == ("server aggregates (fedavg) encoder among 2 speakers; the "
+                                     "private networks of 2 speakers (each type's among its "
+                                     "own)")
     fed = FederationConfig.from_json((out / "config.json").read_text())
+    assert fed.spec.sites == 2
     first, last = initial_arrays(fed), load_checkpoint(out).arrays
-    for key in ("comm.encoder.0.weight", "comm.decoder.weight"):
-        assert not np.allclose(np.asarray(first[key]), last[key]), key
+    assert not any(k.startswith("type.listener") for k in last)
+    assert np.array_equal(np.asarray(first["comm.decoder.weight"]), last["comm.decoder.weight"])
+    for key in ("comm.encoder.0.weight", "type.speaker.policy.0.weight"):
+        assert key in last and not np.allclose(np.asarray(first[key]), last[key]), key
+    teams = [load_team(out / "sites" / f"s{k}.pt") for k in range(2)]
+    speakers = [t.agent_state(0) for t in teams]
+    listeners = [t.agent_state(1) for t in teams]
+    assert all(torch.equal(speakers[0][k], speakers[1][k]) for k in speakers[0])
+    assert not all(torch.equal(listeners[0][k], listeners[1][k]) for k in listeners[0])
     report = json.loads((out / "privacy_report.json").read_text())
     assert set(report["agents"]) == set(fed.spec.agent_ids)
     for agent in report["agents"].values():
         assert agent["composed"]["epsilon"] <= 8.0 + 1e-6
-    assert report["agents"]["s1.listener_0"]["composed"]["epsilon"] > 0  # its decoder left
+    assert report["agents"]["s1.listener_0"]["composed"]["epsilon"] == 0  # nothing left it
+    assert report["agents"]["s1.speaker_0"]["composed"]["epsilon"] > 0
     audit = subprocess.run([sys.executable, "-m", "fedcomm", "audit", str(out)],
                            capture_output=True, text=True)
     assert audit.returncode == 0 and "verified" in audit.stdout + audit.stderr, audit.stderr
@@ -299,36 +319,7 @@ def test_the_private_default_with_two_sites_averages_each_role_and_stays_within_
                            "--episodes", "20", "--json"], capture_output=True, text=True)
     assert play.returncode == 0, play.stderr
     matrix = json.loads(play.stdout.strip().splitlines()[-1])["gap_closed"]
-    assert len(matrix) == 2 and all(len(row) == 2 for row in matrix)
-
-
-@pytest.mark.integration
-def test_averaged_speakers_play_as_one_in_every_site_and_listeners_release_nothing(tmp_path):
-    """``--share senders --aggregate-private`` end to end: every site's team plays the round's
-    averaged speaker (its whole model the same in every site), each listener keeps its own
-    networks and releases nothing, and ``fedcomm audit`` verifies the run."""
-    from fedcomm.models.team import load_team
-    from tests.harness.processes import simulate
-
-    out = tmp_path / "run"
-    proc = simulate("--sites", "2", "--num-envs", "8", "--batches-per-round", "2",
-                    "--env-steps", str(2 * 8 * 25), "--eval-episodes", "16", "--quiet",
-                    "--share", "senders", "--aggregate-private", "--out", str(out))
-    text, _ = proc.communicate(timeout=600)
-    assert proc.returncode == 0, text
-    summary = json.loads((out / "summary.json").read_text())
-    assert "the private networks of 2 speakers" in summary["aggregated"]
-    teams = [load_team(out / "sites" / f"s{k}.pt") for k in range(2)]
-    speakers = [t.agent_state(0) for t in teams]
-    listeners = [t.agent_state(1) for t in teams]
-    assert all(torch.equal(speakers[0][k], speakers[1][k]) for k in speakers[0])
-    assert not all(torch.equal(listeners[0][k], listeners[1][k]) for k in listeners[0])
-    report = json.loads((out / "privacy_report.json").read_text())
-    assert report["agents"]["s1.listener_0"]["composed"]["epsilon"] == 0
-    assert 0 < report["agents"]["s1.speaker_0"]["composed"]["epsilon"] <= 8.0 + 1e-6
-    audit = subprocess.run([sys.executable, "-m", "fedcomm", "audit", str(out)],
-                           capture_output=True, text=True)
-    assert audit.returncode == 0 and "verified" in audit.stdout + audit.stderr, audit.stderr
+    assert len(matrix) == 2 and matrix[0] == matrix[1]  # one speaker: every row the same
     played = subprocess.run([sys.executable, "-m", "fedcomm", "eval", str(out), "--episodes",
                              "20", "--json"], capture_output=True, text=True)
     assert played.returncode == 0, played.stderr  # no one team: each site's team plays

@@ -99,10 +99,11 @@ B = 64
 
 def private_default(*flags: str) -> FederationConfig:
     """``fedcomm simulate``'s private default with ``flags``, scaled to ``B`` environments and
-    two batches in two rounds."""
+    two batches in two rounds, of one site: one speaker and one listener, what each peer
+    sees of its own site (``tests/test_sites.py`` runs the default's sites)."""
     return federation_config_from_args(build_parser().parse_args([
-        "simulate", "--num-envs", str(B), "--env-steps", str(2 * B * 25), "--eval-episodes",
-        str(B), "--batches-per-round", "1", *flags]))
+        "simulate", "--sites", "1", "--num-envs", str(B), "--env-steps", str(2 * B * 25),
+        "--eval-episodes", str(B), "--batches-per-round", "1", *flags]))
 
 
 class FederatedRun:
