@@ -246,6 +246,23 @@ def test_role_share_sends_each_type_its_own_copy():
                                        "shared module among its agents: 4 sensors")
 
 
+def test_the_default_runs_two_sites_whose_speakers_are_averaged_and_flags_change_it():
+    from fedcomm.commands import build_parser
+    from fedcomm.commands.options import federation_config_from_args
+
+    def fed_of(*flags: str) -> FederationConfig:
+        return federation_config_from_args(build_parser().parse_args(["simulate", *flags]))
+
+    fed = fed_of()
+    assert (fed.spec.sites, fed.share, fed.aggregate_private) == (2, "senders", True)
+    assert server_text(fed_of("--no-aggregate-private")) == ("server aggregates (fedavg) "
+                                                             "encoder among 2 speakers")
+    assert server_text(fed_of("--share", "none")) == "server aggregates nothing"
+    assert fed_of("--site-opt", "1/goal_weights=1,0,0").spec.sites == 2  # the default's sites
+    assert fed_of("--sites", "1").spec.sites == 1
+    assert fed_of("--non-private").spec.sites == 1
+
+
 def test_senders_with_private_networks_average_the_speakers_whole_models_only():
     """``--share senders --aggregate-private``: each speaker sends its encoder and its private
     networks, a listener sends nothing (so it releases no network and trains without DP-SGD)."""
