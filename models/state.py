@@ -100,6 +100,15 @@ class TeamState:
                 param.copy_(state[f"{head}.{path}"])
 
     @torch.no_grad()
+    def load_type_state_of(self, agent: int, state: dict[str, Tensor]) -> None:
+        """Load what ``type_state`` names (a one-agent party of ``agent``'s type, or its
+        type's average) into ``agent``'s slot; entries it lacks keep their values."""
+        pos, row = self._slot(agent)
+        for head, p, path, param in self._private_params():
+            if p == pos and f"{head}.{path}" in state:
+                param[row].copy_(state[f"{head}.{path}"][0])
+
+    @torch.no_grad()
     def subteam(self, agents: Sequence[int]) -> TeamState:
         """A team of some of this team's agents, with their weights and the shared module."""
         sub = type(self)(self.spec, self.cfg, agents).to(self.local_index.device)

@@ -77,10 +77,9 @@ def assemble_team(run_dir: Path, fed: FederationConfig, site: int | None = None)
         if saved is None:
             raise FileNotFoundError(f"no private state of {agent} in {run_dir}/agents")
         team.load_agent_state(local, saved.state["team"])  # the agent's own one-agent team's
-        averaged = type_part(arrays, fed.spec.types[fed.spec.type_of_agent[i]].name)
-        if averaged:  # its type's networks were averaged: the round's average, as it plays
-            team.load_agent_state(local, {f"{head}.0.{path}": v for k, v in averaged.items()
-                                          for head, _, path in [k.partition(".")]})
+        # where its type's networks were averaged, the round's average, as it plays
+        team.load_type_state_of(local, type_part(arrays, fed.spec.types[
+            fed.spec.type_of_agent[i]].name))
         # the parts of the shared module only this agent used are its own copy's
         shared = shared_parts(fed.spec, fed.share, routes, i)
         if fed.share == "role":  # the parts it shares are its type's copy's

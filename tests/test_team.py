@@ -427,3 +427,20 @@ def test_the_recall_error_is_each_episodes_own_and_makes_a_new_code_informative(
         loss.backward()
         optimizer.step()
     assert before < 0.05 and information() > 0.6  # nats; log 3 = 1.10 at most
+
+
+def test_a_types_networks_load_into_one_agents_slot_of_a_whole_team():
+    """What a one-agent party of a type sends (``type_state``), or its type's average, loads
+    into that agent's slot of a team holding several agents, and into no other slot."""
+    spec = factory_spec()
+    team = Team(spec, TeamConfig())
+    actuators = [i for i, k in enumerate(spec.type_of_agent)
+                 if spec.types[k].name == "actuator"]
+    party = team.subteam([actuators[1]])
+    sent = {k: torch.full_like(v, 0.5) for k, v in party.type_state().items()}
+    before = {a: team.agent_state(a) for a in actuators}
+    team.load_type_state_of(actuators[1], sent)
+    got = team.agent_state(actuators[1])
+    assert all(torch.equal(got[k], torch.full_like(got[k], 0.5)) for k in got)
+    for a in (actuators[0], actuators[2]):
+        assert all(torch.equal(team.agent_state(a)[k], before[a][k]) for k in before[a])
