@@ -105,7 +105,10 @@ class FederatedAgent:
         self.index = self.spec.agent_ids.index(node.agent_id)
         self.device = resolve_device(node.device or fed.train.device)
         train = fed.train
-        team = Team.initial(self.spec, train.team, train.seed, [self.index]).to(self.device)
+        # its slot of the run's initial team, in its own site: what it computes grows with its
+        # site, not with the run
+        team = Team.initial(self.spec, train.team, train.seed, [self.index]).in_own_site()
+        team = team.to(self.device)
         routes = initial_routes(train)  # what the agent may release decides how it trains
         self.parts = shared_parts(self.spec, fed.share, routes, self.index)
         # Sharing only what is used, no agent's graph decides the routes: they stay the

@@ -3,7 +3,8 @@
 ``train`` messages carry the global shared module and the round's configuration; the agent
 checks the configuration against its own privacy policy, trains its round's episode batches
 through the simulator and replies with its copy of the shared module, metrics and its signed
-proof (``protocol.signing``). ``evaluate`` messages run greedy episodes.
+proof (``protocol.signing``). ``evaluate`` messages run greedy episodes; ``query`` messages ask
+which agent the node runs (for the server's waves, ``server.waves``).
 A failure is answered with one line saying what happened instead of a traceback, and the
 server decides whether the run goes on.
 
@@ -19,8 +20,9 @@ from __future__ import annotations
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from fedcomm.clients.host import AgentHost, failure_reason
+from fedcomm.clients.host import AgentHost, agent_of_node, failure_reason
 from fedcomm.clients.messages import error_reply, process_age
+from fedcomm.protocol.round import identity_reply
 from fedcomm.protocol.signing import seal
 
 _handled_a_message = False
@@ -61,6 +63,18 @@ def make_client_app(defaults: dict | None = None) -> ClientApp:
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
         return answer(msg, context, "evaluate")
+
+    @app.query()
+    def query(msg: Message, context: Context) -> Message:
+        """Which agent this node runs (``protocol.round.identity_query``), signed."""
+        settings = {**defaults, **dict(context.node_config)}
+        try:
+            content = identity_reply(agent_of_node(msg.content, settings))
+            seal(content, msg.metadata.message_id, settings)
+        except Exception as e:
+            return error_reply(msg, failure_reason(msg.content, settings, e,
+                                                   f"node {context.node_id}"))
+        return Message(content, reply_to=msg)
 
     return app
 

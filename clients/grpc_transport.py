@@ -75,6 +75,8 @@ class GrpcTransport(Transport):
                  device: str | torch.device = "cpu") -> None:
         if agent_id not in spec.agent_ids:
             raise ValueError(f"no agent {agent_id!r} in {spec.name}")
+        # the simulator steps each site on its own, its agents numbered within it
+        spec = spec.site(spec.site_of_agent[spec.agent_ids.index(agent_id)])
         options = message_options(max_message_bytes) + RECONNECT_OPTIONS
         self.channel = (grpc.secure_channel(target, tls.credentials(), options) if tls
                         else grpc.insecure_channel(target, options))

@@ -149,6 +149,12 @@ class AgentHost:
         self._held.clear()
 
 
+def agent_of_node(content: RecordDict, settings: dict) -> str:
+    """The agent a node's settings name in the run ``content``'s configuration holds."""
+    fed = FederationConfig.from_json(str(_config(content)["config"]))
+    return AgentNode.from_settings(settings, fed.spec).agent_id
+
+
 def failure_reason(content: RecordDict, settings: dict, e: Exception, node: str) -> str:
     """One line for the server: which agent failed, what happened."""
     return failure_line(_who(content, settings, node), e,

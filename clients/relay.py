@@ -21,7 +21,7 @@ from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedcomm.clients.messages import error_reply, process_age
-from fedcomm.protocol.round import CONFIG
+from fedcomm.protocol.round import CONFIG, identity_reply
 from fedcomm.protocol.signing import seal
 from fedcomm.protocol.worker import (
     WORKER_SOCKET,
@@ -96,3 +96,16 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     return relay(msg, context, "evaluate")
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Which agent this node runs: the node config's ``agent-id``, signed with its key."""
+    settings = {str(k): str(v) for k, v in context.node_config.items()}
+    if "agent-id" not in settings:
+        return error_reply(msg, f"node {context.node_id}: the node config names no agent-id")
+    try:
+        content = identity_reply(settings["agent-id"])
+        return Message(seal(content, msg.metadata.message_id, settings), reply_to=msg)
+    except ValueError as e:
+        return error_reply(msg, f"{settings['agent-id']}: {e}")

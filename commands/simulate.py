@@ -20,6 +20,13 @@ def add(sub: argparse._SubParsersAction) -> None:
                    help="each agent's own privacy policy: the largest epsilon per unit it "
                    "accepts from the server (default: what the run promises; inf accepts any "
                    "run and sends metrics in the clear)")
+    p.add_argument("--actors", type=int, metavar="N",
+                   help="agents that run at once (Flower's pool of actors, about 0.5 GB each); "
+                   "rounds go out in waves of whole sites that fit (default: as many as "
+                   "Flower's engine runs at once here, CPU count + 4, at most 32)")
+    p.add_argument("--ray-address", metavar="ADDR",
+                   help="attach to this Ray cluster instead of starting one (auto: the one "
+                   "`ray start --head` started here; docs/deployment.md)")
     p.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
     p.set_defaults(func=run)
 
@@ -35,6 +42,6 @@ def run(args: argparse.Namespace) -> int:
         if args.agent_max_epsilon is not None:
             policy = replace(policy, max_epsilon=args.agent_max_epsilon)
         return simulate(fed, out, progress=not args.quiet, verbose=args.verbose, policy=policy,
-                        plan=plan)
+                        plan=plan, actors=args.actors, ray_address=args.ray_address)
 
     return run_federated(args, "simulate", start)

@@ -17,10 +17,14 @@ def progress_bar(enabled: bool, console: Console | None = None, unit: str = "") 
 
 def status(row: dict) -> str:
     """A metrics row in a few words: the training return, and the evaluation's if there is one
-    (neither where private agents keep them)."""
+    (neither where private agents keep them); in waves, how many, and the slowest site."""
     parts = []
     if "return_mean" in row:
         parts.append(f"return {row['return_mean']:.2f}")
     if "eval_return" in row:
         parts.append(f"eval {row['eval_return']:.2f}")
+    if row.get("waves", 1) > 1:
+        parts.append(f"{row['waves']} waves")
+    if "slowest_site" in row:
+        parts.append(f"slowest site {row['slowest_site']} {row['slowest_site_s']:.0f} s")
     return " | ".join(parts)

@@ -12,6 +12,7 @@ the router delivers to it, then policy logits and a value from features and cont
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -31,6 +32,8 @@ from fedcomm.sim.router import delivery_mask, priority, sites_of
 
 TEAM_FILE = "team.pt"  # a run directory's trained team
 _GLOBAL_RNG = threading.Lock()  # initialisers draw from torch's process-wide generator
+
+_last_initial: tuple[str, Team] | None = None  # Team.initial's last whole team, by its key
 
 Memory = tuple[Tensor, Tensor]  # with ``accumulate``: delivered sums and counts so far
 
@@ -112,10 +115,36 @@ class Team(TeamState, nn.Module):
                 agents: Sequence[int] | None = None) -> Team:
         """A run's initial team for ``seed`` (or its ``agents``' part): the same weights for
         the server, every agent and the centralized trainer."""
+        global _last_initial
+        key = json.dumps([spec.to_dict(), asdict(cfg), seed, cls.__qualname__], sort_keys=True)
         with _GLOBAL_RNG, torch.random.fork_rng():  # a subteam draws initial weights too
-            torch.manual_seed(seed)
-            team = cls(spec, cfg)
-            return team if agents is None else team.subteam(agents)
+            if agents is None or _last_initial is None or _last_initial[0] != key:
+                torch.manual_seed(seed)
+                team = cls(spec, cfg)
+                if agents is None:
+                    return team
+                # kept: a process that builds many agents' parts (a simulation's actor
+                # serving agent after agent) builds the whole team once
+                _last_initial = key, team
+            return _last_initial[1].subteam(agents)
+
+    def in_own_site(self) -> Team:
+        """This team of agents of one site as a team of that site alone (``EnvSpec.site``): the
+        same networks, the agents numbered within their site. Vectors never leave a site, so it
+        computes the same, and what it hears grows with its site, not with the run. A team of
+        a run without sites is itself."""
+        if self.spec.sites == 1:
+            return self
+        sites = {self.spec.site_of_agent[i] for i in self.agents}
+        if len(sites) != 1:
+            raise ValueError(f"a team in its own site holds agents of one site, got {sites}")
+        site = sites.pop()
+        members = self.spec.site_members(site)
+        with _GLOBAL_RNG, torch.random.fork_rng():  # its initial weights are replaced
+            team = type(self)(self.spec.site(site), self.cfg, [members.index(i)
+                                                                for i in self.agents])
+        team.load_state_dict(self.state_dict())
+        return team.to(self.local_index.device)
 
     @property
     def n_local(self) -> int:

@@ -1,8 +1,11 @@
 """``fedcomm simulate``: the whole federated system on one machine.
 
 The simulator runs as its own process on loopback (``fedcomm sim serve``), the ServerApp and
-one ClientApp per agent run on Flower's simulation engine (Ray), every agent in its own actor
-and all of them at once, since the joint environment steps only when every agent acts.
+one ClientApp per agent run on Flower's simulation engine (Ray). Agents are virtual clients: a
+pool of actors (``actor_pool``: as many as Flower's engine runs at once, whole sites) serves
+them all, each agent's state on disk between its messages; a site's agents step together, so
+the ServerApp sends each round's messages in waves of whole sites that fit the pool
+(``server.waves``). Memory and processes grow with the pool, not with the agents.
 Everything started here is stopped here, on success, failure and Ctrl-C.
 
 Every party's state is on this machine in a simulation, so afterwards the run directory also
@@ -56,25 +59,48 @@ from fedcomm.releases.schedule import (
 from fedcomm.rundir import RunDir
 from fedcomm.server.checkpoint import load_checkpoint
 from fedcomm.server.federation import FederationError, round_medians
+from fedcomm.sim.base import EnvSpec
 from fedcomm.sim.registry import make_env
 from fedcomm.summary import RunResult
 
 
-@contextlib.contextmanager
-def all_agents_at_once(n: int) -> Iterator[None]:
-    """Let Flower's simulation engine run ``n`` ClientApps at once: the one adapter to
-    Flower's internals, checked against flwr 1.41 and 1.42 (the versions pyproject admits).
+def engine_threads() -> int:
+    """ClientApps Flower's simulation engine runs at once: its message workers share a thread
+    pool of Python's default size, ``min(32, CPU count + 4)``
+    (``flwr.server.superlink.fleet.vce.vce_api``, flwr 1.41 and 1.42)."""
+    cpus = getattr(os, "process_cpu_count", os.cpu_count)() or 1
+    return min(32, cpus + 4)
 
-    The engine hands messages to its actors from a thread pool it sizes by the CPU count
-    (``cpu_count + 4`` threads, ``flwr.server.superlink.fleet.vce.vce_api``) and offers no
-    setting for it, so on a small machine a larger joint environment would wait forever at its
-    barrier for the agents that got no thread. For the run, the pool's class is given a size
-    of at least ``n``.
-    """
+
+def actor_pool(spec: EnvSpec, actors: int | None = None) -> int:
+    """The agents a simulation runs at once, in whole sites: ``actors`` (default: as many as
+    Flower's engine runs at once here, ``engine_threads``), at most every agent, at least one
+    site (``ValueError`` where ``actors`` is fewer: a site's agents step together)."""
+    per_site = spec.n_agents // spec.sites
+    want = engine_threads() if actors is None else actors
+    if want < per_site:
+        if actors is not None:
+            raise ValueError(f"--actors {actors}: a site's {per_site} agents step together; "
+                             f"give at least {per_site}")
+        want = per_site  # more_engine_threads gives the engine room for one site
+    return min(want // per_site * per_site, spec.n_agents)
+
+
+@contextlib.contextmanager
+def more_engine_threads(n: int) -> Iterator[None]:
+    """Let Flower's simulation engine run ``n`` ClientApps at once where that is more than
+    ``engine_threads``: the one adapter to Flower's internals, checked against flwr 1.41 and
+    1.42 (the versions pyproject admits), and used only where one site has more agents than
+    the engine runs at once on this machine (the factory's 7 on 2 cores) or ``--actors`` asks
+    for more. The engine sizes its thread pool by the CPU count and offers no setting for it;
+    for the run, the pool's class is given ``n`` threads."""
+    if n <= engine_threads():
+        yield
+        return
     from flwr.server.superlink.fleet.vce import vce_api
 
     original = vce_api.ThreadPoolExecutor
-    vce_api.ThreadPoolExecutor = partial(original, max_workers=max(n, (os.cpu_count() or 1) + 4))
+    vce_api.ThreadPoolExecutor = partial(original, max_workers=n)
     try:
         yield
     finally:
@@ -115,32 +141,39 @@ def _quiet_flower(verbose: bool) -> Iterator[None]:
         logger.setLevel(level)
 
 
-def backend_config(n_agents: int, device: torch.device, verbose: bool = False) -> dict:
-    """Flower's simulation backend: one actor per agent, all of them at once, each with one CPU
-    and, on a GPU, an equal share of one device (fractional GPUs)."""
+def backend_config(pool: int, device: torch.device, verbose: bool = False,
+                   ray_address: str | None = None) -> dict:
+    """Flower's simulation backend: a pool of ``pool`` actors, each with one CPU and, on a GPU,
+    an equal share of one device (fractional GPUs). With ``ray_address``, the run attaches to
+    that Ray cluster (``auto``: the one started on this machine with ``ray start``), whose
+    CPUs then size the pool."""
     gpu = device.type == "cuda"
-    return {"client_resources": {"num_cpus": 1, "num_gpus": 1 / n_agents if gpu else 0.0},
-            "init_args": {"num_cpus": n_agents, "num_gpus": 1 if gpu else 0,
-                          "include_dashboard": False,
-                          "logging_level": logging.INFO if verbose else logging.ERROR,
-                          "log_to_driver": verbose}}
+    logs = {"include_dashboard": False, "log_to_driver": verbose,
+            "logging_level": logging.INFO if verbose else logging.ERROR}
+    if ray_address is not None:
+        return {"client_resources": {"num_cpus": 1, "num_gpus": 1 / pool if gpu else 0.0},
+                "init_args": {"address": ray_address, **logs}}
+    return {"client_resources": {"num_cpus": 1, "num_gpus": 1 / pool if gpu else 0.0},
+            "init_args": {"num_cpus": pool, "num_gpus": 1 if gpu else 0, **logs}}
 
 
 def run_flower(fed: FederationConfig, run_dir: Path, sim_address: str, tokens: Path,
-               keys: Path, policy: PrivacyPolicy, progress: bool, verbose: bool) -> RunResult:
+               keys: Path, policy: PrivacyPolicy, progress: bool, verbose: bool,
+               actors: int | None = None, ray_address: str | None = None) -> RunResult:
     """The ServerApp and every agent's ClientApp (each holding ``policy``) on Flower's
-    simulation engine; ``keys`` is the file of the agents' keys shared with the server."""
+    simulation engine, ``actor_pool(actors)`` of them at once; ``keys`` is the file of the
+    agents' keys shared with the server."""
     import ray
     from flwr.simulation import run_simulation
 
     from fedcomm.clients.app import make_client_app
     from fedcomm.server.app import make_server_app
 
-    n = fed.spec.n_agents
+    n, pool = fed.spec.n_agents, actor_pool(fed.spec, actors)
     results: list = []
     stop = threading.Event()
     local = journal_status(run_dir, fed) if policy.private else None
-    server_app = make_server_app(fed, run_dir, progress, results, stop, keys, local)
+    server_app = make_server_app(fed, run_dir, progress, results, stop, keys, local, pool)
     device = resolve_device(fed.train.device)
     # on a GPU, Ray sets each actor's CUDA_VISIBLE_DEVICES to its share
     defaults = node_config(sim_address=sim_address, token_file=tokens, server_key_file=keys,
@@ -149,9 +182,9 @@ def run_flower(fed: FederationConfig, run_dir: Path, sim_address: str, tokens: P
     client_app = make_client_app(defaults)
     os.environ["OMP_NUM_THREADS"] = "1"  # inherited by the actors: one thread per agent
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # no GPUs are asked for
-    backend = backend_config(n, device, verbose)
+    backend = backend_config(pool, device, verbose, ray_address)
     try:
-        with all_agents_at_once(n), _quiet_flower(verbose):
+        with more_engine_threads(pool), _quiet_flower(verbose):
             run_simulation(server_app=server_app, client_app=client_app, num_supernodes=n,
                            backend_config=backend, verbose_logging=verbose)
     finally:
@@ -288,13 +321,16 @@ def check_ledgers_extend(run_dir: Path, fed: FederationConfig) -> None:
 
 def simulate(fed: FederationConfig, out: str | Path, progress: bool = True,
              verbose: bool = False, policy: PrivacyPolicy | None = None,
-             plan: PrivacyPlan | None = None) -> RunResult:
+             plan: PrivacyPlan | None = None, actors: int | None = None,
+             ray_address: str | None = None) -> RunResult:
     """Run (or, if ``out`` holds a checkpoint, continue) a federated simulation whose agents
-    hold ``policy`` (default: what ``fed`` promises); a run that cannot fit its privacy budget
-    (its ``plan``, made here if not given), or whose ledgers do not extend the checkpoint's
-    record, is refused (``ValueError``) before anything starts."""
+    hold ``policy`` (default: what ``fed`` promises), ``actors`` at once (``actor_pool``), on
+    this machine or attached to the Ray cluster at ``ray_address``; a run that cannot fit its
+    privacy budget (its ``plan``, made here if not given), or whose ledgers do not extend the
+    checkpoint's record, is refused (``ValueError``) before anything starts."""
     if plan is None:  # the caller has not planned the run: refused here if it cannot fit
         plan_of(fed)
+    actor_pool(fed.spec, actors)  # refused here: too few actors for a site
     run_dir = Path(out)
     check_ledgers_extend(run_dir, fed)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -304,5 +340,5 @@ def simulate(fed: FederationConfig, out: str | Path, progress: bool = True,
             write_tokens(path, generate_tokens(fed.spec.agent_ids))
     with terminate_as_interrupt(), SimProcess(fed, tokens, run_dir / "sim.log") as sim:
         run_flower(fed, run_dir, sim.address, tokens, keys, policy or PrivacyPolicy.of_run(fed),
-                   progress, verbose)
+                   progress, verbose, actors, ray_address)
     return complete_run(run_dir, fed)

@@ -26,7 +26,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Literal, TypeVar
 
-from flwr.app import ConfigRecord, Message, MetricRecord
+from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 
 ARRAYS, CONFIG, METRICS, PROOF = "arrays", "config", "metrics", "proof"  # a message's records
 SHARED = "comm."
@@ -319,3 +319,15 @@ def arrays_release(dp_sgd: bool) -> Release:
     """How the server learns an agent's arrays: post-processing of its DP-SGD steps (each in
     its ledger) where it trains under DP-SGD, in the clear otherwise."""
     return "dp" if dp_sgd else "clear"
+
+
+def identity_query(config: str, node: int) -> Message:
+    """Ask ``node`` which agent it runs (``config``: the run, whose ids the node maps its
+    own settings to)."""
+    return Message(RecordDict({CONFIG: ConfigRecord({"config": config})}),
+                   dst_node_id=node, message_type=MessageType.QUERY)
+
+
+def identity_reply(agent_id: str) -> RecordDict:
+    """A node's answer to ``identity_query``, to be sealed with its agent's key."""
+    return RecordDict({PROOF: ConfigRecord({"agent_id": agent_id})})

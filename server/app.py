@@ -27,13 +27,14 @@ def make_server_app(fed: FederationConfig | None = None, run_dir: str | Path | N
                     progress: bool = True,
                     results: list[RunResult | FederationError] | None = None,
                     stop: threading.Event | None = None, keys: str | Path | None = None,
-                    local_status: Callable[[int], str] | None = None) -> ServerApp:
+                    local_status: Callable[[int], str] | None = None,
+                    capacity: int | None = None) -> ServerApp:
     """A ServerApp for ``fed`` writing to ``run_dir`` with the agents' keys in ``keys`` (all
     three default to the run config).
 
     With ``results``, the run's result, or the ``FederationError`` that ended it, is appended
     there instead of raised; ``stop`` ends the run at its next wait; ``local_status`` is the
-    operator's view of a round (``Federation``).
+    operator's view of a round, ``capacity`` the agents that run at once (``Federation``).
     """
     app = ServerApp()
 
@@ -44,7 +45,8 @@ def make_server_app(fed: FederationConfig | None = None, run_dir: str | Path | N
         (out / ERROR_FILE).unlink(missing_ok=True)
         try:
             result = Federation(grid, cfg, out, _agent_keys(keys, context), progress,
-                                stop=stop, local_status=local_status).run_rounds()
+                                stop=stop, local_status=local_status,
+                                capacity=capacity).run_rounds()
         except FederationError as e:
             if results is None:  # a deployment: the run directory says why it stopped
                 (out / ERROR_FILE).write_text(f"{e}\n")

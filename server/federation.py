@@ -39,27 +39,25 @@ from fedcomm.protocol.round import (
     TrainInstruction,
     TrainReply,
     anchors_to_json,
+    identity_query,
     shared_part,
 )
 from fedcomm.rundir import RunDir
 from fedcomm.server.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from fedcomm.server.layout import initial_arrays
+from fedcomm.server.messaging import FederationError, exchange, wait_for_nodes
 from fedcomm.server.strategy import (
     load_strategy_state,
     make_strategy,
     screen_of,
     strategy_state,
 )
+from fedcomm.server.waves import Wave, identities, split, waves
 from fedcomm.summary import RunResult, RunSummary
 
+__all__ = ["Federation", "FederationError", "round_medians"]
+
 PERIODIC_EVAL_STRIDE = 10_000_000  # seeds apart of two periodic evaluations
-
-POLL_S = 0.05  # seconds between polls for replies
-
-
-class FederationError(RuntimeError):
-    """The run cannot go on; the message says why and what to do."""
-
 
 def round_medians(rows: list[dict]) -> dict[str, float | None]:
     """The median seconds of each part of a round over ``rows`` (``None`` for a part no row
@@ -80,48 +78,6 @@ def _released(replies: list[Message]) -> list[str]:
     return sorted(names)
 
 
-def wait_for_nodes(grid: Grid, n: int, timeout: float,
-                   stop: threading.Event | None = None) -> list[int]:
-    deadline = time.monotonic() + timeout
-    while len(nodes := list(grid.get_node_ids())) < n:
-        if stop is not None and stop.is_set():
-            raise FederationError("stopped")
-        if time.monotonic() > deadline:
-            raise FederationError(f"{len(nodes)} of {n} agents' nodes connected within "
-                                  f"{timeout:g} s: start a SuperNode for every agent")
-        time.sleep(0.2)
-    return nodes
-
-
-def exchange(grid: Grid, messages: list[Message], timeout: float,
-             stop: threading.Event | None = None) -> tuple[list[Message], list[str]]:
-    """Send ``messages`` and collect the replies: the good ones, and one line for each node
-    that failed or did not answer within ``timeout``. ``stop`` ends the wait early."""
-    ids = list(grid.push_messages(messages))
-    node_of = dict(zip(ids, (m.metadata.dst_node_id for m in messages)))
-    pending = set(ids)
-    replies: list[Message] = []
-    deadline = time.monotonic() + timeout
-    while pending and time.monotonic() < deadline:
-        if stop is not None and stop.is_set():
-            raise FederationError("stopped")
-        got = list(grid.pull_messages(pending))
-        replies += got
-        pending -= {m.metadata.reply_to_message_id for m in got}
-        if pending:
-            time.sleep(POLL_S)
-    good = [m for m in replies if not m.has_error()]
-    failures = []
-    for m in replies:
-        if m.has_error():
-            node = node_of.get(m.metadata.reply_to_message_id)
-            reason = m.error.reason or "failed"
-            # the ClientApp's own errors name the agent; the SuperLink's name nobody
-            failures.append(reason if m.metadata.src_node_id == node else f"node {node}: {reason}")
-    failures += [f"node {node_of[i]} did not answer within {timeout:g} s" for i in sorted(pending)]
-    return good, failures
-
-
 @dataclass
 class RoundReplies:
     """What came back from a round's train messages."""
@@ -138,6 +94,12 @@ class RoundReplies:
     aggregate_s: float = 0.0  # seconds the strategy took to screen and aggregate
 
 
+def _named(reply: Message) -> str:
+    """The agent a reply's proof names (not yet verified)."""
+    proof = reply.content.get(PROOF)
+    return str(proof.get("agent_id", "")) if proof is not None else ""
+
+
 class Federation:
     """One run of the loop; ``resume`` continues from the run directory's checkpoint.
 
@@ -148,15 +110,23 @@ class Federation:
 
     ``keys`` are the agents' keys shared with the server: a reply counts only under its
     agent's signature. ``local_status`` adds to the progress line what the operator of every
-    party sees of round r (``fedcomm simulate``: the agents' own journals).
+    party sees of round r (``fedcomm simulate``: the agents' own journals). ``capacity``: how
+    many agents can run at once (a simulation's pool of ClientApps); with fewer than the run's,
+    messages go out in waves of whole sites (``server.waves``).
     """
 
     def __init__(self, grid: Grid, fed: FederationConfig, run_dir: str | Path,
                  keys: Mapping[str, str], progress: bool = True,
                  console: Console | None = None, stop: threading.Event | None = None,
-                 local_status: Callable[[int], str] | None = None) -> None:
+                 local_status: Callable[[int], str] | None = None,
+                 capacity: int | None = None) -> None:
         self.grid, self.fed, self.run = grid, fed, RunDir(run_dir)
         self.stop, self.local_status = stop, local_status
+        self.keys, self.capacity = dict(keys), capacity
+        self.agent_of: dict[int, str] = {}  # each node's agent, where the run needs waves
+        self.schedule: list[Wave] = []
+        self.on_wave: Callable[[str], None] = lambda text: None  # the progress line's
+        self.sent: dict = {}  # how the latest messages went out: waves, the slowest site
         self.spec = fed.spec
         self.console = console or Console(stderr=True)
         self.progress = progress
@@ -198,9 +168,11 @@ class Federation:
         with progress_bar(self.progress, self.console, "rounds") as bar:
             task = bar.add_task(f"federated {fed.train.env} x {n} agents", total=fed.rounds,
                                 completed=self.done, status="")
+            self.on_wave = lambda text: bar.update(task, status=text)
             rnd = self.done + 1
             while rnd <= fed.rounds:
                 nodes = wait_for_nodes(self.grid, n, fed.node_timeout, self.stop)
+                self.plan_waves(nodes)
                 replies = self.train_round(rnd)
                 if not replies.messages:
                     continue  # the same round again: nothing was aggregated
@@ -236,7 +208,7 @@ class Federation:
         t0 = time.perf_counter()
         messages = list(self.strategy.configure_train(rnd, self.arrays, todo.to_record(),
                                                       self.grid))
-        good, failures = exchange(self.grid, messages, self.fed.round_timeout, self.stop)
+        good, failures = self.send(messages, f"round {rnd}")
         if failures and self.fed.on_agent_failure == "stop":
             raise FederationError(f"round {rnd}: " + "; ".join(failures))
         t1 = time.perf_counter()
@@ -263,6 +235,57 @@ class Federation:
             self.failed_in_a_row = 0
         return replies
 
+    def plan_waves(self, nodes: list[int]) -> None:
+        """Put ``nodes`` in waves of whole sites that fit ``capacity``, asking the nodes not
+        met before which agent each runs; without a capacity, or room for all, one wave."""
+        n, sites = self.spec.n_agents, tuple(range(self.spec.sites))
+        if self.capacity is None or self.capacity >= n:
+            self.schedule = [Wave(sites, tuple(nodes))]
+            return
+        self.agent_of = {k: a for k, a in self.agent_of.items() if k in nodes}
+        unknown = [k for k in nodes if k not in self.agent_of]
+        if unknown:
+            queries = [identity_query(self.fed.to_json(), k) for k in unknown]
+            good, failures = exchange(self.grid, queries, self.fed.round_timeout, self.stop)
+            try:
+                if failures:
+                    raise ValueError("; ".join(failures))
+                self.agent_of |= identities(queries, good, self.keys)
+                self.schedule = waves(self.spec, self.agent_of, self.capacity)
+            except ValueError as e:
+                raise FederationError(f"which agent each node runs: {e}") from None
+        elif not self.schedule:
+            self.schedule = waves(self.spec, self.agent_of, self.capacity)
+
+    def send(self, messages: list[Message], what: str) -> tuple[list[Message], list[str]]:
+        """``messages`` sent and their replies collected wave by wave (``plan_waves``); the
+        good replies and one line per failed node. Notes in ``sent`` how it went: the waves,
+        and the slowest site (its slowest agent's seconds from its wave's start)."""
+        if not self.schedule:  # a round sent without the run's loop: its nodes planned now
+            self.plan_waves(sorted({m.metadata.dst_node_id for m in messages}))
+        good: list[Message] = []
+        failures: list[str] = []
+        site_s: dict[int, float] = {}
+        site_of = dict(zip(self.spec.agent_ids, self.spec.site_of_agent))
+        for w, batch in enumerate(split(messages, self.schedule)):
+            if len(self.schedule) > 1:
+                self.on_wave(f"{what}: wave {w + 1}/{len(self.schedule)}, sites "
+                             f"{len(site_s)}/{self.spec.sites} done")
+            arrived: dict[int, float] = {}
+            got, failed = exchange(self.grid, batch, self.fed.round_timeout, self.stop,
+                                   arrived)
+            good, failures = good + got, failures + failed
+            named = {m.metadata.src_node_id: _named(m) for m in got}  # for progress only
+            for node, seconds in arrived.items():
+                site = site_of.get(self.agent_of.get(node) or named.get(node, ""))
+                if site is not None:
+                    site_s[site] = max(site_s.get(site, 0.0), seconds)
+        self.sent = {"waves": len(self.schedule)}
+        if self.spec.sites > 1 and site_s:
+            slowest = max(site_s, key=site_s.__getitem__)
+            self.sent |= {"slowest_site": f"s{slowest}", "slowest_site_s": site_s[slowest]}
+        return good, failures
+
     # -- aggregate ---------------------------------------------------------------------------
     def aggregate(self, rnd: int, replies: RoundReplies) -> dict:
         """Take the round's new global module; returns the round's metrics row."""
@@ -282,7 +305,7 @@ class Federation:
                           if r.silent_batches},
                # every agent continued from its state of the round before
                "restored_round_min": min(r.restored_round for r in got),
-               "released": replies.released,
+               "released": replies.released, **self.sent,
                "ledgers": {a: list(anchor) for a, anchor in sorted(self.screen.anchors.items())}}
         if all(r.return_mean is not None for r in got):  # agents that promise no epsilon
             row["return_mean"] = statistics.fmean(r.return_mean for r in got)
@@ -340,7 +363,7 @@ class Federation:
                                    anchors_to_json(self.screen.anchors))
         messages = [Message(RecordDict({ARRAYS: self.arrays, CONFIG: todo.to_record()}),
                             dst_node_id=n, message_type=MessageType.EVALUATE) for n in nodes]
-        good, failures = exchange(self.grid, messages, self.fed.round_timeout, self.stop)
+        good, failures = self.send(messages, "evaluation")
         problems, replies = self.screen.evaluation(messages, good,
                                                    batches * self.fed.train.num_envs)
         failures += problems

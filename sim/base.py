@@ -16,7 +16,7 @@ import math
 import secrets
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 from typing import Any, ClassVar
 
@@ -46,6 +46,9 @@ class EnvSpec:
     # Copies of the joint environment (``sim.sites``): each type's agents are numbered site by
     # site, ``count // sites`` to a site, and vectors stay within their site.
     sites: int = 1
+    # The agents' ids where they are not the default ones: one site of many seen on its own
+    # (``site``), whose agents keep their run-wide ids. Not part of the spec's dict.
+    ids: tuple[str, ...] | None = None
 
     @property
     def n_agents(self) -> int:
@@ -54,6 +57,8 @@ class EnvSpec:
     @cached_property
     def agent_ids(self) -> tuple[str, ...]:
         """``speaker_0``; with sites, ``s3.speaker_0``: the site, then the id within it."""
+        if self.ids is not None:
+            return self.ids
         if self.sites == 1:
             return tuple(f"{t.name}_{i}" for t in self.types for i in range(t.count))
         return tuple(f"s{i // (t.count // self.sites)}.{t.name}_{i % (t.count // self.sites)}"
@@ -68,6 +73,22 @@ class EnvSpec:
     def type_of_agent(self) -> tuple[int, ...]:
         """Type index of each agent, in agent order."""
         return tuple(k for k, t in enumerate(self.types) for _ in range(t.count))
+
+    def site_members(self, site: int) -> tuple[int, ...]:
+        """The agents of site ``site``, in its own agent order (type by type)."""
+        return tuple(i for i, s in enumerate(self.site_of_agent) if s == site)
+
+    def site(self, site: int) -> EnvSpec:
+        """Site ``site`` as an environment of its own: one copy's agents (``site_members``,
+        numbered from 0 in that order) under their run-wide ids. Vectors never leave a site,
+        so its agents and the simulator's copy of it need nothing of the other sites."""
+        if not 0 <= site < self.sites:
+            raise ValueError(f"no site {site}: {self.name} has sites 0..{self.sites - 1}")
+        if self.sites == 1:
+            return self
+        types = tuple(replace(t, count=t.count // self.sites) for t in self.types)
+        return EnvSpec(self.name, types, self.episode_length, self.bandwidth,
+                       ids=tuple(self.agent_ids[i] for i in self.site_members(site)))
 
     def type_starts(self) -> tuple[int, ...]:
         """Agent index of each type's first agent."""

@@ -1,10 +1,14 @@
 """The simulator as a gRPC service: the joint environment and the router, for remote agents.
 
-A round is one episode batch (``sim/rounds.py``). Agents ``Join`` it (a barrier with a timeout),
-open their ``Step`` stream, and the round's driver runs the step loop: each agent's own
-observation down, its knowledge vector up, the vectors the graph lets through down, its action
-up, then one step of all ``B`` environments. After the batch, ``Feedback`` collects each
-receiver's DIAL gradients and returns to each sender the sum over its receivers.
+A round is one episode batch (``sim/rounds.py``) of one site (``Lane``): each site of a run
+(``sim.sites``) steps its own copy of the environment with its own agents, in its own rounds,
+so that sites need not run at the same time (a simulation runs them in waves) and a site's
+agents see only their site (its agents numbered from 0, ``EnvSpec.site``). Agents ``Join`` it
+(a barrier with a timeout), open their ``Step`` stream, and the round's driver runs the step
+loop: each agent's own observation down, its knowledge vector up, the vectors the graph lets
+through down, its action up, then one step of all ``B`` environments. After the batch,
+``Feedback`` collects each receiver's DIAL gradients and returns to each sender the sum over
+its receivers.
 
 Every call is authenticated before anything it sends is read (``sim/serve.py``) and again here,
 where a method must not rely on how it was registered; every message is checked before use
@@ -37,11 +41,13 @@ from fedcomm.protocol.auth import claimed_identity, token_matches
 from fedcomm.protocol.codec import ProtocolError, encode, invalid
 from fedcomm.protocol.v1 import joint_env_pb2 as pb
 from fedcomm.protocol.v1 import joint_env_pb2_grpc as pb_grpc
+from fedcomm.sim.base import EnvSpec, VecEnv
 from fedcomm.sim.episodes import KEY_BYTES, check_key, episode_seed
 from fedcomm.sim.limits import DEFAULT_MAX_COMM_DIM, INBOX_FRAMES, message_limit
 from fedcomm.sim.registry import make_env
 from fedcomm.sim.rounds import Phase, Round, Slot, round_to_join
-from fedcomm.sim.router import delivery_mask, sites_of
+from fedcomm.sim.router import delivery_mask
+from fedcomm.sim.sites import site_seed
 from fedcomm.sim.validation import (
     FAILED,
     check_action,
@@ -93,6 +99,26 @@ class Truncate(Exception):
         self.reason, self.offender, self.error = reason, offender, error
 
 
+@dataclass
+class Lane:
+    """One site: its copy of the environment, its agents (``spec``, numbered from 0) and its
+    rounds. Without sites the one lane is the whole environment."""
+
+    site: int
+    env: VecEnv
+    spec: EnvSpec
+    round: Round | None = None
+    started: int = -1  # the last round whose episode batch started: never joined again
+
+    def __post_init__(self) -> None:
+        self.type_of_agent = torch.tensor(self.spec.type_of_agent)
+
+    def episode_seed(self, batch_seed: int) -> int:
+        """This site's episodes of a batch seeded ``batch_seed`` (``sim.sites.site_seed``: the
+        same as the sites stepped as one would draw)."""
+        return batch_seed if self.spec.ids is None else site_seed(batch_seed, self.site)
+
+
 class JointEnvironmentService(pb_grpc.JointEnvironmentServicer):
     def __init__(self, cfg: SimConfig) -> None:
         self.cfg = cfg
@@ -104,26 +130,33 @@ class JointEnvironmentService(pb_grpc.JointEnvironmentServicer):
             raise ValueError(f"no token for agents {sorted(missing)}")
         if cfg.max_comm_dim < 1:
             raise ValueError("max_comm_dim must be positive")
-        self.max_message_bytes = message_limit(self.spec, cfg.num_envs, cfg.max_comm_dim)
-        self.type_of_agent = torch.tensor(self.spec.type_of_agent)
-        self.site_of_agent = sites_of(self.spec)
-        self.round: Round | None = None
-        self.started = -1  # the last round whose episode batch started: never joined again
+        envs = getattr(self.env, "envs", (self.env,))  # a run of sites: each site's copy
+        self.lanes = [Lane(s, env, self.spec.site(s)) for s, env in enumerate(envs)]
+        # every agent id: its site's lane and its index there
+        self.seats = {a: (lane, i) for lane in self.lanes
+                      for i, a in enumerate(lane.spec.agent_ids)}
+        self.max_message_bytes = message_limit(self.lanes[0].spec, cfg.num_envs,
+                                               cfg.max_comm_dim)
 
-    def authenticate(self, context: grpc.aio.ServicerContext) -> int:
-        """The index of the agent whose token the call presents; UNAUTHENTICATED for any call
-        that does not present one agent of this run with its token, whatever its metadata
-        holds."""
+    @property
+    def round(self) -> Round | None:
+        """The first site's latest round (without sites, the environment's)."""
+        return self.lanes[0].round
+
+    def authenticate(self, context: grpc.aio.ServicerContext) -> tuple[Lane, int]:
+        """The site of the agent whose token the call presents, and its index there;
+        UNAUTHENTICATED for any call that does not present one agent of this run with its
+        token, whatever its metadata holds."""
         try:
             agent_id, token = claimed_identity(_metadata(context))
         except ValueError as e:
             raise ProtocolError(grpc.StatusCode.UNAUTHENTICATED, str(e)) from None
-        if agent_id not in self.spec.agent_ids:  # named, not listed: the caller is nobody yet
+        if agent_id not in self.seats:  # named, not listed: the caller is nobody yet
             raise ProtocolError(grpc.StatusCode.UNAUTHENTICATED,
                                 f"no agent {_shown(agent_id)} in this run")
         if not token_matches(self.cfg.tokens[agent_id], token):
             raise ProtocolError(grpc.StatusCode.UNAUTHENTICATED, f"wrong token for {agent_id}")
-        return self.spec.agent_ids.index(agent_id)
+        return self.seats[agent_id]
 
     def _header(self, round_number: int, step: int) -> pb.Header:
         return pb.Header(run_id=self.cfg.run_id, round=round_number, step=step, sender=SIM)
@@ -131,31 +164,28 @@ class JointEnvironmentService(pb_grpc.JointEnvironmentServicer):
     # -- Describe --------------------------------------------------------------------------
     async def Describe(self, request: pb.DescribeRequest, context) -> pb.SimInfo:
         try:
-            self.authenticate(context)
+            lane, _ = self.authenticate(context)
         except ProtocolError as e:
             await context.abort(e.code, e.message)
+        spec = lane.spec
         return pb.SimInfo(
-            run_id=self.cfg.run_id, env=self.spec.name, num_envs=self.cfg.num_envs,
-            episode_length=self.spec.episode_length, bandwidth=self.spec.bandwidth or 0,
-            agents=self._agent_infos(), agent_types=[t.name for t in self.spec.types],
-            round=self.started + 1, max_message_bytes=self.max_message_bytes)
-
-    def _agent_infos(self) -> list[pb.AgentInfo]:
-        return [pb.AgentInfo(agent_id=a, agent_type=self.spec.types[k].name, index=i)
-                for i, (a, k) in enumerate(zip(self.spec.agent_ids, self.spec.type_of_agent))]
+            run_id=self.cfg.run_id, env=spec.name, num_envs=self.cfg.num_envs,
+            episode_length=spec.episode_length, bandwidth=spec.bandwidth or 0,
+            agents=_agent_infos(spec), agent_types=[t.name for t in spec.types],
+            round=lane.started + 1, max_message_bytes=self.max_message_bytes)
 
     # -- Join ------------------------------------------------------------------------------
     async def Join(self, request: pb.JoinRequest, context) -> pb.JoinReply:
         try:
-            index = self.authenticate(context)
-            check_header(request.header, self.spec.agent_ids[index], self.cfg.run_id)
+            lane, index = self.authenticate(context)
+            check_header(request.header, lane.spec.agent_ids[index], self.cfg.run_id)
             check_join_seq(request.header)
-            terms = join_terms(request, self.spec, index, self.cfg.max_comm_dim)
-            rnd = self.round = round_to_join(self.round, self.started, request.header.round,
-                                             self.spec.agent_ids, joiner=index)
+            terms = join_terms(request, lane.spec, index, self.cfg.max_comm_dim)
+            rnd = lane.round = round_to_join(lane.round, lane.started, request.header.round,
+                                             lane.spec.agent_ids, joiner=index)
             if rnd.admit(index, terms, request.silent):
-                self.started = rnd.number
-                rnd.start(asyncio.get_running_loop().create_task(self._drive(rnd)))
+                lane.started = rnd.number
+                rnd.start(asyncio.get_running_loop().create_task(self._drive(lane, rnd)))
         except ProtocolError as e:
             await context.abort(e.code, e.message)
         try:
@@ -168,18 +198,18 @@ class JointEnvironmentService(pb_grpc.JointEnvironmentServicer):
         if rnd.failure is not None:
             await context.abort(rnd.failure_code, rnd.failure)
         return pb.JoinReply(header=self._header(rnd.number, 0), agent_index=index,
-                            agents=self._agent_infos(), num_envs=self.cfg.num_envs,
-                            episode_length=self.spec.episode_length,
-                            bandwidth=self.spec.bandwidth or 0)
+                            agents=_agent_infos(lane.spec), num_envs=self.cfg.num_envs,
+                            episode_length=lane.spec.episode_length,
+                            bandwidth=lane.spec.bandwidth or 0)
 
     # -- Step ------------------------------------------------------------------------------
     async def Step(self, request_iterator, context) -> None:
         try:
-            index = self.authenticate(context)
-            rnd = self.round
+            lane, index = self.authenticate(context)
+            rnd = lane.round
             slot = rnd.slots.get(index) if rnd is not None else None
             if rnd is None or rnd.phase is not Phase.RUNNING or slot is None:
-                raise ProtocolError(FAILED, f"{self.spec.agent_ids[index]} has no running round "
+                raise ProtocolError(FAILED, f"{lane.spec.agent_ids[index]} has no running round "
                                             "to step: join first")
             if slot.streaming.is_set():
                 raise ProtocolError(grpc.StatusCode.ALREADY_EXISTS,
@@ -220,22 +250,24 @@ class JointEnvironmentService(pb_grpc.JointEnvironmentServicer):
             slot.end(_Left(f"its stream failed: {e}"))
 
     # -- the driver: one episode batch ----------------------------------------------------
-    async def _drive(self, rnd: Round) -> None:
-        t = 0
+    async def _drive(self, lane: Lane, rnd: Round) -> None:
+        t, env, spec = 0, lane.env, lane.spec
         try:
             await self._await_streams(rnd)
-            obs = self.env.reset(episode_seed(self.cfg.episode_key, self.cfg.run_id,
-                                              rnd.terms.seed, self.cfg.seed + rnd.number))
+            obs = env.reset(lane.episode_seed(episode_seed(
+                self.cfg.episode_key, self.cfg.run_id, rnd.terms.seed,
+                self.cfg.seed + rnd.number)))
             obs = [o.cpu() for o in obs]  # one transfer per step from an accelerator
             reward: Tensor | None = None
-            for t in range(self.spec.episode_length):
-                self._send_observations(rnd, t, obs, reward)
-                vectors = await self._gather(rnd, t, "vector")
-                self._route(rnd, t, torch.stack([vectors[i] for i in sorted(vectors)], dim=1))
-                actions = await self._gather(rnd, t, "action")
+            for t in range(spec.episode_length):
+                self._send_observations(lane, rnd, t, obs, reward)
+                vectors = await self._gather(lane, rnd, t, "vector")
+                self._route(lane, rnd, t,
+                            torch.stack([vectors[i] for i in sorted(vectors)], dim=1))
+                actions = await self._gather(lane, rnd, t, "action")
                 flat = torch.stack([actions[i] for i in sorted(actions)], dim=1)
-                flat = flat.to(self.env.device)  # checked on the host (check_action)
-                step = self.env.step(list(flat.split([k.count for k in self.spec.types], 1)))
+                flat = flat.to(env.device)  # checked on the host (check_action)
+                step = env.step(list(flat.split([k.count for k in spec.types], 1)))
                 obs, reward = [o.cpu() for o in step.obs], step.reward.cpu()
             for slot in rnd.slots.values():
                 end = pb.EpisodeEnd(header=self._header(rnd.number, t + 1),
@@ -243,7 +275,7 @@ class JointEnvironmentService(pb_grpc.JointEnvironmentServicer):
                 slot.outbox.put_nowait(pb.SimFrame(end=end))
                 slot.outbox.put_nowait(None)
             rnd.finish_episode()
-            log.info("round %d: episode batch done", rnd.number)
+            log.info("site %d round %d: episode batch done", lane.site, rnd.number)
         except Truncate as e:
             self._truncate(rnd, t, e)
         except Exception as e:  # never leave agents hanging on an internal error
@@ -258,18 +290,18 @@ class JointEnvironmentService(pb_grpc.JointEnvironmentServicer):
             missing = [s.agent_id for s in rnd.slots.values() if not s.streaming.is_set()]
             raise Truncate(f"{', '.join(missing)} never opened a step stream") from None
 
-    def _send_observations(self, rnd: Round, t: int, obs: list[Tensor],
+    def _send_observations(self, lane: Lane, rnd: Round, t: int, obs: list[Tensor],
                            reward: Tensor | None) -> None:
-        starts = self.spec.type_starts()
+        starts = lane.spec.type_starts()
         for slot in rnd.slots.values():
-            k = self.spec.type_of_agent[slot.index]
+            k = lane.spec.type_of_agent[slot.index]
             mine = obs[k][:, slot.index - starts[k]].contiguous()
             msg = pb.Observation(header=self._header(rnd.number, t), obs=encode(mine))
             if reward is not None:
                 msg.reward.CopyFrom(encode(reward[:, slot.index].contiguous()))
             slot.outbox.put_nowait(pb.SimFrame(observation=msg))
 
-    async def _gather(self, rnd: Round, t: int, kind: str) -> dict[int, Tensor]:
+    async def _gather(self, lane: Lane, rnd: Round, t: int, kind: str) -> dict[int, Tensor]:
         """Every agent's frame of this phase, checked; ends the batch on the first failure."""
         deadline = time.monotonic() + self.cfg.step_timeout
         out = {}
@@ -285,29 +317,29 @@ class JointEnvironmentService(pb_grpc.JointEnvironmentServicer):
             try:
                 if isinstance(item, ProtocolError):  # the frame did not parse
                     raise item
-                out[slot.index] = self._check_frame(rnd, slot, t, kind, item)
+                out[slot.index] = self._check_frame(lane, rnd, slot, t, kind, item)
             except ProtocolError as e:
                 raise Truncate(f"{slot.agent_id} sent an invalid message at step {t}: "
                                f"{e.message}", slot, e) from None
         return out
 
-    def _check_frame(self, rnd: Round, slot: Slot, t: int, kind: str,
+    def _check_frame(self, lane: Lane, rnd: Round, slot: Slot, t: int, kind: str,
                      frame: pb.AgentFrame) -> Tensor:
         msg = frame_body(frame, kind, t)
         check_header(msg.header, slot.agent_id, self.cfg.run_id, rnd.number, t)
         slot.next_seq(msg.header)
-        k = self.spec.type_of_agent[slot.index]
+        k = lane.spec.type_of_agent[slot.index]
         if kind == "vector":
             return check_vector(msg, rnd.terms, self.cfg.num_envs, k, slot.index in rnd.silent,
                                 t)
-        return check_action(msg, self.cfg.num_envs, self.spec.types[k].n_actions)
+        return check_action(msg, self.cfg.num_envs, lane.spec.types[k].n_actions)
 
-    def _route(self, rnd: Round, t: int, vectors: Tensor) -> None:
+    def _route(self, lane: Lane, rnd: Round, t: int, vectors: Tensor) -> None:
         """Send each agent the vectors its routes carry; pruned routes are not sent at all."""
-        silent = torch.full((self.spec.n_agents,), not rnd.terms.releases_at(t))
+        silent = torch.full((lane.spec.n_agents,), not rnd.terms.releases_at(t))
         silent[list(rnd.silent)] = True  # and at a step the schedule skips, everyone is
-        mask = delivery_mask(self.type_of_agent, rnd.terms.routes, vectors, self.spec.bandwidth,
-                             silent, self.site_of_agent, self.spec.sites)
+        mask = delivery_mask(lane.type_of_agent, rnd.terms.routes, vectors, lane.spec.bandwidth,
+                             silent)
         mask = mask.expand(self.cfg.num_envs, -1, -1)  # [B, receiver, sender]
         reaches = mask.any(dim=0)
         rnd.record_delivery(reaches)
@@ -335,20 +367,20 @@ class JointEnvironmentService(pb_grpc.JointEnvironmentServicer):
     async def Feedback(self, request: pb.FeedbackRequest, context) -> pb.FeedbackReply:
         t = self.spec.episode_length
         try:
-            index = self.authenticate(context)
-            rnd = self.round
+            lane, index = self.authenticate(context)
+            rnd = lane.round
             if rnd is None or rnd.phase is not Phase.FEEDBACK or index not in rnd.slots:
                 raise ProtocolError(FAILED, "no episode batch is waiting for feedback from "
-                                            f"{self.spec.agent_ids[index]}")
+                                            f"{lane.spec.agent_ids[index]}")
             slot = rnd.slots[index]
             check_header(request.header, slot.agent_id, self.cfg.run_id, rnd.number, t)
             slot.next_seq(request.header)
             rnd.check_feedback_pending(index)
-            senders, grads = check_feedback(request, index, self.spec.agent_ids, rnd.terms,
+            senders, grads = check_feedback(request, index, lane.spec.agent_ids, rnd.terms,
                                             rnd.delivered, index in rnd.silent, t,
                                             self.cfg.num_envs)
             if rnd.record_feedback(index, senders, grads):
-                log.info("round %d: feedback exchanged", rnd.number)
+                log.info("site %d round %d: feedback exchanged", lane.site, rnd.number)
         except ProtocolError as e:
             await context.abort(e.code, e.message)
         try:
@@ -360,6 +392,11 @@ class JointEnvironmentService(pb_grpc.JointEnvironmentServicer):
         receivers = int(rnd.delivered[:, index].sum())
         return pb.FeedbackReply(header=self._header(rnd.number, t),
                                 grad=encode(rnd.feedback_sums[index]), receivers=receivers)
+
+
+def _agent_infos(spec: EnvSpec) -> list[pb.AgentInfo]:
+    return [pb.AgentInfo(agent_id=a, agent_type=spec.types[k].name, index=i)
+            for i, (a, k) in enumerate(zip(spec.agent_ids, spec.type_of_agent))]
 
 
 def _metadata(context: grpc.aio.ServicerContext) -> Iterable[tuple[str, str | bytes]]:

@@ -29,9 +29,9 @@ from fedcomm.config import FederationConfig, TeamConfig, TrainConfig
 from fedcomm.modes.processes import SimProcess
 from fedcomm.modes.simulation import (
     _quiet_flower,
-    all_agents_at_once,
     backend_config,
     complete_run,
+    more_engine_threads,
     simulate,
 )
 from fedcomm.privacy.audit import audit
@@ -143,7 +143,7 @@ def run(fed: FederationConfig, run_dir: Path, faults: dict[int, str]) -> object:
                                          run_dir / "agents")
         n = fed.spec.n_agents
         try:
-            with all_agents_at_once(n), _quiet_flower(False):
+            with more_engine_threads(n), _quiet_flower(False):
                 run_simulation(server_app=make_server_app(fed, run_dir, False, results,
                                                           keys=keys),
                                client_app=faulty_client_app(defaults, faults, str(record),

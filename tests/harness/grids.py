@@ -5,10 +5,10 @@ one process.
 message is pushed, or (``Grid.of_client_app``) a real ClientApp, on a thread per node so that
 every agent runs at once; ``close`` stops those threads. ``FederatedRun`` starts every party of
 a run in this process, each the real thing: the simulator service on loopback (``SimServer``),
-each agent's ClientApp on a node of its own over a ``Grid``, and the server's round loop;
-``close`` stops the grid's threads and then the simulator. What Flower's simulation engine adds
-(Ray actors, its own grid) is left out so that a test can see every message and the
-simulator's state.
+each agent's ClientApp on a node of its own over a ``Grid`` (or a pool of fewer threads), and
+the server's round loop; ``close`` stops the grid's threads and then the simulator. What
+Flower's simulation engine adds (Ray actors, its own grid) is left out so that a test can see
+every message and the simulator's state.
 """
 
 from __future__ import annotations
@@ -48,12 +48,13 @@ class Grid:
         self.replies: list[Message] = []
 
     @classmethod
-    def of_client_app(cls, app, contexts: list[Context]) -> Grid:
+    def of_client_app(cls, app, contexts: list[Context], pool: int | None = None) -> Grid:
         """Each message runs on its node's ClientApp ``app``, in the node's context, every node
-        on a thread of its own."""
+        on a thread of its own (``pool``: on that many threads, as Flower's engine runs its
+        actors)."""
         by_node = {c.node_id: c for c in contexts}
         grid = cls({node: lambda node, msg: app(msg, by_node[node]) for node in by_node},
-                   workers=len(by_node))
+                   workers=pool or len(by_node))
         grid.app, grid.contexts = app, by_node
         return grid
 
@@ -112,8 +113,8 @@ class FederatedRun:
 
     def __init__(self, fed: FederationConfig, run_dir: Path, policy: PrivacyPolicy | None = None,
                  episode_key: bytes = b"k" * 32, service=JointEnvironmentService,
-                 join_timeout: float = 60.0) -> None:
-        self.fed, self.run_dir = fed, run_dir
+                 join_timeout: float = 60.0, pool: int | None = None) -> None:
+        self.fed, self.run_dir, self.pool = fed, run_dir, pool
         spec = fed.spec
         secrets = AgentSecrets.write(run_dir, spec.agent_ids)
         self.keys = secrets.keys
@@ -128,13 +129,15 @@ class FederatedRun:
                                          run_dir / "agents")
         contexts = [Context(run_id=1, node_id=i + 1, node_config={"partition-id": i},
                             state=RecordDict(), run_config={}) for i in range(spec.n_agents)]
-        self.grid = Grid.of_client_app(make_client_app(settings), contexts)
+        self.grid = Grid.of_client_app(make_client_app(settings), contexts, pool)
         self.lock = threading.Lock()
 
-    def federation(self, fed: FederationConfig | None = None) -> Federation:
-        """The server's loop, for ``fed`` (default: the run's own configuration)."""
+    def federation(self, fed: FederationConfig | None = None, waves: bool = True
+                   ) -> Federation:
+        """The server's loop, for ``fed`` (default: the run's own configuration); with a
+        ``pool``, sending in waves that fit it unless ``waves`` is false."""
         return Federation(self.grid, fed or self.fed, self.run_dir, self.keys, progress=False,
-                          console=Console(quiet=True))
+                          console=Console(quiet=True), capacity=self.pool if waves else None)
 
     def close(self) -> None:
         self.grid.close()
