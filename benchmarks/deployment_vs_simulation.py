@@ -38,7 +38,8 @@ def run(command: list[str], out: Path, options: list[str]) -> dict[str, float]:
     # A private agent keeps its phases from the server: they are read from its journal, as
     # the operator of every party sees them (modes.simulation.operator_view).
     fed = FederationConfig.from_json((out / "config.json").read_text())
-    rows, _ = operator_view(RunDir(out).metrics(), agent_journals(out, fed), 0)
+    rows, _ = operator_view(RunDir(out).metrics(), agent_journals(out, fed), 0,
+                            fed.spec)
     later = rows[1:] or rows
     return {k: statistics.median(r[k] for r in later) for k in PARTS}
 

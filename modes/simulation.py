@@ -48,7 +48,7 @@ from fedcomm.modes.assemble import assemble_team, one_team_holds, save_site_team
 from fedcomm.modes.processes import SimProcess
 from fedcomm.privacy.ledger import LedgerError, read_ledger
 from fedcomm.protocol.auth import generate_tokens, write_tokens
-from fedcomm.protocol.round import AGENT_PHASES, arrays_release, release_of
+from fedcomm.protocol.round import arrays_release, release_of
 from fedcomm.releases.account import LEDGER
 from fedcomm.releases.plan import PrivacyPlan, plan_of
 from fedcomm.releases.report import report_summary, server_text, write_run_report
@@ -59,6 +59,7 @@ from fedcomm.releases.schedule import (
 from fedcomm.rundir import RunDir
 from fedcomm.server.checkpoint import load_checkpoint
 from fedcomm.server.federation import FederationError, round_medians
+from fedcomm.server.waves import Wave, agents_time
 from fedcomm.sim.base import EnvSpec
 from fedcomm.sim.registry import make_env
 from fedcomm.summary import RunResult
@@ -217,10 +218,12 @@ def journal_status(run_dir: Path, fed: FederationConfig) -> Callable[[int], str]
 
 
 def operator_view(metrics: list[dict], journals: dict[str, list[dict]],
-                  final_round: int) -> tuple[list[dict], EvalResult | None]:
+                  final_round: int, spec: EnvSpec | None = None
+                  ) -> tuple[list[dict], EvalResult | None]:
     """The server's metrics rows completed from the agents' journals (each round's mean
-    training return, periodic evaluation and the agents' phases, where the server has none),
-    and the final evaluation the journals hold (``None`` if an agent's is missing)."""
+    training return, periodic evaluation and the agents' phases, where the server has none;
+    a round in waves needs the run's ``spec`` for its agents' sites), and the final evaluation
+    the journals hold (``None`` if an agent's is missing)."""
     rows = []
     for row in metrics:
         rnd, row = row["round"], dict(row)
@@ -229,7 +232,10 @@ def operator_view(metrics: list[dict], journals: dict[str, list[dict]],
         if "return_mean" not in row and len(train) == len(journals):
             row["return_mean"] = statistics.fmean(r["return_mean"] for r in train)
         if "client_s" not in row and len(train) == len(journals):
-            phases = {k: max(r.get(k, 0.0) for r in train) for k in AGENT_PHASES}
+            site = dict(zip(spec.agent_ids, spec.site_of_agent)) if spec else {}
+            schedule = [Wave(tuple(sites), ()) for sites in row.get("wave_sites", [])]
+            phases = agents_time([(site.get(a, 0), r) for a, j in journals.items() for r in j
+                                  if r["kind"] == "train" and r["round"] == rnd], schedule)
             row |= {**phases, "flower_s": row["round_time_s"] - phases["client_s"]
                     - phases["start_s"]}
         periodic = [r["returns"] for j in journals.values() for r in j
@@ -252,7 +258,7 @@ def complete_run(run_dir: Path, fed: FederationConfig) -> RunResult:
     run = RunDir(run_dir)
     summary = run.summary()
     metrics, final = operator_view(run.metrics(), agent_journals(run_dir, fed),
-                                   summary.rounds or 0)
+                                   summary.rounds or 0, fed.spec)
     if summary.final is None:
         summary = summary.with_final(final)
         summary.round_time = round_medians([m for m in metrics if m["round"] > 1])

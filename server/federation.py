@@ -52,7 +52,7 @@ from fedcomm.server.strategy import (
     screen_of,
     strategy_state,
 )
-from fedcomm.server.waves import Wave, identities, split, waves
+from fedcomm.server.waves import Wave, agents_time, identities, split, waves
 from fedcomm.summary import RunResult, RunSummary
 
 __all__ = ["Federation", "FederationError", "round_medians"]
@@ -281,6 +281,8 @@ class Federation:
                 if site is not None:
                     site_s[site] = max(site_s.get(site, 0.0), seconds)
         self.sent = {"waves": len(self.schedule)}
+        if len(self.schedule) > 1:
+            self.sent["wave_sites"] = [list(w.sites) for w in self.schedule]
         if self.spec.sites > 1 and site_s:
             slowest = max(site_s, key=site_s.__getitem__)
             self.sent |= {"slowest_site": f"s{slowest}", "slowest_site_s": site_s[slowest]}
@@ -310,7 +312,8 @@ class Federation:
         if all(r.return_mean is not None for r in got):  # agents that promise no epsilon
             row["return_mean"] = statistics.fmean(r.return_mean for r in got)
         if all(r.timings for r in got):
-            phases = {k: max(r.timings.get(k, 0.0) for r in got) for k in AGENT_PHASES}
+            phases = agents_time([(self.spec.site_of_agent[r.agent], r.timings) for r in got],
+                                 self.schedule)
             row |= {"flower_s": replies.seconds - phases["client_s"] - phases["start_s"],
                     **phases}
         if replies.failures:  # who was left out of the round, and why

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from flwr.app import ConfigRecord, Message
 
-from fedcomm.protocol.round import PROOF
+from fedcomm.protocol.round import AGENT_PHASES, PROOF
 from fedcomm.protocol.signing import SIGNATURE, verifies
 from fedcomm.sim.base import EnvSpec
 
@@ -83,3 +83,17 @@ def split(messages: Sequence[Message], schedule: Sequence[Wave]) -> Iterator[lis
     for wave in schedule:
         nodes = set(wave.nodes)
         yield [m for m in messages if m.metadata.dst_node_id in nodes]
+
+
+def agents_time(timings: Sequence[tuple[int, Mapping[str, float]]],
+                schedule: Sequence[Wave]) -> dict[str, float]:
+    """Each phase of a round's agents (``timings``: each agent's site and phases) as the
+    round's time sees it: within a wave, the slowest agent's (they run side by side), summed
+    over the waves (one after another). Without waves, the slowest agent's."""
+    wave_of = {site: w for w, wave in enumerate(schedule) for site in wave.sites}
+    by_wave: dict[int, list[Mapping[str, float]]] = {}
+    for site, phases in timings:
+        by_wave.setdefault(wave_of.get(site, 0), []).append(phases)
+    return {k: sum(max(p.get(k, 0.0) for p in rows) for rows in by_wave.values())
+            for k in AGENT_PHASES}
+

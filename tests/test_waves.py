@@ -19,7 +19,7 @@ from fedcomm.modes.simulation import actor_pool, engine_threads
 from fedcomm.protocol.round import PROOF, identity_query, identity_reply
 from fedcomm.protocol.signing import seal
 from fedcomm.server.federation import FederationError
-from fedcomm.server.waves import Wave, identities, split, waves
+from fedcomm.server.waves import Wave, agents_time, identities, split, waves
 from fedcomm.sim.registry import make_env
 from tests.harness.grids import FederatedRun, private_default
 from tests.harness.secrets import AgentSecrets
@@ -117,8 +117,15 @@ def test_a_node_says_which_agent_it_runs_under_its_key_and_nothing_else_counts(t
         identities([query], [unsigned], secrets.keys)
 
 
-def test_a_wave_of_one_site_holds_all_its_nodes():
-    assert Wave((0,), (1, 2)).nodes == (1, 2)
+def test_the_agents_time_of_a_round_in_waves_adds_each_waves_slowest_agent():
+    """Agents of a wave run side by side, waves one after another: what of a round's time is
+    the agents' (and so what is Flower's) sums each wave's slowest agent."""
+    schedule = [Wave((0, 1), ()), Wave((2,), ())]
+    timings = [(0, {"client_s": 3.0, "start_s": 0.5}), (1, {"client_s": 4.0}),
+               (2, {"client_s": 2.0, "start_s": 1.0})]
+    phases = agents_time(timings, schedule)
+    assert phases["client_s"] == 6.0 and phases["start_s"] == 1.5
+    assert agents_time(timings, [])["client_s"] == 4.0  # one wave: the slowest agent's
 
 
 @pytest.mark.integration
