@@ -27,6 +27,10 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ray-address", metavar="ADDR",
                    help="attach to this Ray cluster instead of starting one (auto: the one "
                    "`ray start --head` started here; docs/deployment.md)")
+    p.add_argument("--sim-host", default="127.0.0.1", metavar="HOST",
+                   help="the address the simulator listens on: one the actors on every node of "
+                   "a Ray cluster reach (default: 127.0.0.1, this machine only; its channel is "
+                   "not encrypted: docs/deployment.md)")
     p.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
     p.set_defaults(func=run)
 
@@ -42,6 +46,7 @@ def run(args: argparse.Namespace) -> int:
         if args.agent_max_epsilon is not None:
             policy = replace(policy, max_epsilon=args.agent_max_epsilon)
         return simulate(fed, out, progress=not args.quiet, verbose=args.verbose, policy=policy,
-                        plan=plan, actors=args.actors, ray_address=args.ray_address)
+                        plan=plan, actors=args.actors, ray_address=args.ray_address,
+                        sim_host=args.sim_host)
 
     return run_federated(args, "simulate", start)

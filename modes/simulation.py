@@ -328,10 +328,11 @@ def check_ledgers_extend(run_dir: Path, fed: FederationConfig) -> None:
 def simulate(fed: FederationConfig, out: str | Path, progress: bool = True,
              verbose: bool = False, policy: PrivacyPolicy | None = None,
              plan: PrivacyPlan | None = None, actors: int | None = None,
-             ray_address: str | None = None) -> RunResult:
+             ray_address: str | None = None, sim_host: str = "127.0.0.1") -> RunResult:
     """Run (or, if ``out`` holds a checkpoint, continue) a federated simulation whose agents
     hold ``policy`` (default: what ``fed`` promises), ``actors`` at once (``actor_pool``), on
-    this machine or attached to the Ray cluster at ``ray_address``; a run that cannot fit its
+    this machine or attached to the Ray cluster at ``ray_address`` (whose actors reach the
+    simulator at ``sim_host``, and the run directory at its path); a run that cannot fit its
     privacy budget (its ``plan``, made here if not given), or whose ledgers do not extend the
     checkpoint's record, is refused (``ValueError``) before anything starts."""
     if plan is None:  # the caller has not planned the run: refused here if it cannot fit
@@ -344,7 +345,8 @@ def simulate(fed: FederationConfig, out: str | Path, progress: bool = True,
     for path in (tokens, keys):
         if not path.exists():
             write_tokens(path, generate_tokens(fed.spec.agent_ids))
-    with terminate_as_interrupt(), SimProcess(fed, tokens, run_dir / "sim.log") as sim:
+    with terminate_as_interrupt(), SimProcess(fed, tokens, run_dir / "sim.log",
+                                              sim_host) as sim:
         run_flower(fed, run_dir, sim.address, tokens, keys, policy or PrivacyPolicy.of_run(fed),
                    progress, verbose, actors, ray_address)
     return complete_run(run_dir, fed)

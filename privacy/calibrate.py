@@ -162,7 +162,9 @@ def split_budget(total: float, delta: float, mechanisms: Sequence[Mechanism],
     must fit is the composition of the party that spends most. Raises ``ValueError`` if the
     fixed targets alone do not fit.
     """
-    parties = [list(p) for p in together] if together else [[m.name for m in mechanisms]]
+    # parties that release the same mechanisms count once (a run of many sites has many)
+    parties = ([list(p) for p in dict.fromkeys(tuple(p) for p in together)] if together
+               else [[m.name for m in mechanisms]])
     acc = make_accountant(accountant)
     if not mechanisms:
         return Split({}, {}, 0.0)

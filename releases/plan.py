@@ -126,8 +126,10 @@ class PrivacyPlan:
         budget = PrivacyBudget(cfg.budget, cfg.delta, cfg.accountant, cfg.relation)
         per_mechanism: dict[str, float] = {}
         composed = 0.0
-        for index in range(train.spec.n_agents):
-            releases = unit_releases(train, schedule, index, how)
+        # agents that release the same (one type's across sites) are accounted once
+        distinct = {tuple(r): r for r in (unit_releases(train, schedule, index, how)
+                                          for index in range(train.spec.n_agents))}
+        for releases in distinct.values():
             composed = max(composed, budget.epsilon_of(releases))
             for name, eps in mechanism_epsilons(releases, budget).items():
                 per_mechanism[name] = max(per_mechanism.get(name, 0.0), eps)

@@ -18,6 +18,7 @@ read it from here.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -226,10 +227,10 @@ def shared_parts(spec: EnvSpec, share: str, routes: Tensor, index: int) -> tuple
     kind = spec.type_of_agent[index]
     among = [i for i in range(spec.n_agents)
              if share != "role" or spec.type_of_agent[i] == kind]
-    links = {i: peers(spec, routes, i) for i in among}
-    reach, reached_by = links[index]
-    senders = sum(r > 0 for r, _ in links.values())
-    receivers = sum(b > 0 for _, b in links.values())
+    reaches = reach_matrix(spec, routes)
+    sends, hears = reaches.any(dim=1), reaches.any(dim=0)
+    reach, reached_by = bool(sends[index]), bool(hears[index])
+    senders, receivers = int(sends[among].sum()), int(hears[among].sum())
     return ((SENDER_PARTS if reach and senders > 1 else ())
             + (RECEIVER_PARTS if reached_by and receivers > 1 and share != "senders"
                else ()))
@@ -256,15 +257,27 @@ def sends_to_server(spec: EnvSpec, share: str, aggregate_private: bool, routes: 
 
 def peers(spec: EnvSpec, routes: Tensor, index: int) -> tuple[int, int]:
     """How many other agents ``index``'s vectors can reach, and how many can reach it."""
-    routes = routes.cpu()
+    reaches = reach_matrix(spec, routes)
+    return int(reaches[index].sum()), int(reaches[:, index].sum())
+
+
+def reach_matrix(spec: EnvSpec, routes: Tensor) -> Tensor:
+    """``[N, N]`` bool: agent ``i``'s vectors can reach agent ``j`` (a route from ``i``'s type
+    to ``j``'s, ``j`` another agent of ``i``'s site). Kept for the last few runs' routes: a run
+    of many sites asks it of every agent."""
+    routes = routes.detach().cpu().to(torch.bool)
+    return _reach_matrix(spec, tuple(routes.shape), tuple(routes.flatten().tolist()))
+
+
+@functools.lru_cache(maxsize=8)
+def _reach_matrix(spec: EnvSpec, shape: tuple[int, ...], flat: tuple[bool, ...]) -> Tensor:
+    routes = torch.tensor(flat, dtype=torch.bool).reshape(shape)
     types = torch.tensor(spec.type_of_agent)
-    others = torch.arange(spec.n_agents) != index
+    out = routes[types][:, types] & ~torch.eye(spec.n_agents, dtype=torch.bool)
     if spec.sites > 1:  # vectors stay within their site
-        others &= torch.tensor(spec.site_of_agent) == spec.site_of_agent[index]
-    k = spec.type_of_agent[index]
-    reach = int((routes[k, types] & others).sum())
-    reached_by = int((routes[types, k] & others).sum())
-    return reach, reached_by
+        sites = torch.tensor(spec.site_of_agent)
+        out &= sites[:, None] == sites[None, :]
+    return out
 
 
 def initial_routes(train: TrainConfig) -> Tensor:
