@@ -17,7 +17,8 @@ and reads the run's rounds from ``metrics.jsonl`` and the agents' journals:
 
     python benchmarks/scale.py --out runs/bench-scale --sites 1 8 32 128 -- \\
         --num-envs 128 --batches-per-round 4 --env-steps 38400 --eval-episodes 128
-    python benchmarks/scale.py --out runs/bench-scale --analyze --sites 1 8 32 128
+    python benchmarks/scale.py --out runs/bench-scale --analyze --sites 1 8 32 128 \\
+        --before runs/bench-scale-before/results.json   # another build's runs beside them
 
 Writes ``results.json`` and ``scale.png`` in ``--out``.
 """
@@ -129,7 +130,10 @@ def run(out: Path, sites: int, options: list[str]) -> dict:
     return result
 
 
-def plot(results: list[dict], path: Path) -> None:
+def plot(results: list[dict], path: Path, title: str, before: list[dict] | None = None
+         ) -> None:
+    """Memory, time per agent-batch, start-up and Flower's share against the agents; with
+    ``before``, the same runs measured on another build (one actor per agent) beside them."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -139,9 +143,17 @@ def plot(results: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     axes[0].plot(agents, [r["peak_pss_gib"] for r in results], "o-", label="PSS (shared split)")
     axes[0].plot(agents, [r["peak_rss_gib"] for r in results], "s--", label="RSS (summed)")
+    if before:
+        axes[0].plot([r["agents"] for r in before], [r["peak_pss_gib"] for r in before], "x:",
+                     color="gray", label="PSS, one actor per agent")
     axes[0].set(title="peak memory of all processes", ylabel="GiB")
     axes[0].legend()
-    axes[1].plot(agents, [1000 * r["per_agent_batch_s"] for r in results], "o-")
+    axes[1].plot(agents, [1000 * r["per_agent_batch_s"] for r in results], "o-", label="waves")
+    if before:
+        axes[1].plot([r["agents"] for r in before],
+                     [1000 * r["per_agent_batch_s"] for r in before], "x:", color="gray",
+                     label="one actor per agent")
+        axes[1].legend()
     axes[1].set(title="round time per agent-batch", ylabel="ms", ylim=(0, None))
     axes[2].plot(agents, [r["startup_s"] for r in results], "o-", label="start-up")
     axes[2].plot(agents, [100 * r["flower_share"] for r in results], "s--",
@@ -152,6 +164,7 @@ def plot(results: list[dict], path: Path) -> None:
         ax.set_xscale("log", base=2)
         ax.set_xlabel("agents")
         ax.grid(alpha=0.3)
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -161,6 +174,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/bench-scale"))
     parser.add_argument("--sites", type=int, nargs="+", default=[1, 8, 32, 128])
     parser.add_argument("--analyze", action="store_true", help="only read the runs there")
+    parser.add_argument("--before", type=Path, help="results.json of the same runs on another "
+                        "build, drawn beside them")
+    parser.add_argument("--title", default="fedcomm simulate --sites N, this machine")
     parser.add_argument("options", nargs="*", help="options of every run, after --")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -184,7 +200,8 @@ def main() -> None:
         print(f"\nmemory per added agent (PSS, {a['agents']} -> {b['agents']}): "
               f"{per_agent:.1f} MiB")
     (args.out / "results.json").write_text(json.dumps(results, indent=2))
-    plot(results, args.out / "scale.png")
+    before = json.loads(args.before.read_text()) if args.before else None
+    plot(results, args.out / "scale.png", args.title, before)
 
 
 if __name__ == "__main__":

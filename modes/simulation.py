@@ -146,8 +146,8 @@ def backend_config(pool: int, device: torch.device, verbose: bool = False,
                    ray_address: str | None = None) -> dict:
     """Flower's simulation backend: a pool of ``pool`` actors, each with one CPU and, on a GPU,
     an equal share of one device (fractional GPUs). With ``ray_address``, the run attaches to
-    that Ray cluster (``auto``: the one started on this machine with ``ray start``), whose
-    CPUs then size the pool."""
+    that Ray cluster (``auto``: the one started on this machine with ``ray start``;
+    ``attach_ray`` connects first), one actor per CPU of it."""
     gpu = device.type == "cuda"
     logs = {"include_dashboard": False, "log_to_driver": verbose,
             "logging_level": logging.INFO if verbose else logging.ERROR}
@@ -156,6 +156,27 @@ def backend_config(pool: int, device: torch.device, verbose: bool = False,
                 "init_args": {"address": ray_address, **logs}}
     return {"client_resources": {"num_cpus": 1, "num_gpus": 1 / pool if gpu else 0.0},
             "init_args": {"num_cpus": pool, "num_gpus": 1 if gpu else 0, **logs}}
+
+
+def attach_ray(address: str, spec: EnvSpec, pool: int, verbose: bool) -> int:
+    """Connect to the Ray cluster at ``address`` (Flower's engine then uses it as it is); the
+    pool that its CPUs hold, one actor each, in whole sites (``ValueError`` where not one
+    site fits)."""
+    import ray
+
+    try:
+        ray.init(address=address, logging_level=logging.INFO if verbose else logging.ERROR,
+                 log_to_driver=verbose)
+    except ConnectionError as e:
+        raise ValueError(f"cannot attach to a Ray cluster at {address}: "
+                         f"{str(e).strip().splitlines()[0]}") from None
+    cpus = int(ray.cluster_resources().get("CPU", 0))
+    per_site = spec.n_agents // spec.sites
+    if cpus < per_site:
+        ray.shutdown()
+        raise ValueError(f"the Ray cluster at {address} has {cpus} CPUs: a site's {per_site} "
+                         "agents step together, one actor (one CPU) each")
+    return min(pool, cpus // per_site * per_site)
 
 
 def run_flower(fed: FederationConfig, run_dir: Path, sim_address: str, tokens: Path,
@@ -171,6 +192,8 @@ def run_flower(fed: FederationConfig, run_dir: Path, sim_address: str, tokens: P
     from fedcomm.server.app import make_server_app
 
     n, pool = fed.spec.n_agents, actor_pool(fed.spec, actors)
+    if ray_address is not None:
+        pool = attach_ray(ray_address, fed.spec, pool, verbose)
     results: list = []
     stop = threading.Event()
     local = journal_status(run_dir, fed) if policy.private else None

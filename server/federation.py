@@ -59,6 +59,7 @@ __all__ = ["Federation", "FederationError", "round_medians"]
 
 PERIODIC_EVAL_STRIDE = 10_000_000  # seeds apart of two periodic evaluations
 
+
 def round_medians(rows: list[dict]) -> dict[str, float | None]:
     """The median seconds of each part of a round over ``rows`` (``None`` for a part no row
     states: a private run's agents keep their timings)."""
@@ -258,8 +259,9 @@ class Federation:
             self.schedule = waves(self.spec, self.agent_of, self.capacity)
 
     def send(self, messages: list[Message], what: str) -> tuple[list[Message], list[str]]:
-        """``messages`` sent and their replies collected wave by wave (``plan_waves``); the
-        good replies and one line per failed node. Notes in ``sent`` how it went: the waves,
+        """``messages`` sent and their replies collected wave by wave (``plan_waves``; after a
+        wave with a failure, none more where a failure stops the run); the good replies and
+        one line per failed node. Notes in ``sent`` how it went: the waves,
         and the slowest site (its slowest agent's seconds from its wave's start)."""
         if not self.schedule:  # a round sent without the run's loop: its nodes planned now
             self.plan_waves(sorted({m.metadata.dst_node_id for m in messages}))
@@ -275,6 +277,8 @@ class Federation:
             got, failed = exchange(self.grid, batch, self.fed.round_timeout, self.stop,
                                    arrived)
             good, failures = good + got, failures + failed
+            if failed and self.fed.on_agent_failure == "stop":
+                break  # the round will not count: the later waves release nothing for it
             named = {m.metadata.src_node_id: _named(m) for m in got}  # for progress only
             for node, seconds in arrived.items():
                 site = site_of.get(self.agent_of.get(node) or named.get(node, ""))

@@ -4,6 +4,9 @@ in their site's frame, and the server's waves of whole sites that fit a pool of 
 from __future__ import annotations
 
 import json
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,6 +21,8 @@ from fedcomm.models.team import Team
 from fedcomm.modes.simulation import actor_pool, engine_threads
 from fedcomm.protocol.round import PROOF, identity_query, identity_reply
 from fedcomm.protocol.signing import seal
+from fedcomm.releases.plan import plan_of
+from fedcomm.releases.schedule import initial_routes, peers
 from fedcomm.server.federation import FederationError
 from fedcomm.server.waves import Wave, agents_time, identities, split, waves
 from fedcomm.sim.registry import make_env
@@ -60,6 +65,19 @@ def test_an_agent_computes_in_its_own_site_with_the_networks_of_its_slot():
     expected = whole.subteam([agent]).state_dict()
     assert list(mine.state_dict()) == list(expected)
     assert all(torch.equal(v, expected[k]) for k, v in mine.state_dict().items())
+
+
+def test_a_run_of_many_sites_is_planned_as_one_of_its_sites():
+    """Every site's agents release alike: the calibrated noise, the plan and the agents'
+    policy of 64 sites are those of one site (each kind of agent worked out once, so that a
+    run's start-up does not grow with its sites), and a speaker reaches only its listener."""
+    one, many = private_default("--sites", "1"), private_default("--sites", "64")
+    assert many.train.team == one.train.team
+    assert many.train.privacy.update_noise_multiplier == one.train.privacy.update_noise_multiplier
+    assert plan_of(many) == plan_of(one)
+    assert PrivacyPolicy.of_run(many) == PrivacyPolicy.of_run(one)
+    speaker = many.spec.agent_ids.index("s40.speaker_0")
+    assert peers(many.spec, initial_routes(many.train), speaker) == (1, 0)
 
 
 def test_waves_hold_whole_sites_that_fit_the_pool():
@@ -157,3 +175,32 @@ def test_three_sites_train_in_waves_on_a_pool_of_two_clientapps(tmp_path: Path):
             control.federation(waves=False).run_rounds()
     finally:
         control.close()
+
+
+@pytest.mark.integration
+def test_a_simulation_attaches_to_a_ray_cluster_started_by_hand(tmp_path: Path):
+    """As docs/deployment.md writes it: ``ray start --head --num-cpus 4``, then ``fedcomm
+    simulate --ray-address ...``: three sites' six agents run on the cluster's four actors, in
+    waves of two sites and one; ``ray stop`` ends the cluster."""
+    from tests.harness.processes import simulate
+
+    ray = str(Path(sys.executable).parent / "ray")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    subprocess.run([ray, "start", "--head", "--num-cpus", "4", "--port", str(port),
+                    "--include-dashboard=false", "--disable-usage-stats"], check=True,
+                   capture_output=True, timeout=180)
+    try:
+        out = tmp_path / "run"
+        proc = simulate("--sites", "3", "--ray-address", f"127.0.0.1:{port}", "--num-envs",
+                        "8", "--batches-per-round", "2", "--env-steps", str(2 * 8 * 25),
+                        "--eval-episodes", "16", "--quiet", "--out", str(out))
+        text, _ = proc.communicate(timeout=600)
+        assert proc.returncode == 0, text
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").open()]
+        assert rows and all(r["waves"] == 2 and r["agents"] == 6 for r in rows)
+        assert rows[-1]["wave_sites"] == [[0, 1], [2]]
+    finally:
+        subprocess.run([ray, "stop", "--force"], capture_output=True, timeout=180)
+
