@@ -79,6 +79,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"the checkpoint's {team.spec.name} has no agent {args.agent_id!r}")
     index = team.spec.agent_ids.index(args.agent_id)
     party_team = team.subteam([index]) if team.agents != (index,) else team
+    party_team = party_team.in_own_site()  # as the simulator serves it: its site's agents
     token = args.token or read_tokens(args.tokens).get(args.agent_id)
     if not token:
         raise ValueError(f"no token for {args.agent_id} in {args.tokens}")

@@ -29,6 +29,7 @@ from fedcomm.protocol.codec import encode
 from fedcomm.protocol.v1 import joint_env_pb2 as pb
 from fedcomm.protocol.v1 import joint_env_pb2_grpc as pb_grpc
 from fedcomm.sim.factory import factory_spec
+from fedcomm.sim.registry import make_env
 from fedcomm.sim.serve import SimServer
 from fedcomm.sim.service import JointEnvironmentService, SimConfig
 from tests.harness.processes import fedcomm
@@ -244,3 +245,32 @@ def test_ctrl_c_while_waiting_for_the_simulator(agents):
     out = line + output(proc)
     assert proc.returncode == 130, out
     assert "Traceback" not in out and "interrupted" in out
+
+
+def test_an_agent_of_one_site_plays_its_site_alone(servers, tmp_path):
+    """``fedcomm agent`` with a checkpoint of a run of two sites: the simulator steps site 1
+    on its own (site 0's agents never come) and the agent plays in its site's frame, its
+    site's listener on a thread of this process."""
+    spec = make_env("speaker_listener", B, sites=2).spec
+    tokens = {agent: f"token-of-{agent}" for agent in spec.agent_ids}
+    torch.manual_seed(0)
+    team = Team(spec, TEAM_CFG)
+    team.save(tmp_path / "team.pt")
+    write_tokens(tmp_path / "tokens.json", tokens)
+    server, _ = servers(SimConfig(env="speaker_listener", env_kwargs={"sites": 2}, num_envs=B,
+                                  run_id=RUN, tokens=tokens, join_timeout=30.0))
+    proc = fedcomm("agent", "--sim", server.address, "--agent-id", "s1.speaker_0",
+                   "--tokens", str(tmp_path / "tokens.json"), "--checkpoint",
+                   str(tmp_path / "team.pt"), "--no-update", "--ledger",
+                   str(tmp_path / "speaker.ledger.jsonl"), cwd=tmp_path)
+    listener = spec.agent_ids.index("s1.listener_0")
+    transport = GrpcTransport(server.address, spec, "s1.listener_0", tokens["s1.listener_0"],
+                              TEAM_CFG, timeout=TIMEOUT)
+    try:
+        Party(team.subteam([listener]).in_own_site(), transport).run_batch(
+            update=False, routes=team.kept_routes())
+    finally:
+        transport.close()
+    out = output(proc)
+    assert proc.returncode == 0, out
+    assert "s1.speaker_0 round 0: return" in out
