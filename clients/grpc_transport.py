@@ -60,6 +60,10 @@ RECONNECT_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 1000),
 class GrpcTransport(Transport):
     """``timeout`` bounds every call in seconds, an episode batch's whole step stream included.
 
+    ``spec`` is the run's; the transport speaks for its agent's site (``EnvSpec.site``: the
+    simulator steps each site on its own, its agents numbered from 0), so ``spec``, ``index``
+    and what it receives are its site's.
+
     The constructor describes the simulator. While nothing answers at ``target`` (the simulator
     is not up yet) it keeps trying for ``connect_timeout`` seconds, with gRPC's reconnection
     backoff, and calls ``on_wait`` once with the first failure; 0 fails at once. It raises
