@@ -77,7 +77,7 @@ def actor_pool(spec: EnvSpec, actors: int | None = None) -> int:
     """The agents a simulation runs at once, in whole sites: ``actors`` (default: as many as
     Flower's engine runs at once here, ``engine_threads``), at most every agent, at least one
     site (``ValueError`` where ``actors`` is fewer: a site's agents step together)."""
-    per_site = spec.n_agents // spec.sites
+    per_site = spec.site_size
     want = engine_threads() if actors is None else actors
     if want < per_site:
         if actors is not None:
@@ -142,20 +142,16 @@ def _quiet_flower(verbose: bool) -> Iterator[None]:
         logger.setLevel(level)
 
 
-def backend_config(pool: int, device: torch.device, verbose: bool = False,
-                   ray_address: str | None = None) -> dict:
+def backend_config(pool: int, device: torch.device, verbose: bool = False) -> dict:
     """Flower's simulation backend: a pool of ``pool`` actors, each with one CPU and, on a GPU,
-    an equal share of one device (fractional GPUs). With ``ray_address``, the run attaches to
-    that Ray cluster (``auto``: the one started on this machine with ``ray start``;
-    ``attach_ray`` connects first), one actor per CPU of it."""
+    an equal share of one device (fractional GPUs). Where the run is attached to a Ray cluster
+    (``attach_ray``), Flower leaves Ray as it is and ``init_args`` go unused: one actor per CPU
+    of the cluster."""
     gpu = device.type == "cuda"
-    logs = {"include_dashboard": False, "log_to_driver": verbose,
-            "logging_level": logging.INFO if verbose else logging.ERROR}
-    if ray_address is not None:
-        return {"client_resources": {"num_cpus": 1, "num_gpus": 1 / pool if gpu else 0.0},
-                "init_args": {"address": ray_address, **logs}}
     return {"client_resources": {"num_cpus": 1, "num_gpus": 1 / pool if gpu else 0.0},
-            "init_args": {"num_cpus": pool, "num_gpus": 1 if gpu else 0, **logs}}
+            "init_args": {"num_cpus": pool, "num_gpus": 1 if gpu else 0,
+                          "include_dashboard": False, "log_to_driver": verbose,
+                          "logging_level": logging.INFO if verbose else logging.ERROR}}
 
 
 def attach_ray(address: str, spec: EnvSpec, pool: int, verbose: bool) -> int:
@@ -171,12 +167,11 @@ def attach_ray(address: str, spec: EnvSpec, pool: int, verbose: bool) -> int:
         raise ValueError(f"cannot attach to a Ray cluster at {address}: "
                          f"{str(e).strip().splitlines()[0]}") from None
     cpus = int(ray.cluster_resources().get("CPU", 0))
-    per_site = spec.n_agents // spec.sites
-    if cpus < per_site:
+    if cpus < spec.site_size:
         ray.shutdown()
-        raise ValueError(f"the Ray cluster at {address} has {cpus} CPUs: a site's {per_site} "
-                         "agents step together, one actor (one CPU) each")
-    return min(pool, cpus // per_site * per_site)
+        raise ValueError(f"the Ray cluster at {address} has {cpus} CPUs: a site's "
+                         f"{spec.site_size} agents step together, one actor (one CPU) each")
+    return min(pool, cpus // spec.site_size * spec.site_size)
 
 
 def run_flower(fed: FederationConfig, run_dir: Path, sim_address: str, tokens: Path,
@@ -206,7 +201,7 @@ def run_flower(fed: FederationConfig, run_dir: Path, sim_address: str, tokens: P
     client_app = make_client_app(defaults)
     os.environ["OMP_NUM_THREADS"] = "1"  # inherited by the actors: one thread per agent
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # no GPUs are asked for
-    backend = backend_config(pool, device, verbose, ray_address)
+    backend = backend_config(pool, device, verbose)
     try:
         with more_engine_threads(pool), _quiet_flower(verbose):
             run_simulation(server_app=server_app, client_app=client_app, num_supernodes=n,

@@ -244,19 +244,16 @@ class Federation:
             self.schedule = [Wave(sites, tuple(nodes))]
             return
         self.agent_of = {k: a for k, a in self.agent_of.items() if k in nodes}
-        unknown = [k for k in nodes if k not in self.agent_of]
-        if unknown:
-            queries = [identity_query(self.fed.to_json(), k) for k in unknown]
-            good, failures = exchange(self.grid, queries, self.fed.round_timeout, self.stop)
-            try:
-                if failures:
-                    raise ValueError("; ".join(failures))
-                self.agent_of |= identities(queries, good, self.keys)
-                self.schedule = waves(self.spec, self.agent_of, self.capacity)
-            except ValueError as e:
-                raise FederationError(f"which agent each node runs: {e}") from None
-        elif not self.schedule:
+        queries = [identity_query(self.fed.to_json(), k) for k in nodes if k not in self.agent_of]
+        good, failures = (exchange(self.grid, queries, self.fed.round_timeout, self.stop)
+                          if queries else ([], []))
+        try:
+            if failures:
+                raise ValueError("; ".join(failures))
+            self.agent_of |= identities(queries, good, self.keys)
             self.schedule = waves(self.spec, self.agent_of, self.capacity)
+        except ValueError as e:
+            raise FederationError(f"which agent each node runs: {e}") from None
 
     def send(self, messages: list[Message], what: str) -> tuple[list[Message], list[str]]:
         """``messages`` sent and their replies collected wave by wave (``plan_waves``; after a

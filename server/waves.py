@@ -55,7 +55,7 @@ def waves(spec: EnvSpec, agent_of: Mapping[int, str], capacity: int) -> list[Wav
     """The nodes of ``agent_of`` in waves of whole sites, each at most ``capacity`` agents,
     sites in order. A site larger than ``capacity`` cannot run (``ValueError``)."""
     site_of = dict(zip(spec.agent_ids, spec.site_of_agent))
-    per_site = len(spec.agent_ids) // spec.sites
+    per_site = spec.site_size
     if per_site > capacity:
         raise ValueError(f"a site's {per_site} agents step together, and only {capacity} "
                             "run at once")

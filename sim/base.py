@@ -74,6 +74,11 @@ class EnvSpec:
         """Type index of each agent, in agent order."""
         return tuple(k for k, t in enumerate(self.types) for _ in range(t.count))
 
+    @property
+    def site_size(self) -> int:
+        """The agents of one site (every site has the same)."""
+        return self.n_agents // self.sites
+
     def site_members(self, site: int) -> tuple[int, ...]:
         """The agents of site ``site``, in its own agent order (type by type)."""
         return tuple(i for i, s in enumerate(self.site_of_agent) if s == site)
