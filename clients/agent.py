@@ -118,6 +118,7 @@ class FederatedAgent:
                                               routes, self.index)
         sends = sends_to_server(self.spec, fed.share, fed.aggregate_private, routes,
                                 self.index)
+        self.sends = sends
         private = sends or releases_anything(self.spec, train.team, fed.share, routes,
                                              self.index)
         transport = GrpcTransport(node.sim_address, self.spec, node.agent_id, node.token,
@@ -211,8 +212,11 @@ class FederatedAgent:
             timings=timings, stats=stats)
         if not trained:  # nothing learned that the budget allowed to share
             return {}, reply
-        return global_arrays(self.team, self.sends_private, self.parts,
-                             self.fed.share == "role"), reply
+        return self.module(), reply
+
+    def module(self) -> dict[str, Tensor]:
+        """The arrays this agent sends the server, as it holds them now."""
+        return global_arrays(self.team, self.sends_private, self.parts, self.fed.share == "role")
 
     def evaluate(self, arrays: Mapping[str, Tensor], batches: int, seed: int,
                  server_round: int = 0) -> list[float]:

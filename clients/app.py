@@ -3,8 +3,10 @@
 ``train`` messages carry the global shared module and the round's configuration; the agent
 checks the configuration against its own privacy policy, trains its round's episode batches
 through the simulator and replies with its copy of the shared module, metrics and its signed
-proof (``protocol.signing``). ``evaluate`` messages run greedy episodes; ``query`` messages ask
-which agent the node runs (for the server's waves, ``server.waves``).
+proof (``protocol.signing``); under secure aggregation it replies without its arrays and sends
+its update masked, in the SecAgg+ stages that follow (``clients.secure``). ``evaluate``
+messages run greedy episodes; ``query`` messages ask which agent the node runs (for the
+server's waves, ``server.waves``).
 A failure is answered with one line saying what happened instead of a traceback, and the
 server decides whether the run goes on.
 
@@ -22,6 +24,7 @@ from flwr.clientapp import ClientApp
 
 from fedcomm.clients.host import AgentHost, agent_of_node, failure_reason
 from fedcomm.clients.messages import error_reply, process_age
+from fedcomm.clients.secure import answer_stage, is_stage
 from fedcomm.protocol.round import identity_reply
 from fedcomm.protocol.signing import seal
 
@@ -58,6 +61,13 @@ def make_client_app(defaults: dict | None = None) -> ClientApp:
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
+        if is_stage(msg.content):  # SecAgg+ of the round's updates (clients.secure)
+            try:
+                return answer_stage(msg, context)
+            except Exception as e:
+                settings = {**defaults, **dict(context.node_config)}
+                return error_reply(msg, failure_reason(msg.content, settings, e,
+                                                       f"node {context.node_id}"))
         return answer(msg, context, "train")
 
     @app.evaluate()

@@ -34,6 +34,7 @@ from fedcomm.clients.agent import FederatedAgent
 from fedcomm.clients.failures import failure_line
 from fedcomm.clients.journal import Journal
 from fedcomm.clients.node import AgentNode
+from fedcomm.clients.secure import keep_input
 from fedcomm.config import FederationConfig
 from fedcomm.protocol.round import (
     ARRAYS,
@@ -78,8 +79,13 @@ class AgentHost:
         agent = self._open(held, fed, node, context_state, todo.config, todo.server_round - 1)
         try:
             agent.check_anchor(anchors_from_json(todo.anchors))
-            shared, metrics = agent.train_round(todo.server_round, _arrays(content),
-                                                todo.time_frac, todo.replays)
+            sent = _arrays(content)
+            shared, metrics = agent.train_round(todo.server_round, sent, todo.time_frac,
+                                                todo.replays)
+            if fed.secure_aggregation and agent.sends:  # the update leaves only masked
+                keep_input(fed, agent.index, node.agent_id, node.state_dir, context_state,
+                           todo.server_round, sent, shared or agent.module())
+                shared = {}
         except BaseException:
             agent.close()
             raise

@@ -333,7 +333,12 @@ FEDERATION_FLAGS = (
           help="client-level DP on the server: noise multiplier of each round's mean of "
           "clipped updates (0: off)"),
     _flag("--client-dp-clip", path="client_dp_clip", accepts=POSITIVE, metavar="C",
-          help="client-level DP: L2 clip of each agent's update"),
+          help="client-level DP: L2 clip of each agent's update (secure aggregation: each "
+          "agent clips its own)"),
+    _switch("--secure-aggregation", "secure_aggregation", True,
+            "Flower's SecAgg+: the server learns only the sum of each cohort's updates (agents "
+            "that send the same arrays, three or more); with --client-dp-noise each agent adds "
+            "its share of the noise (docs/privacy.md)"),
 )
 
 # A noise multiplier (or randomized response's epsilon) is either given or calibrated to a

@@ -376,7 +376,7 @@ def _check_messages(train: TrainConfig) -> None:
 def _check_robustness(fed: FederationConfig) -> None:
     """Robust aggregation and client-level DP that cannot do their job in this run, refused
     now rather than by the server once the run has started."""
-    if fed.aggregation == "mean" and fed.client_dp_noise == 0:
+    if fed.aggregation == "mean" and fed.client_dp_noise == 0 and not fed.secure_aggregation:
         return
     from fedcomm.server.layout import ReplyLayout, initial_arrays
     from fedcomm.server.robust import check_options

@@ -38,6 +38,8 @@ def print_result(title: str, summary: RunSummary, batches: int | None = None) ->
                   f"({s.agent_steps_per_s:,.0f} agent-steps/s)")
     if s.privacy is not None:
         console.print(privacy_text(s.privacy), highlight=False)
+        if "client_level" in s.privacy:
+            console.print(client_level_text(s.privacy["client_level"]), highlight=False)
     if s.silent_batches:
         console.print("[red]silent (privacy budget spent):[/] " + ", ".join(
             f"{agent} in {n}" + (f" of {batches}" if batches else "") + " training batches"
@@ -112,6 +114,14 @@ def privacy_text(p: dict) -> str:
     return (f"privacy, largest over agents ({unit}; {p['relation'].replace('_', '-')}, delta "
             f"{p['delta']:g}): each alone {per}; composed {eps_text(composed)}{verdict}; "
             f"details in privacy_report.html")
+
+
+def client_level_text(c: dict) -> str:
+    """The client-level line of a run under secure aggregation with the agents' noise."""
+    return (f"client-level DP of the aggregated module, largest over agents (per agent's whole "
+            f"participation, every round; replace-one, delta {c['delta']:g}): "
+            f"{eps_text(c['epsilon'])}, the agents' noise summed under SecAgg+ (against a "
+            "server that follows the protocol); details in client_dp_report.html")
 
 
 def gap_closed_text(summary: RunSummary) -> str:

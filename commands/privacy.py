@@ -54,10 +54,30 @@ def run_report(args: argparse.Namespace) -> int:
 def run_audit(args: argparse.Namespace) -> int:
     from fedcomm.releases.schedule import composition_of_config
 
+    from fedcomm.releases.report import CLIENT_LEVEL_REPORT
+
     folder = args.path if args.path.is_dir() else args.path.parent
     agents, anchors = server_record(folder)
-    return audit_command(args.path, args.empirical, console,
+    code = audit_command(args.path, args.empirical, console,
                          composition=composition_of_config, agents=agents, anchors=anchors)
+    client_level = folder / CLIENT_LEVEL_REPORT  # a run's client-level DP, audited with it
+    if args.path.is_dir() and client_level.is_file():
+        code = max(code, audit_command(client_level, False, console,
+                                       agents=_charged_client_level(folder, agents)))
+    return code
+
+
+def _charged_client_level(folder: Path, agents: list[str] | None) -> list[str] | None:
+    """The agents a run's client-level ledgers must hold: every agent where the server
+    charged them, the members of a cohort where the agents did (secure aggregation)."""
+    from fedcomm.config import FederationConfig
+    from fedcomm.jsonfile import read_json
+    from fedcomm.releases.cohorts import cohorts
+
+    fed = FederationConfig.from_dict(read_json(folder / "config.json"))
+    if agents is None or not fed.secure_aggregation:
+        return agents
+    return [fed.spec.agent_ids[i] for cohort in cohorts(fed) for i in cohort]
 
 
 def server_record(folder: Path) -> tuple[list[str] | None, dict[str, list] | None]:

@@ -310,6 +310,9 @@ class FederationConfig:
     faulty_agents: int = 1  # faulty replies per key group the robust rules are set to withstand
     client_dp_noise: float = 0.0  # client-level DP: noise multiplier of each round's mean; 0 off
     client_dp_clip: float = 1.0  # client-level DP: L2 clip of each agent's update
+    # SecAgg+: the server learns only each cohort's sum of updates (server/secure.py); with
+    # client_dp_noise, each agent adds its share of the noise (privacy/skellam.py)
+    secure_aggregation: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.train, dict):

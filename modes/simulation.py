@@ -38,6 +38,7 @@ from fedcomm.baselines import EVAL_SEED, EvalResult
 from fedcomm.clients.journal import read_journal
 from fedcomm.clients.node import node_config
 from fedcomm.clients.policy import PrivacyPolicy
+from fedcomm.clients.secure import LEDGER as CLIENT_LEDGER
 from fedcomm.config import FederationConfig
 from fedcomm.device import resolve_device
 from fedcomm.learning.importance import communication_importance
@@ -51,7 +52,12 @@ from fedcomm.protocol.auth import generate_tokens, write_tokens
 from fedcomm.protocol.round import arrays_release, release_of
 from fedcomm.releases.account import LEDGER
 from fedcomm.releases.plan import PrivacyPlan, plan_of
-from fedcomm.releases.report import report_summary, server_text, write_run_report
+from fedcomm.releases.report import (
+    report_summary,
+    server_text,
+    write_client_level_report,
+    write_run_report,
+)
 from fedcomm.releases.schedule import (
     initial_routes,
     sends_to_server,
@@ -295,6 +301,11 @@ def complete_run(run_dir: Path, fed: FederationConfig) -> RunResult:
                                      "released": released_fields(run.metrics(), fed),
                                      "aggregated": server_text(fed)})
     summary.privacy = report_summary(report)
+    if fed.secure_aggregation and fed.client_dp_noise > 0:  # the agents' own client-level ledgers
+        client = write_client_level_report(run_dir, fed, {
+            a: run_dir / "agents" / a / CLIENT_LEDGER for a in fed.spec.agent_ids})
+        summary.privacy["client_level"] = {
+            "epsilon": report_summary(client)["composed"], "delta": fed.train.privacy.delta}
     summary.aggregated = server_text(fed)
     run.write_summary(summary)
     from fedcomm.plots import curve_title, learning_curve

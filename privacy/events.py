@@ -1,5 +1,7 @@
 """The unit of accounting: one release, or ``count`` identical ones: Gaussian
-(:class:`GaussianRelease`) or K-ary randomized response (:class:`RandomizedResponse`).
+(:class:`GaussianRelease`), K-ary randomized response (:class:`RandomizedResponse`) or
+Skellam (:class:`SkellamRelease`, integer noise whose sum over agents is Skellam again: the
+mechanism of distributed client-level DP under secure aggregation).
 
 A release adds ``N(0, (noise_multiplier * clip)^2 I)`` to a value whose per-unit contribution
 is clipped to L2 norm ``clip``. What an accountant needs besides the noise is the *true* L2
@@ -198,7 +200,87 @@ class RandomizedResponse:
         return replace(self, count=count)
 
 
-Release = GaussianRelease | RandomizedResponse
+@dataclass(frozen=True)
+class SkellamRelease:
+    """``count`` releases of an integer vector plus Skellam noise of ``variance`` per
+    coordinate (the difference of two Poisson variables of mean ``variance / 2``).
+
+    A sum of independent Skellam variables is Skellam with the summed variance, so agents that
+    each add a share of the noise to their integer updates, summed under secure aggregation,
+    release exactly this mechanism. Its Rényi DP (Agarwal, Kairouz and Liu, "The Skellam
+    Mechanism for Differentially Private Federated Learning", NeurIPS 2021, Theorem 3.5), for
+    integer orders ``a > 1``::
+
+        a D2^2 / (2 mu) + min(((2a - 1) D2^2 + 6 D1) / (4 mu^2), 3 D1 / (2 mu))
+
+    with ``mu = variance`` and ``D1``, ``D2`` the L1 and L2 sensitivities of the integer
+    vector under ``relation``. Only the RDP accountant composes it.
+
+    Parameters
+    ----------
+    mechanism
+        Name of the mechanism; reports group releases by it.
+    variance
+        Variance of the noise per coordinate (at least the sum's, where agents add shares).
+    l2_sensitivity, l1_sensitivity
+        Largest L2 and L1 distance between the integer vectors of two neighbouring inputs.
+    count, relation
+        As in :class:`GaussianRelease`.
+    """
+
+    mechanism: str
+    variance: float
+    l2_sensitivity: float
+    l1_sensitivity: float
+    count: int = 1
+    relation: Relation = "replace_one"
+
+    sampled = False
+    sample_rate = 1.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.mechanism, str) or not self.mechanism:
+            raise ValueError("mechanism must be a non-empty string")
+        for name in ("variance", "l2_sensitivity", "l1_sensitivity"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                    or not 0 <= value < math.inf:
+                raise ValueError(f"{name} must be a non-negative finite number, got {value!r}")
+        if not self.l2_sensitivity > 0 or self.l1_sensitivity < self.l2_sensitivity:
+            raise ValueError("l2_sensitivity must be positive and l1_sensitivity at least it")
+        if isinstance(self.count, bool) or not isinstance(self.count, int) or self.count < 1:
+            raise ValueError(f"count must be an integer >= 1, got {self.count!r}")
+        check_relation(self.relation)
+
+    @property
+    def noiseless(self) -> bool:
+        return self.variance == 0
+
+    def rdp(self, order: float) -> float:
+        """Rényi DP of all ``count`` releases at ``order`` (``inf`` where the bound is not
+        proven: orders that are not integers)."""
+        if order <= 1 or order != int(order):
+            return math.inf
+        a, mu = float(order), float(self.variance)
+        d2, d1 = float(self.l2_sensitivity) ** 2, float(self.l1_sensitivity)
+        one = a * d2 / (2 * mu) + min(((2 * a - 1) * d2 + 6 * d1) / (4 * mu**2),
+                                      3 * d1 / (2 * mu))
+        return one * self.count
+
+    def as_relation(self, relation: Relation) -> SkellamRelease:
+        """The same release under ``relation`` (sensitivities scaled as a Gaussian's)."""
+        check_relation(relation)
+        if relation == self.relation:
+            return self
+        scale = RELATION_FACTOR[relation] / RELATION_FACTOR[self.relation]
+        return replace(self, l2_sensitivity=self.l2_sensitivity * scale,
+                       l1_sensitivity=self.l1_sensitivity * scale, relation=relation)
+
+    def with_count(self, count: int) -> SkellamRelease:
+        return replace(self, count=count)
+
+
+Release = GaussianRelease | RandomizedResponse | SkellamRelease
 """Any release an accountant composes."""
 
 
@@ -250,12 +332,18 @@ def merge(releases: list[Release] | tuple[Release, ...]) -> list[Release]:
       ``z = (sum_t count_t / z_t^2) ** -1/2``.
 
     The result is normalised to ``clip = sensitivity = 1`` and ``noise_multiplier = z``.
-    Randomized responses with the same epsilon and symbols add their counts.
+    Randomized responses with the same epsilon and symbols add their counts, and so do
+    identical Skellam releases.
     """
     counts: dict[tuple[float, float, str], tuple[str, int]] = {}
     responses: dict[tuple[float, int, str], tuple[str, int]] = {}
+    skellams: dict[SkellamRelease, int] = {}
     inverse_var, first_unsampled = 0.0, None
     for r in releases:
+        if isinstance(r, SkellamRelease):
+            key_s = r.with_count(1)
+            skellams[key_s] = skellams.get(key_s, 0) + r.count
+            continue
         if isinstance(r, RandomizedResponse):
             key = (float(r.epsilon), r.symbols, r.relation)
             name, n = responses.get(key, (r.mechanism, 0))
@@ -272,6 +360,7 @@ def merge(releases: list[Release] | tuple[Release, ...]) -> list[Release]:
                              for (z, q, rel), (name, n) in counts.items()]
     merged += [RandomizedResponse(name, eps, k, n, rel)
                for (eps, k, rel), (name, n) in responses.items()]
+    merged += [r.with_count(n) for r, n in skellams.items()]
     if first_unsampled is not None:
         merged.insert(0, GaussianRelease(first_unsampled.mechanism, inverse_var**-0.5, 1.0, 1.0,
                                          1.0, 1, first_unsampled.relation))

@@ -45,7 +45,7 @@ from typing import Any, Literal, get_args
 
 from fedcomm.files import fsync_dir, open_private, private_dir
 
-from .events import GaussianRelease, RandomizedResponse, Release
+from .events import GaussianRelease, RandomizedResponse, Release, SkellamRelease
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +82,7 @@ NOISE_SOURCES: tuple[str, ...] = ("secure", "seeded")
 KIND_FIELDS: dict[str, tuple[str, ...]] = {
     "gaussian": ("noise_multiplier", "clip", "sensitivity", "sample_rate"),
     "randomized_response": ("epsilon", "symbols"),
+    "skellam": ("variance", "l2_sensitivity", "l1_sensitivity"),
 }
 """The parameters of each kind of release; an entry without ``kind`` is Gaussian."""
 FIELDS: tuple[str, ...] = COMMON_FIELDS + KIND_FIELDS["gaussian"]
@@ -130,6 +131,11 @@ def release_from_entry(entry: Mapping[str, Any]) -> Release:
         return RandomizedResponse(mechanism=entry["mechanism"], epsilon=entry["epsilon"],
                                   symbols=entry["symbols"], count=entry["count"],
                                   relation=entry["relation"])
+    if kind_of(entry) == "skellam":
+        return SkellamRelease(mechanism=entry["mechanism"], variance=entry["variance"],
+                              l2_sensitivity=entry["l2_sensitivity"],
+                              l1_sensitivity=entry["l1_sensitivity"], count=entry["count"],
+                              relation=entry["relation"])
     if kind_of(entry) != "gaussian":
         raise ValueError(f"unknown kind of release {kind_of(entry)!r}")
     return GaussianRelease(
@@ -143,6 +149,10 @@ def release_parameters(release: Release) -> dict[str, Any]:
     if isinstance(release, RandomizedResponse):
         return {"kind": "randomized_response", "epsilon": float(release.epsilon),
                 "symbols": release.symbols}
+    if isinstance(release, SkellamRelease):
+        return {"kind": "skellam", "variance": float(release.variance),
+                "l2_sensitivity": float(release.l2_sensitivity),
+                "l1_sensitivity": float(release.l1_sensitivity)}
     return {"noise_multiplier": float(release.noise_multiplier), "clip": float(release.clip),
             "sensitivity": float(release.sensitivity),
             "sample_rate": float(release.sample_rate)}

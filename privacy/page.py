@@ -184,6 +184,9 @@ def _plot(agent: str, section: Mapping[str, Any]) -> tuple[str | None, list[str]
 def _parameters_text(p: Mapping[str, Any]) -> str:
     if p.get("kind") == "randomized_response":
         return f"randomized response eps={p['epsilon']:g} K={p['symbols']} x{p['count']}"
+    if p.get("kind") == "skellam":
+        return (f"Skellam variance={p['variance']:.4g} Delta2={p['l2_sensitivity']:.4g} "
+                f"Delta1={p['l1_sensitivity']:.4g} x{p['count']}")
     return (f"sigma={p['noise_multiplier']:g} C={p['clip']:g} Delta={p['sensitivity']:g} "
             f"q={p['sample_rate']:g} x{p['count']}")
 

@@ -49,6 +49,38 @@ def write_run_report(run_dir: Path, run_config: dict[str, Any], team: TeamConfig
     return report
 
 
+CLIENT_LEVEL_REPORT = "client_dp_report.json"
+
+
+def write_client_level_report(run_dir: Path, fed: FederationConfig,
+                              ledgers: Mapping[str, Path]) -> dict[str, Any]:
+    """``client_dp_report.json`` (and ``.html``): each agent's client-level epsilon of the
+    aggregated module over its whole participation (unit ``history``, replace-one), from
+    ``ledgers``: the server's (server-side client-level DP) or the agents' own (distributed,
+    under secure aggregation: Skellam releases, which only the RDP accountant composes)."""
+    from fedcomm.privacy.page import render_html
+    from fedcomm.privacy.report import RunInfo, build_report, write_report
+
+    privacy, clip = fed.train.privacy, fed.client_dp_clip
+    declared: dict[str, Any] = {"noise_multiplier": fed.client_dp_noise, "clip": clip}
+    if fed.secure_aggregation:
+        declared |= {"kind": "skellam", "added_by": "agents, each a share for the threshold"}
+        mechanism, accountant = "each agent's update with its share of Skellam noise, summed " \
+            "under SecAgg+", "rdp"
+    else:
+        declared |= {"sensitivity": 2 * clip}
+        mechanism, accountant = "client-level DP of the shared module on the server", \
+            privacy.accountant
+    run = RunInfo(config=fed.to_dict(), delta=privacy.delta, budget=math.inf,
+                  mechanisms={"client_update": declared}, accountant=accountant,
+                  unit="history", relation="replace_one", composition="all",
+                  extra={"mechanism": mechanism})
+    report = build_report({a: p for a, p in ledgers.items() if p.exists()}, run, run_dir)
+    path = write_report(report, Path(run_dir) / CLIENT_LEVEL_REPORT)
+    render_html(report, path.with_suffix(".html"))
+    return report
+
+
 def report_summary(report: dict[str, Any]) -> dict[str, Any]:
     """The figures a run's summary states: the largest epsilon over agents, per mechanism and
     composed, with the unit, relation and delta they hold for."""
@@ -87,7 +119,8 @@ def server_text(fed: FederationConfig) -> str:
                  " (each type's among its own)")
     rule = fed.strategy if fed.aggregation == "mean" else f"{fed.strategy}, {fed.aggregation}"
     noise = (f", client-level DP noise {fed.client_dp_noise:g}" if fed.client_dp_noise else "")
-    return f"server aggregates ({rule}{noise}) {text}"
+    secure = ", SecAgg+: sums only" if fed.secure_aggregation else ""
+    return f"server aggregates ({rule}{noise}{secure}) {text}"
 
 
 def aggregation_groups(fed: FederationConfig) -> list[tuple[tuple[str, ...], str]]:

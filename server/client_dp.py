@@ -26,7 +26,6 @@ and passes the same audit (``fedcomm.privacy.audit.audit``).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -42,10 +41,11 @@ from fedcomm.privacy.events import gaussian_release
 from fedcomm.privacy.ledger import Ledger, config_hash
 from fedcomm.privacy.noise import secure_generator
 from fedcomm.protocol.round import ARRAYS
+from fedcomm.releases.report import CLIENT_LEVEL_REPORT
 
 MECHANISM = "client_update"
 LEDGERS = Path("server") / "client_dp"
-REPORT = "client_dp_report.json"
+REPORT = CLIENT_LEVEL_REPORT
 
 
 def ledger_paths(run_dir: str | Path, fed: FederationConfig) -> dict[str, Path]:
@@ -128,22 +128,9 @@ class ClientLevelDP(DifferentialPrivacyServerSideFixedClipping):
 def write_report(run_dir: str | Path, fed: FederationConfig) -> dict[str, Any]:
     """``client_dp_report.json`` (and ``.html``) from the server's ledgers: each agent's
     client-level epsilon at the run's delta, by its accountant."""
-    from fedcomm.privacy.page import render_html
-    from fedcomm.privacy.report import RunInfo, build_report
-    from fedcomm.privacy.report import write_report as write
+    from fedcomm.releases.report import write_client_level_report
 
-    privacy, run_dir = fed.train.privacy, Path(run_dir)
-    declared = {MECHANISM: {"noise_multiplier": fed.client_dp_noise, "clip": fed.client_dp_clip,
-                            "sensitivity": 2 * fed.client_dp_clip}}
-    run = RunInfo(config=fed.to_dict(), delta=privacy.delta, budget=math.inf,
-                  mechanisms=declared, accountant=privacy.accountant, unit="history",
-                  relation="replace_one", composition="all",
-                  extra={"mechanism": "client-level DP of the shared module on the server"})
-    ledgers = {a: p for a, p in ledger_paths(run_dir, fed).items() if p.exists()}
-    report = build_report(ledgers, run, run_dir)
-    path = write(report, run_dir / REPORT)
-    render_html(report, path.with_suffix(".html"))
-    return report
+    return write_client_level_report(Path(run_dir), fed, ledger_paths(run_dir, fed))
 
 
 def epsilon_of(report: dict[str, Any]) -> float:

@@ -44,8 +44,9 @@ from fedcomm.protocol.round import (
 )
 from fedcomm.rundir import RunDir
 from fedcomm.server.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from fedcomm.server.layout import initial_arrays
-from fedcomm.server.messaging import FederationError, exchange, wait_for_nodes
+from fedcomm.server.layout import ReplyLayout, initial_arrays
+from fedcomm.server.messaging import FederationError, exchange, wait_for_nodes, wire_bytes
+from fedcomm.server.secure import SecureAggregation
 from fedcomm.server.strategy import (
     load_strategy_state,
     make_strategy,
@@ -93,6 +94,7 @@ class RoundReplies:
     median_ratio: float = 0.0  # Screened.median_ratio
     arrays: ArrayRecord | None = None  # the new global module (None: nothing to aggregate)
     aggregate_s: float = 0.0  # seconds the strategy took to screen and aggregate
+    wire: dict = field(default_factory=dict)  # bytes of the round's messages; SecAgg+'s cost
 
 
 def _named(reply: Message) -> str:
@@ -139,6 +141,8 @@ class Federation:
         except ValueError as e:
             raise FederationError(str(e)) from None
         self.screen = screen_of(self.strategy)
+        self.secure = (SecureAggregation(fed, ReplyLayout.of(fed, initial))
+                       if fed.secure_aggregation else None)
         self.failed_in_a_row = 0
         self.started = 0  # train rounds sent over the run's life (run_dir/rounds_started.json)
         if ckpt is None:
@@ -219,9 +223,19 @@ class Federation:
         arrays, _ = self.strategy.aggregate_train(rnd, good)
         screened = self.screen.last
         good, failures = screened.accepted, failures + screened.rejected
-        replies = RoundReplies(good, [TrainReply.from_message(m) for m in good], failures,
-                               t1 - t0, screened.norms, _released(good), screened.reach,
-                               screened.median_ratio, arrays, time.perf_counter() - t1)
+        typed = [TrainReply.from_message(m) for m in good]
+        wire = {"bytes_sent": sum(wire_bytes(m.content) for m in messages),
+                "bytes_received": sum(wire_bytes(m.content) for m in good)}
+        if self.secure is not None and good:  # the updates, summed by cohort under SecAgg+
+            sums = self.secure.run(self.grid, rnd, {r.agent: m.metadata.src_node_id
+                                                    for r, m in zip(typed, good)}, self.stop)
+            arrays = self.strategy.aggregate_sums(rnd, sums.sums, sums.counts)
+            failures += sums.failures
+            wire |= {"secure_s": sums.seconds, "secure_bytes_sent": sums.bytes_sent,
+                     "secure_bytes_received": sums.bytes_received, "secure_left": sums.dropped}
+        replies = RoundReplies(good, typed, failures, t1 - t0, screened.norms, _released(good),
+                               screened.reach, screened.median_ratio, arrays,
+                               time.perf_counter() - t1, wire)
         if failures:
             message = f"round {rnd}: " + "; ".join(failures)
             if self.fed.on_agent_failure == "stop":
@@ -308,7 +322,7 @@ class Federation:
                           if r.silent_batches},
                # every agent continued from its state of the round before
                "restored_round_min": min(r.restored_round for r in got),
-               "released": replies.released, **self.sent,
+               "released": replies.released, **self.sent, **replies.wire,
                "ledgers": {a: list(anchor) for a, anchor in sorted(self.screen.anchors.items())}}
         if all(r.return_mean is not None for r in got):  # agents that promise no epsilon
             row["return_mean"] = statistics.fmean(r.return_mean for r in got)
@@ -420,7 +434,7 @@ class Federation:
             silent_batches=silent, round_time=round_medians(later),
             ledgers={a: list(anchor) for a, anchor in sorted(self.screen.anchors.items())})
         self.run.write_summary(summary)
-        if fed.client_dp_noise > 0:
+        if fed.client_dp_noise > 0 and not fed.secure_aggregation:  # else the agents' ledgers
             self._report_client_dp()
         return RunResult(self.run.path, summary, metrics)
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 import threading
 import time
 
-from flwr.app import Message
+from flwr.app import Message, RecordDict
+from flwr.common.serde import recorddict_to_proto
 from flwr.serverapp import Grid
 
 POLL_S = 0.05  # seconds between polls for replies
@@ -65,3 +66,8 @@ def exchange(grid: Grid, messages: list[Message], timeout: float,
     return good, failures
 
 
+
+
+def wire_bytes(content: RecordDict) -> int:
+    """The bytes of a message's content as Flower's protocol serialises it."""
+    return recorddict_to_proto(content).ByteSize()

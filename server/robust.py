@@ -49,6 +49,9 @@ def check_options(fed: FederationConfig, carriers: dict[str, int]) -> None:
     ``carriers`` is how many agents carry each key group."""
     rule, f = fed.aggregation, fed.faulty_agents
     share = getattr(fed, "share", "all")
+    if fed.secure_aggregation:
+        _check_secure(fed)
+        return
     if share != "all" and (rule != "mean" or fed.client_dp_noise > 0):
         raise ValueError(f"with share={share} the agents that carry each part of the shared "
                          "module follow from their routes, which the server does not reckon: "
@@ -67,6 +70,22 @@ def check_options(fed: FederationConfig, carriers: dict[str, int]) -> None:
         if fed.max_update_norm is not None:
             raise ValueError("under client-level DP the clip bounds every update; refusing "
                              "updates by their norm (max_update_norm) would depend on the data")
+
+
+def _check_secure(fed: FederationConfig) -> None:
+    """Under secure aggregation the server sees each cohort's sum alone: what needs single
+    updates is refused; each agent clips its own update and the server checks the sum."""
+    from fedcomm.releases.cohorts import check_cohorts
+
+    if fed.aggregation != "mean":
+        raise ValueError(f"aggregation {fed.aggregation} needs every agent's update, and under "
+                         "secure aggregation the server sees only sums: use aggregation mean "
+                         "(each agent clips its update to client_dp_clip; the server checks "
+                         "the sum's norm)")
+    if fed.max_update_norm is not None:
+        raise ValueError("under secure aggregation the server sees no agent's update to bound "
+                         "(max_update_norm): each agent clips its own to client_dp_clip")
+    check_cohorts(fed)
 
 
 def _strategy(rule: str, n: int, faulty: int) -> FedAvg:

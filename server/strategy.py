@@ -10,7 +10,8 @@ robust strategies (``server/robust.py``). A group no reply carries keeps the glo
 value. Flower's FedAvgM or FedAdam then applies its server-side step to the result, handed to
 it as the round's one reply (checked against flwr 1.41 and 1.42: its FedAvg leaves a single
 reply as it is); client-level DP (``server/client_dp.py``) wraps the whole in Flower's
-server-side fixed clipping.
+server-side fixed clipping. Under secure aggregation the replies carry no arrays: the round
+loop hands the cohorts' sums (``server/secure.py``) to ``aggregate_sums``.
 """
 
 from __future__ import annotations
@@ -114,20 +115,36 @@ class GroupedFedAvg(FedAvg):
                                     self.carriers, self.held)
         if not merged:
             return None, None
-        # every key, in the global module's order; a group nobody updated keeps its value
-        merged = ArrayRecord({k: merged.get(k, v) for k, v in self.screen.sent.items()})
         metrics = self.train_metrics_aggr_fn(contents, self.weighted_by_key)
+        return self.stepped(server_round, merged), metrics
+
+    def aggregate_sums(self, server_round: int, sums: Mapping[str, np.ndarray],
+                       counts: Mapping[str, int]) -> ArrayRecord | None:
+        """The new global module from secure aggregation's sums of updates (``server.secure``):
+        each key's mean update added to the module sent, then the server step."""
+        if not sums:
+            return None
+        merged = ArrayRecord()
+        for key, total in sums.items():
+            sent = self.screen.sent[key].numpy()
+            merged[key] = Array(np.asarray(sent + total / counts[key], dtype=sent.dtype))
+        return self.stepped(server_round, merged)
+
+    def stepped(self, server_round: int, merged: ArrayRecord) -> ArrayRecord | None:
+        """``merged`` with every key of the global module (a group nobody updated keeps its
+        value), after the server step."""
+        merged = ArrayRecord({k: merged.get(k, v) for k, v in self.screen.sent.items()})
         if self.server_step is None:
-            return merged, metrics
+            return merged
         average = Message(RecordDict({ARRAYS: merged,
                                       METRICS: MetricRecord({self.weighted_by_key: 1})}),
                           reply_to=self.screen.messages[0])
         stepped, _ = self.server_step.aggregate_train(server_round, [average])
         if stepped is None:
-            return None, metrics
+            return None
         # Flower's FedAdam computes in float64 under NumPy 2: the module keeps its own dtypes
         return ArrayRecord({k: Array(v.numpy().astype(merged[k].numpy().dtype))
-                            for k, v in stepped.items()}), metrics
+                            for k, v in stepped.items()})
 
 
 def make_strategy(fed: FederationConfig, n_agents: int, keys: Mapping[str, str],
@@ -152,8 +169,9 @@ def make_strategy(fed: FederationConfig, n_agents: int, keys: Mapping[str, str],
                               server_momentum=fed.server_momentum, **common)
     elif fed.strategy == "fedadam":
         server_step = FedAdam(eta=fed.server_lr, eta_l=fed.train.ppo.lr, **common)
-    private = fed.client_dp_noise > 0
-    strategy = GroupedFedAvg(ReplyScreen(fed, layout, keys, uniform=private, anchors=anchors),
+    private = fed.client_dp_noise > 0 and not fed.secure_aggregation  # else the agents' noise
+    uniform = fed.client_dp_noise > 0 or fed.secure_aggregation
+    strategy = GroupedFedAvg(ReplyScreen(fed, layout, keys, uniform=uniform, anchors=anchors),
                              fed.aggregation, fed.faulty_agents, layout.carriers(),
                              server_step, **common)
     if not private:

@@ -13,7 +13,8 @@ A registered agent is trusted with nothing it replies. A train reply passes, in 
    the environment steps it claims are those the server scheduled less its silent batches,
    and its ledger's anchor extends the one recorded before (a ledger never shrinks);
 5. its arrays: exactly the parts of the module its agent sends (``server.layout``), or none
-   for an agent silent all round, each of the global module's shape and dtype and finite;
+   for an agent silent all round, each of the global module's shape and dtype and finite
+   (under secure aggregation: none, the update comes masked, ``server.secure``);
 6. its update (its arrays minus the global module it was sent): no parameter moved further
    than an honest agent's optimizer can move one in the round (Adam's steps are bounded by
    the learning rate, ``fedcomm.config.adam_step_bound``), its L2 norm within
@@ -209,6 +210,12 @@ class ReplyScreen:
                            f"steps, {silent} of them silent: {steps}")
         self._check_anchor(name, proof)
         arrays = msg.content[ARRAYS]
+        if self.fed.secure_aggregation:  # its update comes masked, in SecAgg+ (server.secure)
+            if arrays:
+                raise Rejected(f"{name}: replies with its arrays in the clear; under secure "
+                               "aggregation an update leaves an agent masked only")
+            msg.content[METRICS][WEIGHT_KEY] = 1 if steps else 0
+            return {}, 0.0
         if steps == 0 or not arrays:  # silent: nothing of it enters the average
             msg.content[ARRAYS] = ArrayRecord()
             msg.content[METRICS][WEIGHT_KEY] = 0

@@ -21,9 +21,10 @@ RDP accountant ignores the relation for Gaussian events, google/differential-pri
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from ..events import GaussianRelease, RandomizedResponse, Release
+from ..events import GaussianRelease, RandomizedResponse, Release, SkellamRelease
 from .base import Accountant
 from .exact import gaussian_mu, gdp_epsilon
 
@@ -118,6 +119,7 @@ class PLDAccountant(Accountant):
         return composed
 
     def _epsilon(self, releases: list[GaussianRelease], delta: float) -> float:
+        _no_skellam(releases)
         if all(isinstance(r, GaussianRelease) and not r.sampled for r in releases):
             # Unsampled Gaussians compose exactly to mu-GDP: the profile itself, without a
             # grid (whose size grows with epsilon: a run's vectors can cost thousands).
@@ -125,4 +127,12 @@ class PLDAccountant(Accountant):
         return self._pld(releases, delta).get_epsilon_for_delta(delta)
 
     def _delta(self, releases: list[GaussianRelease], epsilon: float) -> float:
+        _no_skellam(releases)
         return self._pld(releases, 1e-10).get_delta_for_epsilon(epsilon)
+
+
+def _no_skellam(releases: Sequence[Release]) -> None:
+    for r in releases:
+        if isinstance(r, SkellamRelease):
+            raise ValueError(f"the pld accountant has no Skellam mechanism ({r.mechanism!r}): "
+                             "use rdp")

@@ -11,6 +11,7 @@ Curves per release, with ``z = std / sensitivity``:
 * unsampled: the Gaussian mechanism, ``alpha / (2 z^2)``, exact for either relation;
 * randomized response: its exact Rényi divergence (the two output distributions differ in
   two values);
+* Skellam: the bound of :class:`~fedcomm.privacy.events.SkellamRelease` (integer orders);
 * sampled, add/remove: Opacus' sampled Gaussian mechanism (Mironov, Talwar and Zhang 2019);
 * sampled, replace-one: Opacus has no analysis, so a provable upper bound is used. Replacing
   unit ``x`` by ``x'`` passes through the dataset without the unit, ``D -> D - x -> D'``; both
@@ -35,7 +36,7 @@ import numpy as np
 from opacus.accountants.analysis import rdp as opacus_rdp
 from opacus.accountants.rdp import RDPAccountant as _OpacusRDP
 
-from ..events import RandomizedResponse, Release
+from ..events import RandomizedResponse, Release, SkellamRelease
 from .base import Accountant
 
 DEFAULT_ORDERS: tuple[float, ...] = tuple(_OpacusRDP.DEFAULT_ALPHAS)
@@ -47,6 +48,8 @@ def release_rdp(release: Release, orders: Sequence[float]) -> np.ndarray:
     if isinstance(release, RandomizedResponse):
         return _response_rdp(float(release.epsilon), release.symbols, tuple(orders)) \
             * release.count
+    if isinstance(release, SkellamRelease):
+        return np.array([release.rdp(a) for a in orders], dtype=float)
     curve = _single_rdp(release.effective_noise, release.sample_rate,
                         release.relation if release.sampled else "any", tuple(orders))
     return curve * release.count

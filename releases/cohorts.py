@@ -1,0 +1,64 @@
+"""Which agents' updates are summed together under secure aggregation.
+
+An agent's update covers the arrays it sends the server (``releases.schedule``: its parts of
+the shared module, its type's copy of them with ``share="role"``, its type's private networks
+with ``aggregate_private``). Agents that send the same arrays form a *cohort*: SecAgg+ sums
+vectors of one shape, so each cohort is one secure sum, and the server learns each cohort's
+sum and nothing of any member's update. Agent and server derive the cohorts from the run's
+configuration alone, so an agent knows how many share its noise before it adds its own.
+"""
+
+from __future__ import annotations
+
+import functools
+
+from fedcomm.config import FederationConfig
+from fedcomm.privacy.skellam import SkellamCodec
+from fedcomm.releases.schedule import averages_private, initial_routes, shared_parts
+
+MIN_COHORT = 3
+"""A sum of two inputs tells each of them the other's: a cohort needs three agents at least."""
+
+
+def cohorts(fed: FederationConfig) -> tuple[tuple[int, ...], ...]:
+    """The run's cohorts, each the indices of the agents that send the same arrays (agents
+    that send nothing are in none)."""
+    return _cohorts(fed.to_json())
+
+
+def cohort_of(fed: FederationConfig, index: int) -> tuple[int, ...]:
+    """The cohort of agent ``index`` (empty if it sends nothing)."""
+    return next((c for c in cohorts(fed) if index in c), ())
+
+
+def codec(fed: FederationConfig, cohort: int, dim: int) -> SkellamCodec:
+    """The encoding of the updates of a cohort of ``cohort`` agents, ``dim`` coordinates each
+    (``client_dp_clip``, and the noise ``client_dp_noise`` the agents add between them)."""
+    return SkellamCodec(fed.client_dp_clip, fed.client_dp_noise, cohort, dim)
+
+
+def check_cohorts(fed: FederationConfig) -> None:
+    """Raise ``ValueError`` (one line) where a cohort is too small to hide its members."""
+    small = [c for c in cohorts(fed) if len(c) < MIN_COHORT]
+    if small:
+        ids = fed.spec.agent_ids
+        names = "; ".join(", ".join(ids[i] for i in c) for c in small)
+        raise ValueError(f"secure aggregation sums the updates of agents that send the same "
+                         f"arrays, at least {MIN_COHORT} of them: too few in {names} (run more "
+                         "sites, or share less)")
+
+
+@functools.lru_cache(maxsize=64)
+def _cohorts(config: str) -> tuple[tuple[int, ...], ...]:
+    fed = FederationConfig.from_json(config)
+    spec, routes = fed.spec, initial_routes(fed.train)
+    by: dict[tuple, list[int]] = {}
+    for index in range(spec.n_agents):
+        name = spec.types[spec.type_of_agent[index]].name
+        parts = tuple(sorted(shared_parts(spec, fed.share, routes, index)))
+        private = averages_private(spec, fed.share, fed.aggregate_private, routes, index)
+        signature = (parts, name if parts and fed.share == "role" else None,
+                     name if private else None)
+        if parts or private:
+            by.setdefault(signature, []).append(index)
+    return tuple(tuple(members) for members in by.values())
