@@ -35,6 +35,7 @@ import torch
 from flwr.app import Array, ArrayRecord, Message, MetricRecord
 from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping
 from flwr.supercore.differential_privacy import compute_clip_model_update, compute_stdv, get_norm
+from rich.console import Console
 
 from fedcomm.config import FederationConfig
 from fedcomm.privacy.events import gaussian_release
@@ -137,3 +138,11 @@ def epsilon_of(report: dict[str, Any]) -> float:
     """The largest client-level epsilon over agents."""
     return max((float(a["composed"]["epsilon"]) for a in report["agents"].values()),
                default=0.0)
+
+
+def report(run_dir: str | Path, fed: FederationConfig, console: Console) -> None:
+    """Write the report and say its figure."""
+    delta = fed.train.privacy.delta
+    console.print(f"client-level DP of the shared module: epsilon "
+                  f"{epsilon_of(write_report(run_dir, fed)):.4g} at delta {delta:g} per agent's "
+                  f"whole participation ({REPORT})", highlight=False)

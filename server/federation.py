@@ -233,6 +233,9 @@ class Federation:
             failures += sums.failures
             wire |= {"secure_s": sums.seconds, "secure_bytes_sent": sums.bytes_sent,
                      "secure_bytes_received": sums.bytes_received, "secure_left": sums.dropped}
+            if sums.dropped:
+                self.console.print(f"[yellow]warning:[/] round {rnd}: left secure aggregation: "
+                                   + ", ".join(sums.dropped), highlight=False)
         replies = RoundReplies(good, typed, failures, t1 - t0, screened.norms, _released(good),
                                screened.reach, screened.median_ratio, arrays,
                                time.perf_counter() - t1, wire)
@@ -435,14 +438,7 @@ class Federation:
             ledgers={a: list(anchor) for a, anchor in sorted(self.screen.anchors.items())})
         self.run.write_summary(summary)
         if fed.client_dp_noise > 0 and not fed.secure_aggregation:  # else the agents' ledgers
-            self._report_client_dp()
+            from fedcomm.server.client_dp import report
+
+            report(self.run.path, fed, self.console)
         return RunResult(self.run.path, summary, metrics)
-
-    def _report_client_dp(self) -> None:
-        from fedcomm.server.client_dp import REPORT, epsilon_of, write_report
-
-        report = write_report(self.run.path, self.fed)
-        delta = self.fed.train.privacy.delta
-        self.console.print(f"client-level DP of the shared module: epsilon "
-                           f"{epsilon_of(report):.4g} at delta {delta:g} per agent's whole "
-                           f"participation ({REPORT})", highlight=False)

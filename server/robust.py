@@ -78,12 +78,12 @@ def _check_secure(fed: FederationConfig) -> None:
     from fedcomm.releases.cohorts import check_cohorts
 
     if fed.aggregation != "mean":
-        raise ValueError(f"aggregation {fed.aggregation} needs every agent's update, and under "
-                         "secure aggregation the server sees only sums: use aggregation mean "
+        raise ValueError(f"under secure_aggregation the server sees only sums, and aggregation "
+                         f"{fed.aggregation} needs every agent's update: use aggregation mean "
                          "(each agent clips its update to client_dp_clip; the server checks "
                          "the sum's norm)")
     if fed.max_update_norm is not None:
-        raise ValueError("under secure aggregation the server sees no agent's update to bound "
+        raise ValueError("under secure_aggregation the server sees no agent's update to bound "
                          "(max_update_norm): each agent clips its own to client_dp_clip")
     check_cohorts(fed)
 

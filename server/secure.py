@@ -54,7 +54,7 @@ class SecureSums:
     sums: dict[str, np.ndarray] = field(default_factory=dict)
     counts: dict[str, int] = field(default_factory=dict)
     failures: list[str] = field(default_factory=list)
-    dropped: list[str] = field(default_factory=list)  # agents in a sum they did not see out
+    dropped: list[str] = field(default_factory=list)  # agents that left, in the sum or not
     seconds: float = 0.0
     bytes_sent: int = 0
     bytes_received: int = 0
@@ -139,11 +139,13 @@ class SecureAggregation:
                                     f"{encoding.threshold} or more; its arrays keep their value")
                 continue
             stage_grid = _StageGrid(grid, server_round, self.fed.round_timeout, stop)
-            result, count, dropped = _secagg(stage_grid, server_round, nodes, encoding)
+            result, summed, left = _secagg(stage_grid, server_round, nodes, encoding)
+            count = len(summed)
             out.bytes_sent += stage_grid.sent
             out.bytes_received += stage_grid.received
             agent_of = {n: self.fed.spec.agent_ids[a] for a, n in node_of.items()}
-            out.dropped += [agent_of[n] for n in dropped]
+            out.dropped += [f"{agent_of[n]} ({'in' if n in summed else 'not in'} the sum)"
+                            for n in left]
             if result is None:
                 out.failures.append(f"{who}: SecAgg+ did not complete ("
                                     + ("; ".join(stage_grid.failures) or "too few agents")
@@ -168,10 +170,11 @@ class SecureAggregation:
 
 
 def _secagg(grid: _StageGrid, server_round: int, nodes: list[int], encoding: SkellamCodec
-            ) -> tuple[np.ndarray | None, int, list[int]]:
+            ) -> tuple[np.ndarray | None, set[int], list[int]]:
     """Flower's four SecAgg+ stages with ``nodes``: the unmasked mean of their inputs (or
-    ``None``), how many inputs it holds, and the nodes that sent theirs and left before the
-    end (their masks removed with the others' shares)."""
+    ``None``), the nodes whose inputs it holds, and the nodes that left before the end (those
+    in the sum sent their masked input first; their masks are removed with the others'
+    shares)."""
     workflow = SecAggPlusWorkflow(
         num_shares=len(nodes), reconstruction_threshold=encoding.threshold,
         max_weight=MAX_WEIGHT, clipping_range=encoding.clipping_range,
@@ -184,15 +187,13 @@ def _secagg(grid: _StageGrid, server_round: int, nodes: list[int], encoding: Ske
     context.state.array_records[MAIN_PARAMS_RECORD] = ArrayRecord()
     state = WorkflowState()
     if not workflow.setup_stage(grid, context, state):
-        return None, 0, []
+        return None, set(), []
     # the agents hold the global module already: the third stage carries only key shares
     state.nid_to_fitins = {n: RecordDict() for n in state.nid_to_fitins}
     if not (workflow.share_keys_stage(grid, context, state)
             and workflow.collect_masked_vectors_stage(grid, context, state)):
-        return None, 0, []
+        return None, set(), []
     summed = set(state.active_node_ids)
     if not workflow.unmask_stage(grid, context, state) or strategy.result is None:
-        return None, 0, []
-    return strategy.result[0], len(summed), sorted(summed - state.active_node_ids)
-
-
+        return None, set(), []
+    return strategy.result[0], summed, sorted(set(nodes) - state.active_node_ids)
