@@ -4,11 +4,13 @@ Flower starts a fresh ClientApp process for every message. Where the SuperNode's
 names a ``worker-socket``, this process imports only Flower's records and this module (no
 torch, no fedcomm agent), hands the message to the agent's long-lived worker on the same host
 (``clients.worker``) and returns its reply; without one it runs the agent itself
-(``clients.app``). The request carries the worker's token, read from the file the node config
-names as ``worker-token-file``. A worker that is not listening yet (starting, or restarted by
-its supervisor) is retried for ``CONNECT_S``; one that goes away mid-message, or does not answer
-within the run's round timeout (by then the server has given up on the round), fails the message
-with one line, and the server's failure policy decides.
+(``clients.app``). A SecAgg+ stage goes to the worker too, which holds the agent's masked input
+and SecAgg+ state between messages (``clients.secure``). The request carries the worker's
+token, read from the file the node config names as ``worker-token-file``. A worker that is not
+listening yet (starting, or restarted by its supervisor) is retried for ``CONNECT_S``; one that
+goes away mid-message, or does not answer within the run's round timeout (by then the server
+has given up on the round), fails the message with one line, and the server's failure policy
+decides.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import time
 
 from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
 from fedcomm.clients.messages import error_reply, process_age
 from fedcomm.protocol.round import CONFIG, identity_reply
@@ -50,6 +53,8 @@ def relay(msg: Message, context: Context, kind: str) -> Message:
         token = read_worker_token(settings[WORKER_TOKEN]) if WORKER_TOKEN in settings else ""
     except ValueError as e:
         return error_reply(msg, f"{who}: {e}")
+    if kind == "secure":  # SecAgg+ keys the agent's masks by its node
+        settings["node-id"] = str(context.node_id)
     request = WorkerRequest(kind, settings, msg.content, process_age(), token)
     timeout = answer_timeout(msg.content)
     deadline = time.monotonic() + CONNECT_S
@@ -69,6 +74,8 @@ def relay(msg: Message, context: Context, kind: str) -> Message:
         return error_reply(msg, f"{who}: {error}")
     if reply.error is not None:
         return error_reply(msg, reply.error)
+    if kind == "secure":  # SecAgg+'s own reply: keys, shares or a masked vector
+        return Message(reply.content, reply_to=msg)
     try:
         return Message(seal(reply.content, msg.metadata.message_id, settings), reply_to=msg)
     except ValueError as e:
@@ -90,7 +97,8 @@ app = ClientApp()
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    return relay(msg, context, "train")
+    return relay(msg, context, "secure" if RECORD_KEY_CONFIGS in msg.content.config_records
+                 else "train")
 
 
 @app.evaluate()

@@ -21,9 +21,12 @@ import time
 from pathlib import Path
 from types import FrameType
 
-from flwr.app import RecordDict
+from flwr.app import Context, Message, MessageType, RecordDict
+from flwr.app.constants import DEFAULT_TTL
+from flwr.app.metadata import Metadata
 
 from fedcomm.clients.host import AgentHost, failure_reason
+from fedcomm.clients.secure import answer_stage
 from fedcomm.protocol.worker import (
     WorkerReply,
     WorkerRequest,
@@ -46,6 +49,7 @@ class AgentWorker:
                  token: str | None = None) -> None:
         self.path, self.agent_id, self.token = Path(path), agent_id, token
         self.host = AgentHost(keep=True)
+        self.secure: dict[str, RecordDict] = {}  # per agent: its SecAgg+ state and kept input
         self.sock = listen(self.path)
 
     def serve_forever(self) -> None:
@@ -97,14 +101,26 @@ class AgentWorker:
             agent = settings.get("agent-id")
             if self.agent_id is not None and agent != self.agent_id:
                 raise PermissionError(f"this worker serves {self.agent_id}, not {agent}")
+            state = self.secure.setdefault(str(agent), RecordDict())  # SecAgg+'s, and the input
             if request.kind == "train":
-                content = self.host.train(request.content, settings, RecordDict(),
-                                          request.start_s)
+                content = self.host.train(request.content, settings, state, request.start_s)
+            elif request.kind == "secure":
+                content = self.secure_stage(request.content, int(settings["node-id"]), state)
             else:
                 content = self.host.evaluate(request.content, settings, RecordDict())
         except Exception as e:
             return WorkerReply(error=failure_reason(request.content, settings, e, "worker"))
         return WorkerReply(content)
+
+    @staticmethod
+    def secure_stage(content: RecordDict, node: int, state: RecordDict) -> RecordDict:
+        """One SecAgg+ stage relayed from node ``node``, answered in the agent's kept state
+        (``clients.secure``): the message rebuilt as its node received it."""
+        metadata = Metadata(run_id=0, message_id="relayed", src_node_id=0, dst_node_id=node,
+                            reply_to_message_id="", group_id="", created_at=time.time(),
+                            ttl=DEFAULT_TTL, message_type=MessageType.TRAIN)
+        context = Context(run_id=0, node_id=node, node_config={}, state=state, run_config={})
+        return answer_stage(Message(content, metadata=metadata), context).content
 
     def close(self) -> None:
         self.host.close()

@@ -40,7 +40,7 @@ WORKER_TOKEN = "worker-token-file"  # the node config's key: the file of the wor
 MAX_FRAME = 1 << 30  # bytes; a larger length is a broken or hostile peer
 MAX_HEADER = 1 << 20  # bytes of a header: a node config and a few scalars
 _LENGTH = struct.Struct("!Q")
-KINDS = ("train", "evaluate")
+KINDS = ("train", "evaluate", "secure")
 
 
 class WorkerProtocolError(ConnectionError):
@@ -55,7 +55,7 @@ class WorkerAuthError(WorkerProtocolError):
 class WorkerRequest:
     """ClientApp -> worker: one Flower message of one agent."""
 
-    kind: str  # "train" or "evaluate"
+    kind: str  # "train", "evaluate" or "secure" (a SecAgg+ stage)
     settings: dict[str, str]  # the SuperNode's node config
     content: RecordDict
     start_s: float = 0.0  # the relaying process's start-up before it handled the message
