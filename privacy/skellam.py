@@ -34,7 +34,9 @@ import torch
 from .events import SkellamRelease
 
 MECHANISM = "client_update"
-RESOLUTION = 2**16  # the integer length of a clipped update: rounding costs sqrt(dim)/2 of it
+RESOLUTION = 2**20  # the integer length of a clipped update: rounding costs sqrt(dim)/2 of it
+NOISE_LENGTH = 2**24  # at most the noise's standard deviation in integers: Poisson means stay
+# below 2^47, where float64 holds every integer
 MARGIN = 8.0  # noise standard deviations the decoded sum keeps clear of the wrap
 
 
@@ -84,11 +86,13 @@ class SkellamCodec:
     @property
     def scale(self) -> float:
         """Integers per unit of the update (a power of two): a clipped update is at most
-        ``RESOLUTION`` long, and the largest sum (``agents`` clipped updates and ``MARGIN``
-        standard deviations of the most noise it can hold) within half the range."""
+        ``RESOLUTION`` long, its noise's standard deviation at most ``NOISE_LENGTH``, and the
+        largest sum (``agents`` clipped updates and ``MARGIN`` standard deviations of the most
+        noise it can hold) within half the range."""
         worst_noise = self.noise * math.sqrt(self.agents / self.threshold)
         reach = self.agents + MARGIN * worst_noise + 1  # per coordinate, in clipped lengths
-        length = min(RESOLUTION, self.target_range / (4 * reach))
+        length = min(RESOLUTION, self.target_range / (4 * reach),
+                     NOISE_LENGTH / max(self.noise, 1.0))
         return 2.0 ** math.floor(math.log2(length / self.clip))
 
     @property

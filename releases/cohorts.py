@@ -11,8 +11,9 @@ configuration alone, so an agent knows how many share its noise before it adds i
 from __future__ import annotations
 
 import functools
+import math
 
-from fedcomm.config import FederationConfig
+from fedcomm.config import FederationConfig, adam_step_bound
 from fedcomm.privacy.skellam import SkellamCodec
 from fedcomm.releases.schedule import averages_private, initial_routes, shared_parts
 
@@ -32,9 +33,22 @@ def cohort_of(fed: FederationConfig, index: int) -> tuple[int, ...]:
 
 
 def codec(fed: FederationConfig, cohort: int, dim: int) -> SkellamCodec:
-    """The encoding of the updates of a cohort of ``cohort`` agents, ``dim`` coordinates each
-    (``client_dp_clip``, and the noise ``client_dp_noise`` the agents add between them)."""
-    return SkellamCodec(fed.client_dp_clip, fed.client_dp_noise, cohort, dim)
+    """The encoding of the updates of a cohort of ``cohort`` agents, ``dim`` coordinates each,
+    with the noise ``client_dp_noise`` the agents add between them (``clip_of``)."""
+    return SkellamCodec(clip_of(fed, dim), fed.client_dp_noise, cohort, dim)
+
+
+def clip_of(fed: FederationConfig, dim: int) -> float:
+    """The L2 bound of an agent's update of ``dim`` coordinates: ``client_dp_clip`` under
+    client-level DP; else the furthest an honest agent's optimizer moves it in a round (Adam's
+    bound per step and coordinate, ``fedcomm.config.adam_step_bound``, as the server checks an
+    update sent in the clear), which clips no honest update."""
+    if fed.client_dp_noise > 0:
+        return fed.client_dp_clip
+    train = fed.train
+    reach = (adam_step_bound() * train.ppo.lr * train.optimizer_steps * fed.batches_per_round
+             * (1 + 1e-6))
+    return reach * math.sqrt(dim)
 
 
 def check_cohorts(fed: FederationConfig) -> None:
@@ -43,7 +57,7 @@ def check_cohorts(fed: FederationConfig) -> None:
     if small:
         ids = fed.spec.agent_ids
         names = "; ".join(", ".join(ids[i] for i in c) for c in small)
-        raise ValueError(f"secure aggregation sums the updates of agents that send the same "
+        raise ValueError(f"secure_aggregation sums the updates of agents that send the same "
                          f"arrays, at least {MIN_COHORT} of them: too few in {names} (run more "
                          "sites, or share less)")
 
