@@ -333,8 +333,11 @@ FEDERATION_FLAGS = (
           help="client-level DP on the server: noise multiplier of each round's mean of "
           "clipped updates (0: off)"),
     _flag("--client-dp-clip", path="client_dp_clip", accepts=POSITIVE, metavar="C",
-          help="client-level DP: L2 clip of each agent's update (secure aggregation: each "
-          "agent clips its own)"),
+          help="client-level DP: L2 clip of each agent's update (under --secure-aggregation "
+          "each agent clips its own)"),
+    _flag("--client-dp-epsilon", path="client_dp_epsilon", accepts=POSITIVE, metavar="E",
+          help="under --secure-aggregation: the agents' noise calibrated so that each agent's "
+          "whole participation costs at most E (delta as --delta), every round composed"),
     _switch("--secure-aggregation", "secure_aggregation", True,
             "Flower's SecAgg+: the server learns only the sum of each cohort's updates (agents "
             "that send the same arrays, three or more); with --client-dp-noise each agent adds "

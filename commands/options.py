@@ -13,9 +13,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import math
 import re
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
@@ -326,6 +327,7 @@ def federation_config_from_args(args: argparse.Namespace) -> FederationConfig:
     _check_run(fed.train, given(args, TRAIN))
     _check_messages(fed.train)
     _check_robustness(fed)
+    fed = _client_dp_noise(fed, given(args, FED))
     return _accountable(lambda: replace(fed, train=calibrate(fed.train, Schedule.of(fed))))
 
 
@@ -385,6 +387,24 @@ def _check_robustness(fed: FederationConfig) -> None:
         check_options(fed, ReplyLayout.of(fed, initial_arrays(fed)).carriers())
     except ValueError as e:
         raise ValueError(in_flag_terms(str(e), FED)) from None
+
+
+def _client_dp_noise(fed: FederationConfig, flags: Mapping[str, Any]) -> FederationConfig:
+    """The agents' client-level noise calibrated to ``--client-dp-epsilon`` over the run's
+    rounds, for every cohort's size and update."""
+    if fed.client_dp_epsilon is None:
+        return fed
+    if "client_dp_noise" in flags:
+        raise FlagError("--client-dp-epsilon", "give it or --client-dp-noise, not both")
+    from fedcomm.releases.cohorts import cohorts, noise_for_epsilon
+    from fedcomm.server.layout import ReplyLayout, initial_arrays
+
+    layout = ReplyLayout.of(fed, initial_arrays(fed))
+    dims = [sum(math.prod(s.shape) for s in layout.agents[c[0]].values()) for c in cohorts(fed)]
+    try:
+        return replace(fed, client_dp_noise=noise_for_epsilon(fed, fed.client_dp_epsilon, dims))
+    except ValueError as e:
+        raise FlagError("--client-dp-epsilon", str(e)) from None
 
 
 def check_env(args: argparse.Namespace) -> None:

@@ -52,9 +52,8 @@ def run_report(args: argparse.Namespace) -> int:
 
 
 def run_audit(args: argparse.Namespace) -> int:
-    from fedcomm.releases.schedule import composition_of_config
-
     from fedcomm.releases.report import CLIENT_LEVEL_REPORT
+    from fedcomm.releases.schedule import composition_of_config
 
     folder = args.path if args.path.is_dir() else args.path.parent
     agents, anchors = server_record(folder)

@@ -313,6 +313,9 @@ class FederationConfig:
     # SecAgg+: the server learns only each cohort's sum of updates (server/secure.py); with
     # client_dp_noise, each agent adds its share of the noise (privacy/skellam.py)
     secure_aggregation: bool = False
+    # The agents' noise calibrated to this client-level epsilon over the run's rounds (sets
+    # client_dp_noise when the run is built; needs secure_aggregation)
+    client_dp_epsilon: float | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.train, dict):
@@ -338,6 +341,10 @@ class FederationConfig:
             raise ValueError("server_lr must be positive and finite, server_momentum in [0, 1)")
         if self.max_failed_rounds < 1 or self.eval_every < 0:
             raise ValueError("max_failed_rounds must be at least 1, eval_every non-negative")
+        if self.client_dp_epsilon is not None and not (
+                self.secure_aggregation and 0 < self.client_dp_epsilon < math.inf):
+            raise ValueError("client_dp_epsilon calibrates the agents' noise under "
+                             "secure_aggregation: set both, the epsilon positive and finite")
         if self.faulty_agents < 0 or self.client_dp_noise < 0 or not self.client_dp_clip > 0:
             raise ValueError("faulty_agents and client_dp_noise must be non-negative, "
                              "client_dp_clip positive")

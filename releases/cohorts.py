@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Sequence
+from dataclasses import replace
 
 from fedcomm.config import FederationConfig, adam_step_bound
 from fedcomm.privacy.skellam import SkellamCodec
@@ -76,3 +78,26 @@ def _cohorts(config: str) -> tuple[tuple[int, ...], ...]:
         if parts or private:
             by.setdefault(signature, []).append(index)
     return tuple(tuple(members) for members in by.values())
+
+
+def noise_for_epsilon(fed: FederationConfig, epsilon: float, dims: Sequence[int]) -> float:
+    """The least ``client_dp_noise`` (to 4 significant digits, rounded up) whose releases over
+    the run's rounds cost every agent of every cohort at most ``epsilon`` at the run's delta
+    (``dims``: each cohort's coordinates, in ``cohorts`` order). ``ValueError`` past 10^4."""
+    from fedcomm.privacy.accountants import make_accountant
+
+    rdp, delta = make_accountant("rdp"), fed.train.privacy.delta
+
+    def cost(noise: float) -> float:
+        trial = replace(fed, client_dp_noise=noise, client_dp_epsilon=None)
+        return max(rdp.epsilon([codec(trial, len(c), d).release().with_count(fed.rounds)],
+                               delta) for c, d in zip(cohorts(fed), dims, strict=True))
+
+    low, high = 1e-3, 1e4
+    if cost(high) > epsilon:
+        raise ValueError(f"client_dp_epsilon {epsilon:g} needs noise above {high:g}")
+    while high / low > 1 + 1e-5:
+        mid = math.sqrt(low * high)
+        low, high = (low, mid) if cost(mid) <= epsilon else (mid, high)
+    places = 3 - math.floor(math.log10(high))
+    return round(math.ceil(high * 10**places) / 10**places, places)
