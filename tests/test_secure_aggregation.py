@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -20,16 +21,19 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedcomm.clients.secure import STATE, answer_stage
+from fedcomm.commands import build_parser, federation_config_from_args
+from fedcomm.commands.flags import FlagError
 from fedcomm.privacy.accountants import make_accountant
 from fedcomm.privacy.audit import audit
 from fedcomm.privacy.events import SkellamRelease, gaussian_release, merge
 from fedcomm.privacy.ledger import Ledger, read_ledger, release_from_entry
 from fedcomm.privacy.skellam import SkellamCodec, threshold_of
 from fedcomm.protocol.secure import MAX_WEIGHT, MODULUS, ROUND
-from fedcomm.releases.cohorts import codec, cohorts
+from fedcomm.releases.cohorts import codec, cohorts, noise_for_epsilon
 from fedcomm.releases.report import write_client_level_report
 from fedcomm.server.checkpoint import load_checkpoint
 from fedcomm.server.layout import ReplyLayout, initial_arrays
+from fedcomm.server.validation import ReplyScreen
 from tests.harness.grids import B, FederatedRun, private_default
 
 
@@ -263,3 +267,35 @@ def test_one_of_eight_leaving_the_round_completes_with_the_others_and_is_account
     eps = {a: float(report["agents"][a]["composed"]["epsilon"]) for a in speakers}
     assert len(set(eps.values())) == 1 and 0 < eps[name] < math.inf
     assert audit(tmp_path / "run" / "client_dp_report.json", agents=speakers).ok
+
+
+def test_the_noise_for_a_client_level_epsilon_is_the_least_that_meets_it():
+    fed = private_default("--sites", "8", "--secure-aggregation", "--client-dp-clip", "0.5",
+                          "--env-steps", str(10 * B * 25))  # ten rounds
+    dims = [4420]
+    noise = noise_for_epsilon(fed, 2.0, dims)
+    rdp = make_accountant("rdp")
+
+    def cost(sigma: float) -> float:
+        trial = replace(fed, client_dp_noise=sigma)
+        return rdp.epsilon([codec(trial, 8, 4420).release().with_count(fed.rounds)], 1e-5)
+
+    assert fed.rounds == 10 and cost(noise) <= 2.0 < cost(noise * 0.999)
+    flags = ["simulate", "--sites", "8", "--secure-aggregation", "--client-dp-epsilon", "2"]
+    built = federation_config_from_args(build_parser().parse_args(flags))
+    assert built.client_dp_noise > 0 and built.client_dp_epsilon == 2
+    with pytest.raises(FlagError, match="not both"):
+        federation_config_from_args(build_parser().parse_args(
+            [*flags, "--client-dp-noise", "3"]))
+    with pytest.raises(ValueError, match="under --secure-aggregation"):
+        federation_config_from_args(build_parser().parse_args(
+            ["simulate", "--sites", "8", "--client-dp-epsilon", "2"]))
+
+
+def test_without_noise_an_agent_clips_at_what_an_honest_optimizer_reaches():
+    fed = private_default("--sites", "3", "--secure-aggregation")
+    reach = ReplyScreen(fed, ReplyLayout.of(fed, initial_arrays(fed)),
+                        {a: "k" for a in fed.spec.agent_ids}).step_bound(fed.batches_per_round)
+    assert codec(fed, 3, 100).clip == pytest.approx(reach * 10)
+    noisy = replace(fed, client_dp_noise=1.0, client_dp_clip=0.3)
+    assert codec(noisy, 3, 100).clip == 0.3
