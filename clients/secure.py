@@ -11,7 +11,10 @@ pairwise masks.
 
 Before SecAgg+ begins, the agent checks the setup the server proposes against its own: the
 reconstruction threshold its noise share was sized for, its cohort's size, and the ranges its
-input was encoded for. A server that asks for less is refused (privacy fails closed).
+input was encoded for. A server that asks for less is refused (privacy fails closed), as are
+stages of a round whose setup it did not check and a second masking of the same input (two
+sums that differ by one input would tell it). Under ``client_dp_epsilon`` an agent whose next
+input would pass that epsilon keeps none (a round run again is charged again).
 """
 
 from __future__ import annotations
@@ -29,7 +32,8 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from flwr.compat.common.recorddict_compat import fitres_to_recorddict
 
 from fedcomm.config import FederationConfig
-from fedcomm.privacy.ledger import Ledger, config_hash
+from fedcomm.privacy.events import SkellamRelease
+from fedcomm.privacy.ledger import Ledger, config_hash, release_from_entry
 from fedcomm.privacy.noise import secure_generator
 from fedcomm.protocol.secure import MAX_WEIGHT, MODULUS, ROUND
 from fedcomm.releases.cohorts import codec, cohort_of
@@ -61,6 +65,7 @@ def keep_input(fed: FederationConfig, index: int, agent_id: str, state_dir: Path
     release = encoding.release()
     if release is not None:
         with Ledger(state_dir / LEDGER, agent_id, config_hash(fed.to_dict())) as ledger:
+            _check_budget(fed, ledger, release)
             ledger.append(release, round=server_round, batch=server_round, unit="history")
     vector = encoding.encode(update, secure_generator(seed))
     context_state[STATE] = ConfigRecord({
@@ -69,15 +74,39 @@ def keep_input(fed: FederationConfig, index: int, agent_id: str, state_dir: Path
         "input": vector.tobytes()})
 
 
+def _check_budget(fed: FederationConfig, ledger: Ledger, release: SkellamRelease) -> None:
+    """Refuse an input past ``client_dp_epsilon`` (a round run again is charged again)."""
+    if fed.client_dp_epsilon is None:
+        return
+    from fedcomm.privacy.accountants import make_accountant
+
+    spent = [release_from_entry(e) for e in ledger.entries]
+    epsilon = make_accountant("rdp").epsilon([*spent, release], fed.train.privacy.delta)
+    if epsilon > fed.client_dp_epsilon:
+        raise ValueError(f"its client-level budget, epsilon {fed.client_dp_epsilon:g}, is spent: "
+                         f"another round's input would make it {epsilon:.4g}; it sends none")
+
+
 def answer_stage(msg: Message, context: Context) -> Message:
-    """One SecAgg+ stage, through Flower's ``secaggplus_mod``, once the setup is checked."""
+    """One SecAgg+ stage, through Flower's ``secaggplus_mod``, once the setup is checked: the
+    stages of one round's input, from its setup, and that input masked once."""
     kept = context.state.config_records.get(STATE)
     if kept is None:
         raise ValueError("asked for secure aggregation without a kept input: this agent "
                          "trained no round under it")
     configs = msg.content.config_records[RECORD_KEY_CONFIGS]
-    if configs.get(Key.STAGE) == Stage.SETUP:
-        _check_setup(configs, kept, _round(msg.content))
+    server_round, stage = _round(msg.content), configs.get(Key.STAGE)
+    if stage == Stage.SETUP:
+        _check_setup(configs, kept, server_round)
+        kept["setup"] = server_round
+    elif kept.get("setup") != server_round:
+        raise ValueError(f"the server skips the setup of round {server_round}'s secure "
+                         "aggregation")
+    if stage == Stage.COLLECT_MASKED_VECTORS:
+        if kept.get("masked"):
+            raise ValueError(f"this agent's input of round {server_round} was masked and sent "
+                             "once already; it is not sent into a second sum")
+        kept["masked"] = True
     return secaggplus_mod(msg, context, _give_input(kept))
 
 

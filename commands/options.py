@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
-import math
 import re
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -396,13 +395,12 @@ def _client_dp_noise(fed: FederationConfig, flags: Mapping[str, Any]) -> Federat
         return fed
     if "client_dp_noise" in flags:
         raise FlagError("--client-dp-epsilon", "give it or --client-dp-noise, not both")
-    from fedcomm.releases.cohorts import cohorts, noise_for_epsilon
-    from fedcomm.server.layout import ReplyLayout, initial_arrays
+    from fedcomm.releases.cohorts import noise_for_epsilon
+    from fedcomm.server.secure import cohort_dims
 
-    layout = ReplyLayout.of(fed, initial_arrays(fed))
-    dims = [sum(math.prod(s.shape) for s in layout.agents[c[0]].values()) for c in cohorts(fed)]
     try:
-        return replace(fed, client_dp_noise=noise_for_epsilon(fed, fed.client_dp_epsilon, dims))
+        return replace(fed, client_dp_noise=noise_for_epsilon(fed, fed.client_dp_epsilon,
+                                                              cohort_dims(fed)))
     except ValueError as e:
         raise FlagError("--client-dp-epsilon", str(e)) from None
 

@@ -121,7 +121,8 @@ def client_level_text(c: dict) -> str:
     return (f"client-level DP of the aggregated module, largest over agents (per agent's whole "
             f"participation, every round; replace-one, delta {c['delta']:g}): "
             f"{eps_text(c['epsilon'])}, the agents' noise summed under SecAgg+ (against a "
-            "server that follows the protocol); details in client_dp_report.html")
+            "server that follows the protocol, or any one member of the cohort); details in "
+            "client_dp_report.html")
 
 
 def gap_closed_text(summary: RunSummary) -> str:

@@ -51,6 +51,7 @@ from fedcomm.privacy.ledger import LedgerError, read_ledger
 from fedcomm.protocol.auth import generate_tokens, write_tokens
 from fedcomm.protocol.round import arrays_release, release_of
 from fedcomm.releases.account import LEDGER
+from fedcomm.releases.cohorts import codec, cohorts
 from fedcomm.releases.plan import PrivacyPlan, plan_of
 from fedcomm.releases.report import (
     report_summary,
@@ -65,6 +66,7 @@ from fedcomm.releases.schedule import (
 from fedcomm.rundir import RunDir
 from fedcomm.server.checkpoint import load_checkpoint
 from fedcomm.server.federation import FederationError, round_medians
+from fedcomm.server.secure import cohort_dims
 from fedcomm.server.waves import Wave, agents_time
 from fedcomm.sim.base import EnvSpec
 from fedcomm.sim.registry import make_env
@@ -302,8 +304,10 @@ def complete_run(run_dir: Path, fed: FederationConfig) -> RunResult:
                                      "aggregated": server_text(fed)})
     summary.privacy = report_summary(report)
     if fed.secure_aggregation and fed.client_dp_noise > 0:  # the agents' own client-level ledgers
+        releases = [codec(fed, len(c), d).release()
+                    for c, d in zip(cohorts(fed), cohort_dims(fed), strict=True)]
         client = write_client_level_report(run_dir, fed, {
-            a: run_dir / "agents" / a / CLIENT_LEDGER for a in fed.spec.agent_ids})
+            a: run_dir / "agents" / a / CLIENT_LEDGER for a in fed.spec.agent_ids}, releases)
         summary.privacy["client_level"] = {
             "epsilon": report_summary(client)["composed"], "delta": fed.train.privacy.delta}
     summary.aggregated = server_text(fed)

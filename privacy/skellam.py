@@ -3,14 +3,16 @@ share of Skellam noise, so that the sum the server unmasks is a Skellam mechanis
 
 An agent clips its update (its module minus the global one it was sent) to L2 norm ``clip``,
 scales it by ``scale`` and rounds it to integers, adds Skellam noise of variance
-``variance / threshold`` per coordinate and reduces the result modulo ``target_range``. The
-server's sum of ``m >= threshold`` such vectors (Flower's SecAgg+ sums modulo a multiple of
+``variance / (threshold - 1)`` per coordinate and reduces the result modulo ``target_range``.
+The server's sum of ``m >= threshold`` such vectors (Flower's SecAgg+ sums modulo a multiple of
 ``target_range``) is, modulo ``target_range``, the sum of the integer updates plus Skellam noise
-of variance ``m / threshold * variance >= variance``: a deterministic function of the Skellam
-mechanism's output, so everything the server learns of the round is covered by one
-:class:`~fedcomm.privacy.events.SkellamRelease` per agent, whatever the dropouts, as long as
-the sum is unmasked at all (SecAgg+ unmasks only with ``threshold`` agents). Nothing is clipped
-after the noise (the reduction wraps): there is no tail event to add to delta.
+of variance ``m / (threshold - 1) * variance``: with any one input's share known (a member of
+the cohort, or the server with one), ``threshold - 1`` shares, ``variance``, remain. So what the
+server, or one member, learns of the round is a deterministic function of a Skellam mechanism
+of variance ``variance``: one :class:`~fedcomm.privacy.events.SkellamRelease` per agent,
+whatever the dropouts, as long as the sum is unmasked at all (SecAgg+ unmasks only with
+``threshold`` agents). Nothing is clipped after the noise (the reduction wraps): there is no
+tail event to add to delta.
 
 The sensitivity of one agent's integer vector under replace-one is
 ``2 (scale * clip + sqrt(dim) / 2)`` in L2 (rounding moves each coordinate by at most 1/2) and
@@ -41,9 +43,10 @@ MARGIN = 8.0  # noise standard deviations the decoded sum keeps clear of the wra
 
 
 def threshold_of(agents: int) -> int:
-    """SecAgg+'s reconstruction threshold for a cohort of ``agents``: two thirds, at least 2.
-    A sum is unmasked only with this many agents' inputs in it."""
-    return max(2, math.ceil(2 * agents / 3))
+    """SecAgg+'s reconstruction threshold for a cohort of ``agents``: two thirds, at least 3
+    (a sum of two tells each the other's). A sum is unmasked only with this many agents'
+    inputs in it."""
+    return max(3, math.ceil(2 * agents / 3))
 
 
 @dataclass(frozen=True)
@@ -70,8 +73,8 @@ class SkellamCodec:
     def __post_init__(self) -> None:
         if not (0 < self.clip < math.inf and 0 <= self.noise < math.inf):
             raise ValueError("clip must be positive and finite, noise non-negative and finite")
-        if self.agents < 2 or self.dim < 1:
-            raise ValueError("a cohort has two agents or more, and an update one coordinate")
+        if self.agents < 3 or self.dim < 1:
+            raise ValueError("a cohort has three agents or more, and an update one coordinate")
 
     @property
     def threshold(self) -> int:
@@ -89,7 +92,7 @@ class SkellamCodec:
         ``RESOLUTION`` long, its noise's standard deviation at most ``NOISE_LENGTH``, and the
         largest sum (``agents`` clipped updates and ``MARGIN`` standard deviations of the most
         noise it can hold) within half the range."""
-        worst_noise = self.noise * math.sqrt(self.agents / self.threshold)
+        worst_noise = self.noise * math.sqrt(self.agents / (self.threshold - 1))
         reach = self.agents + MARGIN * worst_noise + 1  # per coordinate, in clipped lengths
         length = min(RESOLUTION, self.target_range / (4 * reach),
                      NOISE_LENGTH / max(self.noise, 1.0))
@@ -102,8 +105,14 @@ class SkellamCodec:
 
     @property
     def variance(self) -> float:
-        """Variance per coordinate of the noise a sum of ``threshold`` inputs holds."""
+        """Variance per coordinate of the noise that ``threshold - 1`` inputs hold together:
+        what protects one agent in a sum, one other input's share known."""
         return (self.noise * self.scale * self.clip) ** 2
+
+    @property
+    def share(self) -> float:
+        """Variance per coordinate of one agent's noise."""
+        return self.variance / (self.threshold - 1)
 
     def release(self) -> SkellamRelease | None:
         """What one round of an agent's input releases (``None`` without noise)."""
@@ -117,15 +126,17 @@ class SkellamCodec:
         noise share added, reduced modulo the range, in ``[-clipping_range,
         clipping_range)``."""
         update = np.asarray(update, dtype=np.float64).ravel()
-        if update.size != self.dim or not np.isfinite(update).all():
-            raise ValueError(f"an update of {self.dim} finite coordinates, got "
-                             f"{update.size} ({int((~np.isfinite(update)).sum())} not finite)")
+        if update.size != self.dim:
+            raise ValueError(f"an update of {self.dim} coordinates, got {update.size}")
+        # a coordinate that is not finite counts as 0: a function of the agent's data like any
+        # other, inside the clip, so nothing of it leaves the mechanism (not even a failure)
+        update = np.nan_to_num(update, nan=0.0, posinf=0.0, neginf=0.0)
         norm = float(np.linalg.norm(update))
         if norm > self.clip:
             update = update * (self.clip / norm)
         integers = np.rint(update * self.scale)
         if self.noise > 0:
-            rate = torch.full((self.dim,), self.variance / self.threshold / 2,
+            rate = torch.full((self.dim,), self.share / 2,
                               dtype=torch.float64)
             share = torch.poisson(rate, generator) - torch.poisson(rate, generator)
             integers = integers + share.numpy()
@@ -144,7 +155,7 @@ class SkellamCodec:
     def sum_bound(self, count: int) -> float:
         """The longest sum of ``count`` honest inputs, but with probability below e^-30: their
         clipped updates, rounding, and the noise (a chi bound, Laurent and Massart 2000)."""
-        var = count * self.variance / self.threshold / self.scale**2
+        var = count * self.share / self.scale**2
         x = 30.0
         noise = math.sqrt(var * (self.dim + 2 * math.sqrt(self.dim * x) + 2 * x))
         rounding = count * math.sqrt(self.dim) / (2 * self.scale)

@@ -53,11 +53,13 @@ CLIENT_LEVEL_REPORT = "client_dp_report.json"
 
 
 def write_client_level_report(run_dir: Path, fed: FederationConfig,
-                              ledgers: Mapping[str, Path]) -> dict[str, Any]:
+                              ledgers: Mapping[str, Path],
+                              releases: Sequence[Any] = ()) -> dict[str, Any]:
     """``client_dp_report.json`` (and ``.html``): each agent's client-level epsilon of the
     aggregated module over its whole participation (unit ``history``, replace-one), from
     ``ledgers``: the server's (server-side client-level DP) or the agents' own (distributed,
-    under secure aggregation: Skellam releases, which only the RDP accountant composes)."""
+    under secure aggregation: Skellam releases, which only the RDP accountant composes, each
+    cohort's declared as ``releases``)."""
     from fedcomm.privacy.page import render_html
     from fedcomm.privacy.report import RunInfo, build_report, write_report
 
@@ -65,6 +67,9 @@ def write_client_level_report(run_dir: Path, fed: FederationConfig,
     declared: dict[str, Any] = {"noise_multiplier": fed.client_dp_noise, "clip": clip}
     if fed.secure_aggregation:
         declared |= {"kind": "skellam", "added_by": "agents, each a share for the threshold"}
+        for key in ("variance", "l2_sensitivity", "l1_sensitivity"):  # each cohort's release
+            if releases:
+                declared[key] = [float(getattr(r, key)) for r in releases]
         mechanism, accountant = "each agent's update with its share of Skellam noise, summed " \
             "under SecAgg+", "rdp"
     else:

@@ -42,7 +42,7 @@ from fedcomm.config import FederationConfig
 from fedcomm.privacy.skellam import SkellamCodec
 from fedcomm.protocol.secure import MAX_WEIGHT, MODULUS, ROUND
 from fedcomm.releases.cohorts import codec, cohorts
-from fedcomm.server.layout import ReplyLayout
+from fedcomm.server.layout import ReplyLayout, initial_arrays
 from fedcomm.server.messaging import exchange, wire_bytes
 
 
@@ -115,6 +115,13 @@ class _Cohort(Strategy):
         return None
 
 
+def cohort_dims(fed: FederationConfig) -> list[int]:
+    """Each cohort's coordinates (``releases.cohorts.cohorts`` order): what one agent's update
+    of it holds."""
+    layout = ReplyLayout.of(fed, initial_arrays(fed))
+    return [sum(math.prod(s.shape) for s in layout.agents[c[0]].values()) for c in cohorts(fed)]
+
+
 class SecureAggregation:
     """The run's cohorts and the arrays of each, and their SecAgg+ every round."""
 
@@ -139,7 +146,11 @@ class SecureAggregation:
                                     f"{encoding.threshold} or more; its arrays keep their value")
                 continue
             stage_grid = _StageGrid(grid, server_round, self.fed.round_timeout, stop)
-            result, summed, left = _secagg(stage_grid, server_round, nodes, encoding)
+            try:
+                result, summed, left = _secagg(stage_grid, server_round, nodes, encoding)
+            except Exception as e:  # a reply Flower's stages cannot use (a faulty agent's)
+                stage_grid.failures.append(f"{type(e).__name__}: {e}")
+                result, summed, left = None, set(), []
             count = len(summed)
             out.bytes_sent += stage_grid.sent
             out.bytes_received += stage_grid.received
@@ -175,8 +186,8 @@ def _secagg(grid: _StageGrid, server_round: int, nodes: list[int], encoding: Ske
     ``None``), the nodes whose inputs it holds, and the nodes that left before the end (those
     in the sum sent their masked input first; their masks are removed with the others'
     shares)."""
-    workflow = SecAggPlusWorkflow(
-        num_shares=len(nodes), reconstruction_threshold=encoding.threshold,
+    workflow = SecAggPlusWorkflow(  # every node shares with every other (num_shares 1.0)
+        num_shares=1.0, reconstruction_threshold=encoding.threshold,
         max_weight=MAX_WEIGHT, clipping_range=encoding.clipping_range,
         quantization_range=encoding.target_range, modulus_range=MODULUS)
     strategy = _Cohort(nodes, grid.grid)
@@ -190,8 +201,14 @@ def _secagg(grid: _StageGrid, server_round: int, nodes: list[int], encoding: Ske
         return None, set(), []
     # the agents hold the global module already: the third stage carries only key shares
     state.nid_to_fitins = {n: RecordDict() for n in state.nid_to_fitins}
-    if not (workflow.share_keys_stage(grid, context, state)
-            and workflow.collect_masked_vectors_stage(grid, context, state)):
+    if not workflow.share_keys_stage(grid, context, state):
+        return None, set(), []
+    # a node lost before its shares went out is in nobody's masks: the round goes on without
+    # it (Flower's stages would ask for shares of its secrets, which nobody holds)
+    state.sampled_node_ids = set(state.active_node_ids)
+    for nid in state.nid_to_neighbours:
+        state.nid_to_neighbours[nid] &= state.sampled_node_ids
+    if not workflow.collect_masked_vectors_stage(grid, context, state):
         return None, set(), []
     summed = set(state.active_node_ids)
     if not workflow.unmask_stage(grid, context, state) or strategy.result is None:

@@ -113,22 +113,26 @@ def test_encoded_inputs_pass_flowers_quantizer_unchanged_and_sum_exactly(agents,
     error = np.linalg.norm(decoded - clipped)
     if noise == 0:
         assert error <= agents * math.sqrt(dim) / (2 * enc.scale)  # rounding alone
-    else:  # the noise of the whole sum: variance per coordinate at least `variance`
-        var = agents / enc.threshold * enc.variance / enc.scale**2
+    else:  # the noise of the whole sum: every agent's share, `variance / (threshold - 1)`
+        var = agents * enc.share / enc.scale**2
         assert 0.8 * math.sqrt(var * dim) < error < 1.2 * math.sqrt(var * dim)
     assert np.linalg.norm(decoded) <= enc.sum_bound(agents)
 
 
-def test_an_update_is_clipped_to_the_norm_and_one_with_nan_refused():
+def test_an_update_is_clipped_to_the_norm_and_what_is_not_finite_counts_as_zero():
+    """A coordinate that is not finite is a function of the agent's data like any other: it
+    is encoded (as 0), not refused, so that nothing of it leaves outside the mechanism."""
     enc = SkellamCodec(clip=0.1, noise=0.0, agents=3, dim=4)
     x = enc.encode(np.array([3.0, 4.0, 0.0, 0.0]), torch.Generator())
     np.testing.assert_allclose(centred(x, enc), [0.06, 0.08, 0, 0], atol=1 / enc.scale)
-    with pytest.raises(ValueError, match="finite"):
-        enc.encode(np.array([np.nan, 0, 0, 0]), torch.Generator())
+    x = enc.encode(np.array([np.nan, np.inf, 0.03, 0.04]), torch.Generator())
+    np.testing.assert_allclose(centred(x, enc), [0, 0, 0.03, 0.04], atol=1 / enc.scale)
+    with pytest.raises(ValueError, match="4 coordinates, got 3"):
+        enc.encode(np.zeros(3), torch.Generator())
 
 
-def test_the_threshold_is_two_thirds_and_a_cohort_of_two_is_refused():
-    assert [threshold_of(n) for n in (3, 8, 32, 128)] == [2, 6, 22, 86]
+def test_the_threshold_is_two_thirds_at_least_three_and_a_cohort_of_two_is_refused():
+    assert [threshold_of(n) for n in (3, 4, 8, 32, 128)] == [3, 3, 6, 22, 86]
     with pytest.raises(ValueError, match="at least 3"):
         from fedcomm.releases.cohorts import check_cohorts
         check_cohorts(private_default("--sites", "2", "--secure-aggregation"))
@@ -158,7 +162,7 @@ def setup_message(fed, server_round: int = 3, **change: object) -> Message:
 
 
 @pytest.mark.parametrize(("change", "says"), [
-    ({Key.THRESHOLD: 2}, "threshold 2, this agent needs at least 4"),
+    ({Key.THRESHOLD: 3}, "threshold 3, this agent needs at least 4"),
     ({Key.SAMPLE_NUMBER: 9}, "sample_num"),
     ({Key.CLIPPING_RANGE: 64.0}, "clipping_range"),
     ({Key.TARGET_RANGE: 2**22}, "target_range"),
@@ -172,6 +176,16 @@ def test_an_agent_refuses_a_setup_with_less_than_its_noise_was_sized_for(change,
         answer_stage(setup_message(fed, **change), kept_state(fed))
     with pytest.raises(ValueError, match="input is of round 3"):
         answer_stage(setup_message(fed, server_round=4), kept_state(fed))
+
+
+def test_an_agent_answers_no_stage_of_a_round_whose_setup_it_did_not_check():
+    fed = private_default("--sites", "5", "--secure-aggregation")
+    context = kept_state(fed)
+    share_keys = Message(RecordDict({
+        RECORD_KEY_CONFIGS: ConfigRecord({Key.STAGE: Stage.SHARE_KEYS}),
+        ROUND: ConfigRecord({"round": 3})}), dst_node_id=5, message_type=MessageType.TRAIN)
+    with pytest.raises(ValueError, match="skips the setup"):
+        answer_stage(share_keys, context)
 
 
 # -- whole rounds -------------------------------------------------------------------------------
@@ -238,13 +252,15 @@ def test_the_server_receives_masked_vectors_and_the_sum_and_nothing_of_one_updat
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("leaves", [Stage.UNMASK, Stage.COLLECT_MASKED_VECTORS])
+@pytest.mark.parametrize("leaves", [Stage.UNMASK, Stage.COLLECT_MASKED_VECTORS,
+                                    Stage.SHARE_KEYS])
 def test_one_of_eight_leaving_the_round_completes_with_the_others_and_is_accounted(
         tmp_path: Path, leaves: str):
     """Eight speakers in one cohort (threshold 6); one node goes silent: after sending its
-    masked input (its input is in the sum, its masks removed with the others' shares) or
-    before (the sum of seven). The round completes, the agent is named, and every speaker's
-    ledger holds the release its noise share was sized for: the threshold's, whatever left."""
+    masked input (its input is in the sum, its masks removed with the others' shares), before
+    it (the sum of seven), or before it shared its secrets (in nobody's masks). The round
+    completes, the agent is named, and every speaker's ledger holds the release its noise share
+    was sized for (the threshold's), whatever left."""
     run, fed = secure_run(tmp_path, 8, "--client-dp-noise", "2", "--round-timeout", "20",
                           "--on-agent-failure", "continue")
     leaver = 1 + cohorts(fed)[0][3]
