@@ -81,9 +81,10 @@ def _cohorts(config: str) -> tuple[tuple[int, ...], ...]:
 
 
 def noise_for_epsilon(fed: FederationConfig, epsilon: float, dims: Sequence[int]) -> float:
-    """The least ``client_dp_noise`` (to 4 significant digits, rounded up) whose releases over
-    the run's rounds cost every agent of every cohort at most ``epsilon`` at the run's delta
-    (``dims``: each cohort's coordinates, in ``cohorts`` order). ``ValueError`` past 10^4."""
+    """A ``client_dp_noise`` (to 4 significant digits) whose releases over the run's rounds cost
+    every agent of every cohort at most ``epsilon`` at the run's delta, checked at the value
+    returned (``dims``: each cohort's coordinates, in ``cohorts`` order). ``ValueError`` past
+    10^4."""
     from fedcomm.privacy.accountants import make_accountant
 
     rdp, delta = make_accountant("rdp"), fed.train.privacy.delta
@@ -100,4 +101,7 @@ def noise_for_epsilon(fed: FederationConfig, epsilon: float, dims: Sequence[int]
         mid = math.sqrt(low * high)
         low, high = (low, mid) if cost(mid) <= epsilon else (mid, high)
     places = 3 - math.floor(math.log10(high))
-    return round(math.ceil(high * 10**places) / 10**places, places)
+    noise = round(math.ceil(high * 10**places) / 10**places, places)
+    while cost(noise) > epsilon:  # the scale steps at powers of two: the cost is not monotone
+        noise = round(noise + 10**-places, places)
+    return noise

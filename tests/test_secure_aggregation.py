@@ -285,7 +285,7 @@ def test_one_of_eight_leaving_the_round_completes_with_the_others_and_is_account
     assert audit(tmp_path / "run" / "client_dp_report.json", agents=speakers).ok
 
 
-def test_the_noise_for_a_client_level_epsilon_is_the_least_that_meets_it():
+def test_the_noise_for_a_client_level_epsilon_meets_it_and_little_less_would_not():
     fed = private_default("--sites", "8", "--secure-aggregation", "--client-dp-clip", "0.5",
                           "--env-steps", str(10 * B * 25))  # ten rounds
     dims = [4420]
@@ -296,7 +296,7 @@ def test_the_noise_for_a_client_level_epsilon_is_the_least_that_meets_it():
         trial = replace(fed, client_dp_noise=sigma)
         return rdp.epsilon([codec(trial, 8, 4420).release().with_count(fed.rounds)], 1e-5)
 
-    assert fed.rounds == 10 and cost(noise) <= 2.0 < cost(noise * 0.999)
+    assert fed.rounds == 10 and cost(noise) <= 2.0 < cost(noise * 0.995)
     flags = ["simulate", "--sites", "8", "--secure-aggregation", "--client-dp-epsilon", "2"]
     built = federation_config_from_args(build_parser().parse_args(flags))
     assert built.client_dp_noise > 0 and built.client_dp_epsilon == 2
