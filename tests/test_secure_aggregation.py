@@ -21,7 +21,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedcomm.clients.secure import STATE, answer_stage
-from fedcomm.commands import build_parser, federation_config_from_args
+from fedcomm.commands import build_parser, federation_config_from_args, main
 from fedcomm.commands.flags import FlagError
 from fedcomm.privacy.accountants import make_accountant
 from fedcomm.privacy.audit import audit
@@ -35,6 +35,7 @@ from fedcomm.server.checkpoint import load_checkpoint
 from fedcomm.server.layout import ReplyLayout, initial_arrays
 from fedcomm.server.validation import ReplyScreen
 from tests.harness.grids import B, FederatedRun, private_default
+from tests.harness.processes import ROUND_STEPS, SMALL, deploy, simulate
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -315,3 +316,27 @@ def test_without_noise_an_agent_clips_at_what_an_honest_optimizer_reaches():
     assert codec(fed, 3, 100).clip == pytest.approx(reach * 10)
     noisy = replace(fed, client_dp_noise=1.0, client_dp_clip=0.3)
     assert codec(noisy, 3, 100).clip == 0.3
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("how", ["simulate", "deploy local"])
+def test_a_secure_run_with_client_level_dp_sums_every_round_and_its_report_is_audited(
+        tmp_path: Path, how: str):
+    """The run as a user starts it: Flower's simulation engine (Ray actors serving the agents)
+    or a deployment (SuperLink, SuperNodes, each agent's worker holding its SecAgg+ state).
+    Every round's updates are summed by SecAgg+, each agent charged its client-level ledger,
+    the run prints the client-level epsilon and ``fedcomm audit`` verifies both reports."""
+    out = tmp_path / "run"
+    flags = ["--secure-aggregation", "--client-dp-noise", "2", "--client-dp-clip", "0.5",
+             "--env-steps", str(2 * ROUND_STEPS), "--out", str(out)]
+    proc = deploy(*flags) if how == "deploy local" else simulate(*SMALL, *flags)
+    log, _ = proc.communicate(timeout=400)
+    assert proc.returncode == 0, log
+    assert "client-level DP of the aggregated module" in log and "Traceback" not in log
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1, 2]
+    assert all(r["secure_s"] > 0 and r["secure_bytes_received"] > 0 and not r["secure_left"]
+               and r["failures"] == 0 for r in rows)
+    for agent in ("sensor_0", "processor_0", "actuator_0"):  # one cohort: all send comm.*
+        assert len(read_ledger(out / "agents" / agent / "client_level.jsonl")) == 2
+    assert main(["audit", str(out)]) == 0
