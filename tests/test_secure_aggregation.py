@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import ConfigRecord, Context, Error, Message, MessageType, RecordDict
 from flwr.common import bytes_to_ndarray
-from flwr.common.constant import SUPERLINK_NODE_ID
+from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
 from flwr.common.secure_aggregation.quantization import quantize
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 from flwr.supercore.task_identity import TaskIdentity
@@ -257,17 +257,23 @@ def test_the_server_receives_masked_vectors_and_the_sum_and_nothing_of_one_updat
                                     Stage.SHARE_KEYS])
 def test_one_of_eight_leaving_the_round_completes_with_the_others_and_is_accounted(
         tmp_path: Path, leaves: str):
-    """Eight speakers in one cohort (threshold 6); one node goes silent: after sending its
+    """Eight speakers in one cohort (threshold 6); one node's process dies: after sending its
     masked input (its input is in the sum, its masks removed with the others' shares), before
     it (the sum of seven), or before it shared its secrets (in nobody's masks). The round
     completes, the agent is named, and every speaker's ledger holds the release its noise share
     was sized for (the threshold's), whatever left."""
-    run, fed = secure_run(tmp_path, 8, "--client-dp-noise", "2", "--round-timeout", "20",
+    run, fed = secure_run(tmp_path, 8, "--client-dp-noise", "2",
                           "--on-agent-failure", "continue")
     leaver = 1 + cohorts(fed)[0][3]
     answer = run.grid.answers[leaver]
-    run.grid.answers[leaver] = lambda node, msg: (None if stage_of(msg) == leaves
-                                                  else answer(node, msg))
+
+    def leaving(node: int, msg: Message) -> Message | None:
+        if stage_of(msg) != leaves:
+            return answer(node, msg)
+        # its process gone: Flower answers with an error in its place
+        return Message(Error(ErrorCode.NODE_UNAVAILABLE, f"node {node} left"), reply_to=msg)
+
+    run.grid.answers[leaver] = leaving
     try:
         result = run.federation().run_rounds()
     finally:
