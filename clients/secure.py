@@ -32,6 +32,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from flwr.compat.common.recorddict_compat import fitres_to_recorddict
 
 from fedcomm.config import FederationConfig
+from fedcomm.privacy.budget import PrivacyBudget
 from fedcomm.privacy.events import SkellamRelease
 from fedcomm.privacy.ledger import Ledger, config_hash, release_from_entry
 from fedcomm.privacy.noise import secure_generator
@@ -55,8 +56,8 @@ def flat(arrays: Mapping[str, torch.Tensor]) -> np.ndarray:
 
 def keep_input(fed: FederationConfig, index: int, agent_id: str, state_dir: Path,
                context_state: RecordDict, server_round: int,
-               sent: Mapping[str, torch.Tensor], trained: Mapping[str, torch.Tensor],
-               seed: int | None = None) -> None:
+               sent: Mapping[str, torch.Tensor], trained: Mapping[str, torch.Tensor]
+               ) -> None:
     """Encode the agent's update of ``server_round`` (``trained`` minus ``sent``, over the
     arrays it sends) and keep it for SecAgg+; its release is in the ledger first."""
     cohort = cohort_of(fed, index)
@@ -67,7 +68,7 @@ def keep_input(fed: FederationConfig, index: int, agent_id: str, state_dir: Path
         with Ledger(state_dir / LEDGER, agent_id, config_hash(fed.to_dict())) as ledger:
             _check_budget(fed, ledger, release)
             ledger.append(release, round=server_round, batch=server_round, unit="history")
-    vector = encoding.encode(update, secure_generator(seed))
+    vector = encoding.encode(update, secure_generator())
     context_state[STATE] = ConfigRecord({
         "round": server_round, "agents": len(cohort), "threshold": encoding.threshold,
         "clipping_range": encoding.clipping_range, "target_range": encoding.target_range,
@@ -75,16 +76,12 @@ def keep_input(fed: FederationConfig, index: int, agent_id: str, state_dir: Path
 
 
 def _check_budget(fed: FederationConfig, ledger: Ledger, release: SkellamRelease) -> None:
-    """Refuse an input past ``client_dp_epsilon`` (a round run again is charged again)."""
-    if fed.client_dp_epsilon is None:
-        return
-    from fedcomm.privacy.accountants import make_accountant
-
-    spent = [release_from_entry(e) for e in ledger.entries]
-    epsilon = make_accountant("rdp").epsilon([*spent, release], fed.train.privacy.delta)
-    if epsilon > fed.client_dp_epsilon:
-        raise ValueError(f"its client-level budget, epsilon {fed.client_dp_epsilon:g}, is spent: "
-                         f"another round's input would make it {epsilon:.4g}; it sends none")
+    """Refuse an input past ``client_dp_epsilon`` (a round run again is charged again):
+    ``BudgetExhausted``, and the agent keeps no input."""
+    if fed.client_dp_epsilon is not None:
+        budget = PrivacyBudget(fed.client_dp_epsilon, fed.train.privacy.delta, "rdp")
+        budget.check([release_from_entry(e) for e in ledger.entries], [release],
+                     who=f"{ledger.agent}'s client-level participation")
 
 
 def answer_stage(msg: Message, context: Context) -> Message:
@@ -107,6 +104,9 @@ def answer_stage(msg: Message, context: Context) -> Message:
             raise ValueError(f"this agent's input of round {server_round} was masked and sent "
                              "once already; it is not sent into a second sum")
         kept["masked"] = True
+        reply = secaggplus_mod(msg, context, _give_input(kept))
+        kept["input"] = b""  # sent: the node keeps no copy of it
+        return reply
     return secaggplus_mod(msg, context, _give_input(kept))
 
 

@@ -249,6 +249,12 @@ class TrainConfig:
             per_epoch = max(per_epoch, round(1 / rate))
         return self.ppo.epochs * per_epoch
 
+    def step_reach(self, batches: int) -> float:
+        """The furthest an honest agent's optimizer moves one parameter in ``batches`` episode
+        batches: Adam's bound per step times the learning rate (never above ``ppo.lr``) times
+        the steps."""
+        return adam_step_bound() * self.ppo.lr * self.optimizer_steps * batches * (1 + 1e-6)
+
     def to_dict(self) -> dict:
         return asdict(self)
 

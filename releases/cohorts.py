@@ -15,7 +15,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import replace
 
-from fedcomm.config import FederationConfig, adam_step_bound
+from fedcomm.config import FederationConfig
 from fedcomm.privacy.skellam import SkellamCodec
 from fedcomm.releases.schedule import averages_private, initial_routes, shared_parts
 
@@ -43,14 +43,11 @@ def codec(fed: FederationConfig, cohort: int, dim: int) -> SkellamCodec:
 def clip_of(fed: FederationConfig, dim: int) -> float:
     """The L2 bound of an agent's update of ``dim`` coordinates: ``client_dp_clip`` under
     client-level DP; else the furthest an honest agent's optimizer moves it in a round (Adam's
-    bound per step and coordinate, ``fedcomm.config.adam_step_bound``, as the server checks an
-    update sent in the clear), which clips no honest update."""
+    bound per step and coordinate, ``TrainConfig.step_reach``, as the server checks an update
+    sent in the clear), which clips no honest update."""
     if fed.client_dp_noise > 0:
         return fed.client_dp_clip
-    train = fed.train
-    reach = (adam_step_bound() * train.ppo.lr * train.optimizer_steps * fed.batches_per_round
-             * (1 + 1e-6))
-    return reach * math.sqrt(dim)
+    return fed.train.step_reach(fed.batches_per_round) * math.sqrt(dim)
 
 
 def check_cohorts(fed: FederationConfig) -> None:

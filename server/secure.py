@@ -118,8 +118,7 @@ class _Cohort(Strategy):
 def cohort_dims(fed: FederationConfig) -> list[int]:
     """Each cohort's coordinates (``releases.cohorts.cohorts`` order): what one agent's update
     of it holds."""
-    layout = ReplyLayout.of(fed, initial_arrays(fed))
-    return [sum(math.prod(s.shape) for s in layout.agents[c[0]].values()) for c in cohorts(fed)]
+    return SecureAggregation(fed, ReplyLayout.of(fed, initial_arrays(fed))).dims
 
 
 class SecureAggregation:
@@ -130,15 +129,15 @@ class SecureAggregation:
         self.cohorts = cohorts(fed)
         self.arrays = [{k: layout.agents[c[0]][k].shape for k in sorted(layout.agents[c[0]])}
                        for c in self.cohorts]
+        self.dims = [sum(math.prod(s) for s in shapes.values()) for shapes in self.arrays]
 
     def run(self, grid: Grid, server_round: int, node_of: dict[int, int],
             stop: threading.Event | None = None) -> SecureSums:
         """SecAgg+ with the nodes of every cohort's agents in ``node_of`` (agent index ->
         node: those whose train reply was accepted)."""
         out, t0 = SecureSums(), time.perf_counter()
-        for cohort, shapes in zip(self.cohorts, self.arrays, strict=True):
+        for cohort, shapes, dim in zip(self.cohorts, self.arrays, self.dims, strict=True):
             nodes = [node_of[a] for a in cohort if a in node_of]
-            dim = sum(math.prod(s) for s in shapes.values())
             encoding = codec(self.fed, len(cohort), dim)
             who = f"cohort of {self.fed.spec.agent_ids[cohort[0]]} ({len(cohort)} agents)"
             if len(nodes) < encoding.threshold:

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 
-from fedcomm.config import FederationConfig, adam_step_bound
+from fedcomm.config import FederationConfig
 from fedcomm.protocol.round import (
     ARRAYS,
     METRICS,
@@ -292,11 +292,8 @@ class ReplyScreen:
 
     def step_bound(self, batches: int) -> float:
         """The furthest an honest agent's optimizer moves one parameter in ``batches`` episode
-        batches: Adam's bound per step times the learning rate (never above ``ppo.lr``) times
-        the steps."""
-        train = self.fed.train
-        return (adam_step_bound() * train.ppo.lr * train.optimizer_steps * batches
-                * (1 + 1e-6))
+        batches (``TrainConfig.step_reach``)."""
+        return self.fed.train.step_reach(batches)
 
     def _within_the_median(self, candidates: list[_Candidate], rejected: list[str]
                            ) -> tuple[list[_Candidate], float]:

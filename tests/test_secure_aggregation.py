@@ -20,11 +20,12 @@ from flwr.common.secure_aggregation.quantization import quantize
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedcomm.clients.secure import STATE, answer_stage
+from fedcomm.clients.secure import STATE, answer_stage, keep_input
 from fedcomm.commands import build_parser, federation_config_from_args, main
 from fedcomm.commands.flags import FlagError
 from fedcomm.privacy.accountants import make_accountant
 from fedcomm.privacy.audit import audit
+from fedcomm.privacy.budget import BudgetExhausted
 from fedcomm.privacy.events import SkellamRelease, gaussian_release, merge
 from fedcomm.privacy.ledger import Ledger, read_ledger, release_from_entry
 from fedcomm.privacy.skellam import SkellamCodec, threshold_of
@@ -209,6 +210,21 @@ def test_the_server_receives_masked_vectors_and_the_sum_and_nothing_of_one_updat
     the unmasked sum equals the sum of the agents' clipped, noised updates (their inputs) to
     the float's last bit, and the new global module is the module sent plus its mean."""
     run, fed = secure_run(tmp_path, 4, "--client-dp-noise", "1", "--client-dp-clip", "0.5")
+    inputs: dict[int, np.ndarray] = {}  # each agent's input, read from its own state as it is
+    # asked to mask it (the node keeps no copy after)
+
+    def reading(answer):
+        def answered(node: int, msg: Message) -> Message | None:
+            if stage_of(msg) == Stage.COLLECT_MASKED_VECTORS:
+                kept = run.grid.contexts[node].state.config_records[STATE]
+                inputs[node] = np.frombuffer(kept["input"], dtype=np.float64).copy()
+            reply = answer(node, msg)
+            if stage_of(msg) == Stage.COLLECT_MASKED_VECTORS:
+                assert run.grid.contexts[node].state.config_records[STATE]["input"] == b""
+            return reply
+        return answered
+
+    run.grid.answers = {node: reading(a) for node, a in run.grid.answers.items()}
     try:
         run.federation().run_rounds()
     finally:
@@ -223,10 +239,7 @@ def test_the_server_receives_masked_vectors_and_the_sum_and_nothing_of_one_updat
     start = initial_arrays(fed)
     keys = sorted(ReplyLayout.of(fed, start).agents[cohort[0]])
     enc = codec(fed, len(cohort), sum(start[k].numel() for k in keys))
-    inputs = {}
-    for node in nodes:
-        kept = run.grid.contexts[node].state.config_records[STATE]
-        inputs[node] = np.frombuffer(kept["input"], dtype=np.float64)
+    assert set(inputs) == set(nodes)
     masked = [m for m in staged
               if Key.MASKED_PARAMETERS in m.content.config_records[RECORD_KEY_CONFIGS]]
     assert {m.metadata.src_node_id for m in masked} == set(nodes)
@@ -346,3 +359,24 @@ def test_a_secure_run_with_client_level_dp_sums_every_round_and_its_report_is_au
     for agent in ("sensor_0", "processor_0", "actuator_0"):  # one cohort: all send comm.*
         assert len(read_ledger(out / "agents" / agent / "client_level.jsonl")) == 2
     assert main(["audit", str(out)]) == 0
+
+
+def test_an_agent_keeps_no_input_past_its_client_level_epsilon(tmp_path: Path):
+    """Calibrated for the run's two rounds; a third input (a round run again) would pass the
+    epsilon: refused before anything is charged or kept."""
+    fed = federation_config_from_args(build_parser().parse_args([
+        "simulate", "--sites", "3", "--secure-aggregation", "--client-dp-epsilon", "2",
+        "--num-envs", str(B), "--env-steps", str(2 * B * 25), "--batches-per-round", "1"]))
+    assert fed.rounds == 2
+    (cohort,) = cohorts(fed)
+    agent = fed.spec.agent_ids[cohort[0]]
+    state = RecordDict()
+    sent = {"type.speaker.w": torch.zeros(10)}
+    for rnd in (1, 2):
+        keep_input(fed, cohort[0], agent, tmp_path, state, rnd, sent,
+                   {"type.speaker.w": torch.full((10,), 0.01)})
+    with pytest.raises(BudgetExhausted, match="client-level participation"):
+        keep_input(fed, cohort[0], agent, tmp_path, state, 3, sent,
+                   {"type.speaker.w": torch.full((10,), 0.01)})
+    assert len(read_ledger(tmp_path / "client_level.jsonl")) == 2
+    assert state.config_records[STATE]["round"] == 2
