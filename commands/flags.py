@@ -220,6 +220,10 @@ TRAINING_FLAGS = (
             "(under DP-SGD too)"),
     _flag("--recall-coef", path="ppo.recall_coef", accepts=NONNEGATIVE, metavar="W",
           help="the weight of the recall error in each sender's loss"),
+    _flag("--code-warmup", path="team.code_warmup", accepts=NONNEGATIVE_INT, metavar="N",
+          help="form the senders' code before training: N steps of their recall error on "
+          "observations the environment starts from under a public seed (no agent's data, "
+          "nothing released; 0: the code forms in training)"),
     _flag("--signal-coef", path="ppo.signal_coef", accepts=NONNEGATIVE, metavar="W",
           help="positive signalling: reward a discrete channel's senders for codewords that "
           "say something about what they see (under DP-SGD only with --update-statistics)"),

@@ -87,6 +87,10 @@ class TeamConfig:
     # code carries about what the sender sees (Barber and Agakov 2003), episode by episode,
     # so it trains under DP-SGD with nothing about the batch released.
     recall: bool = False
+    # Adam steps of the senders' recall error on public observations before training
+    # (``models.warmup``): a code that tells apart what each sender sees, formed before any
+    # episode and any privacy noise; 0: the code forms in training.
+    code_warmup: int = 0
 
     @property
     def code_from_reward(self) -> bool:
@@ -109,6 +113,11 @@ class TeamConfig:
         elif self.recall:
             raise ValueError("recall (--recall) is for a discrete channel's senders "
                              "(--channel discrete)")
+        if self.code_warmup < 0:
+            raise ValueError(f"code_warmup must be non-negative, got {self.code_warmup}")
+        if self.code_warmup and not self.recall:
+            raise ValueError("a code warm-up (--code-warmup) trains the senders' recall "
+                             "decoders: set recall (--recall)")
         if self.release_every < 1:
             raise ValueError("release_every must be at least 1")
         if self.release_every > 1 and not (self.accumulate or self.recurrent):
