@@ -125,6 +125,9 @@ class FederatedAgent:
                                   train.team, node.tls, timeout=fed.round_timeout,
                                   device=self.device)
         self.dp = update_dp(train.privacy, train.ppo) if private else None
+        # an agent that releases or sends anything trains on none of its episodes where DP-SGD
+        # has no share of the budget: its networks stay public (``update_share`` 0)
+        self.learns = not private or train.privacy.trains_releasing_agents
         cap = node.policy.cap(train.privacy.budget)  # its own policy caps the run's budget
         cfg = (train.privacy if cap == train.privacy.budget
                else replace(train.privacy, epsilon_budget=cap))
@@ -135,7 +138,7 @@ class FederatedAgent:
         # DP-SGD's steps compose with the agent's releases even where it sends no network
         # (they shape its later releases); a plain update counts where it is sent.
         steps = (update_releases(train.privacy, train.ppo)
-                 if self.dp is not None or sends else [])
+                 if self.learns and (self.dp is not None or sends) else [])
         self.party = Party(team, transport, train.ppo, seed=train.seed * 1000 + self.index,
                            dp=self.dp, account=account, update_releases=steps)
         self.store = StateStore(node.state_dir, context_state)
@@ -194,7 +197,8 @@ class FederatedAgent:
                   if train.anneal_lr else train.ppo.lr)
             label = batch_label(self.fed, it, replays)
             record = self.party.train_batch(round=server_round, batch=label, routes=routes,
-                                            seed=train.seed * LABELS + label, lr=lr)
+                                            seed=train.seed * LABELS + label, lr=lr,
+                                            update=self.learns)
             trained += record.spoke
             for k, v in record.stats.items():
                 totals[k] = totals.get(k, 0.0) + v

@@ -13,6 +13,7 @@ from fedcomm.commands.options import add_device, key_value, parser_of
 from fedcomm.commands.output import console
 
 if TYPE_CHECKING:
+    from fedcomm.baselines import EvalResult
     from fedcomm.sim.base import EnvSpec
 
 
@@ -77,12 +78,48 @@ def run(args: argparse.Namespace) -> int:
     env, env_kwargs = target(args, team.spec, trained["env"], trained["env_kwargs"])
     result = evaluate_team(team, env, args.episodes, args.seed, batch=_batch(env),
                            env_kwargs=env_kwargs)
+    shares = paired(args, trained, env, [env_kwargs], result)
     if args.json:
-        print(json.dumps(result.to_dict()))
+        print(json.dumps(result.to_dict() | shares))
     else:
         console.print(f"{env}: return {result.return_mean:.3f} ± {result.return_se:.3f} "
                       f"(s.e., {result.episodes} episodes)")
+        say_shares(shares)
     return 0
+
+
+def paired(args: argparse.Namespace, trained: dict, env: str, site_kwargs: list[dict],
+           result: EvalResult) -> dict:
+    """The scripted teams (and the run's DP ceiling) on the very episodes the team played
+    (the same seeds and batches, each site's options), averaged over the sites like the
+    team's return, and the shares of their gaps the team closes: paired, so the episodes'
+    own spread cancels from the comparison. Empty where ``env`` has no scripted teams but
+    a random one (mpe2's)."""
+    from fedcomm.baselines import EvalResult, baseline_summary, evaluate_baselines
+    from fedcomm.config import TeamConfig
+    from fedcomm.sim.registry import make_env
+
+    if "no_comm" not in make_env(env, 1, **site_kwargs[0]).scripted_teams:
+        return {}
+    team = TeamConfig(**trained["team"]) if "team" in trained else None
+    each = [evaluate_baselines(env, args.episodes, args.seed, batch=_batch(env),
+                               env_kwargs=kwargs, team=team) for kwargs in site_kwargs]
+    mean = {name: EvalResult(sum(b[name].return_mean for b in each) / len(each),
+                             math.sqrt(sum(b[name].return_se ** 2 for b in each)) / len(each),
+                             sum(b[name].episodes for b in each)) for name in each[0]}
+    summary = baseline_summary(result, mean)
+    return {k: summary[k] for k in ("baselines", "gap_closed", "ceiling_gap_closed",
+                                    "of_ceiling") if k in summary}
+
+
+def say_shares(shares: dict) -> None:
+    if shares.get("gap_closed") is None:
+        return
+    line = f"gap closed (no_comm -> oracle, on the same episodes): {shares['gap_closed']:.1%}"
+    if shares.get("of_ceiling") is not None:
+        line += (f"; of the DP ceiling's gap: {shares['of_ceiling']:.1%} (the ceiling closes "
+                 f"{shares['ceiling_gap_closed']:.1%})")
+    console.print(line, highlight=False, soft_wrap=True)
 
 
 def target(args: argparse.Namespace, spec: EnvSpec, env: str, env_kwargs: dict,
@@ -114,23 +151,27 @@ def each_site(args: argparse.Namespace, trained: dict) -> int:
     sites = int(trained["env_kwargs"].get(SITES, 1))
     device = resolve_device(args.device)
     results: list[EvalResult] = []
+    site_kwargs: list[dict] = []
     for s in range(sites):
         team = load_team(site_team_file(args.run_dir, s), device)
         env, kwargs = target(args, team.spec, trained["env"], one_site(trained["env_kwargs"], s),
                              notice=s == 0)
+        site_kwargs.append(kwargs)
         results.append(evaluate_team(team, env, args.episodes, args.seed, batch=_batch(env),
                                      env_kwargs=kwargs))
-    mean = sum(r.return_mean for r in results) / sites
-    se = math.sqrt(sum(r.return_se ** 2 for r in results)) / sites
+    mean = EvalResult(sum(r.return_mean for r in results) / sites,
+                      math.sqrt(sum(r.return_se ** 2 for r in results)) / sites,
+                      sum(r.episodes for r in results))
+    shares = paired(args, trained, env, site_kwargs, mean)
     if args.json:
-        print(json.dumps({"return_mean": mean, "return_se": se,
-                          "episodes": sum(r.episodes for r in results),
-                          "sites": [r.to_dict() for r in results]}))
+        print(json.dumps(mean.to_dict() | {"sites": [r.to_dict() for r in results]} | shares))
         return 0
     for s, r in enumerate(results):
         console.print(f"s{s}: return {r.return_mean:.3f} ± {r.return_se:.3f}", highlight=False)
-    console.print(f"{env}: return {mean:.3f} ± {se:.3f} (s.e.; the mean of {sites} sites' "
-                  f"teams, {args.episodes} episodes each)", highlight=False)
+    console.print(f"{env}: return {mean.return_mean:.3f} ± {mean.return_se:.3f} (s.e.; the "
+                  f"mean of {sites} sites' teams, {args.episodes} episodes each)",
+                  highlight=False)
+    say_shares(shares)
     return 0
 
 

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from fedcomm.commands.options import default_out, federation_config_from_args, given_flags
-from fedcomm.commands.output import console, print_result, rounds_text
+from fedcomm.commands.output import console, design_lines, print_result, rounds_text
 from fedcomm.config import FederationConfig
 from fedcomm.releases.plan import PrivacyPlan
 from fedcomm.summary import RunResult
@@ -90,6 +90,10 @@ def run_federated(args: argparse.Namespace, command: str,
                   f"{rounds_text(fed, rounds_done(out) if args.resume else 0)}; "
                   f"{server_text(fed)} -> {out}")
     console.print(planned.headline(), highlight=False)
+    if not args.resume:
+        private_default = not getattr(args, "non_private", False)
+        for line in design_lines(fed, private_default):
+            console.print(line, highlight=False, soft_wrap=True)
     try:
         result = run(fed, out, planned)
     except FederationError as e:  # a deployment's failures too

@@ -125,6 +125,7 @@ SEED = Number(integer=True, low=0, high=2**32 - 1)
 POSITIVE = Number(low=0, low_open=True)
 NONNEGATIVE = Number(low=0)
 FRACTION = Number(low=0, high=1, low_open=True, high_open=True)  # a share or a delta
+SHARE_OR_NONE = Number(low=0, high=1, high_open=True)  # a share, 0 for none
 EPSILON = POSITIVE  # a budget: finite (no budget is no flag)
 EPSILON_OR_INF = Number(low=0, low_open=True, inf=True)
 PORT = Number(integer=True, low=0, high=65535)
@@ -239,9 +240,11 @@ PRIVACY_FLAGS = (
     _flag("--update-epsilon", path="privacy.update_epsilon", accepts=EPSILON, metavar="E",
           help="calibrate DP-SGD of a federated agent's update to this epsilon per unit "
           "(turns DP-SGD on; with --epsilon: its fixed share)"),
-    _flag("--update-share", path="privacy.update_share", accepts=FRACTION, metavar="P",
+    _flag("--update-share", path="privacy.update_share", accepts=SHARE_OR_NONE, metavar="P",
           help="with --epsilon: DP-SGD's fixed share of it as a fraction (0.2: a fifth), "
-          "the rest to the other mechanisms"),
+          "the rest to the other mechanisms; 0: no DP-SGD, the agents that release or send "
+          "anything do not train (their networks stay what --code-warmup made them) and "
+          "the whole budget goes to their releases"),
     _flag("--epsilon", path="privacy.epsilon", accepts=EPSILON, metavar="E",
           help="one privacy budget per unit covering every release: split over the mechanisms "
           "in use (a federated run gets DP-SGD), each calibrated, the run refused if it "

@@ -314,7 +314,10 @@ def federation_config_from_args(args: argparse.Namespace) -> FederationConfig:
     check_env(args)
     kind = _preset_kind(args)
     private = not args.non_private and args.env in PRIVATE_FEDERATED
-    base = federation_preset(args.env, kind, private=private)
+    values = given(args, TRAIN)  # the private default's design follows --epsilon
+    base = federation_preset(args.env, kind, private, values.get("privacy.epsilon"))
+    if private and "privacy.update_epsilon" in values:  # a fixed target, not the table's share
+        base = replace(base, train=with_value(base.train, "privacy.update_share", None))
     try:
         train = _with_flags(args, base.train)
     except ValueError as e:

@@ -82,8 +82,9 @@ def steps_text(train: TrainConfig, batches: int, asked: bool = True) -> str:
     return text
 
 
-UNIT_TEXT = {("episode", "batch"): "per episode: its batch's releases (DP-SGD makes the later "
-                                   "ones post-processing)",
+UNIT_TEXT = {("episode", "batch"): "per episode: its batch's releases (DP-SGD, or agents that "
+                                   "release and do not train, make the later ones "
+                                   "post-processing)",
              ("episode", "all"): "per episode, every release of the run composing (the "
                                  "networks train on it without DP-SGD)",
              ("history", "batch"): "per agent's whole history",
@@ -148,3 +149,34 @@ def gap_closed_text(summary: RunSummary) -> str:
 def eps_text(value: float | str) -> str:
     value = number(value)
     return "inf (no DP)" if value == math.inf else f"epsilon {value:.3g}"
+
+
+def design_lines(fed: FederationConfig, private_default: bool) -> list[str]:
+    """Before training: the design ``--epsilon`` chose where the run is an environment's
+    private default with a design table, and its DP ceiling, the share of the gap that the
+    mechanism lets a perfect code and the listener's best response to what it hears close
+    (stated after training too, on the same scripted episodes)."""
+    from fedcomm.baselines import (
+        BASELINE_EPISODES,
+        CEILING,
+        EVAL_SEED,
+        baseline_summary,
+        evaluate_baselines,
+    )
+    from fedcomm.presets import PRIVATE_DESIGNS, design_for
+
+    train, lines = fed.train, []
+    epsilon = train.privacy.epsilon
+    if private_default and epsilon is not None and train.env in PRIVATE_DESIGNS:
+        lines.append(f"design for epsilon {epsilon:g} (flags given override it): "
+                     f"{design_for(train.env, epsilon).describe()}")
+    if epsilon is None or not train.team.communicate:
+        return lines
+    baselines = evaluate_baselines(train.env, BASELINE_EPISODES, EVAL_SEED,
+                                   env_kwargs=train.env_kwargs, team=train.team)
+    share = baseline_summary(None, baselines).get("ceiling_gap_closed")
+    if CEILING in baselines and share is not None:
+        lines.append(f"DP ceiling of this design: {share:.1%} of the no_comm -> oracle gap (a "
+                     "scripted team through the same mechanism, schedule and budget: the best "
+                     "code, and the listener's best response to what it hears)")
+    return lines

@@ -10,7 +10,7 @@ needed 1.7x the steps to reach -9.0, since each batch's policy moves a bounded d
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Literal
 
 from fedcomm.config import FederationConfig, PPOConfig, TeamConfig, TrainConfig
@@ -70,28 +70,90 @@ def preset_kind(choice: str, device: str) -> Kind:
     return "gpu" if resolve_device(device).type == "cuda" else "cpu"
 
 
-def _private_speaker_listener(fed: FederationConfig) -> FederationConfig:
-    """Composed epsilon 8 per episode, every release counted (replace-one, delta 1e-5): the
-    goal sent once per episode as one of 4 codewords under randomized response, only on the
-    route that needs it; the speaker learns its code from the team reward and a private
-    decoder that recalls the goal from its release (``recall``), under DP-SGD; the listener
-    releases nothing and shares only what it uses; the ``say`` action, a channel through
-    the environment that no mechanism covers, muted. The recall error weighs 10: at 1 the
-    code formed early in five runs of six and not in the sixth (15% of the gap at 2M steps),
-    since the code's own policy gradient and entropy outweighed it (BENCHMARKS.md). Two sites
-    federate: the speakers' whole models, already under DP-SGD, are averaged
-    across the sites, so every site's listener learns one code (cross-play), while each
-    listener keeps its own networks and releases nothing. 16 batches per round pay a
-    deployment's fixed cost per round (Flower's per-message process and polling, about 5 s)
-    half as often as 8."""
-    t = fed.train
+@dataclass(frozen=True)
+class PrivateDesign:
+    """What ``--epsilon E`` sets in an environment's private default, for budgets from
+    ``epsilon`` up to the next row's (``design_for``); flags given with it still override
+    each value.
+
+    Parameters
+    ----------
+    epsilon
+        The smallest budget the row is for.
+    update_share
+        DP-SGD's share of the budget; ``None``: the default split (randomized response 2,
+        DP-SGD 1); 0: no DP-SGD, the agents that release do not train
+        (``PrivacyConfig.update_share``).
+    symbols, num_envs, env_steps
+        Codewords, episodes per batch, environment steps.
+    """
+
+    epsilon: float
+    update_share: float | None
+    symbols: int
+    num_envs: int
+    env_steps: int
+
+    def describe(self) -> str:
+        if self.update_share is None:
+            split = "randomized response 2 : DP-SGD 1"
+        elif self.update_share == 0:
+            split = "all to randomized response, no DP-SGD (the speakers do not train)"
+        else:
+            split = f"{self.update_share:g} of it to DP-SGD"
+        return (f"the goal as one of {self.symbols} codewords, the budget {split}, the code "
+                f"formed on public observations (--code-warmup {CODE_WARMUP}), "
+                f"{self.num_envs:,} episodes per batch, {self.env_steps:,} steps")
+
+
+CODE_WARMUP = 300  # steps: every seed's code tells the goals apart by then (tests/test_warmup.py)
+DEFAULT_EPSILON = 8.0
+# speaker_listener's private designs by budget, measured on seeds never used to choose them
+# (BENCHMARKS.md, "Small budgets on every seed"). At 8 the default split keeps DP-SGD, so the
+# speakers learn from the reward and the server averages what they learn; below, every share
+# of the budget DP-SGD takes lowers what the message can carry (the DP ceiling) and buys the
+# speaker nothing its public code does not already say, so all of it goes to the message, and
+# the listener, which releases nothing, gets more episodes to learn to read a noisier channel.
+PRIVATE_DESIGNS: dict[str, tuple[PrivateDesign, ...]] = {
+    "speaker_listener": (
+        PrivateDesign(6.0, None, 4, 512, 2_000_000),
+        PrivateDesign(3.0, 0.0, 3, 1024, 3_000_000),
+        PrivateDesign(1.5, 0.0, 3, 1024, 4_000_000),
+        PrivateDesign(0.0, 0.0, 3, 1024, 6_000_000),
+    ),
+}
+
+
+def design_for(env: str, epsilon: float) -> PrivateDesign:
+    """The row of ``env``'s design table for budget ``epsilon``."""
+    return next(d for d in PRIVATE_DESIGNS[env] if epsilon >= d.epsilon)
+
+
+def _private_speaker_listener(fed: FederationConfig,
+                              epsilon: float = DEFAULT_EPSILON) -> FederationConfig:
+    """Composed ``epsilon`` per episode (8 by default), every release counted (replace-one,
+    delta 1e-5): the goal sent once per episode as a codeword under randomized response,
+    only on the route that needs it, by a speaker whose code is formed before training on
+    public observations (``code_warmup``) and kept by a private decoder that recalls the goal
+    from its release (``recall``, weighed 10); the listener releases nothing and shares only
+    what it uses; the ``say`` action, a channel through the environment that no mechanism
+    covers, muted. The rest follows the budget (``PRIVATE_DESIGNS``). Two sites federate:
+    where the speakers train (under DP-SGD), their whole models are averaged across the
+    sites, so every site's listener learns one code (cross-play), while each listener keeps
+    its own networks. 16 batches per round pay a deployment's fixed cost per round (Flower's
+    per-message process and polling, about 5 s) half as often as 8."""
+    t, design = fed.train, design_for("speaker_listener", epsilon)
+    privacy = replace(t.privacy, epsilon=epsilon, update_share=design.update_share)
+    if design.update_share != 0:  # DP-SGD: the advantages centred by a released statistic
+        privacy = replace(privacy, update_statistics=True, update_shared_share=0.5,
+                          update_value_share=0.3)
     train = replace(
-        t, env_steps=2_000_000, env_kwargs={**t.env_kwargs, "say": False, SITES: 2},
-        team=replace(t.team, channel="discrete", symbols=4, release_every=25, accumulate=True,
-                     routes="speaker>listener", feedback=False, recall=True),
-        ppo=replace(t.ppo, recall_coef=10.0),
-        privacy=replace(t.privacy, epsilon=8.0, update_statistics=True,
-                        update_shared_share=0.5, update_value_share=0.3))
+        t, env_steps=design.env_steps, num_envs=max(design.num_envs, t.num_envs),
+        env_kwargs={**t.env_kwargs, "say": False, SITES: 2},
+        team=replace(t.team, channel="discrete", symbols=design.symbols, release_every=25,
+                     accumulate=True, routes="speaker>listener", feedback=False, recall=True,
+                     code_warmup=CODE_WARMUP),
+        ppo=replace(t.ppo, recall_coef=10.0), privacy=privacy)
     return replace(fed, share="senders", aggregate_private=True, batches_per_round=16,
                    train=train)
 
@@ -101,17 +163,21 @@ def _private_speaker_listener(fed: FederationConfig) -> FederationConfig:
 PRIVATE_FEDERATED = {"speaker_listener": _private_speaker_listener}
 
 
-def federation_preset(env: str, kind: Kind = "cpu", private: bool = False) -> FederationConfig:
+def federation_preset(env: str, kind: Kind = "cpu", private: bool = False,
+                      epsilon: float | None = None) -> FederationConfig:
     """The federated run of ``env``: the centralized preset, federated with FedAvg (for
     heterogeneous teams, no part of the shared module averaged: ``FEDERATED_SHARE``, and where
     no global graph prunes, the routes that carry something: ``FEDERATED_ROUTES``); with
-    ``private``, the environment's private design where it has one."""
+    ``private``, the environment's private design where it has one, for budget ``epsilon``
+    (default: its default budget)."""
     train = preset(env, kind)
     train.env_steps = FEDERATED_STEPS.get(env, train.env_steps)
     train.team = replace(train.team, feedback_noise_multiplier=0.0, feedback_clip=UNCLIPPED,
                          routes=FEDERATED_ROUTES.get(env, train.team.routes))
     fed = FederationConfig(train=train, share=FEDERATED_SHARE.get(env, "all"))
-    return PRIVATE_FEDERATED[env](fed) if private and env in PRIVATE_FEDERATED else fed
+    if not (private and env in PRIVATE_FEDERATED):
+        return fed
+    return PRIVATE_FEDERATED[env](fed, DEFAULT_EPSILON if epsilon is None else epsilon)
 
 
 def preset(env: str, kind: Kind = "cpu") -> TrainConfig:

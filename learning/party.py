@@ -159,8 +159,10 @@ class Party:
         t1 = time.perf_counter()
         n = self.team.spec.n_agents
         if not silent:
+            # a party that does not train keeps its normaliser too: nothing of an episode
+            # reaches what it computes from later ones
             targets = compute_targets(rollout, self.cfg, self.value_norm,
-                                      update=self.dp is None)
+                                      update=self.dp is None and update)
         if silent or not self.team.cfg.feedback:  # the party sends feedback for nobody
             senders = torch.zeros(n, dtype=torch.bool, device=rollout.rewards.device)
             sent = rollout.rewards.new_zeros(self.team.spec.episode_length, rollout.num_envs, n,

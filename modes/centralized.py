@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from fedcomm.baselines import EVAL_SEED, EvalResult, evaluate_baselines
+from fedcomm.baselines import EVAL_SEED, EvalResult, baseline_episodes, evaluate_baselines
 from fedcomm.config import TrainConfig
 from fedcomm.device import describe, resolve_device
 from fedcomm.learning.evaluate import evaluate_team
@@ -107,8 +107,9 @@ def train(cfg: TrainConfig, out: str | Path, progress: bool = True,
     # The checkpoint first: whatever fails after it, nothing trained is lost.
     team.save(run.path / TEAM_FILE, {"value_norm": value_norm.state_dict()})
     final = evaluate()
-    baselines = evaluate_baselines(cfg.env, cfg.eval_episodes, EVAL_SEED,
-                                   env_kwargs=cfg.env_kwargs, device=device, team=cfg.team)
+    baselines = evaluate_baselines(
+        cfg.env, baseline_episodes(cfg.env, cfg.eval_episodes, cfg.env_kwargs), EVAL_SEED,
+        env_kwargs=cfg.env_kwargs, device=device, team=cfg.team)
     importance = communication_importance(
         team, collect(team, LocalTransport(make_env(cfg.env, 256, device, **cfg.env_kwargs)),
                       seed=EVAL_SEED, greedy=True))

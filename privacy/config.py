@@ -42,6 +42,10 @@ class PrivacyConfig:
     update_share
         With ``epsilon``: the DP-SGD update's fixed share as a fraction of it
         (``update_epsilon = update_share * epsilon``), so one design holds at every budget.
+        0: no DP-SGD, and every agent that releases or sends anything trains on none of its
+        episodes (its networks stay what public data made them: ``TeamConfig.code_warmup``),
+        so the whole budget goes to what it releases; agents that release and send nothing
+        train as usual (``trains_releasing_agents``).
     update_shared_share
         Clip each episode's DP-SGD gradient in two parts: the shared module's to
         ``update_clip * sqrt(share)``, the private networks' to the rest (the same sensitivity
@@ -99,8 +103,15 @@ class PrivacyConfig:
         """The DP-SGD update's epsilon target: ``update_epsilon``, or ``update_share`` of
         ``epsilon``."""
         if self.update_share is not None and self.epsilon is not None:
-            return self.update_share * self.epsilon
+            return self.update_share * self.epsilon or None
         return self.update_epsilon
+
+    @property
+    def trains_releasing_agents(self) -> bool:
+        """False where ``update_share`` is 0: the agents that release or send anything do not
+        train (nothing of their episodes reaches their networks, so only an episode's own
+        releases compose for it)."""
+        return self.update_share != 0
 
     @property
     def budget(self) -> float:
@@ -120,8 +131,8 @@ class PrivacyConfig:
             if value is not None and not (value > 0 and math.isfinite(value)):
                 raise ValueError(f"{name} must be positive and finite, got {value}")
         if self.update_share is not None:
-            if not 0 < self.update_share < 1:
-                raise ValueError(f"update_share must lie in (0, 1), got {self.update_share}")
+            if not 0 <= self.update_share < 1:
+                raise ValueError(f"update_share must lie in [0, 1), got {self.update_share}")
             if self.epsilon is None or self.update_epsilon is not None:
                 raise ValueError("update_share is a fraction of epsilon: give it with "
                                  "--epsilon and without --update-epsilon")

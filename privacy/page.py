@@ -56,9 +56,11 @@ _UNIT_WORDS = {
         "one episode of the agent's experience (its observations and actions in one episode). "
         "Every episode is used in one training batch, and every network that shapes a release "
         "(the sender's feature network, GRU and encoder for vectors; the receiver's networks "
-        "for feedback) trains on it only under DP-SGD, so later releases depend on it only "
-        "through DP-SGD's output: the releases that compose are those of its batch, the "
-        "vectors, the feedback and the DP-SGD steps."),
+        "for feedback) trains on it only under DP-SGD, or not at all (a run that gives DP-SGD "
+        "no share: the networks of the agents that release stay what public data made "
+        "them), so later releases depend on it only through DP-SGD's output: the releases "
+        "that compose are those of its batch, the vectors, the feedback and the DP-SGD "
+        "steps."),
     ("episode", "all"): (
         "one episode of the agent's experience (its observations and actions in one episode). "
         "The networks that shape the releases train on it without DP-SGD, so every later "

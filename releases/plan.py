@@ -65,7 +65,10 @@ class Schedule:
 
 
 def training(train: TrainConfig, schedule: Schedule) -> Training:
-    """How the planned run's agents train: DP-SGD where a federated update is private."""
+    """How the planned run's agents that release train: DP-SGD where a federated update is
+    private; not at all where a federated run gives DP-SGD no share (``update_share`` 0)."""
+    if schedule.federated and not train.privacy.trains_releasing_agents:
+        return "none"
     private = schedule.federated and train.privacy.update_noise_multiplier is not None
     return "dp_sgd" if private else "plain"
 
@@ -84,7 +87,7 @@ def unit_releases(train: TrainConfig, schedule: Schedule, index: int,
         private = sends or releases_anything(train.spec, train.team, schedule.share, routes,
                                              index)
         dp = how == "dp_sgd"
-        if (dp and private) or (not dp and sends):
+        if how != "none" and ((dp and private) or (not dp and sends)):
             extra = update_releases(train.privacy, train.ppo, dp)
     batch = batch_releases(train.spec, train.team, train.privacy.relation, routes, index, extra)
     if not schedule.federated:  # one process: only the vectors cross between agents
@@ -111,6 +114,7 @@ class PrivacyPlan:
     budget: float
     epsilon: dict[str, float]
     composed: float
+    training: Training = "dp_sgd"  # how the agents that release train
 
     @classmethod
     def of(cls, train: TrainConfig, schedule: Schedule) -> PrivacyPlan:
@@ -134,7 +138,7 @@ class PrivacyPlan:
             for name, eps in mechanism_epsilons(releases, budget).items():
                 per_mechanism[name] = max(per_mechanism.get(name, 0.0), eps)
         planned = cls(cfg.unit, composition_for(how), cfg.relation, cfg.delta, cfg.budget,
-                      per_mechanism, composed)
+                      per_mechanism, composed, how)
         if not planned.fits:
             raise ValueError(planned.refusal())
         return planned
@@ -147,6 +151,8 @@ class PrivacyPlan:
         """The unit and what composes for it, in words."""
         if self.unit == "history":
             return "per agent's whole history"
+        if self.composition == "batch" and self.training == "none":
+            return "per episode (its batch's releases; the agents that release do not train)"
         if self.composition == "batch":
             return "per episode (its batch's releases; later ones are post-processing of DP-SGD)"
         return ("per episode, every release of the run composing (the networks that shape the "
@@ -194,7 +200,8 @@ def calibrate(train: TrainConfig, schedule: Schedule) -> TrainConfig:
     # a calibrated update is DP-SGD's: then the episode's own batch is what composes
     dp_sgd = schedule.federated and (cfg.update_noise_multiplier is not None
                                      or cfg.epsilon is not None or cfg.update_target is not None)
-    how: Training = "dp_sgd" if dp_sgd else training(train, schedule)
+    how: Training = ("dp_sgd" if dp_sgd and cfg.trains_releasing_agents
+                     else training(train, schedule))
     if (train.team.feedback_clip >= UNCLIPPED
             and (cfg.epsilon is not None or cfg.feedback_epsilon is not None)):
         train = replace(train, team=replace(train.team, feedback_clip=PRIVATE_FEEDBACK_CLIP))

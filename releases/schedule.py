@@ -73,8 +73,10 @@ def training_of(config: Mapping[str, Any]) -> Training:
     if "training" in config:  # fedcomm agent
         return config["training"]
     if "batches_per_round" in config:  # federated
-        dp = config["train"]["privacy"].get("update_noise_multiplier") is not None
-        return "dp_sgd" if dp else "plain"
+        privacy = config["train"]["privacy"]
+        if privacy.get("update_share") == 0:  # the agents that release do not train
+            return "none"
+        return "dp_sgd" if privacy.get("update_noise_multiplier") is not None else "plain"
     return "plain"  # the centralized trainer: PPO on every network
 
 

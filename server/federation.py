@@ -26,7 +26,7 @@ from flwr.app import ArrayRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 from rich.console import Console
 
-from fedcomm.baselines import EVAL_SEED, EvalResult, evaluate_baselines
+from fedcomm.baselines import EVAL_SEED, EvalResult, baseline_episodes, evaluate_baselines
 from fedcomm.config import FederationConfig
 from fedcomm.progress import progress_bar, status
 from fedcomm.protocol.round import (
@@ -415,8 +415,10 @@ class Federation:
         except FederationError as e:
             self._tolerate(e)
             final = None
-        baselines = evaluate_baselines(fed.train.env, fed.train.eval_episodes, EVAL_SEED,
-                                       env_kwargs=fed.train.env_kwargs, team=fed.train.team)
+        baselines = evaluate_baselines(
+            fed.train.env, baseline_episodes(fed.train.env, fed.train.eval_episodes,
+                                             fed.train.env_kwargs),
+            EVAL_SEED, env_kwargs=fed.train.env_kwargs, team=fed.train.team)
         metrics = self.run.metrics()
         later = [m for m in metrics if m["round"] > 1]  # the first round starts the actors
         if fed.share == "all":
