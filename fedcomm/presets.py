@@ -106,7 +106,7 @@ class PrivateDesign:
                 f"{self.num_envs:,} episodes per batch, {self.env_steps:,} steps")
 
 
-CODE_WARMUP = 300  # steps: every seed's code tells the goals apart by then (tests/test_warmup.py)
+CODE_WARMUP = 600  # steps: by then every seed's code tells the goals apart (tests/test_warmup.py)
 DEFAULT_EPSILON = 8.0
 # speaker_listener's private designs by budget, measured on seeds never used to choose them
 # (BENCHMARKS.md, "Small budgets on every seed"). At 8 the default split keeps DP-SGD, so the

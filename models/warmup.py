@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from fedcomm.models.team import Team
 
 WARMUP_SEED = 2_000_000_007  # public: neither a training batch's seed nor an evaluation one
-WARMUP_EPISODES = 1024
+WARMUP_EPISODES = 256
 WARMUP_LR = 1e-2
 # The code's logits are read at this scale, not ``TeamConfig.code_scale`` (3): a softmax of
 # standardised logits scaled by 3 is nearly one-hot from the start, its gradient nearly zero,

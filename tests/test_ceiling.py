@@ -6,8 +6,10 @@ from __future__ import annotations
 import pytest
 
 from fedcomm.baselines import (
+    BASELINE_EPISODES,
     CEILING,
     EvalResult,
+    baseline_episodes,
     baseline_summary,
     evaluate_baselines,
     evaluate_ceiling,
@@ -67,3 +69,37 @@ def test_no_share_of_a_ceiling_within_noise_of_no_comm():
     baselines = evaluate_baselines("speaker_listener", EPISODES, team=once(0.01))
     summary = baseline_summary(baselines["oracle"], baselines)
     assert summary["of_ceiling"] is None and summary["gap_closed"] == pytest.approx(1.0)
+
+
+def test_the_ceiling_releases_through_the_teams_own_codewords():
+    """K-ary randomized response over the team's K codewords: a fourth codeword the goal
+    never needs takes a share of the noise, so the same epsilon carries less."""
+    three = TeamConfig(channel="discrete", symbols=3, rr_epsilon=2.0, release_every=25,
+                       accumulate=True)
+    assert gap(evaluate_ceiling("speaker_listener", three, EPISODES)) > gap(
+        evaluate_ceiling("speaker_listener", once(2.0), EPISODES)) + 0.02
+
+
+def test_the_ceilings_listener_hedges_between_landmarks():
+    """Its best response to an uncertain posterior is the posterior mean position, which
+    beats steering to the most likely landmark on the same episodes and releases."""
+    from fedcomm.baselines import run_ceiling
+    from fedcomm.sim.base import one_hot
+    from fedcomm.sim.speaker_listener import SpeakerListener
+
+    class MostLikely(SpeakerListener):
+        def channel_actions(self, posteriors, obs):
+            likely = one_hot(posteriors[0].argmax(dim=1), 3).float()
+            return super().channel_actions({0: likely}, obs)
+
+    team = TeamConfig(channel="discrete", symbols=3, rr_epsilon=1.0, release_every=25,
+                      accumulate=True)
+    hedged = run_ceiling(SpeakerListener(EPISODES, say=False), team, 7).mean()
+    decided = run_ceiling(MostLikely(EPISODES, say=False), team, 7).mean()
+    assert hedged > decided + 0.5
+
+
+def test_scripted_teams_that_define_a_gap_play_many_episodes():
+    assert baseline_episodes("speaker_listener", 64) == BASELINE_EPISODES
+    assert baseline_episodes("speaker_listener", 20_000) == 20_000
+    assert baseline_episodes("mpe2:simple_reference_v3", 16) == 16  # a random team alone

@@ -14,6 +14,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 
 from fedcomm.commands import main
 from fedcomm.privacy.audit import audit, independent_epsilon
@@ -144,6 +145,45 @@ def test_the_private_default_covers_every_release_within_8_per_episode(tmp_path,
     assert "privacy plan per episode" in log and "message 5.33, update 2.67; composed 8" in log
     assert report["run"]["utility"]["of_ceiling"] == pytest.approx(summary["of_ceiling"])
     assert "DP ceiling" in (out / "privacy_report.html").read_text()
+    capsys.readouterr()
+    assert main(["audit", str(out)]) == 0
+    assert "verified" in capsys.readouterr().err
+
+
+def test_a_small_budget_goes_to_the_message_and_the_speakers_train_on_nothing(tmp_path, capsys):
+    """``--epsilon 2`` alone: the design table gives DP-SGD no share, so every release is a
+    codeword under randomized response at 2 and the speakers' networks stay the public
+    warm-up's (the server averages identical copies); the listeners, which release nothing,
+    train. The plan, the report and the audit state one episode's releases."""
+    from fedcomm.config import FederationConfig
+    from fedcomm.models.team import Team
+
+    out = tmp_path / "run"
+    log = simulate(out, "--epsilon", "2")
+    assert "the agents that release do not train" in log and "message 2; composed 2" in log
+    assert "design for epsilon 2" in log and "DP ceiling of this design" in log
+    fed = FederationConfig.from_json((out / "config.json").read_text())
+    privacy = fed.train.privacy
+    assert privacy.update_share == 0 and privacy.update_noise_multiplier is None
+    assert fed.train.team.symbols == 3 and fed.train.team.code_warmup > 0
+    assert privacy.split == pytest.approx({"message": 2.0}, abs=1e-3)
+    for site in ("s0", "s1"):
+        entries = read_ledger(out / "agents" / f"{site}.speaker_0" / LEDGER)
+        assert entries and {e["mechanism"] for e in entries} == {"message"}
+        assert not read_ledger(out / "agents" / f"{site}.listener_0" / LEDGER)
+    report = json.loads((out / "privacy_report.json").read_text())
+    assert report["run"]["composition"] == "batch"
+    assert max(float(a["composed"]["epsilon"]) for a in report["agents"].values()) <= 2.0
+    # the speakers' networks are the server's initial module (the first speaker's initial,
+    # warmed-up networks, averaged with identical copies ever since); the listeners' are not
+    first = {"speaker_0": "s0.speaker_0", "listener_0": "s0.listener_0"}
+    for agent in ("s0.speaker_0", "s1.speaker_0", "s0.listener_0"):
+        index = fed.spec.agent_ids.index(first[agent.split(".")[1]])
+        start = Team.initial(fed.spec, fed.train.team, fed.train.seed, [index]).in_own_site()
+        saved = max((out / "agents" / agent).glob("state-r*.pt"))
+        final = torch.load(saved, weights_only=True)["team"]
+        same = all(torch.equal(v, start.private_state()[k]) for k, v in final.items())
+        assert same == agent.endswith("speaker_0"), agent
     capsys.readouterr()
     assert main(["audit", str(out)]) == 0
     assert "verified" in capsys.readouterr().err

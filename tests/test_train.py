@@ -31,7 +31,11 @@ def test_train_writes_a_complete_run_directory(tmp_path, capsys):
     capsys.readouterr()
     assert main(["eval", str(out), "--episodes", "30", "--seed", "4", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert result["episodes"] == 30 and set(result) == {"return_mean", "return_se", "episodes"}
+    assert result["episodes"] == 30 and {"return_mean", "return_se", "episodes"} <= set(result)
+    # the scripted teams on the very episodes the team played: the same seeds and batches
+    assert {b["episodes"] for b in result["baselines"].values()} == {30}
+    low, high = (result["baselines"][k]["return_mean"] for k in ("no_comm", "oracle"))
+    assert result["gap_closed"] == pytest.approx((result["return_mean"] - low) / (high - low))
 
 
 def test_a_loaded_checkpoint_acts_like_the_trained_team(tmp_path):
