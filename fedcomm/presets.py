@@ -118,7 +118,7 @@ PRIVATE_DESIGNS: dict[str, tuple[PrivateDesign, ...]] = {
     "speaker_listener": (
         PrivateDesign(6.0, None, 4, 512, 2_000_000),
         PrivateDesign(3.0, 0.0, 3, 1024, 3_000_000),
-        PrivateDesign(1.5, 0.0, 3, 1024, 4_000_000),
+        PrivateDesign(1.5, 0.0, 3, 1024, 5_000_000),
         PrivateDesign(0.0, 0.0, 3, 1024, 6_000_000),
     ),
 }

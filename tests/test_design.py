@@ -27,7 +27,7 @@ def test_the_default_budget_keeps_the_default_split():
     assert plan_of(fed).training == "dp_sgd" and fed == configured("--epsilon", "8")
 
 
-@pytest.mark.parametrize("epsilon, steps", [(4, 3_000_000), (2, 4_000_000), (1, 6_000_000),
+@pytest.mark.parametrize("epsilon, steps", [(4, 3_000_000), (2, 5_000_000), (1, 6_000_000),
                                             (0.5, 6_000_000)])
 def test_a_smaller_budget_goes_to_the_message_with_more_episodes(epsilon, steps):
     fed = configured("--epsilon", str(epsilon))
