@@ -228,31 +228,20 @@ class Team(TeamState, nn.Module):
         logp = (clean * drawn.detach()).sum(dim=-1).clamp(min=1e-30).log()
         return logp * speaks, categorical_entropy(clean) * speaks
 
-    def recall_error(self, obs: Obs, probs: Tensor, codewords: bool = False) -> Tensor:
+    def recall_error(self, obs: Obs, probs: Tensor) -> Tensor:
         """The local senders' summed recall error: at each release step, the mean squared
         error of what each one's recall decoder makes of its release distribution against
         what it saw. ``obs``: per type ``[T, B, count, obs_dim]``; ``probs``: ``[T, B, n_local,
-        K]`` (``code_probs``). Each episode's term is its own.
-
-        With ``codewords``, the decoder reads each codeword the sender may release instead
-        and the error is its expectation over the release: a code whose codewords are shared
-        by two things it sees cannot be recalled, where from the distribution it can be (by
-        probabilities that differ slightly around one likely codeword)."""
+        K]`` (``code_probs``). Each episode's term is its own."""
         if self.recall is None:
             raise ValueError("this team has no recall decoders (TeamConfig.recall)")
         steps = torch.arange(probs.shape[0], device=probs.device)
         release = self.releases_at(steps)
         speaks = self.speakers()
         total = probs.new_zeros(())
-        k = probs.shape[-1]
         for net, o, p, s in zip(self.recall, obs, probs.split(self.counts, dim=2),
                                 speaks.split(self.counts)):
-            if codewords:  # [K, count, obs_dim]: what each codeword recalls
-                each = net(torch.eye(k, device=p.device)[:, None].expand(-1, o.shape[2], -1))
-                gaps = (each - o[release][:, :, None]).pow(2).mean(dim=-1)  # [S, B, K, count]
-                error = (gaps * p[release].transpose(-1, -2)).sum(dim=2)
-            else:
-                error = (net(p[release]) - o[release]).pow(2).mean(dim=-1)  # [S, B, count]
+            error = (net(p[release]) - o[release]).pow(2).mean(dim=-1)  # [S, B, count]
             total = total + (error.mean(dim=(0, 1)) * s.to(error.dtype)).sum()
         return total
 

@@ -64,7 +64,7 @@ def warm_up_code(team: Team, steps: int, lr: float = WARMUP_LR,
     errors = []
     for step in range(steps + 1):
         probs = code_probs(team, obs, scale)
-        error = team.recall_error(obs, probs, codewords=True)
+        error = codeword_recall_error(team, obs, probs)
         if step in (0, steps):
             errors.append(error.item())
         if step == steps:
@@ -83,3 +83,19 @@ def code_probs(team: Team, obs: Obs, scale: float) -> Tensor:
     encoded = team.comm.encode(team.encode_steps(obs), team.local_types)
     logits = team.channel.code_logits(encoded) * (scale / team.cfg.code_scale)
     return torch.softmax(logits, dim=-1).unflatten(0, obs[0].shape[:2])
+
+
+def codeword_recall_error(team: Team, obs: Obs, probs: Tensor) -> Tensor:
+    """The senders' recall error with each one's decoder reading every codeword it may
+    release, in expectation over the release ``probs`` (``[1, B, n_local, K]``; ``obs`` per
+    type ``[1, B, count, obs_dim]``). From the release distribution alone (``Team.
+    recall_error``) a code whose likely codewords coincide for two things it sees can still
+    be recalled, by probabilities that differ slightly; from the codeword, it cannot."""
+    k, total = probs.shape[-1], probs.new_zeros(())
+    for net, o, p, s in zip(team.recall, obs, probs.split(team.counts, dim=2),
+                            team.speakers().split(team.counts)):
+        each = net(torch.eye(k, device=p.device)[:, None].expand(-1, o.shape[2], -1))
+        gaps = (each - o[0][:, None]).pow(2).mean(dim=-1)  # [B, K, count]
+        error = (gaps * p[0].transpose(-1, -2)).sum(dim=1)  # [B, count]
+        total = total + (error.mean(dim=0) * s.to(error.dtype)).sum()
+    return total
