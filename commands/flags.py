@@ -211,6 +211,8 @@ TRAINING_FLAGS = (
     _flag("--comm-dim", path="team.comm_dim", accepts=COUNT, metavar="N",
           help="size of a knowledge vector (a discrete channel's is its --symbols)"),
     _flag("--lr", path="ppo.lr", accepts=POSITIVE, metavar="LR", help="PPO's learning rate"),
+    _flag("--ent-coef", path="ppo.ent_coef", accepts=NONNEGATIVE, metavar="W",
+          help="the weight of the entropy bonus in each agent's loss"),
     _flag("--epochs", path="ppo.epochs", accepts=COUNT, metavar="N",
           help="PPO epochs over each episode batch"),
     _flag("--minibatches", path="ppo.minibatches", accepts=COUNT, metavar="N",
