@@ -143,10 +143,10 @@ def _private_speaker_listener(fed: FederationConfig,
     its own networks. 16 batches per round pay a deployment's fixed cost per round (Flower's
     per-message process and polling, about 5 s) half as often as 8."""
     t, design = fed.train, design_for("speaker_listener", epsilon)
-    privacy = replace(t.privacy, epsilon=epsilon, update_share=design.update_share)
-    if design.update_share != 0:  # DP-SGD: the advantages centred by a released statistic
-        privacy = replace(privacy, update_statistics=True, update_shared_share=0.5,
-                          update_value_share=0.3)
+    # DP-SGD's settings (they matter where it has a share: a row's, or --update-share's): the
+    # advantages centred by a released statistic, the clip split by networks
+    privacy = replace(t.privacy, epsilon=epsilon, update_share=design.update_share,
+                      update_statistics=True, update_shared_share=0.5, update_value_share=0.3)
     train = replace(
         t, env_steps=design.env_steps, num_envs=max(design.num_envs, t.num_envs),
         env_kwargs={**t.env_kwargs, "say": False, SITES: 2},
