@@ -163,13 +163,21 @@ def design_lines(fed: FederationConfig, private_default: bool) -> list[str]:
         baseline_summary,
         evaluate_baselines,
     )
-    from fedcomm.presets import PRIVATE_DESIGNS, design_for
+    from fedcomm.presets import CODE_WARMUP, PRIVATE_DESIGNS, design_for
 
     train, lines = fed.train, []
     epsilon = train.privacy.epsilon
     if private_default and epsilon is not None and train.env in PRIVATE_DESIGNS:
-        lines.append(f"design for epsilon {epsilon:g} (flags given override it): "
-                     f"{design_for(train.env, epsilon).describe()}")
+        design = design_for(train.env, epsilon)
+        run = {"--symbols": (design.symbols, train.team.symbols),
+               "--update-share": (design.update_share, train.privacy.update_share),
+               "--num-envs": (design.num_envs, train.num_envs),
+               "--env-steps": (design.env_steps, train.env_steps),
+               "--code-warmup": (CODE_WARMUP, train.team.code_warmup)}
+        given = [f"{flag} {ran:g}" if isinstance(ran, float) else f"{flag} {ran}"
+                 for flag, (row, ran) in run.items() if row != ran and ran is not None]
+        lines.append(f"design for epsilon {epsilon:g}: {design.describe()}"
+                     + (f"; given instead: {', '.join(given)}" if given else ""))
     if epsilon is None or not train.team.communicate:
         return lines
     baselines = evaluate_baselines(train.env, BASELINE_EPISODES, EVAL_SEED,

@@ -64,3 +64,15 @@ def test_every_budget_has_one_row():
     assert design_for("speaker_listener", 100) is rows[0]
     assert design_for("speaker_listener", 1e-3) is rows[-1]
     assert all("codewords" in r.describe() for r in rows)
+
+
+def test_the_run_states_its_design_what_was_given_instead_and_its_ceiling():
+    from fedcomm.commands.output import design_lines
+
+    lines = design_lines(configured("--epsilon", "4", "--symbols", "4"), private_default=True)
+    assert lines[0].startswith("design for epsilon 4: the goal as one of 3 codewords")
+    assert lines[0].endswith("given instead: --symbols 4")
+    assert lines[1].startswith("DP ceiling of this design: ")
+    share = float(lines[1].split(": ")[1].split("%")[0])
+    assert 80 < share < 90  # 4-ary randomized response at 4
+    assert not design_lines(configured("--non-private"), private_default=False)
