@@ -99,6 +99,8 @@ def plot(rows: list[dict], path: Path) -> None:
               ylabel="of the DP ceiling's gap (%)", xticks=budgets,
               xticklabels=[f"{b:g}" for b in budgets])
     right.legend()
+    for ax in (left, right):
+        ax.minorticks_off()
     fig.suptitle("fedcomm simulate --epsilon E alone, held-out seeds (greedy, paired episodes)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
