@@ -21,7 +21,7 @@ from PIL import Image
 from rich.console import Console
 
 import fedcomm.privacy as privacy_package
-from fedcomm.baselines import EvalResult
+from fedcomm.baselines import BASELINE_EPISODES, EvalResult
 from fedcomm.commands import build_parser, federation_config_from_args
 from fedcomm.commands.federated import run_federated
 from fedcomm.commands.output import (
@@ -301,9 +301,11 @@ def test_a_small_private_simulation_says_what_it_did(tmp_path):
     aggregated = ("server aggregates (fedavg) encoder among 2 speakers; the private networks "
                   "of 2 speakers (each type's among its own)")
     assert done["aggregated"] == aggregated
-    # the agents evaluate whole batches of 16 episodes, the scripted teams exactly 24
+    # the agents evaluate whole batches of 16 episodes, the scripted teams at least 8,192
+    # (their own sampling error would move every share of the gap)
     assert row(log, "trained")[-1] == str(done["final"]["episodes"]) == "32"
-    assert row(log, "DP ceiling")[-1] == str(done["baselines"]["ceiling"]["episodes"]) == "24"
+    scripted = done["baselines"]["ceiling"]["episodes"]
+    assert row(log, "DP ceiling")[-1] == f"{scripted:,}" and scripted == BASELINE_EPISODES
     title = Image.open(out / "learning_curve.png").text["Title"]
     assert "randomized response" in title and aggregated in title
     assert "DP at composed epsilon" in title
