@@ -102,8 +102,13 @@ def paired(args: argparse.Namespace, trained: dict, env: str, site_kwargs: list[
     if "no_comm" not in make_env(env, 1, **site_kwargs[0]).scripted_teams:
         return {}
     team = TeamConfig(**trained["team"]) if "team" in trained else None
-    each = [evaluate_baselines(env, args.episodes, args.seed, batch=_batch(env),
-                               env_kwargs=kwargs, team=team) for kwargs in site_kwargs]
+    played: dict[str, dict[str, EvalResult]] = {}  # sites of the same options: once
+    for kwargs in site_kwargs:
+        key = json.dumps(kwargs, sort_keys=True)
+        if key not in played:
+            played[key] = evaluate_baselines(env, args.episodes, args.seed, batch=_batch(env),
+                                             env_kwargs=kwargs, team=team)
+    each = [played[json.dumps(kwargs, sort_keys=True)] for kwargs in site_kwargs]
     mean = {name: EvalResult(sum(b[name].return_mean for b in each) / len(each),
                              math.sqrt(sum(b[name].return_se ** 2 for b in each)) / len(each),
                              sum(b[name].episodes for b in each)) for name in each[0]}
